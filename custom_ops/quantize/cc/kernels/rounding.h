@@ -1,0 +1,290 @@
+// Exact rounding of float32/float64 values to narrower formats, element by element.
+//
+// The same algorithm as tfhfp8/ops/tf_backend.py, which documents it; the two are
+// tested to agree bit for bit. Everything here is branch-free integer arithmetic on
+// the input's bits so that the loops in quantize_kernels.cc vectorize.
+
+#ifndef TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_ROUNDING_H_
+#define TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_ROUNDING_H_
+
+#include <cstdint>
+#include <cstring>
+
+namespace tfhfp8 {
+
+enum class Rounding { kNearestEven, kStochastic, kTowardZero };
+enum class Specials { kIeee, kFn, kFnuz, kFinite };
+
+// Bit layout of the float type the rounding runs in.
+template <typename T>
+struct Container;
+
+template <>
+struct Container<float> {
+  using UInt = uint32_t;
+  static constexpr int kWidth = 32;
+  static constexpr int kMantissa = 23;
+  static constexpr int kExponentBias = 127;
+};
+
+template <>
+struct Container<double> {
+  using UInt = uint64_t;
+  static constexpr int kWidth = 64;
+  static constexpr int kMantissa = 52;
+  static constexpr int kExponentBias = 1023;
+};
+
+template <typename T>
+inline typename Container<T>::UInt ToBits(T x) {
+  typename Container<T>::UInt u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+
+template <typename T>
+inline T FromBits(typename Container<T>::UInt u) {
+  T x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
+template <typename T>
+constexpr typename Container<T>::UInt InfBits() {
+  using C = Container<T>;
+  return ((typename C::UInt{1} << (C::kWidth - C::kMantissa - 1)) - 1) << C::kMantissa;
+}
+
+template <typename T>
+constexpr typename Container<T>::UInt QuietNanBits() {
+  return InfBits<T>() | (typename Container<T>::UInt{1} << (Container<T>::kMantissa - 1));
+}
+
+template <typename T>
+constexpr typename Container<T>::UInt SignBit() {
+  return typename Container<T>::UInt{1} << (Container<T>::kWidth - 1);
+}
+
+// ---------------------------------------------------------------------------------
+// Counter-based random bits: a hash of (seed, element index). The constants are
+// shared with tf_backend.py.
+
+// lowbias32 (C. Wellons): a bijective 32-bit integer hash.
+inline uint32_t Mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+struct Keys {
+  uint32_t key0;
+  uint32_t key1;
+};
+
+inline Keys MakeKeys(int64_t seed) {
+  const uint64_t s = static_cast<uint64_t>(seed);
+  const uint32_t lo = static_cast<uint32_t>(s);
+  const uint32_t hi = static_cast<uint32_t>(s >> 32);
+  Keys keys;
+  keys.key0 = Mix32(lo ^ Mix32(hi ^ 0x2545F491u));
+  keys.key1 = Mix32(keys.key0 ^ 0x68E31DA4u);
+  return keys;
+}
+
+template <typename UInt>
+inline UInt RandomBits(uint64_t index, const Keys& keys);
+
+template <>
+inline uint32_t RandomBits<uint32_t>(uint64_t index, const Keys& keys) {
+  const uint32_t lo = static_cast<uint32_t>(index);
+  const uint32_t hi = static_cast<uint32_t>(index >> 32);
+  return Mix32((lo * 0x9E3779B9u) ^ (hi * 0x85EBCA77u) ^ keys.key0);
+}
+
+template <>
+inline uint64_t RandomBits<uint64_t>(uint64_t index, const Keys& keys) {
+  const uint32_t lo = static_cast<uint32_t>(index);
+  const uint32_t hi = static_cast<uint32_t>(index >> 32);
+  const uint32_t word0 = Mix32((lo * 0x9E3779B9u) ^ (hi * 0x85EBCA77u) ^ keys.key0);
+  const uint32_t word1 = Mix32((lo * 0xC2B2AE3Du) ^ (hi * 0x27D4EB2Fu) ^ keys.key1);
+  return (static_cast<uint64_t>(word0) << 32) | word1;
+}
+
+// ---------------------------------------------------------------------------------
+// Integer rounding primitives.
+
+// Drops the d low bits of v (0 <= d < width). `half_minus_one` = 2^(d-1) - 1 and
+// `lsb` = (d > 0) are precomputed so that d == 0 needs no branch.
+template <Rounding R, typename UInt>
+inline UInt RoundStatic(UInt v, int d, UInt half_minus_one, UInt lsb, UInt rand) {
+  constexpr int kWidth = sizeof(UInt) * 8;
+  const UInt kept = v >> d;
+  if (R == Rounding::kTowardZero) return kept;
+  if (R == Rounding::kNearestEven) return (v + half_minus_one + (kept & lsb)) >> d;
+  const UInt dropped = v & ((UInt{1} << d) - 1);
+  const UInt threshold = d == 0 ? UInt{0} : rand >> ((kWidth - d) & (kWidth - 1));
+  return kept + static_cast<UInt>(threshold < dropped);
+}
+
+// Rounds sig / 2^s to an integer, s >= 1, sig < 2^(mantissa + 1).
+template <Rounding R, typename T>
+inline typename Container<T>::UInt RoundVariable(typename Container<T>::UInt sig, int s,
+                                                 typename Container<T>::UInt rand) {
+  using C = Container<T>;
+  using UInt = typename C::UInt;
+  constexpr int kWidth = C::kWidth;
+  const int shift = s < C::kMantissa + 2 ? s : C::kMantissa + 2;
+  const UInt kept = sig >> shift;
+  if (R == Rounding::kTowardZero) return kept;
+  if (R == Rounding::kNearestEven) {
+    const UInt half_minus_one = (UInt{1} << (shift - 1)) - 1;
+    return (sig + half_minus_one + (kept & 1)) >> shift;
+  }
+  const UInt dropped = sig & ((UInt{1} << shift) - 1);
+  const int up_shift = kWidth - s < 0 ? 0 : (kWidth - s > kWidth - 1 ? kWidth - 1 : kWidth - s);
+  const int down_shift = s - kWidth < 0 ? 0 : (s - kWidth > kWidth - 1 ? kWidth - 1 : s - kWidth);
+  const UInt fraction = s <= kWidth ? dropped << up_shift : sig >> down_shift;
+  return kept + static_cast<UInt>(rand < fraction);
+}
+
+// (biased exponent clamped to >= 1, significand with its implicit bit) of |x|'s bits.
+template <typename T>
+inline void Significand(typename Container<T>::UInt a, int* exponent1,
+                        typename Container<T>::UInt* sig) {
+  using C = Container<T>;
+  using UInt = typename C::UInt;
+  const int exponent = static_cast<int>(a >> C::kMantissa);
+  const UInt implicit = exponent > 0 ? (UInt{1} << C::kMantissa) : UInt{0};
+  *sig = (a & ((UInt{1} << C::kMantissa) - 1)) | implicit;
+  *exponent1 = exponent > 1 ? exponent : 1;
+}
+
+// Bits of code * 2^qe, exactly, for qe >= the container's smallest subnormal exponent.
+// Integer arithmetic only: TensorFlow's threads flush subnormal products to zero.
+template <typename T>
+inline typename Container<T>::UInt ScaledBits(typename Container<T>::UInt code, int qe) {
+  using C = Container<T>;
+  using UInt = typename C::UInt;
+  constexpr int kMinExponent = 1 - C::kExponentBias - C::kMantissa;
+  // Below 2^(2 - bias) (subnormals and the first binade) bits are linear in the value.
+  const int limit = 2 - C::kExponentBias - qe;
+  const bool linear = code < (UInt{1} << (limit > 0 ? limit : 0));
+  const int shift = qe - kMinExponent;
+  const UInt linear_bits = code << (shift < C::kWidth - 1 ? shift : C::kWidth - 1);
+  const UInt offset = static_cast<UInt>(static_cast<int64_t>(qe)) << C::kMantissa;
+  const UInt normal_bits = ToBits(static_cast<T>(code)) + offset;
+  return linear ? linear_bits : normal_bits;
+}
+
+// ---------------------------------------------------------------------------------
+// Rounding to a FloatFormat.
+
+template <typename T>
+struct FloatParams {
+  using UInt = typename Container<T>::UInt;
+  int emin;            // container-biased exponent of the format's min normal
+  int d;               // mantissa bits dropped on the normal path
+  int sub_mantissa;    // mantissa bits of the subnormal range (0 without subnormals)
+  UInt rebias;         // (emin - 1) << container mantissa
+  UInt half_minus_one; // 2^(d-1) - 1, or 0
+  UInt lsb;            // d > 0
+  UInt max_code;       // largest finite code (E << m) | M
+  UInt overflow_bits;  // magnitude given to overflowing values
+  UInt nan_xor;        // NaN output = sign ^ nan_xor (a NaN, or ml_dtypes' zero)
+  bool unsigned_zero;  // fnuz: -0 becomes +0
+  int quantum_exponent;  // one code unit on the fixed-quantum path is 2^this
+
+  FloatParams(int exponent_bits, int mantissa_bits, int bias, Specials specials,
+              bool subnormals, bool saturate) {
+    using C = Container<T>;
+    const int m = mantissa_bits;
+    emin = 1 - bias + C::kExponentBias;
+    d = C::kMantissa - m;
+    sub_mantissa = subnormals ? m : 0;
+    rebias = static_cast<UInt>(emin - 1) << C::kMantissa;
+    half_minus_one = d > 0 ? (UInt{1} << (d - 1)) - 1 : 0;
+    lsb = d > 0 ? 1 : 0;
+    const UInt all_ones = (UInt{1} << (exponent_bits + m)) - 1;
+    if (specials == Specials::kIeee) {
+      max_code = (((UInt{1} << exponent_bits) - 1) << m) - 1;
+    } else if (specials == Specials::kFn) {
+      max_code = all_ones - 1;
+    } else {
+      max_code = all_ones;
+    }
+    const UInt max_bits = ((max_code << d) + rebias);
+    if (saturate || specials == Specials::kFinite) {
+      overflow_bits = max_bits;
+    } else if (specials == Specials::kIeee) {
+      overflow_bits = InfBits<T>();
+    } else {
+      overflow_bits = QuietNanBits<T>();
+    }
+    const bool has_nan = specials != Specials::kFinite;
+    nan_xor = (has_nan || saturate) ? QuietNanBits<T>() : SignBit<T>();
+    unsigned_zero = specials == Specials::kFnuz;
+    quantum_exponent = 1 - bias - sub_mantissa;
+  }
+};
+
+template <typename T, Rounding R>
+inline T QuantizeFloatElement(T x, const FloatParams<T>& p, typename Container<T>::UInt rand) {
+  using C = Container<T>;
+  using UInt = typename C::UInt;
+  const UInt bits = ToBits(x);
+  UInt sign = bits & SignBit<T>();
+  const UInt a = bits & ~SignBit<T>();
+  const int exponent = static_cast<int>(a >> C::kMantissa);
+  const bool normal = exponent >= p.emin;
+
+  // Normal path: the target code, then its bits in the container.
+  const UInt code = RoundStatic<R, UInt>(a - p.rebias, p.d, p.half_minus_one, p.lsb, rand);
+  const UInt normal_bits = (code << p.d) + p.rebias;
+  const bool overflow = normal && code > p.max_code;
+
+  // Fixed-quantum path: the format's subnormals and zero.
+  int exponent1;
+  UInt sig;
+  Significand<T>(a, &exponent1, &sig);
+  const int s_raw = C::kMantissa - p.sub_mantissa + p.emin - exponent1;
+  const int s = s_raw > 1 ? s_raw : 1;
+  const UInt sub_code = RoundVariable<R, T>(sig, s, rand);
+  const UInt sub_bits = ScaledBits<T>(sub_code, p.quantum_exponent);
+
+  UInt magnitude = normal ? normal_bits : sub_bits;
+  magnitude = overflow ? p.overflow_bits : magnitude;
+  sign = (p.unsigned_zero && magnitude == 0) ? UInt{0} : sign;
+  const bool is_nan = a > InfBits<T>();
+  return FromBits<T>(is_nan ? (sign ^ p.nan_xor) : (sign | magnitude));
+}
+
+// ---------------------------------------------------------------------------------
+// Rounding to a multiple of 2^k (dynamic fixed point).
+
+template <typename T, Rounding R>
+inline T QuantizeFixedElement(T x, int k, typename Container<T>::UInt largest_bits,
+                              bool saturate, typename Container<T>::UInt rand) {
+  using C = Container<T>;
+  using UInt = typename C::UInt;
+  const UInt bits = ToBits(x);
+  const UInt sign = bits & SignBit<T>();
+  const UInt a = bits & ~SignBit<T>();
+  int exponent1;
+  UInt sig;
+  Significand<T>(a, &exponent1, &sig);
+  const int s_raw = k + C::kExponentBias + C::kMantissa - exponent1;
+  const int s = s_raw > 1 ? s_raw : 1;
+  const UInt code = RoundVariable<R, T>(sig, s, rand);
+  UInt magnitude = ScaledBits<T>(code, k);
+  const bool is_inf = a == InfBits<T>();
+  magnitude = is_inf ? (saturate ? largest_bits : InfBits<T>()) : magnitude;
+  const bool is_nan = a > InfBits<T>();
+  return FromBits<T>((is_nan ? a : magnitude) | sign);
+}
+
+}  // namespace tfhfp8
+
+#endif  // TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_ROUNDING_H_

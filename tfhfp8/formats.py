@@ -1,0 +1,306 @@
+"""Number formats: what a quantizer rounds to.
+
+A format is described once, here; both backends of `tfhfp8.quantize` read their
+constants from these objects.
+
+- `FloatFormat`: 1 sign bit, `exponent_bits`, `mantissa_bits`, a bias, a convention
+  for special values and optional subnormals (every float type of ml_dtypes is one).
+- `DynamicFixedPoint`: integer mantissas sharing one power-of-two exponent per
+  tensor or per slice (INT16 DFP, Das et al. 2018).
+
+Named formats are reachable by their ml_dtypes names wherever a format is accepted:
+
+>>> import tfhfp8
+>>> tfhfp8.formats.get("hfp8_fwd").max
+30.0
+>>> tfhfp8.formats.get("float8_e5m2").min_subnormal == 2.0**-16
+True
+"""
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+SPECIALS = ("ieee", "fn", "fnuz", "finite")
+"""Special-value conventions (ml_dtypes suffixes):
+
+- ``"ieee"``: top exponent code reserved for inf (mantissa 0) and NaN.
+- ``"fn"``: no inf; only the all-ones code is NaN, the rest of the top binade is finite.
+- ``"fnuz"``: no inf, no negative zero; the negative-zero code is the single NaN.
+- ``"finite"``: no inf and no NaN (ml_dtypes' 6- and 4-bit ``fn`` types).
+"""
+
+
+def _check_int(name, value, low, high):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return int(value)
+
+
+def _pow2_str(value):
+    exponent = int(np.log2(value))
+    return f"2^{exponent}" if 2.0**exponent == value else repr(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatFormat:
+    """A binary floating-point format with `1 + exponent_bits + mantissa_bits` bits.
+
+    Value of a code with exponent field `E` and mantissa field `M`:
+    `2^(E - bias) * (1 + M / 2^m)` for `E > 0`, and `2^(1 - bias) * M / 2^m` for
+    subnormals (`E == 0`).
+
+    Args:
+      exponent_bits: 1..8.
+      mantissa_bits: 0..23.
+      bias: exponent bias; default IEEE `2^(exponent_bits - 1) - 1`. Any integer that
+        keeps the format's normal numbers inside float32's normal range, so that every
+        input dtype can hold the quantized values (the error message gives the range).
+      specials: one of `"ieee"`, `"fn"`, `"fnuz"`, `"finite"` (see `SPECIALS`).
+      subnormals: when False, values below `min_normal` round to 0 or `min_normal`.
+      name: optional display name.
+
+    Example:
+
+    >>> fmt = FloatFormat(exponent_bits=3, mantissa_bits=4, bias=5)
+    >>> fmt.max, fmt.min_normal, fmt.epsilon
+    (3.875, 0.0625, 0.0625)
+    """
+
+    exponent_bits: int
+    mantissa_bits: int
+    bias: Optional[int] = None
+    specials: str = "ieee"
+    subnormals: bool = True
+    name: Optional[str] = dataclasses.field(default=None, compare=False)
+
+    def __post_init__(self):
+        e = _check_int("exponent_bits", self.exponent_bits, 1, 8)
+        m = _check_int("mantissa_bits", self.mantissa_bits, 0, 23)
+        if self.specials not in SPECIALS:
+            raise ValueError(f"specials must be one of {SPECIALS}, got {self.specials!r}")
+        if not isinstance(self.subnormals, (bool, np.bool_)):
+            raise ValueError(f"subnormals must be True or False, got {self.subnormals!r}")
+        if self.specials == "ieee" and e < 2:
+            raise ValueError(
+                "exponent_bits must be in [2, 8] for specials='ieee' (the top exponent "
+                f"code is reserved for inf/NaN), got {e}")
+        object.__setattr__(self, "exponent_bits", e)
+        object.__setattr__(self, "mantissa_bits", m)
+        top_exponent = self.max_code >> m
+        if self.max_code < (1 << m):
+            raise ValueError(
+                f"a format with exponent_bits={e}, mantissa_bits={m} and "
+                f"specials={self.specials!r} has no normal numbers")
+        # Normal numbers must be float32 normals: 1 - bias >= -126, top - bias <= 127.
+        low, high = top_exponent - 127, 127
+        default_bias = (1 << (e - 1)) - 1
+        bias = default_bias if self.bias is None else self.bias
+        if low > high:
+            raise ValueError(
+                f"exponent_bits={e} with specials={self.specials!r} spans more binades "
+                "than float32 can hold; use specials='ieee' or fewer exponent bits")
+        object.__setattr__(self, "bias", _check_int("bias", bias, low, high))
+
+    # -- codes ------------------------------------------------------------------
+    @property
+    def bits(self) -> int:
+        return 1 + self.exponent_bits + self.mantissa_bits
+
+    @property
+    def max_code(self) -> int:
+        """The largest finite magnitude as an unsigned code `(E << m) | M`."""
+        all_ones = (1 << (self.exponent_bits + self.mantissa_bits)) - 1
+        if self.specials == "ieee":
+            return ((1 << self.exponent_bits) - 1 << self.mantissa_bits) - 1
+        if self.specials == "fn":
+            return all_ones - 1
+        return all_ones
+
+    def decode(self, code: int) -> float:
+        """The magnitude of an unsigned code `(E << m) | M`, as a Python float."""
+        m = self.mantissa_bits
+        exponent, mantissa = code >> m, code & ((1 << m) - 1)
+        if exponent == 0:
+            return float(mantissa) * 2.0 ** (1 - self.bias - m) if self.subnormals else 0.0
+        return float((1 << m) + mantissa) * 2.0 ** (exponent - self.bias - m)
+
+    # -- properties -------------------------------------------------------------
+    @property
+    def max(self) -> float:
+        return self.decode(self.max_code)
+
+    @property
+    def min_normal(self) -> float:
+        return 2.0 ** (1 - self.bias)
+
+    @property
+    def min_subnormal(self) -> float:
+        """The smallest positive value (`min_normal` when subnormals are off)."""
+        if not self.subnormals:
+            return self.min_normal
+        return 2.0 ** (1 - self.bias - self.mantissa_bits)
+
+    @property
+    def epsilon(self) -> float:
+        """Distance from 1.0 to the next larger value of the format's precision."""
+        return 2.0 ** -self.mantissa_bits
+
+    @property
+    def has_inf(self) -> bool:
+        return self.specials == "ieee"
+
+    @property
+    def has_nan(self) -> bool:
+        return self.specials != "finite"
+
+    @property
+    def has_negative_zero(self) -> bool:
+        return self.specials != "fnuz"
+
+    def values(self) -> np.ndarray:
+        """Every finite non-negative value of the format, ascending (float64)."""
+        codes = range(0 if self.subnormals else 1 << self.mantissa_bits, self.max_code + 1)
+        values = [self.decode(c) for c in codes]
+        return np.array(([0.0] if not self.subnormals else []) + values)
+
+    # -- serialization ----------------------------------------------------------
+    def get_config(self) -> dict:
+        return {
+            "exponent_bits": self.exponent_bits, "mantissa_bits": self.mantissa_bits,
+            "bias": self.bias, "specials": self.specials,
+            "subnormals": bool(self.subnormals), "name": self.name,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> "FloatFormat":
+        return cls(**config)
+
+    def __repr__(self):
+        title = f"{self.name!r}, " if self.name else ""
+        extra = "" if self.subnormals else ", no subnormals"
+        return (
+            f"FloatFormat({title}1-{self.exponent_bits}-{self.mantissa_bits}, "
+            f"bias={self.bias}, {self.specials}{extra}, max={self.max:g}, "
+            f"min_normal={_pow2_str(self.min_normal)}, "
+            f"min_subnormal={_pow2_str(self.min_subnormal)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicFixedPoint:
+    """Dynamic fixed point: `bits`-bit signed integer mantissas sharing one exponent.
+
+    A tensor (or each slice along `axis`) is stored as integers `I` with
+    `|I| <= 2^(bits-1) - 1` times a shared power of two `2^E_s`. `E_s` is the smallest
+    exponent for which the largest magnitude does not overflow after rounding
+    (`E_max - (bits - 2)` or one more, `E_max` the exponent of `max|x|`).
+
+    Args:
+      bits: 2..24 (mantissas must be exact in float32).
+      axis: None for one exponent per tensor, or the axis along which each slice gets
+        its own exponent.
+
+    Example:
+
+    >>> import tensorflow as tf, tfhfp8
+    >>> x = tf.constant([1.0, 0.1, 1000.0])
+    >>> y = tfhfp8.quantize(x, tfhfp8.DynamicFixedPoint(bits=16))
+    """
+
+    bits: int = 16
+    axis: Optional[int] = None
+    name: Optional[str] = dataclasses.field(default=None, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "bits", _check_int("bits", self.bits, 2, 24))
+        if self.axis is not None:
+            object.__setattr__(self, "axis", _check_int("axis", self.axis, -32, 31))
+
+    @property
+    def max_mantissa(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    def get_config(self) -> dict:
+        return {"bits": self.bits, "axis": self.axis, "name": self.name}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "DynamicFixedPoint":
+        return cls(**config)
+
+    def __repr__(self):
+        title = f"{self.name!r}, " if self.name else ""
+        axis = "per tensor" if self.axis is None else f"per slice along axis {self.axis}"
+        return f"DynamicFixedPoint({title}bits={self.bits}, {axis})"
+
+
+def _named_float(name, e, m, bias=None, specials="ieee"):
+    return FloatFormat(e, m, bias=bias, specials=specials, name=name)
+
+
+_REGISTRY = {
+    fmt.name: fmt for fmt in (
+        _named_float("bfloat16", 8, 7),
+        _named_float("float16", 5, 10),
+        _named_float("float8_e5m2", 5, 2),
+        _named_float("float8_e5m2fnuz", 5, 2, bias=16, specials="fnuz"),
+        _named_float("float8_e4m3", 4, 3),
+        _named_float("float8_e4m3fn", 4, 3, specials="fn"),
+        _named_float("float8_e4m3fnuz", 4, 3, bias=8, specials="fnuz"),
+        _named_float("float8_e4m3b11fnuz", 4, 3, bias=11, specials="fnuz"),
+        _named_float("float8_e3m4", 3, 4),
+        _named_float("float6_e3m2fn", 3, 2, specials="finite"),
+        _named_float("float6_e2m3fn", 2, 3, specials="finite"),
+        _named_float("float4_e2m1fn", 2, 1, specials="finite"),
+        DynamicFixedPoint(16, name="int16_dfp"),
+    )
+}
+_ALIASES = {
+    "hfp8_fwd": "float8_e4m3b11fnuz",  # HFP8 forward 1-4-3 (Sun et al. 2019)
+    "hfp8_bwd": "float8_e5m2",  # HFP8 backward 1-5-2
+}
+
+
+def names():
+    """All format names accepted by `get`, aliases included."""
+    return sorted(_REGISTRY) + sorted(_ALIASES)
+
+
+def get(identifier):
+    """Returns the format for a name, an ml_dtypes dtype, a config dict, or a format.
+
+    Raises:
+      ValueError: for an unknown name (the message lists the known names).
+      TypeError: for anything else.
+    """
+    if isinstance(identifier, (FloatFormat, DynamicFixedPoint)):
+        return identifier
+    if isinstance(identifier, dict):
+        cls = DynamicFixedPoint if "bits" in identifier else FloatFormat
+        return cls.from_config(identifier)
+    if isinstance(identifier, (np.dtype, type)):
+        try:
+            identifier = np.dtype(identifier).name
+        except TypeError:
+            pass
+    if isinstance(identifier, str):
+        key = _ALIASES.get(identifier, identifier)
+        if key in _REGISTRY:
+            return _REGISTRY[key]
+        raise ValueError(
+            f"Unknown format {identifier!r}. Known formats: {', '.join(names())}; or "
+            "build one with tfhfp8.FloatFormat(...) or tfhfp8.DynamicFixedPoint(...).")
+    raise TypeError(
+        "A format must be a format name, a FloatFormat or a DynamicFixedPoint; got "
+        f"{type(identifier).__name__}: {identifier!r}")
+
+
+def serialize(fmt):
+    """A JSON-friendly identifier: the name of a named format, else its config."""
+    if fmt is None:
+        return None
+    if fmt.name in _REGISTRY and _REGISTRY[fmt.name] == fmt:
+        return fmt.name
+    return fmt.get_config()

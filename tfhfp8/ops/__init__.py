@@ -1,0 +1,82 @@
+"""The two backends of `tfhfp8.quantize`, bit-identical, chosen per call.
+
+- `cpp`: C++ CPU kernels on TF's intra-op thread pool (fastest on CPU).
+- `tf`: the same rounding written with TensorFlow ops; runs under XLA
+  (`jit_compile=True`) and on GPU.
+
+The `tf` backend is used inside XLA-compiled functions and when a GPU is visible;
+otherwise `cpp`, when its library builds. `TFHFP8_BACKEND=tf|cpp` forces one.
+"""
+
+import os
+import warnings
+
+import tensorflow as tf
+
+from tfhfp8.ops import build, cpp_backend, tf_backend
+
+_BACKENDS = {"tf": tf_backend, "cpp": cpp_backend}
+_cpp_error = None  # why the C++ library is unavailable, once we know
+
+
+def _cpp_available():
+    global _cpp_error
+    if _cpp_error is None:
+        try:
+            cpp_backend.load()
+            _cpp_error = ""
+        except (build.BuildError, tf.errors.NotFoundError, OSError) as error:
+            _cpp_error = str(error) or type(error).__name__
+            warnings.warn(
+                "tfhfp8: the C++ kernels are unavailable, using the TensorFlow-ops backend "
+                f"(same results, slower on CPU). Reason: {_cpp_error.splitlines()[0]}",
+                RuntimeWarning, stacklevel=3)
+    return _cpp_error == ""
+
+
+def _in_xla_context():
+    from tensorflow.python.framework import ops as framework_ops  # no public API
+    from tensorflow.python.ops import control_flow_util
+
+    if tf.executing_eagerly():
+        return False
+    graph = framework_ops.get_default_graph()
+    return control_flow_util.GraphOrParentsInXlaContext(graph)
+
+
+def _choose():
+    forced = os.environ.get("TFHFP8_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in _BACKENDS:
+            raise ValueError(f"TFHFP8_BACKEND must be 'tf' or 'cpp', got {forced!r}")
+        if forced == "cpp" and not _cpp_available():
+            raise RuntimeError(f"TFHFP8_BACKEND=cpp but the C++ kernels failed: {_cpp_error}")
+        return forced, "forced by TFHFP8_BACKEND"
+    if _in_xla_context():
+        return "tf", "inside an XLA-compiled function"
+    if tf.config.list_logical_devices("GPU"):
+        return "tf", "a GPU is visible (the C++ kernels are CPU-only)"
+    if _cpp_available():
+        return "cpp", "CPU, C++ kernels loaded"
+    return "tf", f"C++ kernels unavailable: {_cpp_error.splitlines()[0]}"
+
+
+def active_backend():
+    """The backend module to use here and now."""
+    return _BACKENDS[_choose()[0]]
+
+
+def backend_info():
+    """Which backend `quantize` uses in the current context, and why.
+
+    >>> import tfhfp8
+    >>> tfhfp8.ops.backend_info()["backend"] in ("cpp", "tf")
+    True
+    """
+    name, reason = _choose()
+    info = {"backend": name, "reason": reason, "tensorflow": tf.__version__}
+    if _cpp_error == "":
+        info["library"] = str(build.library_path())
+    elif _cpp_error:
+        info["cpp_error"] = _cpp_error
+    return info

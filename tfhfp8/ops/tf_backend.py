@@ -1,0 +1,246 @@
+"""Rounding written with TensorFlow ops: runs under XLA and on any device.
+
+The algorithm (mirrored line by line in `custom_ops/quantize/cc/kernels`):
+
+- Work on the magnitude's bits `a` of the float32 (or float64) input, in one step, so
+  there is no double rounding.
+- *Normal path* (input exponent >= the format's minimum normal exponent): re-bias the
+  exponent field so that `a` becomes the target format's code followed by `d` extra
+  mantissa bits, then drop those `d` bits with the chosen rounding; a carry out of the
+  mantissa moves to the next binade by itself.
+- *Fixed-quantum path* (below the format's normal range, and every element of dynamic
+  fixed point): with the significand `sig` (implicit bit included), round
+  `sig / 2^s` to an integer code `c`; the value is `c * quantum`.
+- Stochastic rounding adds nothing to `x`: it compares the dropped bits with a
+  counter-based random number, a hash of (seed, element index), so it is
+  reproducible whatever the thread count and no random tensor is stored.
+"""
+
+import dataclasses
+
+import tensorflow as tf
+
+ROUNDINGS = ("nearest_even", "stochastic", "toward_zero")
+
+# Hash constants (shared with the C++ kernel).
+_GOLDEN = 0x9E3779B9
+_INDEX_HI = 0x85EBCA77
+_INDEX_LO2 = 0xC2B2AE3D
+_INDEX_HI2 = 0x27D4EB2F
+_SEED_SALT = 0x2545F491
+_KEY_SALT = 0x68E31DA4
+
+
+@dataclasses.dataclass(frozen=True)
+class _Container:
+    """Bit layout of the float type the rounding runs in."""
+    dtype: tf.DType
+    uint: tf.DType
+    width: int
+    mantissa: int
+    exponent_bias: int
+
+    @property
+    def inf_bits(self):
+        return ((1 << (self.width - self.mantissa - 1)) - 1) << self.mantissa
+
+    @property
+    def min_exponent(self):
+        """Exponent of the smallest positive subnormal."""
+        return 1 - self.exponent_bias - self.mantissa
+
+
+CONTAINERS = {
+    tf.float32: _Container(tf.float32, tf.uint32, 32, 23, 127),
+    tf.float64: _Container(tf.float64, tf.uint64, 64, 52, 1023),
+}
+
+
+def _u(value, c):
+    return tf.constant(value, c.uint)
+
+
+def _shr(x, n):
+    return tf.bitwise.right_shift(x, tf.cast(n, x.dtype))
+
+
+def _shl(x, n):
+    return tf.bitwise.left_shift(x, tf.cast(n, x.dtype))
+
+
+def _mix32(x):
+    """lowbias32 (C. Wellons): a bijective 32-bit integer hash."""
+    x = x ^ _shr(x, 16)
+    x = x * tf.constant(0x7FEB352D, tf.uint32)
+    x = x ^ _shr(x, 15)
+    x = x * tf.constant(0x846CA68B, tf.uint32)
+    return x ^ _shr(x, 16)
+
+
+def _keys(seed):
+    seed = tf.cast(seed, tf.int64)
+    lo = tf.cast(seed, tf.uint32)
+    hi = tf.cast(tf.bitwise.right_shift(seed, 32), tf.uint32)
+    key0 = _mix32(lo ^ _mix32(hi ^ tf.constant(_SEED_SALT, tf.uint32)))
+    key1 = _mix32(key0 ^ tf.constant(_KEY_SALT, tf.uint32))
+    return key0, key1
+
+
+def random_bits(shape, seed, c):
+    """`c.width` random bits per element: a hash of the seed and the flat index."""
+    index = tf.range(tf.reduce_prod(shape), dtype=tf.int64)
+    lo = tf.cast(index, tf.uint32)
+    hi = tf.cast(tf.bitwise.right_shift(index, 32), tf.uint32)
+    key0, key1 = _keys(seed)
+    u32 = lambda v: tf.constant(v, tf.uint32)
+    word0 = _mix32(lo * u32(_GOLDEN) ^ hi * u32(_INDEX_HI) ^ key0)
+    if c.width == 32:
+        return tf.reshape(word0, shape)
+    word1 = _mix32(lo * u32(_INDEX_LO2) ^ hi * u32(_INDEX_HI2) ^ key1)
+    bits = _shl(tf.cast(word0, tf.uint64), 32) | tf.cast(word1, tf.uint64)
+    return tf.reshape(bits, shape)
+
+
+def _round_static(v, d, rounding, rand, c):
+    """Drops the `d` low bits of the unsigned integers `v` (d a Python int)."""
+    if d == 0:
+        return v
+    kept = _shr(v, d)
+    if rounding == "toward_zero":
+        return kept
+    if rounding == "nearest_even":
+        half_minus_one = _u((1 << (d - 1)) - 1, c)
+        return _shr(v + half_minus_one + (kept & _u(1, c)), d)
+    dropped = v & _u((1 << d) - 1, c)
+    threshold = _shr(rand, c.width - d)  # d uniform random bits
+    return kept + tf.cast(threshold < dropped, c.uint)
+
+
+def _round_variable(sig, s, rounding, rand, c):
+    """Rounds `sig / 2^s` to an integer, `s >= 1` per element (int32 tensor).
+
+    `sig < 2^(mantissa + 1)`. Stochastic rounding compares the dropped bits, aligned
+    as a `width`-bit fraction, with `width` random bits: exact whenever at most
+    `width` bits are dropped; beyond that the round-up probability (below
+    2^-(width - mantissa - 1)) is truncated to `width` bits.
+    """
+    w = c.width
+    shift = tf.cast(tf.minimum(s, c.mantissa + 2), c.uint)  # sig >> shift == 0 beyond
+    kept = _shr(sig, shift)
+    if rounding == "toward_zero":
+        return kept
+    if rounding == "nearest_even":
+        half_minus_one = _shl(_u(1, c), shift - _u(1, c)) - _u(1, c)
+        return _shr(sig + half_minus_one + (kept & _u(1, c)), shift)
+    dropped = sig & (_shl(_u(1, c), shift) - _u(1, c))
+    up_shift = tf.cast(tf.clip_by_value(w - s, 0, w - 1), c.uint)
+    down_shift = tf.cast(tf.clip_by_value(s - w, 0, w - 1), c.uint)
+    fraction = tf.where(s <= w, _shl(dropped, up_shift), _shr(sig, down_shift))
+    return kept + tf.cast(rand < fraction, c.uint)
+
+
+def _split(x, c):
+    bits = tf.bitcast(x, c.uint)
+    sign_mask = _u(1 << (c.width - 1), c)
+    return bits & sign_mask, bits & ~sign_mask
+
+
+def _significand(a, c):
+    """(biased exponent clamped to >= 1, significand with its implicit bit)."""
+    exponent = tf.cast(_shr(a, c.mantissa), tf.int32)
+    implicit = tf.where(exponent > 0, _u(1 << c.mantissa, c), _u(0, c))
+    sig = (a & _u((1 << c.mantissa) - 1, c)) | implicit
+    return tf.maximum(exponent, 1), sig
+
+
+def quantize_float(x, fmt, rounding, saturate, seed):
+    """Rounds a float32/float64 tensor to the values of the FloatFormat `fmt`."""
+    c = CONTAINERS[x.dtype]
+    m = fmt.mantissa_bits
+    sub_mantissa = m if fmt.subnormals else 0
+    emin = 1 - fmt.bias + c.exponent_bias  # biased (container) min normal exponent
+    rebias = (emin - 1) << c.mantissa
+    rand = random_bits(tf.shape(x), seed, c) if rounding == "stochastic" else None
+
+    sign, a = _split(x, c)
+    exponent = tf.cast(_shr(a, c.mantissa), tf.int32)
+    normal = exponent >= emin
+
+    # Normal path: the code of the target format and its bits in the container.
+    d = c.mantissa - m
+    code = _round_static(a - _u(rebias, c), d, rounding, rand, c)
+    normal_bits = _shl(code, d) + _u(rebias, c)
+    overflow = normal & (code > _u(fmt.max_code, c))
+
+    # Fixed-quantum path: subnormals of the format, and zero.
+    exponent1, sig = _significand(a, c)
+    s = tf.maximum(c.mantissa - sub_mantissa + emin - exponent1, 1)
+    sub_code = _round_variable(sig, s, rounding, rand, c)
+    sub_bits = _scaled_bits(sub_code, 1 - fmt.bias - sub_mantissa, c)
+
+    magnitude = tf.where(normal, normal_bits, sub_bits)
+    if saturate or fmt.specials == "finite":
+        overflow_bits = tf.bitcast(tf.constant(fmt.max, x.dtype), c.uint)
+    elif fmt.specials == "ieee":
+        overflow_bits = _u(c.inf_bits, c)
+    else:
+        overflow_bits = _u(c.inf_bits | 1 << (c.mantissa - 1), c)  # quiet NaN
+    magnitude = tf.where(overflow, overflow_bits, magnitude)
+    if not fmt.has_negative_zero:
+        sign = tf.where(magnitude == 0, _u(0, c), sign)
+
+    is_nan = a > _u(c.inf_bits, c)
+    if fmt.has_nan or saturate:
+        nan_bits = sign | _u(c.inf_bits | 1 << (c.mantissa - 1), c)
+    else:
+        # ml_dtypes casts NaN to a zero of the opposite sign in formats without NaN.
+        nan_bits = sign ^ _u(1 << (c.width - 1), c)
+    out = tf.where(is_nan, nan_bits, sign | magnitude)
+    return tf.bitcast(out, x.dtype)
+
+
+def quantize_fixed(x, exponent, inner, bits, rounding, saturate, seed):
+    """Rounds `x` to multiples of `2^exponent[j]`, j = (flat index // inner) % len.
+
+    `exponent` (int32, shape [n]) is the shared exponent of each slice; it is chosen
+    by the caller so that no finite element overflows `bits`-bit mantissas.
+    """
+    c = CONTAINERS[x.dtype]
+    shape = tf.shape(x)
+    index = tf.range(tf.reduce_prod(shape), dtype=tf.int64)
+    slot = (index // tf.cast(inner, tf.int64)) % tf.cast(tf.size(exponent), tf.int64)
+    k = tf.reshape(tf.gather(exponent, slot), shape)
+    rand = random_bits(shape, seed, c) if rounding == "stochastic" else None
+
+    sign, a = _split(x, c)
+    exponent1, sig = _significand(a, c)
+    s = tf.maximum(k + c.exponent_bias + c.mantissa - exponent1, 1)
+    code = _round_variable(sig, s, rounding, rand, c)
+    magnitude = _scaled_bits(code, k, c)
+
+    is_inf = a == _u(c.inf_bits, c)
+    if saturate:
+        largest = _scaled_bits(tf.fill(shape, _u((1 << (bits - 1)) - 1, c)), k, c)
+        magnitude = tf.where(is_inf, largest, magnitude)
+    else:
+        magnitude = tf.where(is_inf, _u(c.inf_bits, c), magnitude)
+    is_nan = a > _u(c.inf_bits, c)
+    out = tf.where(is_nan, a, magnitude) | sign
+    return tf.bitcast(out, x.dtype)
+
+
+def _scaled_bits(code, qe, c):
+    """Bits of `code * 2^qe`, exactly, for `qe >= c.min_exponent` (int or int32 tensor).
+
+    Integer arithmetic only: TensorFlow's threads flush subnormal products to zero.
+    Below 2^(2 - bias) (subnormals and the first binade) the bits are linear in the
+    value; above, the exponent of `float(code)` is offset by `qe`.
+    """
+    qe = tf.convert_to_tensor(qe, tf.int32)
+    limit = tf.maximum(2 - c.exponent_bias - qe, 0)
+    linear = code < _shl(_u(1, c), limit)
+    linear_bits = _shl(code, tf.minimum(qe - c.min_exponent, c.width - 1))
+    offset = _shl(tf.bitcast(tf.cast(qe, tf.int64 if c.width == 64 else tf.int32), c.uint),
+                  c.mantissa)
+    normal_bits = tf.bitcast(tf.cast(code, c.dtype), c.uint) + offset
+    return tf.where(linear, linear_bits, normal_bits)

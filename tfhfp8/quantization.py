@@ -1,0 +1,139 @@
+"""`quantize`: round a tensor to the values of a number format."""
+
+import tensorflow as tf
+
+from tfhfp8 import formats, ops
+from tfhfp8.ops.tf_backend import CONTAINERS, ROUNDINGS
+
+GRADIENTS = ("straight_through", "zero_overflow")
+_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+
+
+def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
+             gradient="straight_through"):
+    """Returns `x` rounded to the nearest values of `fmt`, same shape and dtype.
+
+    Args:
+      x: a float16, bfloat16, float32 or float64 tensor (or anything
+        `tf.convert_to_tensor` turns into one).
+      fmt: a format name (`tfhfp8.formats.names()`), `FloatFormat` or
+        `DynamicFixedPoint`.
+      rounding: `"nearest_even"`, `"stochastic"` or `"toward_zero"`.
+      saturate: False follows the format's own cast semantics exactly like
+        `x.astype(ml_dtypes.<fmt>).astype(x.dtype)` (overflow to inf, to NaN, or
+        saturation; fnuz turns -0 into +0). True clamps overflow, infinities
+        included, to +-max and keeps NaN as NaN (what training uses).
+      seed: for stochastic rounding, an integer or int64 scalar tensor; the same
+        seed gives the same bits on every backend and thread count. None draws a
+        fresh seed from TF's random state at every call (works in `tf.function`).
+      gradient: `"straight_through"` passes the gradient unchanged;
+        `"zero_overflow"` zeroes it where `|x|` exceeds the format's max.
+
+    Example:
+
+    >>> import tensorflow as tf, tfhfp8
+    >>> tfhfp8.quantize(tf.constant([1.0, 0.1, 1000.0]), "hfp8_fwd", saturate=True)
+    <tf.Tensor: shape=(3,), dtype=float32, numpy=array([ 1.       ,  0.1015625, 30.       ], dtype=float32)>
+    """
+    fmt = formats.get(fmt)
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    if not isinstance(saturate, bool):
+        raise ValueError(f"saturate must be True or False, got {saturate!r}")
+    x = _as_float_tensor(x)
+    seed = _seed_tensor(seed) if rounding == "stochastic" else tf.zeros([], tf.int64)
+
+    @tf.custom_gradient
+    def _quantize(x):
+        def grad(dy):
+            if gradient == "zero_overflow" and isinstance(fmt, formats.FloatFormat):
+                return tf.where(tf.abs(x) <= tf.cast(fmt.max, x.dtype), dy, tf.zeros_like(dy))
+            return dy
+        return _round(x, fmt, rounding, saturate, seed), grad
+
+    return _quantize(x)
+
+
+def _as_float_tensor(x):
+    if isinstance(x, tf.Variable):
+        x = tf.convert_to_tensor(x)
+    if not tf.is_tensor(x):
+        try:
+            x = tf.convert_to_tensor(x, dtype_hint=tf.float32)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"quantize expects a floating-point tensor, got {x!r}") from error
+    if x.dtype not in _DTYPES:
+        raise TypeError(
+            f"quantize expects a float16, bfloat16, float32 or float64 tensor, got {x.dtype.name}")
+    return x
+
+
+def _seed_tensor(seed):
+    if seed is None:
+        return tf.random.uniform([], minval=tf.int64.min, maxval=tf.int64.max, dtype=tf.int64)
+    if tf.is_tensor(seed):
+        if not seed.dtype.is_integer:
+            raise TypeError(f"seed must be an integer tensor, got {seed.dtype.name}")
+        return tf.cast(seed, tf.int64)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be None, an int or an integer tensor, got {seed!r}")
+    seed &= (1 << 64) - 1  # any Python int, as the int64 with the same 64 bits
+    return tf.constant(seed - (1 << 64) if seed >= 1 << 63 else seed, tf.int64)
+
+
+def _round(x, fmt, rounding, saturate, seed):
+    container = tf.float64 if x.dtype == tf.float64 else tf.float32
+    xc = tf.cast(x, container)
+    backend = ops.active_backend()
+    if isinstance(fmt, formats.FloatFormat):
+        y = backend.quantize_float(xc, fmt, rounding, saturate, seed)
+    else:
+        exponent, inner = shared_exponents(xc, fmt, rounding)
+        y = backend.quantize_fixed(xc, exponent, inner, fmt.bits, rounding, saturate, seed)
+    return tf.cast(y, x.dtype)
+
+
+def shared_exponents(x, fmt, rounding):
+    """The shared exponent `E_s` of each slice of `x` for dynamic fixed point.
+
+    Returns `(exponent, inner)`: an int32 vector with one exponent per slice along
+    `fmt.axis` (one element when `axis` is None) and the number of consecutive flat
+    elements that share a slice index. `E_s = E_max - (bits - 2)`, one more when the
+    largest magnitude would round up to `2^(bits-1)`; never below the container's
+    smallest subnormal exponent (all values are then exact).
+    """
+    c = CONTAINERS[x.dtype]
+    finite = tf.where(tf.math.is_finite(x), tf.abs(x), tf.zeros_like(x))
+    if fmt.axis is None:
+        largest, inner = tf.reshape(tf.reduce_max(finite), [1]), tf.constant(1, tf.int64)
+    else:
+        rank = x.shape.rank
+        if rank is None:
+            raise ValueError("DynamicFixedPoint with an axis needs a tensor of known rank")
+        if not -rank <= fmt.axis < rank:
+            raise ValueError(f"axis {fmt.axis} is out of range for a tensor of rank {rank}")
+        axis = fmt.axis % rank
+        others = [i for i in range(rank) if i != axis]
+        largest = tf.reduce_max(finite, axis=others) if others else finite
+        inner = tf.reduce_prod(tf.shape(x, out_type=tf.int64)[axis + 1:])
+    bits = tf.bitcast(largest, c.uint)
+    subnormal = tf.bitwise.right_shift(bits, tf.constant(c.mantissa, c.uint)) == 0
+    normalized = tf.where(subnormal, largest * 2.0**c.mantissa, largest)
+    nbits = tf.bitcast(normalized, c.uint)
+    e_max = (tf.cast(tf.bitwise.right_shift(nbits, tf.constant(c.mantissa, c.uint)), tf.int32) - c.exponent_bias
+             - tf.where(subnormal, c.mantissa, 0))
+    # The significand of max|x| in [1, 2), times 2^(bits-2): the mantissa it needs.
+    one_bits = tf.constant(c.exponent_bias << c.mantissa, c.uint)
+    fraction = tf.bitcast(nbits & ((1 << c.mantissa) - 1) | one_bits, c.dtype)
+    needed = fraction * 2.0 ** (fmt.bits - 2)
+    limit = 2.0 ** (fmt.bits - 1) - 1
+    if rounding == "nearest_even":
+        bump = needed >= limit + 0.5
+    elif rounding == "stochastic":
+        bump = needed > limit
+    else:
+        bump = tf.zeros_like(needed, tf.bool)
+    exponent = e_max - (fmt.bits - 2) + tf.cast(bump, tf.int32)
+    return tf.maximum(exponent, c.min_exponent), inner
