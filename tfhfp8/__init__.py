@@ -1,7 +1,14 @@
-"""tfhfp8: exact emulation of 8- and 16-bit number formats for TensorFlow and Keras 3."""
+"""tfhfp8: exact emulation of 8- and 16-bit number formats for TensorFlow and Keras 3.
 
-from tfhfp8 import formats, ops
+>>> import tensorflow as tf, tfhfp8
+>>> tfhfp8.quantize(tf.constant([1.0, 0.1, 1000.0]), "hfp8_fwd", saturate=True).numpy()
+array([ 1.       ,  0.1015625, 30.       ], dtype=float32)
+"""
+
+from tfhfp8 import formats, layers, ops
+from tfhfp8.conversion import quantize_model, summary
 from tfhfp8.formats import DynamicFixedPoint, FloatFormat
-from tfhfp8.quantization import quantize
+from tfhfp8.policy import Policy, global_policy, set_global_policy
+from tfhfp8.quantization import quantize, quantize_gradient
 
 __version__ = "0.1.0"

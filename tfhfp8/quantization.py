@@ -56,10 +56,36 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
     return _quantize(x)
 
 
+def quantize_gradient(x, fmt, rounding="nearest_even", saturate=True, seed=None):
+    """Identity in the forward pass; rounds the gradient flowing back through it.
+
+    `quantize(x)` rounds values and passes gradients through; `quantize_gradient(x)`
+    does the opposite. Placed on a GEMM's output it quantizes the errors `dy`; placed
+    on a weight it quantizes the weight gradient. Arguments as in `quantize`; with
+    `seed=None` a fresh seed is drawn in every backward pass.
+
+    >>> import tensorflow as tf, tfhfp8
+    >>> w = tf.Variable([1.0])
+    >>> with tf.GradientTape() as tape:
+    ...     y = tfhfp8.quantize_gradient(w, "float8_e5m2") * 0.3
+    >>> float(tape.gradient(y, w)[0])
+    0.3125
+    """
+    fmt = formats.get(fmt)
+
+    @tf.custom_gradient
+    def _identity(x):
+        def grad(dy):
+            return quantize(dy, fmt, rounding=rounding, saturate=saturate, seed=seed)
+        return tf.identity(x), grad
+
+    return _identity(_as_float_tensor(x))
+
+
 def _as_float_tensor(x):
-    if isinstance(x, tf.Variable):
-        x = tf.convert_to_tensor(x)
-    if not tf.is_tensor(x):
+    # Variables (Keras' included, which pass tf.is_tensor) are read here, outside the
+    # custom-gradient functions, so gradients flow to them through the read.
+    if not isinstance(x, tf.Tensor):
         try:
             x = tf.convert_to_tensor(x, dtype_hint=tf.float32)
         except (TypeError, ValueError) as error:

@@ -1,0 +1,143 @@
+"""Converting Keras models to emulated precision, and reporting what runs in what."""
+
+import keras
+from keras.src.models.functional import Functional  # no public alias for the check
+
+from tfhfp8 import policy as policy_lib
+from tfhfp8.layers import EMULATED, EmulatedLayer
+
+# Layers that compute no GEMM and stay FP32 by design.
+_NON_GEMM = (
+    keras.layers.BatchNormalization, keras.layers.LayerNormalization,
+    keras.layers.GroupNormalization, keras.layers.UnitNormalization,
+    keras.layers.Activation, keras.layers.ReLU, keras.layers.Softmax,
+    keras.layers.LeakyReLU, keras.layers.PReLU, keras.layers.ELU,
+)
+
+
+def _layers(model):
+    """Every layer of a model in topological order, nested models flattened."""
+    for layer in model.layers:
+        if isinstance(layer, (keras.Sequential, Functional)):
+            yield from _layers(layer)
+        else:
+            yield layer
+
+
+def _check_model(model):
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"expected a keras.Model, got {type(model).__name__}")
+    if not isinstance(model, (keras.Sequential, Functional)):
+        raise TypeError(
+            f"quantize_model converts Sequential and Functional models; "
+            f"{type(model).__name__} is a subclassed model, whose layers it cannot see. "
+            "Build it from tfhfp8.layers (each takes policy=...), or call "
+            "tfhfp8.set_global_policy(...) and use tfhfp8.layers inside it.")
+    if not model.built:
+        raise ValueError("the model is not built: call it on data or give it an Input first")
+
+
+def quantize_model(model, policy="hfp8", exempt=None, verbose=False):
+    """Returns a copy of `model` whose GEMM layers run in the formats of `policy`.
+
+    Supported layers (`tfhfp8.layers.EMULATED`) become their emulated drop-ins with the
+    same configuration and weights; every other layer is copied unchanged. Nested
+    models and shared layers are converted too. The input model is not modified.
+
+    Args:
+      model: a built Sequential or Functional Keras model.
+      policy: a `tfhfp8.Policy` or preset name.
+      exempt: names of layers to keep in FP32. None applies the policy's own choice
+        (for `fp8` and `hfp8`, the first and last GEMM layers in 16 bits).
+      verbose: print `tfhfp8.summary` of the result.
+
+    >>> import keras, tfhfp8
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> emulated = tfhfp8.quantize_model(model, "bfloat16")
+    >>> type(emulated.layers[0]).__module__
+    'tfhfp8.layers.dense'
+    """
+    _check_model(model)
+    policy = policy_lib.get(policy)
+    gemm_names = [layer.name for layer in _layers(model) if type(layer) in EMULATED]
+    if exempt is None:
+        fp32 = set()
+        first_last = {gemm_names[0], gemm_names[-1]} if (
+            policy.exempt_first_last and gemm_names) else set()
+    else:
+        fp32, first_last = set(exempt), set()
+        unknown = fp32 - {layer.name for layer in _layers(model)}
+        if unknown:
+            raise ValueError(f"exempt: no layers named {sorted(unknown)} in the model")
+
+    def clone(layer):
+        config = layer.get_config()
+        emulated = EMULATED.get(type(layer))
+        if emulated is None or layer.name in fp32:
+            return layer.__class__.from_config(config)
+        config["policy"] = policy.for_exempt_layer() if layer.name in first_last else policy
+        return emulated.from_config(config)
+
+    converted = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    _copy_weights(model, converted)
+    if verbose:
+        summary(converted)
+    return converted
+
+
+def _copy_weights(source, target):
+    targets = target.weights
+    if len(targets) != len(source.weights):
+        raise RuntimeError(f"cannot copy weights: {len(source.weights)} variables in the "
+                           f"source model, {len(targets)} in the converted one")
+    for src, dst in zip(source.weights, targets):
+        if tuple(src.shape) != tuple(dst.shape):
+            raise RuntimeError(f"cannot copy {src.path} {src.shape} to {dst.path} {dst.shape}")
+        dst.assign(src)
+
+
+def _describe(layer):
+    """(formats, note) of one layer."""
+    if isinstance(layer, EmulatedLayer):
+        policy = layer.policy
+        roles = [("W", "weights"), ("A", "activations"), ("E", "errors"),
+                 ("G", "weight_gradients"), ("M", "master_weights")]
+        parts = []
+        for short, role in roles:
+            fmt = policy.formats[role]
+            if fmt is not None:
+                rounding = {"stochastic": "/sr", "toward_zero": "/rz"}.get(
+                    policy.rounding[role], "")
+                parts.append(f"{short}:{fmt.name or repr(fmt)}{rounding}")
+        note = "emulated" if policy.emulates else "float32 policy"
+        if policy.name.endswith("/exempt"):
+            note = "first/last GEMM layer: 16 bits"
+        return " ".join(parts) or "float32", note
+    if type(layer) in EMULATED:
+        return "float32", "exempt (kept in FP32)"
+    if isinstance(layer, _NON_GEMM) or not layer.weights:
+        return "float32", "not a GEMM layer"
+    return "float32", f"unsupported layer type {type(layer).__name__}: left in FP32"
+
+
+def summary(model, print_fn=print):
+    """Prints each layer with the formats it runs in, and why others stay FP32.
+
+    Returns the rows as a list of dicts (`layer`, `type`, `policy`, `formats`, `note`).
+    """
+    rows = []
+    for layer in _layers(model):
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        formats_, note = _describe(layer)
+        policy = layer.policy.name if isinstance(layer, EmulatedLayer) else "-"
+        rows.append(dict(layer=layer.name, type=type(layer).__name__, policy=policy,
+                         formats=formats_, note=note))
+    headers = ("layer", "type", "policy", "formats", "note")
+    widths = [max(len(h), *(len(r[h]) for r in rows)) if rows else len(h) for h in headers]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    print_fn(line)
+    print_fn("-" * len(line))
+    for row in rows:
+        print_fn("  ".join(row[h].ljust(w) for h, w in zip(headers, widths)))
+    return rows

@@ -1,0 +1,30 @@
+"""Drop-in Keras layers whose GEMMs run in emulated number formats.
+
+Each takes the arguments of the Keras layer of the same name plus `policy=`.
+"""
+
+import keras
+
+from tfhfp8.layers.conv2d_transpose import Conv2DTranspose
+from tfhfp8.layers.convolution import Conv1D, Conv2D, Conv3D
+from tfhfp8.layers.dense import Dense
+from tfhfp8.layers.depthwise_conv2d import DepthwiseConv2D
+from tfhfp8.layers.einsum_dense import EinsumDense
+from tfhfp8.layers.embedding import Embedding
+from tfhfp8.layers.emulation import EmulatedLayer, MasterWeightRounding
+from tfhfp8.layers.multi_head_attention import MultiHeadAttention
+from tfhfp8.layers.separable_conv2d import SeparableConv2D
+
+# Keras layer class -> its emulated drop-in (exact classes: subclasses may differ).
+EMULATED = {
+    keras.layers.Dense: Dense,
+    keras.layers.EinsumDense: EinsumDense,
+    keras.layers.Conv1D: Conv1D,
+    keras.layers.Conv2D: Conv2D,
+    keras.layers.Conv3D: Conv3D,
+    keras.layers.DepthwiseConv2D: DepthwiseConv2D,
+    keras.layers.SeparableConv2D: SeparableConv2D,
+    keras.layers.Conv2DTranspose: Conv2DTranspose,
+    keras.layers.Embedding: Embedding,
+    keras.layers.MultiHeadAttention: MultiHeadAttention,
+}

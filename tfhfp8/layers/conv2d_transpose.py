@@ -1,0 +1,30 @@
+"""Conv2DTranspose with emulated GEMM precision."""
+
+import functools
+
+import keras
+from keras import ops
+
+from tfhfp8.layers._bias import add_bias_and_activate
+from tfhfp8.layers.emulation import EmulatedLayer
+
+
+@keras.saving.register_keras_serializable(package="tfhfp8")
+class Conv2DTranspose(EmulatedLayer, keras.layers.Conv2DTranspose):
+    """`keras.layers.Conv2DTranspose` whose convolution runs in the formats of `policy`.
+
+    >>> import numpy as np, tfhfp8
+    >>> layer = tfhfp8.layers.Conv2DTranspose(8, 3, policy="hfp8")
+    >>> layer(np.ones((1, 5, 5, 4), "float32")).shape
+    (1, 7, 7, 8)
+    """
+
+    def __init__(self, *args, policy=None, **kwargs):
+        super().__init__(*args, **self._init_policy(policy, kwargs))
+
+    def call(self, inputs):
+        op = functools.partial(
+            ops.conv_transpose, strides=list(self.strides), padding=self.padding,
+            output_padding=self.output_padding, dilation_rate=self.dilation_rate,
+            data_format=self.data_format)
+        return add_bias_and_activate(self, self._gemm(op, [inputs], [self.kernel]))

@@ -1,0 +1,36 @@
+"""Conv1D, Conv2D and Conv3D with emulated GEMM precision."""
+
+import keras
+
+from tfhfp8.layers.emulation import EmulatedLayer
+
+
+class _EmulatedConv(EmulatedLayer):
+    """Keras' BaseConv computes `convolution_op` then bias and activation."""
+
+    def __init__(self, *args, policy=None, **kwargs):
+        super().__init__(*args, **self._init_policy(policy, kwargs))
+
+    def convolution_op(self, inputs, kernel):
+        return self._gemm(super().convolution_op, [inputs], [kernel])
+
+
+@keras.saving.register_keras_serializable(package="tfhfp8")
+class Conv1D(_EmulatedConv, keras.layers.Conv1D):
+    """`keras.layers.Conv1D` whose convolution runs in the formats of `policy`."""
+
+
+@keras.saving.register_keras_serializable(package="tfhfp8")
+class Conv2D(_EmulatedConv, keras.layers.Conv2D):
+    """`keras.layers.Conv2D` whose convolution runs in the formats of `policy`.
+
+    >>> import numpy as np, tfhfp8
+    >>> layer = tfhfp8.layers.Conv2D(8, 3, policy="hfp8")
+    >>> layer(np.ones((1, 5, 5, 3), "float32")).shape
+    (1, 3, 3, 8)
+    """
+
+
+@keras.saving.register_keras_serializable(package="tfhfp8")
+class Conv3D(_EmulatedConv, keras.layers.Conv3D):
+    """`keras.layers.Conv3D` whose convolution runs in the formats of `policy`."""

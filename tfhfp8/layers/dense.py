@@ -1,0 +1,29 @@
+"""Dense with emulated GEMM precision."""
+
+import keras
+from keras import ops
+
+from tfhfp8.layers.emulation import EmulatedLayer
+
+
+@keras.saving.register_keras_serializable(package="tfhfp8")
+class Dense(EmulatedLayer, keras.layers.Dense):
+    """`keras.layers.Dense` whose matmul runs in the formats of `policy`.
+
+    Same arguments as `keras.layers.Dense`, plus `policy` (a `tfhfp8.Policy`, a preset
+    name or None for the global policy). The bias is added in FP32.
+
+    >>> import numpy as np, tfhfp8
+    >>> layer = tfhfp8.layers.Dense(4, policy="hfp8")
+    >>> layer(np.ones((2, 3), "float32")).shape
+    (2, 4)
+    """
+
+    def __init__(self, *args, policy=None, **kwargs):
+        super().__init__(*args, **self._init_policy(policy, kwargs))
+
+    def call(self, inputs, training=None):
+        x = self._gemm(ops.matmul, [inputs], [self.kernel])
+        if self.bias is not None:
+            x = ops.add(x, self.bias)
+        return x if self.activation is None else self.activation(x)

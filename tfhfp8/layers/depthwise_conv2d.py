@@ -1,0 +1,28 @@
+"""DepthwiseConv2D with emulated GEMM precision."""
+
+import functools
+
+import keras
+from keras import ops
+
+from tfhfp8.layers._bias import add_bias_and_activate
+from tfhfp8.layers.emulation import EmulatedLayer
+
+
+@keras.saving.register_keras_serializable(package="tfhfp8")
+class DepthwiseConv2D(EmulatedLayer, keras.layers.DepthwiseConv2D):
+    """`keras.layers.DepthwiseConv2D` whose convolution runs in the formats of `policy`.
+
+    >>> import numpy as np, tfhfp8
+    >>> layer = tfhfp8.layers.DepthwiseConv2D(3, policy="hfp8")
+    >>> layer(np.ones((1, 5, 5, 4), "float32")).shape
+    (1, 3, 3, 4)
+    """
+
+    def __init__(self, *args, policy=None, **kwargs):
+        super().__init__(*args, **self._init_policy(policy, kwargs))
+
+    def call(self, inputs):
+        op = functools.partial(ops.depthwise_conv, strides=self.strides, padding=self.padding,
+                               dilation_rate=self.dilation_rate, data_format=self.data_format)
+        return add_bias_and_activate(self, self._gemm(op, [inputs], [self.kernel]))

@@ -1,0 +1,28 @@
+"""EinsumDense with emulated GEMM precision."""
+
+import functools
+
+import keras
+from keras import ops
+
+from tfhfp8.layers.emulation import EmulatedLayer
+
+
+@keras.saving.register_keras_serializable(package="tfhfp8")
+class EinsumDense(EmulatedLayer, keras.layers.EinsumDense):
+    """`keras.layers.EinsumDense` whose einsum runs in the formats of `policy`.
+
+    >>> import numpy as np, tfhfp8
+    >>> layer = tfhfp8.layers.EinsumDense("ab,bc->ac", output_shape=4, policy="hfp8")
+    >>> layer(np.ones((2, 3), "float32")).shape
+    (2, 4)
+    """
+
+    def __init__(self, *args, policy=None, **kwargs):
+        super().__init__(*args, **self._init_policy(policy, kwargs))
+
+    def call(self, inputs, training=None):
+        x = self._gemm(functools.partial(ops.einsum, self.equation), [inputs], [self.kernel])
+        if self.bias is not None:
+            x = ops.add(x, self.bias)
+        return x if self.activation is None else self.activation(x)

@@ -1,0 +1,37 @@
+"""SeparableConv2D with emulated GEMM precision."""
+
+import functools
+
+import keras
+from keras import ops
+
+from tfhfp8.layers._bias import add_bias_and_activate
+from tfhfp8.layers.emulation import EmulatedLayer
+
+
+@keras.saving.register_keras_serializable(package="tfhfp8")
+class SeparableConv2D(EmulatedLayer, keras.layers.SeparableConv2D):
+    """`keras.layers.SeparableConv2D` with both of its products emulated.
+
+    A separable convolution is a depthwise convolution followed by a 1x1 convolution;
+    each is a GEMM with its own quantized inputs, weights and errors (the
+    intermediate tensor is an activation of the pointwise product).
+
+    >>> import numpy as np, tfhfp8
+    >>> layer = tfhfp8.layers.SeparableConv2D(8, 3, policy="hfp8")
+    >>> layer(np.ones((1, 5, 5, 4), "float32")).shape
+    (1, 3, 3, 8)
+    """
+
+    def __init__(self, *args, policy=None, **kwargs):
+        super().__init__(*args, **self._init_policy(policy, kwargs))
+
+    def call(self, inputs):
+        depthwise = functools.partial(
+            ops.depthwise_conv, strides=self.strides, padding=self.padding,
+            dilation_rate=self.dilation_rate, data_format=self.data_format)
+        pointwise = functools.partial(ops.conv, strides=1, padding="valid",
+                                      data_format=self.data_format)
+        x = self._gemm(depthwise, [inputs], [self.depthwise_kernel])
+        x = self._gemm(pointwise, [x], [self.pointwise_kernel])
+        return add_bias_and_activate(self, x)

@@ -1,0 +1,243 @@
+"""Precision policies: which format each tensor role of a GEMM layer is rounded to.
+
+For a GEMM-like layer with input `x`, kernel `W` and output gradient `dy`:
+
+- forward: `y = op(Q_a(x), Q_w(W)) (+ bias in FP32)`, accumulated in FP32;
+- backward: `dx = op_input_grad(Q_e(dy), Q_w(W))`,
+  `dW = Q_g(op_kernel_grad(Q_a(x), Q_e(dy)))`.
+
+A `Policy` names the formats of `Q_w` (weights), `Q_a` (activations), `Q_e` (errors)
+and `Q_g` (weight gradients), their roundings, and optionally the format the stored
+(master) weights are rounded to after every optimizer step.
+
+>>> import tfhfp8
+>>> policy = tfhfp8.Policy("hfp8")
+>>> policy.weights.name, policy.errors.name
+('float8_e4m3b11fnuz', 'float8_e5m2')
+>>> custom = tfhfp8.Policy(weights="float8_e4m3b11fnuz",
+...                        activations="float8_e4m3b11fnuz", errors="float8_e5m2")
+"""
+
+import keras
+
+from tfhfp8 import formats
+from tfhfp8.ops.tf_backend import ROUNDINGS
+
+ROLES = ("weights", "activations", "errors", "weight_gradients", "master_weights")
+
+_PRESETS = {
+    # No emulation.
+    "float32": dict(),
+    # Kalamkar et al. 2019: GEMM inputs in BF16 with RNE, FP32 accumulation and master
+    # weights.
+    "bfloat16": dict(weights="bfloat16", activations="bfloat16", errors="bfloat16"),
+    # Wang et al. 2018 / Mellempudi et al. 2019: 1-5-2 everywhere, stochastic rounding
+    # on the backward tensors, FP16 master weights updated with stochastic rounding;
+    # first and last GEMM layers in 16 bits.
+    "fp8": dict(
+        weights="float8_e5m2", activations="float8_e5m2", errors="float8_e5m2",
+        weight_gradients="float8_e5m2", master_weights="float16",
+        rounding=dict(errors="stochastic", weight_gradients="stochastic",
+                      master_weights="stochastic"),
+        exempt_first_last=True),
+    # Sun et al. 2019: 1-4-3 (bias 11) forward, 1-5-2 backward, RNE; weight gradients
+    # and the weight update in 16 bits; first and last GEMM layers in 16 bits.
+    "hfp8": dict(
+        weights="float8_e4m3b11fnuz", activations="float8_e4m3b11fnuz",
+        errors="float8_e5m2", weight_gradients="float16", master_weights="float16",
+        exempt_first_last=True),
+    # Das et al. 2018: INT16 dynamic fixed point (one shared exponent per tensor) for
+    # the GEMM inputs, FP32 accumulation, weight gradients and master weights.
+    "int16_dfp": dict(weights="int16_dfp", activations="int16_dfp", errors="int16_dfp"),
+}
+
+
+def presets():
+    """Names of the built-in policies."""
+    return list(_PRESETS)
+
+
+def _format_or_none(role, value):
+    if value is None or value == "float32":
+        return None
+    try:
+        return formats.get(value)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{role}: {error}") from None
+
+
+@keras.saving.register_keras_serializable(package="tfhfp8")
+class Policy(keras.DTypePolicy):
+    """A named set of per-role number formats, roundings and exemptions.
+
+    Args:
+      name: a preset (`"float32"`, `"bfloat16"`, `"fp8"`, `"hfp8"`, `"int16_dfp"`)
+        whose choices the other arguments override, or any name for a policy built
+        from keywords (default `"custom"`).
+      weights, activations, errors, weight_gradients: formats of `Q_w`, `Q_a`, `Q_e`,
+        `Q_g` (a name, `FloatFormat` or `DynamicFixedPoint`). None keeps the preset's
+        choice (FP32 for a policy built from keywords); `"float32"` forces FP32.
+      master_weights: if set, the stored weights of emulated layers are rounded to
+        this format after every optimizer step.
+      rounding: one rounding for every role, or a dict role -> rounding (missing
+        roles: `"nearest_even"`). Roundings: `"nearest_even"`, `"stochastic"`,
+        `"toward_zero"`.
+      saturate: clamp overflow to the format's max (True, the default for training)
+        or follow the format's own overflow semantics.
+      exempt_first_last: `quantize_model` keeps the first and last GEMM layers of a
+        model in `exempt_format` instead of this policy's formats.
+      exempt_format: the format of exempt layers (None: FP32).
+      loss_scaling: reserved for per-layer loss scaling (None: no scaling).
+
+    The policy is a `keras.DTypePolicy` with compute dtype float32, so
+    `keras.config.set_dtype_policy(policy)` accepts it; `tfhfp8.layers` built without
+    `policy=` use it.
+    """
+
+    def __init__(self, name="custom", *, weights=None, activations=None, errors=None,
+                 weight_gradients=None, master_weights=None, rounding=None,
+                 saturate=True, exempt_first_last=None, exempt_format="float16",
+                 loss_scaling=None):
+        if isinstance(name, Policy):
+            name = name.name
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a string, got {name!r}")
+        given = dict(weights=weights, activations=activations, errors=errors,
+                     weight_gradients=weight_gradients, master_weights=master_weights)
+        settings = dict(_PRESETS.get(name, {}))
+        settings.update({role: value for role, value in given.items() if value is not None})
+        if name in _PRESETS and rounding is None:
+            rounding = settings.get("rounding")
+        if exempt_first_last is None:
+            exempt_first_last = settings.get("exempt_first_last", False)
+
+        # Keras' DTypePolicy: float32 compute and variables; the name is ours.
+        self._name = name
+        self._compute_dtype = self._variable_dtype = "float32"
+        self._quantization_mode = None
+
+        self.formats = {role: _format_or_none(role, settings.get(role)) for role in ROLES}
+        self.rounding = self._parse_rounding(rounding)
+        if not isinstance(saturate, bool):
+            raise ValueError(f"saturate must be True or False, got {saturate!r}")
+        self.saturate = saturate
+        self.exempt_first_last = bool(exempt_first_last)
+        self.exempt_format = _format_or_none("exempt_format", exempt_format)
+        self.loss_scaling = loss_scaling
+
+    @staticmethod
+    def _parse_rounding(rounding):
+        if rounding is None:
+            rounding = {}
+        if isinstance(rounding, str):
+            rounding = {role: rounding for role in ROLES}
+        if not isinstance(rounding, dict):
+            raise TypeError(f"rounding must be a string or a dict, got {rounding!r}")
+        unknown = set(rounding) - set(ROLES)
+        if unknown:
+            raise ValueError(f"rounding: unknown roles {sorted(unknown)}; roles are {ROLES}")
+        for role, value in rounding.items():
+            if value not in ROUNDINGS:
+                raise ValueError(f"rounding[{role!r}] must be one of {ROUNDINGS}, got {value!r}")
+        return {role: rounding.get(role, "nearest_even") for role in ROLES}
+
+    # -- roles ------------------------------------------------------------------
+    weights = property(lambda self: self.formats["weights"])
+    activations = property(lambda self: self.formats["activations"])
+    errors = property(lambda self: self.formats["errors"])
+    weight_gradients = property(lambda self: self.formats["weight_gradients"])
+    master_weights = property(lambda self: self.formats["master_weights"])
+
+    @property
+    def emulates(self):
+        """True if any role is quantized."""
+        return any(fmt is not None for fmt in self.formats.values())
+
+    def for_exempt_layer(self):
+        """The policy of a layer this policy exempts (first/last GEMM layer)."""
+        fmt = self.exempt_format
+        return Policy(f"{self.name}/exempt", weights=fmt, activations=fmt, errors=fmt,
+                      rounding=self.rounding, saturate=self.saturate,
+                      exempt_format=None, loss_scaling=self.loss_scaling)
+
+    def inference(self):
+        """This policy with only the forward roles (weights and activations)."""
+        return Policy(f"{self.name}/inference", weights=self.weights,
+                      activations=self.activations, rounding=self.rounding,
+                      saturate=self.saturate, exempt_first_last=self.exempt_first_last,
+                      exempt_format=self.exempt_format)
+
+    # -- serialization ----------------------------------------------------------
+    def get_config(self):
+        return {
+            "name": self.name,
+            **{role: formats.serialize(fmt) for role, fmt in self.formats.items()},
+            "rounding": dict(self.rounding),
+            "saturate": self.saturate,
+            "exempt_first_last": self.exempt_first_last,
+            "exempt_format": formats.serialize(self.exempt_format),
+            "loss_scaling": self.loss_scaling,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        name = config.pop("name", "custom")
+        # Roles explicitly None in a config are FP32, not "take the preset's".
+        policy = cls(name if name not in _PRESETS else "custom", **{
+            k: v for k, v in config.items() if k not in ROLES})
+        policy._name = name
+        policy.formats = {role: _format_or_none(role, config.get(role)) for role in ROLES}
+        return policy
+
+    def __eq__(self, other):
+        return isinstance(other, Policy) and self.get_config() == other.get_config()
+
+    def __hash__(self):
+        return hash(self.name)
+
+    def __repr__(self):
+        roles = ", ".join(
+            f"{role}={fmt.name or fmt!r}" + (f"/{self.rounding[role]}"
+                                             if self.rounding[role] != "nearest_even" else "")
+            for role, fmt in self.formats.items() if fmt is not None)
+        return f"<tfhfp8.Policy {self.name!r}: {roles or 'float32'}>"
+
+
+def get(identifier):
+    """A Policy from a preset name, a config dict or a Policy (None: the global one)."""
+    if identifier is None:
+        return global_policy()
+    if isinstance(identifier, Policy):
+        return identifier
+    if isinstance(identifier, str):
+        if identifier not in _PRESETS:
+            raise ValueError(
+                f"Unknown policy {identifier!r}. Presets: {', '.join(_PRESETS)}; or build "
+                "one with tfhfp8.Policy(weights=..., activations=..., errors=...).")
+        return Policy(identifier)
+    if isinstance(identifier, dict):
+        return Policy.from_config(identifier)
+    raise TypeError(f"A policy must be a preset name, a dict or a tfhfp8.Policy; got {identifier!r}")
+
+
+def serialize(policy):
+    """A preset's name when the policy is an unmodified preset, else its config."""
+    if policy.name in _PRESETS and policy == Policy(policy.name):
+        return policy.name
+    return policy.get_config()
+
+
+def set_global_policy(policy):
+    """Sets the policy of `tfhfp8.layers` built without `policy=` (and Keras' own).
+
+    Accepts a preset name, a config dict or a Policy. Equivalent to
+    `keras.config.set_dtype_policy(tfhfp8.Policy(...))`.
+    """
+    keras.config.set_dtype_policy(get(policy))
+
+
+def global_policy():
+    """The global tfhfp8 policy: Keras' dtype policy if it is one, else float32."""
+    policy = keras.config.dtype_policy()
+    return policy if isinstance(policy, Policy) else Policy("float32")
