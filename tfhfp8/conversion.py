@@ -1,6 +1,7 @@
 """Converting Keras models to emulated precision, and reporting what runs in what."""
 
 import keras
+import numpy as np
 from keras.src.models.functional import Functional  # no public alias for the check
 
 from tfhfp8 import policy as policy_lib
@@ -86,7 +87,10 @@ def quantize_model(model, policy="hfp8", exempt=None, verbose=False):
 
 
 def _copy_weights(source, target):
-    targets = target.weights
+    state = {id(v) for layer in _layers(target) if isinstance(layer, EmulatedLayer)
+             for sub in [layer, *layer._flatten_layers(include_self=False)]
+             if isinstance(sub, EmulatedLayer) for v in sub.emulation_variables()}
+    targets = [v for v in target.weights if id(v) not in state]
     if len(targets) != len(source.weights):
         raise RuntimeError(f"cannot copy weights: {len(source.weights)} variables in the "
                            f"source model, {len(targets)} in the converted one")
@@ -120,10 +124,29 @@ def _describe(layer):
     return "float32", f"unsupported layer type {type(layer).__name__}: left in FP32"
 
 
+def _error_state_text(layer):
+    """Latest error scale and statistics of an emulated layer, e.g. 'scale=2^17'."""
+    parts = []
+    for gemm, state in getattr(layer, "error_state", {}).items():
+        values = []
+        if "scale" in state:
+            values.append(f"scale=2^{int(np.log2(float(state['scale'].numpy())))}")
+        for stat in ("underflow", "saturation"):
+            if stat in state:
+                values.append(f"{stat}={float(state[stat].numpy()):.2g}")
+        if values:
+            prefix = "" if len(layer.GEMMS) == 1 else f"{gemm}: "
+            parts.append(prefix + " ".join(values))
+    return "; ".join(parts)
+
+
 def summary(model, print_fn=print):
     """Prints each layer with the formats it runs in, and why others stay FP32.
 
-    Returns the rows as a list of dicts (`layer`, `type`, `policy`, `formats`, `note`).
+    For emulated layers with loss scaling or statistics switched on
+    (`tfhfp8.callbacks.QuantizationStats`), the latest error scale and the fractions
+    of errors that underflowed or saturated are shown too. Returns the rows as a
+    list of dicts (`layer`, `type`, `policy`, `formats`, `note`, `errors`).
     """
     rows = []
     for layer in _layers(model):
@@ -132,8 +155,10 @@ def summary(model, print_fn=print):
         formats_, note = _describe(layer)
         policy = layer.policy.name if isinstance(layer, EmulatedLayer) else "-"
         rows.append(dict(layer=layer.name, type=type(layer).__name__, policy=policy,
-                         formats=formats_, note=note))
+                         formats=formats_, note=note, errors=_error_state_text(layer)))
     headers = ("layer", "type", "policy", "formats", "note")
+    if any(row["errors"] for row in rows):
+        headers += ("errors",)
     widths = [max(len(h), *(len(r[h]) for r in rows)) if rows else len(h) for h in headers]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
     print_fn(line)

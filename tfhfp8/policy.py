@@ -21,6 +21,7 @@ and `Q_g` (weight gradients), their roundings, and optionally the format the sto
 import keras
 
 from tfhfp8 import formats
+from tfhfp8 import loss_scaling as loss_scaling_lib
 from tfhfp8.ops.tf_backend import ROUNDINGS
 
 ROLES = ("weights", "activations", "errors", "weight_gradients", "master_weights")
@@ -87,7 +88,8 @@ class Policy(keras.DTypePolicy):
       exempt_first_last: `quantize_model` keeps the first and last GEMM layers of a
         model in `exempt_format` instead of this policy's formats.
       exempt_format: the format of exempt layers (None: FP32).
-      loss_scaling: reserved for per-layer loss scaling (None: no scaling).
+      loss_scaling: per-GEMM error scaling: None, `"adaptive"`, `"absmax"` or a
+        `tfhfp8.loss_scaling.LossScaling` (see that module).
 
     The policy is a `keras.DTypePolicy` with compute dtype float32, so
     `keras.config.set_dtype_policy(policy)` accepts it; `tfhfp8.layers` built without
@@ -123,7 +125,8 @@ class Policy(keras.DTypePolicy):
         self.saturate = saturate
         self.exempt_first_last = bool(exempt_first_last)
         self.exempt_format = _format_or_none("exempt_format", exempt_format)
-        self.loss_scaling = loss_scaling
+        self.loss_scaling = loss_scaling_lib.get(
+            settings.get("loss_scaling") if loss_scaling is None else loss_scaling)
 
     @staticmethod
     def _parse_rounding(rounding):
@@ -176,7 +179,7 @@ class Policy(keras.DTypePolicy):
             "saturate": self.saturate,
             "exempt_first_last": self.exempt_first_last,
             "exempt_format": formats.serialize(self.exempt_format),
-            "loss_scaling": self.loss_scaling,
+            "loss_scaling": loss_scaling_lib.serialize(self.loss_scaling),
         }
 
     @classmethod

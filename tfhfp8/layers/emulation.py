@@ -7,11 +7,17 @@ of its GEMM-like products through `self._gemm(op, inputs, kernels)`:
 
 `Q_a` and `Q_w` round values in the forward pass (gradients pass straight through),
 `Q_e^backward` and `Q_g^backward` are identities that round the gradient flowing
-back (`tfhfp8.quantize_gradient`). Differentiating `op` itself then gives exactly
+back. Differentiating `op` itself then gives exactly
 `dx = op_input_grad(Q_e(dy), Q_w(W))` and `dW = Q_g(op_kernel_grad(Q_a(x), Q_e(dy)))`.
+
+With loss scaling on the policy, `Q_e(dy)` becomes `Q_e(s * dy) / s` with a per-GEMM
+power-of-two `s` kept in a state variable. When statistics are switched on
+(`tfhfp8.callbacks.QuantizationStats`), each GEMM also records the fraction of its
+errors that underflowed to zero or saturated in `Q_e`.
 """
 
 import keras
+import tensorflow as tf
 
 from tfhfp8 import policy as policy_lib
 from tfhfp8.quantization import quantize, quantize_gradient
@@ -31,6 +37,11 @@ class MasterWeightRounding(keras.constraints.Constraint):
 
 class EmulatedLayer:
     """Mixin for Keras layers whose GEMMs run in the formats of a `tfhfp8.Policy`."""
+
+    # Names of the layer's GEMMs (each gets its own error scale and statistics).
+    GEMMS = ("gemm",)
+    # Set by QuantizationStats: record error statistics in the backward pass.
+    collect_stats = False
 
     def _init_policy(self, policy, kwargs):
         self.policy = policy_lib.get(policy)
@@ -55,17 +66,40 @@ class EmulatedLayer:
         return quantize_gradient(x, fmt, rounding=self.policy.rounding[role],
                                  saturate=self.policy.saturate)
 
-    def _gemm(self, op, inputs, kernels=()):
+    def _gemm(self, op, inputs, kernels=(), name="gemm"):
         """`op(*inputs, *kernels)` with activations, weights and errors quantized."""
         args = [self._forward(x, "activations") for x in inputs]
-        args += [self._forward(self._backward(k, "weight_gradients"), "weights")
-                 for k in kernels]
-        return self._backward(op(*args), "errors")
+        weights = [self._forward(self._backward(k, "weight_gradients"), "weights")
+                   for k in kernels]
+        return self._errors(op(*args, *weights), name, weights[0] if weights else None)
 
-    # -- master weights -------------------------------------------------------------
+    def _errors(self, y, name, weights):
+        """Identity forward; `Q_e(s * dy) / s` backward, with optional statistics."""
+        fmt = self.policy.errors
+        if fmt is None:
+            return y
+        scaling, state = self.policy.loss_scaling, self.error_state[name]
+        rounding, saturate = self.policy.rounding["errors"], self.policy.saturate
+        collect = self.collect_stats
+
+        @tf.custom_gradient
+        def _quantize_errors(y):
+            def grad(dy):
+                scale = None if scaling is None else scaling.scale(dy, weights, fmt, state)
+                scaled = dy if scale is None else dy * tf.cast(scale, dy.dtype)
+                quantized = quantize(scaled, fmt, rounding=rounding, saturate=saturate)
+                if collect:
+                    _record_stats(state, scaled, quantized, fmt)
+                return quantized if scale is None else quantized / tf.cast(scale, dy.dtype)
+            return tf.identity(y), grad
+
+        return _quantize_errors(y)
+
+    # -- state ------------------------------------------------------------------------
     def _post_build(self):
         super()._post_build()
         self._attach_master_weight_rounding()
+        self._create_error_state()
 
     def _attach_master_weight_rounding(self):
         fmt = self.policy.master_weights
@@ -76,7 +110,63 @@ class EmulatedLayer:
                 variable.constraint = MasterWeightRounding(
                     fmt, self.policy.rounding["master_weights"], variable.constraint)
 
+    def _create_error_state(self):
+        """Per GEMM: the loss-scaling variables, when the policy scales errors."""
+        scaling = self.policy.loss_scaling
+        self.error_state = {name: {} for name in self.GEMMS}
+        if self.policy.errors is not None and scaling is not None:
+            for name in self.GEMMS:
+                self.error_state[name] = scaling.create_state(self, name)
+
+    def enable_error_stats(self):
+        """Records, per GEMM and backward pass, the fraction of errors that underflowed
+        to zero or saturated in `Q_e` (`error_state[gemm]["underflow"|"saturation"]`).
+
+        Called by `tfhfp8.callbacks.QuantizationStats` (inside the model's distribution
+        strategy scope); takes effect in functions traced afterwards. Without it, no
+        statistic is computed or stored. The statistics are not model weights.
+        """
+        if self.policy.errors is None or self.collect_stats:
+            return
+        for name in self.GEMMS:
+            for stat in ("underflow", "saturation"):
+                self.error_state[name][stat] = tf.Variable(
+                    0.0, trainable=False, name=f"{self.name}_{name}_{stat}",
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        self.collect_stats = True
+
+    def emulation_variables(self):
+        """The layer's loss-scaling state: saved with the model, not copied as weights."""
+        return [v for state in getattr(self, "error_state", {}).values()
+                for key, v in state.items() if key not in ("underflow", "saturation")]
+
+    # Keras' Dense, EinsumDense, convolution and Embedding layers save only their
+    # kernel and bias: the loss-scaling state is appended after them.
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        if len(store.keys()) < len(self._trainable_variables + self._non_trainable_variables):
+            for variable in self.emulation_variables():
+                store[str(len(store.keys()))] = variable
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        state = self.emulation_variables()
+        first = len(store.keys()) - len(state)
+        for i, variable in enumerate(state):
+            variable.assign(store[str(first + i)])
+
     def get_config(self):
         config = super().get_config()
         config["policy"] = policy_lib.serialize(self.policy)
         return config
+
+
+def _record_stats(state, scaled, quantized, fmt):
+    """Fractions of non-zero errors that became zero, and of errors beyond max."""
+    nonzero = tf.math.count_nonzero(scaled, dtype=tf.float32)
+    lost = tf.math.count_nonzero((quantized == 0) & (scaled != 0), dtype=tf.float32)
+    state["underflow"].assign(lost / tf.maximum(nonzero, 1.0))
+    if hasattr(fmt, "max"):
+        beyond = tf.math.count_nonzero(tf.abs(scaled) > fmt.max, dtype=tf.float32)
+        total = tf.cast(tf.maximum(tf.size(scaled), 1), tf.float32)
+        state["saturation"].assign(beyond / total)

@@ -27,6 +27,8 @@ class MultiHeadAttention(EmulatedLayer, keras.layers.MultiHeadAttention):
     (1, 5, 8)
     """
 
+    GEMMS = ("scores", "context")
+
     def __init__(self, *args, policy=None, **kwargs):
         super().__init__(*args, **self._init_policy(policy, kwargs))
         self._flash_attention = False
@@ -39,7 +41,10 @@ class MultiHeadAttention(EmulatedLayer, keras.layers.MultiHeadAttention):
             if projection is not None and not isinstance(projection, EinsumDense):
                 projection.__class__ = EinsumDense
                 projection.policy = self.policy
+                projection._tracker.unlock()  # built and locked before the swap
                 projection._attach_master_weight_rounding()
+                projection._create_error_state()
+                projection._tracker.lock()
         super()._post_build()
 
     def _compute_attention(self, query, key, value, attention_mask=None, training=None,
@@ -48,9 +53,11 @@ class MultiHeadAttention(EmulatedLayer, keras.layers.MultiHeadAttention):
         # causal mask is already folded into attention_mask.
         query = ops.multiply(query, ops.cast(self._inverse_sqrt_key_dim, query.dtype))
         scores = self._gemm(
-            functools.partial(ops.einsum, self._dot_product_equation), [key, query])
+            functools.partial(ops.einsum, self._dot_product_equation), [key, query],
+            name="scores")
         scores = self._masked_softmax(scores, attention_mask)
         dropped = self._dropout_layer(scores, training=training) if self._dropout > 0 else scores
         output = self._gemm(
-            functools.partial(ops.einsum, self._combine_equation), [dropped, value])
+            functools.partial(ops.einsum, self._combine_equation), [dropped, value],
+            name="context")
         return output, scores

@@ -23,6 +23,8 @@ class SeparableConv2D(EmulatedLayer, keras.layers.SeparableConv2D):
     (1, 3, 3, 8)
     """
 
+    GEMMS = ("depthwise", "pointwise")
+
     def __init__(self, *args, policy=None, **kwargs):
         super().__init__(*args, **self._init_policy(policy, kwargs))
 
@@ -32,6 +34,6 @@ class SeparableConv2D(EmulatedLayer, keras.layers.SeparableConv2D):
             dilation_rate=self.dilation_rate, data_format=self.data_format)
         pointwise = functools.partial(ops.conv, strides=1, padding="valid",
                                       data_format=self.data_format)
-        x = self._gemm(depthwise, [inputs], [self.depthwise_kernel])
-        x = self._gemm(pointwise, [x], [self.pointwise_kernel])
+        x = self._gemm(depthwise, [inputs], [self.depthwise_kernel], name="depthwise")
+        x = self._gemm(pointwise, [x], [self.pointwise_kernel], name="pointwise")
         return add_bias_and_activate(self, x)
