@@ -68,10 +68,14 @@ class LossScaling:
         dy = tf.cast(dy, tf.float32)
         weights = None if weights is None else tf.cast(weights, tf.float32)
         refresh = tf.equal(state["step"] % self.every, 0)
-        scale = tf.cond(refresh,
-                        lambda: _replica_reduce(self.compute(dy, weights, fmt, state),
-                                                tf.reduce_min),
-                        lambda: tf.identity(state["scale"]))
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            # Replicas agree on the smallest scale; collectives cannot sit in a cond.
+            computed = _replica_reduce(self.compute(dy, weights, fmt, state), tf.reduce_min)
+            scale = tf.where(refresh, computed, state["scale"])
+        else:
+            scale = tf.cond(refresh, lambda: self.compute(dy, weights, fmt, state),
+                            lambda: tf.identity(state["scale"]))
         state["scale"].assign(scale)
         state["step"].assign_add(1)
         return scale

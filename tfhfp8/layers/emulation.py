@@ -117,6 +117,9 @@ class EmulatedLayer:
         if self.policy.errors is not None and scaling is not None:
             for name in self.GEMMS:
                 self.error_state[name] = scaling.create_state(self, name)
+                for key, variable in self.error_state[name].items():
+                    # Attributes, so that tf.train.Checkpoint tracks them too.
+                    setattr(self, f"_{name}_{key}", variable)
 
     def enable_error_stats(self):
         """Records, per GEMM and backward pass, the fraction of errors that underflowed
