@@ -711,6 +711,25 @@ def _folded_weights(layer, bn):
     return [w.astype(np.float32) for w in weights]
 
 
+@keras.saving.register_keras_serializable(package="tfhfp8")
+class FoldedBatchNormalization(keras.layers.Layer):
+    """The identity left where `fold_batchnorm` folded a BatchNormalization layer."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+        self.built = True
+
+    def call(self, inputs, training=None, mask=None):
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def compute_output_spec(self, inputs, training=None, mask=None):
+        return keras.KerasTensor(inputs.shape, dtype=inputs.dtype, sparse=inputs.sparse)
+
+
 def fold_batchnorm(model, verbose=False):
     """A copy of `model` with each BatchNormalization folded into the layer before it.
 
@@ -720,7 +739,8 @@ def fold_batchnorm(model, verbose=False):
     normalization axis being the layer's channel axis. The layer then computes
     `W' = W * s`, `b' = (b - moving_mean) * s + beta` with
     `s = gamma / sqrt(moving_variance + epsilon)` (computed in float64, stored in FP32),
-    and the BatchNormalization becomes a `keras.layers.Identity` of the same name.
+    and the BatchNormalization becomes an identity layer (`FoldedBatchNormalization`)
+    of the same name.
     Every other BatchNormalization layer is kept. Nested models are folded too; the
     input model is not modified. Works on FP32 and on emulated (`tfhfp8.layers`) models.
 
@@ -739,7 +759,7 @@ def fold_batchnorm(model, verbose=False):
 
     def clone(layer):
         if id(layer) in folds:
-            new = keras.layers.Identity(name=layer.name)
+            new = FoldedBatchNormalization(name=layer.name)
         else:
             config = layer.get_config()
             if id(layer) in into:
