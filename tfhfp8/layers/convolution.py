@@ -1,7 +1,11 @@
 """Conv1D, Conv2D and Conv3D with emulated GEMM precision."""
 
-import keras
+import functools
 
+import keras
+from keras import ops
+
+from tfhfp8.layers._bias import add_bias_and_activate
 from tfhfp8.layers.emulation import EmulatedLayer
 
 
@@ -17,7 +21,24 @@ class _EmulatedConv(EmulatedLayer):
 
 @keras.saving.register_keras_serializable(package="tfhfp8")
 class Conv1D(_EmulatedConv, keras.layers.Conv1D):
-    """`keras.layers.Conv1D` whose convolution runs in the formats of `policy`."""
+    """`keras.layers.Conv1D` whose convolution runs in the formats of `policy`.
+
+    >>> import numpy as np, tfhfp8
+    >>> layer = tfhfp8.layers.Conv1D(8, 3, padding="causal", policy="hfp8")
+    >>> layer(np.ones((1, 5, 3), "float32")).shape
+    (1, 5, 8)
+    """
+
+    # Keras' Conv1D.call pads causal inputs and calls ops.conv itself, bypassing
+    # convolution_op: the same steps here, with the convolution emulated.
+    def call(self, inputs):
+        padding = self.padding
+        if padding == "causal":
+            inputs = ops.pad(inputs, self._compute_causal_padding())
+            padding = "valid"
+        op = functools.partial(ops.conv, strides=list(self.strides), padding=padding,
+                               dilation_rate=self.dilation_rate, data_format=self.data_format)
+        return add_bias_and_activate(self, self._gemm(op, [inputs], [self.kernel]))
 
 
 @keras.saving.register_keras_serializable(package="tfhfp8")
