@@ -1,0 +1,163 @@
+"""The `tfhfp8` command line.
+
+Commands:
+  tfhfp8 train --model=resnet20 --dataset=fashion_mnist --policies=float32,hfp8 ...
+      Trains the same model from the same initial weights under each policy, prints a
+      table and writes OUTPUT_DIR/results.json and OUTPUT_DIR/curves.png.
+  tfhfp8 demo
+      `train` with defaults that finish in a few minutes on a 2-core CPU: a small CNN
+      on 10,000 Fashion-MNIST images under float32, bfloat16, fp8, hfp8 and int16_dfp,
+      output in ./tfhfp8-demo/.
+  tfhfp8 formats
+      A table of every named number format.
+  tfhfp8 ptq --model=IN.keras --policy=hfp8 --data=fashion_mnist --output=OUT.keras
+      Post-training quantization with BatchNorm re-calibration; prints accuracy (or,
+      without labels, agreement with the FP32 model) before quantization, after it,
+      and after re-calibration.
+"""
+
+import sys
+
+from absl import app, flags
+
+from tfhfp8 import datasets, formats, models
+
+_COMMANDS = ("train", "demo", "formats", "ptq")
+
+_MODEL = flags.DEFINE_string(
+    "model", None, "train: a reference model (" + ", ".join(models.names()) + "); "
+    "ptq: the path of a saved FP32 .keras/.h5 model.")
+_DATASET = flags.DEFINE_enum(
+    "dataset", "fashion_mnist", datasets.names(), "train: the data set to train and test on.")
+_POLICIES = flags.DEFINE_list(
+    "policies", "float32,bfloat16,fp8,hfp8,int16_dfp",
+    "train: comma-separated policy presets to compare (float32 first for the "
+    "differences).")
+_EPOCHS = flags.DEFINE_integer("epochs", 5, "train: training epochs per policy.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "train/ptq: batch size.")
+_LOSS_SCALING = flags.DEFINE_enum(
+    "loss_scaling", "adaptive", ["none", "adaptive", "absmax", "dynamic", "enhanced"],
+    "train: per-layer adaptive or absmax scales (on policies that quantize errors), "
+    "whole-model Keras dynamic or enhanced dynamic (with a floor) loss scaling, or none.")
+_SEED = flags.DEFINE_integer("seed", 0, "train: seed of the initial weights, shuffling, split.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "tfhfp8-results",
+                                  "train: folder for results.json and curves.png.")
+_LIMIT = flags.DEFINE_integer("limit", None, "train: use only the first N training examples.")
+_TEST_LIMIT = flags.DEFINE_integer("test_limit", None,
+                                   "train: use only the first N test examples.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "train: Adam learning rate.")
+_POLICY = flags.DEFINE_string("policy", "hfp8", "ptq: the policy preset to quantize to.")
+_DATA = flags.DEFINE_string(
+    "data", None, "ptq: a data set name (" + ", ".join(datasets.names()) + "; calibrates "
+    "on its training split, evaluates on its test split) or a .npz file with `x` (and "
+    "optionally `y`) arrays, used for both.")
+_CALIBRATION_STEPS = flags.DEFINE_integer(
+    "calibration_steps", 100, "ptq: calibration batches for BatchNorm re-calibration.")
+_FOLD = flags.DEFINE_boolean("fold_batchnorm", False,
+                             "ptq: fold BatchNorm into the preceding layer after calibration.")
+_OUTPUT = flags.DEFINE_string("output", None, "ptq: where to save the quantized model (.keras).")
+
+
+def _train(**overrides):
+    from tfhfp8 import experiment
+
+    settings = dict(model=_MODEL.value or "resnet20", dataset=_DATASET.value,
+                    policies=_POLICIES.value, epochs=_EPOCHS.value,
+                    batch_size=_BATCH_SIZE.value, loss_scaling=_LOSS_SCALING.value,
+                    seed=_SEED.value, output_dir=_OUTPUT_DIR.value, limit=_LIMIT.value,
+                    test_limit=_TEST_LIMIT.value, learning_rate=_LEARNING_RATE.value,
+                    verbose=1 if sys.stdout.isatty() else 2)  # a log gets one line per epoch
+    settings.update(overrides)
+    results = experiment.train_policies(**settings)
+    print()
+    print(experiment.table(results))
+    print(f"\nWrote {settings['output_dir']}/results.json and {settings['output_dir']}/curves.png")
+
+
+def _demo():
+    explicit = {name for name in ("model", "dataset", "policies", "epochs", "limit",
+                                  "test_limit", "output_dir", "batch_size")
+                if flags.FLAGS[name].present}
+    demo = dict(model="small_cnn", dataset="fashion_mnist", epochs=2, limit=10000,
+                test_limit=2000, output_dir="tfhfp8-demo", batch_size=64,
+                policies=["float32", "bfloat16", "fp8", "hfp8", "int16_dfp"])
+    _train(**{k: v for k, v in demo.items() if k not in explicit})
+
+
+def formats_table():
+    """Every named format: bits, bias, range, precision and special values."""
+    header = (f"{'name':<20} {'bits':>4} {'e-m':>5} {'bias':>4} {'max':>11} {'min normal':>11} "
+              f"{'min subnorm':>11} {'epsilon':>9}  specials")
+    lines = [header, "-" * len(header)]
+    aliases = {"hfp8_fwd": "float8_e4m3b11fnuz", "hfp8_bwd": "float8_e5m2"}
+    for name in formats.names():
+        fmt = formats.get(name)
+        if isinstance(fmt, formats.DynamicFixedPoint):
+            lines.append(f"{name:<20} {fmt.bits:>4} {'':>5} {'':>4} {'':>11} {'':>11} {'':>11} "
+                         f"{'':>9}  {fmt.bits}-bit integers x shared 2^E per tensor")
+            continue
+        specials = ", ".join(s for s, on in (("inf", fmt.has_inf), ("NaN", fmt.has_nan),
+                                               ("-0", fmt.has_negative_zero)) if on) or "none"
+        alias = f" (= {aliases[name]})" if name in aliases else ""
+        lines.append(f"{name:<20} {fmt.bits:>4} {fmt.exponent_bits}-{fmt.mantissa_bits:<3} "
+                     f"{fmt.bias:>4} {fmt.max:>11.6g} {fmt.min_normal:>11.4g} "
+                     f"{fmt.min_subnormal:>11.4g} {fmt.epsilon:>9.4g}  {specials}{alias}")
+    return "\n".join(lines)
+
+
+def _ptq():
+    import keras
+    import numpy as np
+
+    from tfhfp8 import calibration
+
+    if not _MODEL.value or not _DATA.value:
+        raise app.UsageError("ptq needs --model=PATH and --data=NAME_OR_NPZ")
+    model = keras.saving.load_model(_MODEL.value, compile=False)
+    if _DATA.value.endswith(".npz"):
+        arrays = np.load(_DATA.value)
+        calibration_data = arrays["x"]
+        eval_data = (arrays["x"], arrays["y"]) if "y" in arrays else arrays["x"]
+    else:
+        (x_train, _), (x_test, y_test) = datasets.load(_DATA.value)[:2]
+        calibration_data, eval_data = x_train, (x_test, y_test)
+    result = calibration.evaluate_ptq(
+        model, _POLICY.value, calibration_data, eval_data, steps=_CALIBRATION_STEPS.value,
+        batch_size=_BATCH_SIZE.value, fold_batchnorm=_FOLD.value, verbose=1,
+        return_model=True)
+    quantized = result.pop("model")
+    metric = result["metric"]
+    print(f"\n{metric} on {result['num_examples']} examples, policy {_POLICY.value}:")
+    for stage in ("fp32", "quantized", "recalibrated"):
+        print(f"  {stage:<13} {100 * result[stage]:6.2f}%")
+    if _OUTPUT.value:
+        quantized.save(_OUTPUT.value)
+        print(f"Saved the quantized model to {_OUTPUT.value}")
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in _COMMANDS:
+        raise app.UsageError(f"Usage: tfhfp8 {{{'|'.join(_COMMANDS)}}} [--flags]; "
+                             "tfhfp8 --help explains every flag.")
+    command = argv[1]
+    if command == "formats":
+        print(formats_table())
+    elif command == "train":
+        _train()
+    elif command == "demo":
+        _demo()
+    else:
+        _ptq()
+
+
+def run():
+    """Console-script entry point."""
+    # absl's --help shows the main module's docstring and flags: ours are in this one.
+    sys.modules["__main__"].__doc__ = __doc__
+    for flag in flags.FLAGS.flags_by_module_dict()[__name__]:
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    app.run(main, argv=sys.argv)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,154 @@
+"""The main job: train one model under several policies and compare them with FP32.
+
+>>> from tfhfp8 import experiment
+>>> results = experiment.train_policies(  # doctest: +SKIP
+...     "small_cnn", "digits", ["float32", "hfp8"], epochs=1, output_dir="out")
+"""
+
+import json
+import os
+import time
+
+import keras
+import numpy as np
+
+from tfhfp8 import datasets, models
+from tfhfp8 import policy as policy_lib
+from tfhfp8.conversion import quantize_model
+from tfhfp8.loss_scaling import DynamicLossScaleOptimizer
+
+LOSS_SCALINGS = ("none", "adaptive", "absmax", "dynamic", "enhanced")
+
+
+def load_data(dataset, limit=None, test_limit=None, seed=0):
+    """`(x_train, y_train), (x_test, y_test), model_kwargs` for a data set name."""
+    kwargs = {}
+    if dataset == "fashion_mnist":
+        kwargs = dict(limit=limit, test_limit=test_limit)
+    elif dataset in ("digits", "mnist_5k", "rotten_tomatoes"):
+        kwargs = dict(seed=seed)
+    loaded = datasets.load(dataset, **kwargs)
+    (x_train, y_train), (x_test, y_test) = loaded[:2]
+    x_train, y_train = x_train[:limit], y_train[:limit]
+    x_test, y_test = x_test[:test_limit], y_test[:test_limit]
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    if dataset == "rotten_tomatoes":
+        model_kwargs = dict(vocab_size=len(loaded[2]), sequence_length=x_train.shape[1],
+                            num_classes=num_classes)
+    else:
+        model_kwargs = dict(input_shape=x_train.shape[1:], num_classes=num_classes)
+    return (x_train, y_train), (x_test, y_test), model_kwargs
+
+
+def _with_loss_scaling(policy, loss_scaling):
+    """The policy with per-layer loss scaling, if asked and it quantizes errors."""
+    if loss_scaling not in ("adaptive", "absmax") or policy.errors is None:
+        return policy
+    config = policy.get_config()
+    config["loss_scaling"] = {"class_name": {"adaptive": "Adaptive", "absmax": "AbsMax"}[
+        loss_scaling]}
+    return policy_lib.Policy.from_config(config)
+
+
+def _optimizer(learning_rate, loss_scaling):
+    optimizer = keras.optimizers.Adam(learning_rate)
+    if loss_scaling == "dynamic":
+        return keras.optimizers.LossScaleOptimizer(optimizer)
+    if loss_scaling == "enhanced":
+        return DynamicLossScaleOptimizer(optimizer, min_scale=2.0**8)
+    return optimizer
+
+
+def train_policies(model, dataset, policies, epochs=1, batch_size=128, loss_scaling="adaptive",
+                   seed=0, output_dir=None, limit=None, test_limit=None, learning_rate=1e-3,
+                   verbose=1):
+    """Trains `model` on `dataset` once per policy, from the same initial weights.
+
+    Args:
+      model: a builder name of `tfhfp8.models`.
+      dataset: a loader name of `tfhfp8.datasets`.
+      policies: policy preset names (or Policy objects).
+      loss_scaling: `"none"`, per-layer `"adaptive"` or `"absmax"` (set on every policy
+        that quantizes errors), or whole-model `"dynamic"` (Keras) or `"enhanced"`
+        (`DynamicLossScaleOptimizer` with a floor of 2^8).
+      seed: seeds the initial weights, the shuffling and the data split.
+      output_dir: where `results.json` and `curves.png` go (None: nowhere).
+      limit, test_limit: use only the first examples of each split.
+
+    Returns:
+      `{"config": {...}, "policies": {name: {"test_accuracy", "test_loss", "seconds",
+      "history": {"loss", "accuracy", "val_loss", "val_accuracy"}}}}`.
+    """
+    if loss_scaling not in LOSS_SCALINGS:
+        raise ValueError(f"loss_scaling must be one of {LOSS_SCALINGS}, got {loss_scaling!r}")
+    policies = [policy_lib.get(p) for p in policies]
+    (x_train, y_train), (x_test, y_test), model_kwargs = load_data(
+        dataset, limit, test_limit, seed)
+    keras.utils.set_random_seed(seed)
+    base = models.get(model, **model_kwargs)
+    config = dict(model=model, dataset=dataset, epochs=epochs, batch_size=batch_size,
+                  loss_scaling=loss_scaling, seed=seed, learning_rate=learning_rate,
+                  train_examples=int(len(x_train)), test_examples=int(len(x_test)),
+                  parameters=int(base.count_params()))
+    results = {"config": config, "policies": {}}
+    for policy in policies:
+        if verbose:
+            print(f"\n== {policy.name}: {model} on {dataset}, {epochs} epoch(s)", flush=True)
+        emulated = quantize_model(base, _with_loss_scaling(policy, loss_scaling))
+        emulated.compile(_optimizer(learning_rate, loss_scaling),
+                         "sparse_categorical_crossentropy", metrics=["accuracy"])
+        keras.utils.set_random_seed(seed)
+        start = time.perf_counter()
+        history = emulated.fit(x_train, y_train, epochs=epochs, batch_size=batch_size,
+                               validation_data=(x_test, y_test), verbose=verbose)
+        seconds = time.perf_counter() - start
+        test_loss, test_accuracy = emulated.evaluate(x_test, y_test, batch_size=512, verbose=0)
+        results["policies"][policy.name] = dict(
+            test_accuracy=float(test_accuracy), test_loss=float(test_loss),
+            seconds=float(seconds),
+            history={k: [float(v) for v in values] for k, values in history.history.items()})
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "results.json"), "w") as file:
+            json.dump(results, file, indent=2)
+        plot_curves(results, os.path.join(output_dir, "curves.png"))
+    return results
+
+
+def table(results):
+    """The results as a text table: accuracy, loss, difference from float32, time."""
+    rows = results["policies"]
+    reference = rows.get("float32", {}).get("test_accuracy")
+    lines = [f"{'policy':<12} {'test acc':>9} {'test loss':>10} {'vs float32':>11} {'seconds':>8}"]
+    for name, row in rows.items():
+        delta = "" if reference is None else f"{100 * (row['test_accuracy'] - reference):+.2f} pt"
+        lines.append(f"{name:<12} {100 * row['test_accuracy']:>8.2f}% {row['test_loss']:>10.4f} "
+                     f"{delta:>11} {row['seconds']:>8.1f}")
+    return "\n".join(lines)
+
+
+def plot_curves(results, path):
+    """Test accuracy and training loss per epoch, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    config = results["config"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, row in results["policies"].items():
+        epochs = np.arange(1, len(row["history"]["loss"]) + 1)
+        left.plot(epochs, 100 * np.array(row["history"]["val_accuracy"]), marker="o", label=name)
+        right.plot(epochs, row["history"]["loss"], marker="o", label=name)
+    left.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    right.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(f"{config['model']} on {config['dataset']} "
+                    f"(loss scaling: {config['loss_scaling']})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
