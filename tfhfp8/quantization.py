@@ -1,5 +1,6 @@
 """`quantize`: round a tensor to the values of a number format."""
 
+import numpy as np
 import tensorflow as tf
 
 from tfhfp8 import formats, ops
@@ -86,8 +87,10 @@ def _as_float_tensor(x):
     # Variables (Keras' included, which pass tf.is_tensor) are read here, outside the
     # custom-gradient functions, so gradients flow to them through the read.
     if not isinstance(x, tf.Tensor):
+        # numpy data keeps its own dtype; Python numbers default to float32.
+        hint = None if isinstance(x, (np.ndarray, np.generic)) else tf.float32
         try:
-            x = tf.convert_to_tensor(x, dtype_hint=tf.float32)
+            x = tf.convert_to_tensor(x, dtype_hint=hint)
         except (TypeError, ValueError) as error:
             raise TypeError(f"quantize expects a floating-point tensor, got {x!r}") from error
     if x.dtype not in _DTYPES:
@@ -131,7 +134,11 @@ def shared_exponents(x, fmt, rounding):
     smallest subnormal exponent (all values are then exact).
     """
     c = CONTAINERS[x.dtype]
-    finite = tf.where(tf.math.is_finite(x), tf.abs(x), tf.zeros_like(x))
+    # max|x| over the finite elements, on the bits: the bits of non-negative floats sort
+    # as signed integers, and TF's float reductions flush subnormals to zero.
+    signed = tf.int32 if c.width == 32 else tf.int64
+    a = tf.bitcast(x, c.uint) & tf.constant((1 << (c.width - 1)) - 1, c.uint)
+    finite = tf.bitcast(tf.where(a < c.inf_bits, a, tf.zeros_like(a)), signed)
     if fmt.axis is None:
         largest, inner = tf.reshape(tf.reduce_max(finite), [1]), tf.constant(1, tf.int64)
     else:
@@ -144,12 +151,16 @@ def shared_exponents(x, fmt, rounding):
         others = [i for i in range(rank) if i != axis]
         largest = tf.reduce_max(finite, axis=others) if others else finite
         inner = tf.reduce_prod(tf.shape(x, out_type=tf.int64)[axis + 1:])
-    bits = tf.bitcast(largest, c.uint)
+    # An empty slice reduces to the smallest integer: treat it as all zeros.
+    bits = tf.bitcast(tf.maximum(largest, 0), c.uint)
     subnormal = tf.bitwise.right_shift(bits, tf.constant(c.mantissa, c.uint)) == 0
-    normalized = tf.where(subnormal, largest * 2.0**c.mantissa, largest)
+    # A subnormal max|x| is m * 2^(1 - bias - mantissa) with its integer mantissa field m;
+    # m converted to a float (exact) has the same significand. (Scaling max|x| up by
+    # 2^mantissa instead would read 0: TF flushes subnormals to zero in arithmetic.)
+    normalized = tf.where(subnormal, tf.cast(bits, c.dtype), tf.bitcast(bits, c.dtype))
     nbits = tf.bitcast(normalized, c.uint)
-    e_max = (tf.cast(tf.bitwise.right_shift(nbits, tf.constant(c.mantissa, c.uint)), tf.int32) - c.exponent_bias
-             - tf.where(subnormal, c.mantissa, 0))
+    e_max = (tf.cast(tf.bitwise.right_shift(nbits, tf.constant(c.mantissa, c.uint)), tf.int32)
+             - c.exponent_bias - tf.where(subnormal, c.exponent_bias - 1 + c.mantissa, 0))
     # The significand of max|x| in [1, 2), times 2^(bits-2): the mantissa it needs.
     one_bits = tf.constant(c.exponent_bias << c.mantissa, c.uint)
     fraction = tf.bitcast(nbits & ((1 << c.mantissa) - 1) | one_bits, c.dtype)

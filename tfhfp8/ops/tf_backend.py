@@ -86,19 +86,40 @@ def _keys(seed):
     return key0, key1
 
 
-def random_bits(shape, seed, c):
-    """`c.width` random bits per element: a hash of the seed and the flat index."""
-    index = tf.range(tf.reduce_prod(shape), dtype=tf.int64)
+def _flat_index(shape, size=None):
+    """(low, high) 32-bit words of each element's flat index, as uint32 tensors.
+
+    When the element count is static and below 2^31 (always, in practice) the high
+    word is the constant 0 and the low word an int32 iota: no 64-bit arithmetic per
+    element, which keeps XLA's fused loop on 32-bit lanes.
+    """
+    if size is None:
+        size = tf.get_static_value(tf.reduce_prod(shape))
+    if size is not None and size <= 2**31:
+        lo = tf.bitcast(tf.range(int(size), dtype=tf.int32), tf.uint32)
+        return tf.reshape(lo, shape), None
+    index = tf.reshape(tf.range(tf.reduce_prod(tf.cast(shape, tf.int64)), dtype=tf.int64), shape)
     lo = tf.cast(index, tf.uint32)
     hi = tf.cast(tf.bitwise.right_shift(index, 32), tf.uint32)
+    return lo, hi
+
+
+def random_bits(shape, seed, c, size=None):
+    """`c.width` random bits per element: a hash of the seed and the flat index.
+
+    `size`: the number of elements when known statically (a Python int), else None.
+    """
+    lo, hi = _flat_index(shape, size)
     key0, key1 = _keys(seed)
     u32 = lambda v: tf.constant(v, tf.uint32)
-    word0 = _mix32(lo * u32(_GOLDEN) ^ hi * u32(_INDEX_HI) ^ key0)
+    # hi == None means hi == 0, whose products vanish from the xor.
+    word0 = lo * u32(_GOLDEN) if hi is None else lo * u32(_GOLDEN) ^ hi * u32(_INDEX_HI)
+    word0 = _mix32(word0 ^ key0)
     if c.width == 32:
-        return tf.reshape(word0, shape)
-    word1 = _mix32(lo * u32(_INDEX_LO2) ^ hi * u32(_INDEX_HI2) ^ key1)
-    bits = _shl(tf.cast(word0, tf.uint64), 32) | tf.cast(word1, tf.uint64)
-    return tf.reshape(bits, shape)
+        return word0
+    word1 = lo * u32(_INDEX_LO2) if hi is None else lo * u32(_INDEX_LO2) ^ hi * u32(_INDEX_HI2)
+    word1 = _mix32(word1 ^ key1)
+    return _shl(tf.cast(word0, tf.uint64), 32) | tf.cast(word1, tf.uint64)
 
 
 def _round_static(v, d, rounding, rand, c):
@@ -160,7 +181,9 @@ def quantize_float(x, fmt, rounding, saturate, seed):
     sub_mantissa = m if fmt.subnormals else 0
     emin = 1 - fmt.bias + c.exponent_bias  # biased (container) min normal exponent
     rebias = (emin - 1) << c.mantissa
-    rand = random_bits(tf.shape(x), seed, c) if rounding == "stochastic" else None
+    rand = None
+    if rounding == "stochastic":
+        rand = random_bits(tf.shape(x), seed, c, x.shape.num_elements())
 
     sign, a = _split(x, c)
     exponent = tf.cast(_shr(a, c.mantissa), tf.int32)
@@ -185,6 +208,10 @@ def quantize_float(x, fmt, rounding, saturate, seed):
         overflow_bits = _u(c.inf_bits, c)
     else:
         overflow_bits = _u(c.inf_bits | 1 << (c.mantissa - 1), c)  # quiet NaN
+    if rounding == "toward_zero":
+        # Toward zero never grows a magnitude: a finite overflow gives max (IEEE 754 §7.4).
+        max_bits = tf.bitcast(tf.constant(fmt.max, x.dtype), c.uint)
+        overflow_bits = tf.where(a == _u(c.inf_bits, c), overflow_bits, max_bits)
     magnitude = tf.where(overflow, overflow_bits, magnitude)
     if not fmt.has_negative_zero:
         sign = tf.where(magnitude == 0, _u(0, c), sign)
@@ -207,20 +234,26 @@ def quantize_fixed(x, exponent, inner, bits, rounding, saturate, seed):
     """
     c = CONTAINERS[x.dtype]
     shape = tf.shape(x)
-    index = tf.range(tf.reduce_prod(shape), dtype=tf.int64)
-    slot = (index // tf.cast(inner, tf.int64)) % tf.cast(tf.size(exponent), tf.int64)
-    k = tf.reshape(tf.gather(exponent, slot), shape)
-    rand = random_bits(shape, seed, c) if rounding == "stochastic" else None
+    if exponent.shape.num_elements() == 1:
+        k = tf.reshape(exponent, [])  # per tensor: one exponent, broadcast
+    else:
+        index = tf.range(tf.reduce_prod(tf.cast(shape, tf.int64)), dtype=tf.int64)
+        slot = (index // tf.cast(inner, tf.int64)) % tf.cast(tf.size(exponent), tf.int64)
+        k = tf.reshape(tf.gather(exponent, slot), shape)
+    rand = None
+    if rounding == "stochastic":
+        rand = random_bits(shape, seed, c, x.shape.num_elements())
 
     sign, a = _split(x, c)
     exponent1, sig = _significand(a, c)
-    s = tf.maximum(k + c.exponent_bias + c.mantissa - exponent1, 1)
-    code = _round_variable(sig, s, rounding, rand, c)
-    magnitude = _scaled_bits(code, k, c)
+    s = k + c.exponent_bias + c.mantissa - exponent1
+    code = _round_variable(sig, tf.maximum(s, 1), rounding, rand, c)
+    # s <= 0: x is already a multiple of 2^k (k at the container's smallest exponent).
+    magnitude = tf.where(s > 0, _scaled_bits(code, k, c), a)
 
     is_inf = a == _u(c.inf_bits, c)
     if saturate:
-        largest = _scaled_bits(tf.fill(shape, _u((1 << (bits - 1)) - 1, c)), k, c)
+        largest = _scaled_bits(_u((1 << (bits - 1)) - 1, c), k, c)  # broadcasts
         magnitude = tf.where(is_inf, largest, magnitude)
     else:
         magnitude = tf.where(is_inf, _u(c.inf_bits, c), magnitude)

@@ -32,6 +32,12 @@ Specials ParseSpecials(const std::string& name) {
   return Specials::kIeee;
 }
 
+// Cost of one element for tensorflow::Shard, in its units (about one cycle): the
+// vectorized loops take a few cycles per element; the value only needs to be large
+// enough that a big tensor is split over every thread while a small one (a few
+// thousand elements) stays on the calling thread.
+constexpr int64_t kCostPerElement = 10;
+
 // Runs body(begin, end) over [0, n) on the intra-op thread pool.
 template <typename Body>
 void ParallelFor(OpKernelContext* context, int64_t n, int64_t cost_per_element, Body body) {
@@ -106,17 +112,10 @@ class QuantizeFloatOp : public OpKernel {
   template <Rounding R>
   static void Run(OpKernelContext* context, const T* in, T* out, int64_t n,
                   const FloatParams<T>& params, int64_t seed) {
-    using UInt = typename Container<T>::UInt;
     const Keys keys = MakeKeys(seed);
-    ParallelFor(context, n, R == Rounding::kStochastic ? 40 : 20,
-                [&](int64_t begin, int64_t end) {
-                  for (int64_t i = begin; i < end; ++i) {
-                    const UInt rand = R == Rounding::kStochastic
-                                          ? RandomBits<UInt>(static_cast<uint64_t>(i), keys)
-                                          : UInt{0};
-                    out[i] = QuantizeFloatElement<T, R>(in[i], params, rand);
-                  }
-                });
+    ParallelFor(context, n, kCostPerElement, [&](int64_t begin, int64_t end) {
+      QuantizeFloatRange<T, R>(in, out, begin, end, params, keys);
+    });
   }
 
   int exponent_bits_, mantissa_bits_, bias_;
@@ -148,6 +147,10 @@ class QuantizeFixedOp : public OpKernel {
     int64_t inner = inner_tensor.flat<int64_t>()(0);
     const int64_t slots = exponent.NumElements();
     const int64_t n = input.NumElements();
+    if (n == 0) {  // nothing to round; an empty slice axis gives no exponents at all
+      context->set_output(0, input);
+      return;
+    }
     OP_REQUIRES(context, slots >= 1, InvalidArgument("exponent must not be empty"));
     OP_REQUIRES(context, inner >= 1 && n % (inner * slots) == 0,
                 InvalidArgument("inner * size(exponent) must divide the size of x; got inner=",
@@ -187,20 +190,16 @@ class QuantizeFixedOp : public OpKernel {
     const Keys keys = MakeKeys(seed);
     const UInt max_mantissa = (UInt{1} << (bits_ - 1)) - 1;
     const bool saturate = saturate_;
-    ParallelFor(context, n, 40, [&](int64_t begin, int64_t end) {
+    ParallelFor(context, n, kCostPerElement, [&](int64_t begin, int64_t end) {
       // Walk [begin, end) one run of `inner` elements (one shared exponent) at a time.
       int64_t i = begin;
       while (i < end) {
         const int64_t run = i / inner;
         const int64_t stop = std::min(end, (run + 1) * inner);
         const int exponent = k[run % slots];
-        const UInt largest = ScaledBits<T>(max_mantissa, exponent);
-        for (; i < stop; ++i) {
-          const UInt rand = R == Rounding::kStochastic
-                                ? RandomBits<UInt>(static_cast<uint64_t>(i), keys)
-                                : UInt{0};
-          out[i] = QuantizeFixedElement<T, R>(in[i], exponent, largest, saturate, rand);
-        }
+        const UInt inf_magnitude = saturate ? ScaledBits<T>(max_mantissa, exponent) : InfBits<T>();
+        QuantizeFixedRange<T, R>(in, out, i, stop, exponent, inf_magnitude, keys);
+        i = stop;
       }
     });
   }

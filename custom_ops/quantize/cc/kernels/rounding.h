@@ -192,9 +192,10 @@ struct FloatParams {
   UInt half_minus_one; // 2^(d-1) - 1, or 0
   UInt lsb;            // d > 0
   UInt max_code;       // largest finite code (E << m) | M
+  UInt max_bits;       // the largest finite value in the container
   UInt overflow_bits;  // magnitude given to overflowing values
   UInt nan_xor;        // NaN output = sign ^ nan_xor (a NaN, or ml_dtypes' zero)
-  bool unsigned_zero;  // fnuz: -0 becomes +0
+  UInt zero_sign_mask;  // sign bits kept on a zero: none for fnuz (-0 becomes +0)
   int quantum_exponent;  // one code unit on the fixed-quantum path is 2^this
 
   FloatParams(int exponent_bits, int mantissa_bits, int bias, Specials specials,
@@ -215,7 +216,7 @@ struct FloatParams {
     } else {
       max_code = all_ones;
     }
-    const UInt max_bits = ((max_code << d) + rebias);
+    max_bits = (max_code << d) + rebias;
     if (saturate || specials == Specials::kFinite) {
       overflow_bits = max_bits;
     } else if (specials == Specials::kIeee) {
@@ -225,7 +226,7 @@ struct FloatParams {
     }
     const bool has_nan = specials != Specials::kFinite;
     nan_xor = (has_nan || saturate) ? QuietNanBits<T>() : SignBit<T>();
-    unsigned_zero = specials == Specials::kFnuz;
+    zero_sign_mask = specials == Specials::kFnuz ? UInt{0} : SignBit<T>();
     quantum_exponent = 1 - bias - sub_mantissa;
   }
 };
@@ -243,7 +244,7 @@ inline T QuantizeFloatElement(T x, const FloatParams<T>& p, typename Container<T
   // Normal path: the target code, then its bits in the container.
   const UInt code = RoundStatic<R, UInt>(a - p.rebias, p.d, p.half_minus_one, p.lsb, rand);
   const UInt normal_bits = (code << p.d) + p.rebias;
-  const bool overflow = normal && code > p.max_code;
+  const bool overflow = normal & (code > p.max_code);  // `&`: no branch
 
   // Fixed-quantum path: the format's subnormals and zero.
   int exponent1;
@@ -255,8 +256,10 @@ inline T QuantizeFloatElement(T x, const FloatParams<T>& p, typename Container<T
   const UInt sub_bits = ScaledBits<T>(sub_code, p.quantum_exponent);
 
   UInt magnitude = normal ? normal_bits : sub_bits;
-  magnitude = overflow ? p.overflow_bits : magnitude;
-  sign = (p.unsigned_zero && magnitude == 0) ? UInt{0} : sign;
+  // Toward zero never grows a magnitude: a finite overflow gives max (IEEE 754 §7.4).
+  const bool to_max = R == Rounding::kTowardZero && a != InfBits<T>();
+  magnitude = overflow ? (to_max ? p.max_bits : p.overflow_bits) : magnitude;
+  sign = magnitude == 0 ? (sign & p.zero_sign_mask) : sign;
   const bool is_nan = a > InfBits<T>();
   return FromBits<T>(is_nan ? (sign ^ p.nan_xor) : (sign | magnitude));
 }
@@ -264,9 +267,11 @@ inline T QuantizeFloatElement(T x, const FloatParams<T>& p, typename Container<T
 // ---------------------------------------------------------------------------------
 // Rounding to a multiple of 2^k (dynamic fixed point).
 
+// `inf_magnitude`: the magnitude given to infinities (inf, or the largest value when
+// saturating).
 template <typename T, Rounding R>
-inline T QuantizeFixedElement(T x, int k, typename Container<T>::UInt largest_bits,
-                              bool saturate, typename Container<T>::UInt rand) {
+inline T QuantizeFixedElement(T x, int k, typename Container<T>::UInt inf_magnitude,
+                              typename Container<T>::UInt rand) {
   using C = Container<T>;
   using UInt = typename C::UInt;
   const UInt bits = ToBits(x);
@@ -278,11 +283,104 @@ inline T QuantizeFixedElement(T x, int k, typename Container<T>::UInt largest_bi
   const int s_raw = k + C::kExponentBias + C::kMantissa - exponent1;
   const int s = s_raw > 1 ? s_raw : 1;
   const UInt code = RoundVariable<R, T>(sig, s, rand);
-  UInt magnitude = ScaledBits<T>(code, k);
-  const bool is_inf = a == InfBits<T>();
-  magnitude = is_inf ? (saturate ? largest_bits : InfBits<T>()) : magnitude;
+  // s_raw <= 0: x is already a multiple of 2^k (k at the container's smallest exponent).
+  UInt magnitude = s_raw > 0 ? ScaledBits<T>(code, k) : a;
+  magnitude = a == InfBits<T>() ? inf_magnitude : magnitude;
   const bool is_nan = a > InfBits<T>();
   return FromBits<T>((is_nan ? a : magnitude) | sign);
+}
+
+// ---------------------------------------------------------------------------------
+// Loops over contiguous ranges, one per (type, rounding), written so that GCC
+// vectorizes them (-O3; see -fopt-info-vec): every loop-invariant value is a local,
+// the bodies are branch-free, and the flat index is split into a high word fixed per
+// piece and a 32-bit counter so that float32 loops run on 32-bit lanes. (Converting
+// an int to float may raise FE_INEXACT, so GCC only if-converts ScaledBits with
+// -fno-trapping-math, which tfhfp8/ops/build.py passes.)
+
+// Calls body(lo, count, hi, offset) for the pieces of [begin, end) whose flat
+// indices share the high 32 bits `hi`; the piece's first index has low bits `lo` and
+// lies `offset` elements after `begin`.
+template <typename Body>
+inline void ForEachIndexWord(int64_t begin, int64_t end, Body body) {
+  int64_t i = begin;
+  while (i < end) {
+    const uint64_t u = static_cast<uint64_t>(i);
+    const int64_t next = static_cast<int64_t>(((u >> 32) + 1) << 32);
+    const int64_t stop = end < next ? end : next;
+    body(static_cast<uint32_t>(u), stop - i, static_cast<uint32_t>(u >> 32), i - begin);
+    i = stop;
+  }
+}
+
+// out[j] = f(in[j], j) for j in [0, count), on non-overlapping arrays.
+template <typename T, typename F>
+inline void MapDisjoint(const T* __restrict in, T* __restrict out, int64_t count, F f) {
+  for (int64_t j = 0; j < count; ++j) out[j] = f(in[j], j);
+}
+
+// data[j] = f(data[j], j) for j in [0, count).
+template <typename T, typename F>
+inline void MapInPlace(T* data, int64_t count, F f) {
+  for (int64_t j = 0; j < count; ++j) data[j] = f(data[j], j);
+}
+
+// out[j] = f(in[j], j). The input may be forwarded as the output (out == in): that
+// case has its own loop, since `restrict` would be wrong and a runtime overlap check
+// would fall back to scalar code.
+template <typename T, typename F>
+inline void MapElements(const T* in, T* out, int64_t count, F f) {
+  if (static_cast<const T*>(out) == in) {
+    MapInPlace(out, count, f);
+  } else {
+    MapDisjoint(in, out, count, f);
+  }
+}
+
+// Runs element(x, rand) over in[begin, end) -> out[begin, end), with the random bits
+// of each flat index when R is stochastic.
+template <typename T, Rounding R, typename Element>
+inline void QuantizeRange(const T* in, T* out, int64_t begin, int64_t end, const Keys& keys,
+                          Element element) {
+  using UInt = typename Container<T>::UInt;
+  ForEachIndexWord(begin, end, [&](uint32_t lo, int64_t count, uint32_t hi, int64_t offset) {
+    const T* src = in + begin + offset;
+    T* dst = out + begin + offset;
+    if constexpr (R != Rounding::kStochastic) {
+      MapElements(src, dst, count, [=](T x, int64_t) { return element(x, UInt{0}); });
+    } else if constexpr (sizeof(T) == 4) {
+      // RandomBits<uint32_t> with the index's high word folded into `base`.
+      const uint32_t base = (hi * 0x85EBCA77u) ^ keys.key0;
+      MapElements(src, dst, count, [=](T x, int64_t j) {
+        const uint32_t index = lo + static_cast<uint32_t>(j);
+        return element(x, Mix32((index * 0x9E3779B9u) ^ base));
+      });
+    } else {
+      const Keys k = keys;
+      const uint64_t first = (static_cast<uint64_t>(hi) << 32) | lo;
+      MapElements(src, dst, count, [=](T x, int64_t j) {
+        return element(x, RandomBits<UInt>(first + static_cast<uint64_t>(j), k));
+      });
+    }
+  });
+}
+
+template <typename T, Rounding R>
+void QuantizeFloatRange(const T* in, T* out, int64_t begin, int64_t end,
+                        const FloatParams<T>& params, const Keys& keys) {
+  const FloatParams<T> p = params;
+  QuantizeRange<T, R>(in, out, begin, end, keys, [=](T x, typename Container<T>::UInt rand) {
+    return QuantizeFloatElement<T, R>(x, p, rand);
+  });
+}
+
+// Dynamic fixed point over [begin, end), every element with the shared exponent k.
+template <typename T, Rounding R>
+void QuantizeFixedRange(const T* in, T* out, int64_t begin, int64_t end, int k,
+                        typename Container<T>::UInt inf_magnitude, const Keys& keys) {
+  QuantizeRange<T, R>(in, out, begin, end, keys, [=](T x, typename Container<T>::UInt rand) {
+    return QuantizeFixedElement<T, R>(x, k, inf_magnitude, rand);
+  });
 }
 
 }  // namespace tfhfp8
