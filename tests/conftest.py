@@ -1,0 +1,19 @@
+"""Shared test fixtures (keep this minimal: other test files rely on it)."""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Helpers that live next to the tests (e.g. reference.py) import as top-level modules.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pytest  # noqa: E402
+
+BACKENDS = ("tf", "cpp")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Runs the test once per backend of tfhfp8.quantize (TFHFP8_BACKEND is read per call)."""
+    monkeypatch.setenv("TFHFP8_BACKEND", request.param)
+    return request.param
