@@ -921,7 +921,7 @@ def predict_classes(model, batches):
 
 def evaluate_ptq(model, policy="hfp8", calibration_data=None, eval_data=None, *, steps=None,
                  eval_steps=None, batch_size=32, fold_batchnorm=False, mode="exact",
-                 momentum=None, exempt=None, verbose=0):
+                 momentum=None, exempt=None, verbose=0, return_model=False):
     """Accuracy (or agreement with FP32) before quantization, after it, after re-calibration.
 
     Args:
@@ -931,6 +931,7 @@ def evaluate_ptq(model, policy="hfp8", calibration_data=None, eval_data=None, *,
       eval_data: evaluation inputs with labels (`(x, y)`, or a data set / batches of
         `(x, y)`; integer or one-hot labels) or without (`x` alone).
       eval_steps: at most this many evaluation batches.
+      return_model: also return the re-calibrated quantized model, as `result["model"]`.
 
     Returns:
       A dict: `metric` (`"accuracy"` with labels, else `"agreement"`: the fraction of
@@ -977,4 +978,6 @@ def evaluate_ptq(model, policy="hfp8", calibration_data=None, eval_data=None, *,
     else:
         result.update(fp32=1.0, quantized=result["agreement_quantized"],
                       recalibrated=result["agreement_recalibrated"])
+    if return_model:
+        result["model"] = calibrated
     return result

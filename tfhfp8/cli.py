@@ -140,14 +140,17 @@ def main(argv):
         raise app.UsageError(f"Usage: tfhfp8 {{{'|'.join(_COMMANDS)}}} [--flags]; "
                              "tfhfp8 --help explains every flag.")
     command = argv[1]
-    if command == "formats":
-        print(formats_table())
-    elif command == "train":
-        _train()
-    elif command == "demo":
-        _demo()
-    else:
-        _ptq()
+    try:
+        if command == "formats":
+            print(formats_table())
+        elif command == "train":
+            _train()
+        elif command == "demo":
+            _demo()
+        else:
+            _ptq()
+    except datasets.DatasetNotFoundError as error:
+        sys.exit(f"tfhfp8 {command}: {error}")
 
 
 def run():
@@ -156,6 +159,8 @@ def run():
     sys.modules["__main__"].__doc__ = __doc__
     for flag in flags.FLAGS.flags_by_module_dict()[__name__]:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    if {"--help", "-h", "--helpshort"} & set(sys.argv[1:]):
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own exits 1
     app.run(main, argv=sys.argv)
 
 
