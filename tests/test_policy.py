@@ -94,6 +94,8 @@ def test_exempt_layer_policy_is_16_bit(name):
         assert format_name(exempt.formats[role]) == "float16", role
     assert exempt.weight_gradients is None and exempt.master_weights is None
     assert exempt.rounding == tfhfp8.Policy(name).rounding
+    inference = tfhfp8.Policy(name).inference().for_exempt_layer()
+    assert format_name(inference.weights) == "float16" and inference.errors is None
 
 
 def test_keyword_construction():

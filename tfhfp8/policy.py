@@ -159,7 +159,8 @@ class Policy(keras.DTypePolicy):
     def for_exempt_layer(self):
         """The policy of a layer this policy exempts (first/last GEMM layer)."""
         fmt = self.exempt_format
-        return Policy(f"{self.name}/exempt", weights=fmt, activations=fmt, errors=fmt,
+        errors = fmt if self.errors is not None else None  # inference policies: none
+        return Policy(f"{self.name}/exempt", weights=fmt, activations=fmt, errors=errors,
                       rounding=self.rounding, saturate=self.saturate,
                       exempt_format=None, loss_scaling=self.loss_scaling)
 
