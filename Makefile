@@ -35,8 +35,11 @@ test: ops data
 demo: ops data
 	$(VENV)/bin/tfhfp8 demo
 
+# Quantization throughput (~1.5 min) and training-step overhead (~4 min; --jit adds
+# XLA columns); see README "Speed".
 bench: ops
 	$(PY) benchmarks/quantize_throughput.py
+	$(PY) benchmarks/step_overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
