@@ -413,10 +413,6 @@ class _BatchAverage:
         return count, self.mean.numpy() / safe, self.variance.numpy() / safe
 
 
-def _inference_output(bn, original, inputs, mask):
-    return original(inputs, training=False, mask=mask)
-
-
 def _batch_normalize(bn, inputs, mean, variance):
     """What BatchNormalization computes in training mode, given the batch moments."""
     compute = inputs.dtype if inputs.dtype in (tf.float32, tf.float64) else tf.float32
@@ -453,7 +449,7 @@ def _exact_probe(accumulators):
 
         def call(inputs, training=None, mask=None):
             accumulator.merge(*_batch_moments64(bn, inputs, mask))
-            return _inference_output(bn, original, inputs, mask)
+            return original(inputs, training=False, mask=mask)
         return call
     return make_call
 
@@ -499,29 +495,24 @@ def _run_passes(model, batches, passes, progbar, what):
     level = logger.level
     logger.setLevel("ERROR")  # a new tf.function per pass is by design: no retracing warnings
     try:
-        _run_each_pass(model, batches, passes, progbar, what, specs)
+        for layers, make_call, finish in passes:
+            runner = _pruned_model(model, layers)
+            with _Probes(layers, make_call):
+                step = tf.function(lambda x, runner=runner: (runner(x, training=False), None)[1],
+                                   reduce_retracing=True)
+                count = 0
+                for x, _ in batches:
+                    _check_batch(specs, x, count, what)
+                    step(_to_tensors(x))
+                    count += 1
+                    done += 1
+                    if progbar is not None:
+                        progbar.update(done)
+            if count == 0:
+                raise ValueError(f"{what} is empty: it gave no batch")
+            finish(layers)
     finally:
         logger.setLevel(level)
-
-
-def _run_each_pass(model, batches, passes, progbar, what, specs):
-    done = 0
-    for layers, make_call, finish in passes:
-        runner = _pruned_model(model, layers)
-        with _Probes(layers, make_call):
-            step = tf.function(lambda x, runner=runner: (runner(x, training=False), None)[1],
-                               reduce_retracing=True)
-            count = 0
-            for x, _ in batches:
-                _check_batch(specs, x, count, what)
-                step(_to_tensors(x))
-                count += 1
-                done += 1
-                if progbar is not None:
-                    progbar.update(done)
-        if count == 0:
-            raise ValueError(f"{what} is empty: it gave no batch")
-        finish(layers)
 
 
 def _set_statistics(accumulators):
