@@ -13,8 +13,6 @@ Prints a table; asserts nothing.
 """
 
 import os
-import pathlib
-import platform
 import sys
 import time
 
@@ -24,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
+import machine  # benchmarks/machine.py
 import tfhfp8
 from tfhfp8.ops import cpp_backend, tf_backend
 
@@ -36,24 +35,6 @@ _REPEATS = flags.DEFINE_integer(
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls of each case first.", lower_bound=0)
 _FILTER = flags.DEFINE_string(
     "filter", "", "Only the cases whose name contains this (the copy floor always runs).")
-
-
-def _machine():
-    model, cores = "unknown", os.cpu_count()
-    cpuinfo = pathlib.Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = cores
-    return (f"CPU: {model} ({platform.machine()}), {cores} cores ({affinity} usable)\n"
-            f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-            f"ml_dtypes {ml_dtypes.__version__}, NumPy {np.__version__}, "
-            f"intra-op threads {tf.config.threading.get_intra_op_parallelism_threads() or 'default'}")
 
 
 def _env_backend(name, fn):
@@ -134,22 +115,15 @@ def _cases(x, x_np):
     return cases
 
 
-def _load():
-    """The 1, 5 and 15 minute load averages, as printed by uptime."""
-    try:
-        return ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "unknown"
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     n = 1 << _LOG2_SIZE.value
-    print(_machine())
+    print(machine.describe())
     print(f"{n} float32 elements (2^{_LOG2_SIZE.value}), best of {_REPEATS.value} interleaved "
           f"rounds after {_WARMUP.value} warm-up calls\n"
-          f"library {tfhfp8.ops.build.library_path()}\nload average before: {_load()}")
+          f"library {tfhfp8.ops.build.library_path()}\n"
+          f"load average before: {machine.load_average()}")
     cpp_backend.load()
     rng = np.random.default_rng(0)
     x_np = (rng.standard_normal(n, dtype=np.float32)
@@ -176,7 +150,7 @@ def main(argv):
     print(f"{'case':{width}s}  {'ms':>8s}  {'G elem/s':>8s}  {'x copy':>6s}")
     for name, seconds, rate in results:
         print(f"{name:{width}s}  {seconds * 1e3:8.2f}  {rate / 1e9:8.3f}  {rate / copy_rate:6.2f}")
-    print(f"load average after: {_load()}")
+    print(f"load average after: {machine.load_average()}")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,6 @@ Prints a table; asserts nothing.
 
 import gc
 import logging
-import os
-import pathlib
-import platform
 import sys
 import time
 import warnings
@@ -37,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
+import machine  # benchmarks/machine.py
 import tfhfp8
 from tfhfp8 import models as model_zoo
 
@@ -58,27 +56,6 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps of each variant first
 _STEPS = flags.DEFINE_integer("steps", 1, "Timed steps of each variant per round.", lower_bound=1)
 _ROUNDS = flags.DEFINE_integer("rounds", 6, "Interleaved timed rounds.", lower_bound=1)
 _JIT = flags.DEFINE_boolean("jit", False, "Also time every variant with jit_compile=True.")
-
-
-def _machine():
-    model = "unknown"
-    cpuinfo = pathlib.Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return (f"CPU: {model} ({platform.machine()}), {os.cpu_count()} cores\n"
-            f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-            f"tfhfp8 backend outside XLA: {tfhfp8.ops.backend_info()['backend']}")
-
-
-def _load():
-    """The 1, 5 and 15 minute load averages, as printed by uptime."""
-    try:
-        return ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "unknown"
 
 
 def _base_model(name):
@@ -134,10 +111,11 @@ def main(argv):
     # Dozens of models each trace Keras' step function once: not a retracing problem.
     tf.get_logger().setLevel(logging.ERROR)
     modes = [False, True] if _JIT.value else [False]
-    print(_machine())
+    print(machine.describe())
+    print(f"tfhfp8 backend outside XLA: {tfhfp8.ops.backend_info()['backend']}")
     print(f"batch {_BATCH_SIZE.value}; median of {_ROUNDS.value} interleaved rounds x "
           f"{_STEPS.value} steps after {_WARMUP.value} warm-up steps; "
-          f"load average before: {_load()}")
+          f"load average before: {machine.load_average()}")
 
     # Build, compile and warm up every variant: (model, policy, jit) -> (model, data).
     variants = {}
@@ -202,7 +180,7 @@ def main(argv):
                 print(row)
     print("medians over the timed steps; x f32: ratio to the float32 row of the same model "
           "and column")
-    print(f"load average after: {_load()}")
+    print(f"load average after: {machine.load_average()}")
 
 
 if __name__ == "__main__":
