@@ -27,4 +27,4 @@ for seed in $seeds; do
       --limit=2000 --test_limit=2000 --epochs=2 --batch_size=32 --seed="$seed"
   done
 done
-python models/results_table.py "$root"
+python models/results_table.py --root="$root"
