@@ -119,10 +119,12 @@ def table(results):
     """The results as a text table: accuracy, loss, difference from float32, time."""
     rows = results["policies"]
     reference = rows.get("float32", {}).get("test_accuracy")
-    lines = [f"{'policy':<12} {'test acc':>9} {'test loss':>10} {'vs float32':>11} {'seconds':>8}"]
+    width = max([12, *map(len, rows)])
+    lines = [f"{'policy':<{width}} {'test acc':>9} {'test loss':>10} {'vs float32':>11} "
+             f"{'seconds':>8}"]
     for name, row in rows.items():
         delta = "" if reference is None else f"{100 * (row['test_accuracy'] - reference):+.2f} pt"
-        lines.append(f"{name:<12} {100 * row['test_accuracy']:>8.2f}% {row['test_loss']:>10.4f} "
+        lines.append(f"{name:<{width}} {100 * row['test_accuracy']:>8.2f}% {row['test_loss']:>10.4f} "
                      f"{delta:>11} {row['seconds']:>8.1f}")
     return "\n".join(lines)
 
