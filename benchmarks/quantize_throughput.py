@@ -13,10 +13,8 @@ Prints a table; asserts nothing.
 """
 
 import os
-import sys
 import time
 
-import keras
 import ml_dtypes
 import numpy as np
 import tensorflow as tf
@@ -24,6 +22,7 @@ from absl import app, flags
 
 import machine  # benchmarks/machine.py
 import tfhfp8
+from tfhfp8 import program
 from tfhfp8.ops import cpp_backend, tf_backend
 
 E4M3FN = tf.as_dtype("float8_e4m3fn")  # not exported as tf.float8_e4m3fn
@@ -154,6 +153,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    if {"--help", "-h", "--helpshort"} & set(sys.argv[1:]):
-        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own exits 1
-    app.run(main)
+    program.run(main)

@@ -37,6 +37,7 @@ from absl import app, flags
 import machine  # benchmarks/machine.py
 import tfhfp8
 from tfhfp8 import models as model_zoo
+from tfhfp8 import program
 
 MODELS = ("resnet20", "transformer")
 POLICIES = ("float32", "float32_copy", "bfloat16", "hfp8", "int16_dfp", "keras_float8")
@@ -184,6 +185,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    if {"--help", "-h", "--helpshort"} & set(sys.argv[1:]):
-        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own exits 1
-    app.run(main)
+    program.run(main)

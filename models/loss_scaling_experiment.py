@@ -51,7 +51,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tfhfp8  # noqa: E402
-from tfhfp8 import datasets, loss_scaling, models  # noqa: E402
+from tfhfp8 import datasets, loss_scaling, models, program  # noqa: E402
 
 SCALINGS = ("none", "fixed", "dynamic", "enhanced", "adaptive")
 
@@ -414,6 +414,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    if {"--help", "-h", "--helpshort"} & set(sys.argv[1:]):
-        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own exits 1
-    app.run(main)
+    program.run(main)

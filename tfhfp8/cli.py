@@ -20,7 +20,7 @@ import sys
 
 from absl import app, flags
 
-from tfhfp8 import datasets, formats, models
+from tfhfp8 import datasets, formats, models, program
 
 _COMMANDS = ("train", "demo", "formats", "ptq")
 
@@ -159,9 +159,7 @@ def run():
     sys.modules["__main__"].__doc__ = __doc__
     for flag in flags.FLAGS.flags_by_module_dict()[__name__]:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    if {"--help", "-h", "--helpshort"} & set(sys.argv[1:]):
-        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own exits 1
-    app.run(main, argv=sys.argv)
+    program.run(main)
 
 
 if __name__ == "__main__":
