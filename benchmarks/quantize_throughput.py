@@ -65,7 +65,8 @@ def _cases(x, x_np):
     for fmt, label in [(fwd, "hfp8_fwd"), (e5m2, "e5m2")]:
         for rounding, short in [("nearest_even", "RNE"), ("stochastic", "SR")]:
             cases.append((f"C++ {label} {short} (eager op)",
-                          lambda f=fmt, r=rounding: cpp_backend.quantize_float(x, f, r, True, seed)))
+                          lambda f=fmt, r=rounding: cpp_backend.quantize_float(
+                              x, f, r, True, seed)))
 
     # C++ dynamic fixed point, int16 per tensor: the kernel alone and with the
     # shared-exponent reduction (the public path).

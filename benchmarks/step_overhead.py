@@ -81,19 +81,16 @@ def _data(name):
 
 def _variant(name, policy, base):
     """A copy of `base` in `policy`; None where the variant does not apply."""
-    if policy in ("float32", "float32_copy"):
-        model = keras.models.clone_model(base)
-        model.set_weights(base.get_weights())
-        return model
+    if policy == "keras_float8" and name != "transformer":
+        return None  # Keras quantizes only Dense and EinsumDense to float8
+    if policy not in ("float32", "float32_copy", "keras_float8"):
+        return tfhfp8.quantize_model(base, policy)
+    model = keras.models.clone_model(base)
+    model.set_weights(base.get_weights())
     if policy == "keras_float8":
-        if name != "transformer":  # Keras quantizes only Dense and EinsumDense to float8
-            return None
-        model = keras.models.clone_model(base)
-        model.set_weights(base.get_weights())
         gemms = (keras.layers.Dense, keras.layers.EinsumDense)
         model.quantize("float8", filters=lambda layer: type(layer) in gemms)
-        return model
-    return tfhfp8.quantize_model(base, policy)
+    return model
 
 
 def _compile(model, jit):

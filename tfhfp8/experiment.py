@@ -124,8 +124,8 @@ def table(results):
              f"{'seconds':>8}"]
     for name, row in rows.items():
         delta = "" if reference is None else f"{100 * (row['test_accuracy'] - reference):+.2f} pt"
-        lines.append(f"{name:<{width}} {100 * row['test_accuracy']:>8.2f}% {row['test_loss']:>10.4f} "
-                     f"{delta:>11} {row['seconds']:>8.1f}")
+        lines.append(f"{name:<{width}} {100 * row['test_accuracy']:>8.2f}% "
+                     f"{row['test_loss']:>10.4f} {delta:>11} {row['seconds']:>8.1f}")
     return "\n".join(lines)
 
 
