@@ -97,15 +97,15 @@ def make_policy(preset, scaling):
     return tfhfp8.Policy(preset, loss_scaling=per_layer, exempt_first_last=_EXEMPT.value)
 
 
-def make_optimizer(scaling, loss_scale_factor=None):
-    def inner():
+def make_optimizer(scaling):
+    def inner(loss_scale_factor=None):
         if _OPTIMIZER.value == "sgd":
             return keras.optimizers.SGD(_LEARNING_RATE.value, momentum=0.9,
                                         loss_scale_factor=loss_scale_factor)
         return keras.optimizers.Adam(_LEARNING_RATE.value, loss_scale_factor=loss_scale_factor)
 
     if scaling == "fixed":
-        return make_optimizer(None, 2.0**_FIXED.value)
+        return inner(2.0**_FIXED.value)
     if scaling == "dynamic":
         return keras.optimizers.LossScaleOptimizer(
             inner(), initial_scale=2.0**_INITIAL.value, dynamic_growth_steps=_GROWTH.value)
