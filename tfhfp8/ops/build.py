@@ -22,7 +22,7 @@ _PACKAGE = pathlib.Path(__file__).resolve().parent.parent
 # Installed wheels carry the sources as tfhfp8/custom_ops; a source checkout has them
 # at the repository root.
 _SOURCE_DIRS = (_PACKAGE / "custom_ops", _PACKAGE.parent / "custom_ops")
-_OPTIONS = ["-std=c++17", "-O3", "-march=native", "-fno-trapping-math", "-shared", "-fPIC", "-DNDEBUG"]
+_OPTIONS = ["-std=c++17", "-O3", "-fno-trapping-math", "-shared", "-fPIC", "-DNDEBUG"]
 
 
 class BuildError(RuntimeError):
