@@ -19,3 +19,19 @@ def in_xla_context():
         return False
     graph = framework_ops.get_default_graph()
     return control_flow_util.GraphOrParentsInXlaContext(graph)
+
+
+def record_forward_gradient(op_type, outputs, inputs, backward_function):
+    """Tells active `tf.autodiff.ForwardAccumulator`s how `outputs` depend on `inputs`.
+
+    `tf.custom_gradient` feeds forward-mode differentiation in eager mode, but inside a
+    function being traced an accumulator takes the tangents of the ops that compute the
+    outputs instead (zero for non-differentiable ops) and ignores the custom gradient.
+    The accumulator transposes `backward_function` (output gradients -> input
+    gradients) into the JVP; tapes (`tf.GradientTape`) are not affected. No public API
+    records an operation for forward accumulators only.
+    """
+    from tensorflow.python.eager import record
+
+    record.record_operation_forwardprop_only(op_type, outputs, inputs, backward_function,
+                                             None)
