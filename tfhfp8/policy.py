@@ -20,7 +20,7 @@ and `Q_g` (weight gradients), their roundings, and optionally the format the sto
 
 import keras
 
-from tfhfp8 import formats
+from tfhfp8 import _compat, formats
 from tfhfp8 import loss_scaling as loss_scaling_lib
 from tfhfp8.ops.tf_backend import ROUNDINGS
 
@@ -114,9 +114,8 @@ class Policy(keras.DTypePolicy):
             exempt_first_last = settings.get("exempt_first_last", False)
 
         # Keras' DTypePolicy: float32 compute and variables; the name is ours.
-        self._name = name
-        self._compute_dtype = self._variable_dtype = "float32"
-        self._quantization_mode = None
+        super().__init__("float32")
+        _compat.name_dtype_policy(self, name)
 
         self.formats = {role: _format_or_none(role, settings.get(role)) for role in ROLES}
         self.rounding = self._parse_rounding(rounding)
@@ -190,7 +189,7 @@ class Policy(keras.DTypePolicy):
         # Roles explicitly None in a config are FP32, not "take the preset's".
         policy = cls(name if name not in _PRESETS else "custom", **{
             k: v for k, v in config.items() if k not in ROLES})
-        policy._name = name
+        _compat.name_dtype_policy(policy, name)
         policy.formats = {role: _format_or_none(role, config.get(role)) for role in ROLES}
         return policy
 
