@@ -42,7 +42,7 @@ import tensorflow as tf
 from keras.src.models.functional import Functional  # no public alias for the check
 
 from tfhfp8 import policy as policy_lib
-from tfhfp8.conversion import _copy_weights, _layers, quantize_model
+from tfhfp8.conversion import _copy_weights, quantize_model
 
 __all__ = [
     "DEFAULT_MAX_STEPS",

@@ -37,6 +37,8 @@ import re
 
 import numpy as np
 
+from tfhfp8 import _compat
+
 __all__ = [
     "DatasetNotFoundError",
     "digits",
@@ -133,11 +135,8 @@ def _images(x, scale, height, width):
 
 def _keras_home():
     """The folder Keras downloads into (``$KERAS_HOME`` or ``~/.keras``), as Keras computes it."""
-    try:
-        from keras.src.backend import config
-
-        home = config.keras_home()
-    except (ImportError, AttributeError):  # pragma: no cover - other Keras versions
+    home = _compat.keras_home()
+    if home is None:  # pragma: no cover - other Keras versions
         home = os.environ.get("KERAS_HOME")
         if home is None:
             base = os.path.expanduser("~")

@@ -20,7 +20,7 @@ and `Q_g` (weight gradients), their roundings, and optionally the format the sto
 
 import keras
 
-from tfhfp8 import formats
+from tfhfp8 import _compat, formats
 from tfhfp8 import loss_scaling as loss_scaling_lib
 from tfhfp8.ops.tf_backend import ROUNDINGS
 
@@ -123,9 +123,8 @@ class Policy(keras.DTypePolicy):
             exempt_first_last = settings.get("exempt_first_last", False)
 
         # Keras' DTypePolicy: float32 compute and variables; the name is ours.
-        self._name = name
-        self._compute_dtype = self._variable_dtype = "float32"
-        self._quantization_mode = None
+        super().__init__("float32")
+        _compat.name_dtype_policy(self, name)
 
         self.formats = {role: _format_or_none(role, settings.get(role)) for role in ROLES}
         self.rounding = self._parse_rounding(rounding)
@@ -185,7 +184,7 @@ class Policy(keras.DTypePolicy):
     def _named(cls, name, **kwargs):
         """A policy built from `kwargs` alone (no preset), named `name` (any name)."""
         policy = cls("custom", **kwargs)
-        policy._name = name
+        _compat.name_dtype_policy(policy, name)
         return policy
 
     # -- serialization ----------------------------------------------------------
