@@ -136,3 +136,19 @@ def keras_home():
     except ImportError:  # pragma: no cover - other Keras versions
         return None
     return getattr(config, "keras_home", lambda: None)()
+
+
+def record_forward_gradient(op_type, outputs, inputs, backward_function):
+    """Tells active `tf.autodiff.ForwardAccumulator`s how `outputs` depend on `inputs`.
+
+    `tf.custom_gradient` feeds forward-mode differentiation in eager mode, but inside a
+    function being traced an accumulator takes the tangents of the ops that compute the
+    outputs instead (zero for non-differentiable ops) and ignores the custom gradient.
+    The accumulator transposes `backward_function` (output gradients -> input
+    gradients) into the JVP; tapes (`tf.GradientTape`) are not affected. No public API
+    records an operation for forward accumulators only.
+    """
+    from tensorflow.python.eager import record
+
+    record.record_operation_forwardprop_only(op_type, outputs, inputs, backward_function,
+                                             None)
