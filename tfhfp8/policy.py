@@ -18,9 +18,11 @@ and `Q_g` (weight gradients), their roundings, and optionally the format the sto
 ...                        activations="float8_e4m3b11fnuz", errors="float8_e5m2")
 """
 
+import functools
+
 import keras
 
-from tfhfp8 import _compat, formats
+from tfhfp8 import _compat, formats, registry
 from tfhfp8 import loss_scaling as loss_scaling_lib
 from tfhfp8.ops.tf_backend import ROUNDINGS
 
@@ -222,28 +224,20 @@ class Policy(keras.DTypePolicy):
         return f"<tfhfp8.Policy {self.name!r}: {roles or 'float32'}>"
 
 
+REGISTRY = registry.Registry(
+    "policy", Policy, {name: functools.partial(Policy, name) for name in _PRESETS},
+    from_plain_config=Policy.from_config, plain_configs=True,
+    hint="; or build one with tfhfp8.Policy(weights=..., activations=..., errors=...).")
+
+
 def get(identifier):
     """A Policy from a preset name, a config dict or a Policy (None: the global one)."""
-    if identifier is None:
-        return global_policy()
-    if isinstance(identifier, Policy):
-        return identifier
-    if isinstance(identifier, str):
-        if identifier not in _PRESETS:
-            raise ValueError(
-                f"Unknown policy {identifier!r}. Presets: {', '.join(_PRESETS)}; or build "
-                "one with tfhfp8.Policy(weights=..., activations=..., errors=...).")
-        return Policy(identifier)
-    if isinstance(identifier, dict):
-        return Policy.from_config(identifier)
-    raise TypeError(f"A policy must be a preset name, a dict or a tfhfp8.Policy; got {identifier!r}")
+    return global_policy() if identifier is None else REGISTRY.get(identifier)
 
 
 def serialize(policy):
     """A preset's name when the policy is an unmodified preset, else its config."""
-    if policy.name in _PRESETS and policy == Policy(policy.name):
-        return policy.name
-    return policy.get_config()
+    return REGISTRY.serialize(policy)
 
 
 def set_global_policy(policy):
