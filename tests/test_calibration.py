@@ -304,3 +304,116 @@ def test_argument_errors():
         BatchNormRecalibration(np.zeros((0, 8, 8, 3), "float32"))
     with pytest.raises(TypeError, match="keras.Model"):
         calibration.recalibrate_batchnorm(keras.layers.Dense(3), x, verbose=0)
+
+
+# -- all or nothing (issue 11) -----------------------------------------------------------
+
+def _statistics(model):
+    return {bn.name: (bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy())
+            for bn in batchnorms(model)}
+
+
+def _assert_same_statistics(before, model):
+    after = _statistics(model)
+    for name, (mean, variance) in before.items():
+        np.testing.assert_array_equal(after[name][0], mean, err_msg=name)
+        np.testing.assert_array_equal(after[name][1], variance, err_msg=name)
+
+
+class _Failing:
+    """A re-iterable of batches whose `fail_on`-th iteration raises after one batch."""
+
+    def __init__(self, x, fail_on):
+        self.x, self.fail_on, self.iterations = x, fail_on, 0
+
+    def __iter__(self):
+        self.iterations += 1
+        for i in range(0, len(self.x), 10):
+            if self.iterations == self.fail_on and i > 0:
+                raise RuntimeError("the data source failed")
+            yield self.x[i:i + 10]
+
+
+@pytest.mark.parametrize("mode, fail_on", [
+    ("momentum", 1), ("one_pass", 1), ("exact", 1),
+    ("exact", 3),  # after two passes have already set the first statistics
+])
+def test_a_failing_generator_leaves_the_statistics_unchanged(mode, fail_on):
+    model = residual_model()
+    before = _statistics(model)
+    data = _Failing(images(40), fail_on)
+    with pytest.raises(RuntimeError, match="the data source failed"):
+        calibration.recalibrate_batchnorm(model, data, mode=mode, verbose=0)
+    assert data.iterations == fail_on
+    _assert_same_statistics(before, model)
+    assert all("call" not in bn.__dict__ for bn in batchnorms(model))
+
+
+@pytest.mark.parametrize("mode", calibration.MODES)
+def test_non_finite_calibration_data_is_an_error_and_changes_nothing(mode):
+    model = residual_model()
+    before = _statistics(model)
+    x = images(64)
+    x[37, 2, 3, 1] = np.nan
+    with pytest.raises(ValueError, match="batch 1 contains NaN or infinite"):
+        calibration.recalibrate_batchnorm(model, x, mode=mode, verbose=0)
+    _assert_same_statistics(before, model)
+    x[37, 2, 3, 1] = -np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        calibration.recalibrate_batchnorm(model, iter([x[:32], x[32:]]), mode=mode,
+                                          verbose=0)
+    _assert_same_statistics(before, model)
+
+
+@pytest.mark.parametrize("mode", calibration.MODES)
+def test_statistics_that_overflow_are_an_error_and_change_nothing(mode):
+    model = residual_model()
+    before = _statistics(model)
+    x = np.full((8, 8, 8, 3), 3e38, "float32")  # finite, but its square is not
+    with pytest.raises(ValueError, match="not finite"):
+        calibration.recalibrate_batchnorm(model, x, mode=mode, verbose=0)
+    _assert_same_statistics(before, model)
+
+
+def test_ptq_with_non_finite_data_raises_and_leaves_the_model_alone():
+    model = residual_model()
+    weights = _snapshot(model)
+    x = images(32)
+    x[0, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        tfhfp8.ptq(model, "hfp8", calibration_data=x, verbose=0)
+    for v in model.weights:
+        np.testing.assert_array_equal(v.numpy(), weights[v.path])
+
+
+def test_an_endless_generator_without_steps_stops_at_the_default(monkeypatch):
+    monkeypatch.setattr(calibration, "DEFAULT_MAX_STEPS", 5)
+    x = images(10)
+    read = []
+
+    def endless():
+        while True:
+            read.append(1)
+            yield x
+
+    model = residual_model()
+    with pytest.warns(UserWarning, match="stopped after 5 batches"):
+        calibration.recalibrate_batchnorm(model, endless(), verbose=0)
+    assert len(read) == 6  # 5 batches, cached for every pass, and one to look ahead
+    assert_exact(model, x)
+    batches = calibration._Batches(endless())
+    with pytest.warns(UserWarning, match="stopped after 5 batches"):
+        assert len(list(batches)) == 5
+    assert len(list(batches)) == 5  # replayed from the cache, which stays bounded
+    assert len(batches._cache) == 5
+
+
+def test_a_finite_generator_under_the_default_limit_does_not_warn():
+    import warnings
+    x = images(30)
+    model = residual_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibration.recalibrate_batchnorm(model, (x[i:i + 10] for i in range(0, 30, 10)),
+                                          verbose=0)
+    assert_exact(model, x)

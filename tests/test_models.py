@@ -70,7 +70,7 @@ def test_registry():
 
 def test_builders_have_documented_docstrings():
     for name in models.names():
-        doc = models._BUILDERS[name].__doc__
+        doc = models.REGISTRY.entries[name].__doc__
         assert doc and "Returns" in doc and "Parameter count" in doc, name
 
 
@@ -79,7 +79,7 @@ def test_documented_parameter_counts_and_shapes(name, input_shape, total, traina
     model = models.get(name, input_shape=input_shape, num_classes=10)
     assert model.count_params() == total
     assert trainable_count(model) == trainable
-    assert f"{total:,}" in models._BUILDERS[name].__doc__
+    assert f"{total:,}" in models.REGISTRY.entries[name].__doc__
     assert model.input_shape == (None, *input_shape)
     assert model.output_shape == (None, 10)
     assert {type(layer).__name__ for layer in model.layers} <= ALLOWED_LAYERS

@@ -308,3 +308,18 @@ def test_inference_policy_drops_backward_roles():
     assert format_name(policy.weights) == E4M3B11 and format_name(policy.activations) == E4M3B11
     assert policy.errors is None and policy.weight_gradients is None
     assert policy.master_weights is None
+
+
+@pytest.mark.parametrize("name", ["hfp9", "HFP8", "fp8 ", "bf16", "custom_fp8"])
+def test_unknown_name_without_role_keywords_raises_listing_the_presets(name):
+    # A misspelt preset used to build a float32 policy that emulates nothing.
+    with pytest.raises(ValueError, match=r"not a preset \(float32, bfloat16, fp8, hfp8, "
+                                         r"int16_dfp\)"):
+        tfhfp8.Policy(name)
+    with pytest.raises(ValueError, match="not a preset"):
+        tfhfp8.Policy(name, rounding="stochastic", exempt_first_last=True)
+    # With a role it is a custom policy; derived and default names still work.
+    assert tfhfp8.Policy(name, errors="float8_e5m2").errors.name == "float8_e5m2"
+    assert not tfhfp8.Policy().emulates
+    assert tfhfp8.Policy("float32").inference().name == "float32/inference"
+    assert tfhfp8.Policy("hfp8", exempt_format=None).for_exempt_layer().weights is None

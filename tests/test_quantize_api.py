@@ -285,3 +285,70 @@ def test_jit_compile_matches_cpp(env, monkeypatch):
     for (x, fmt, rounding, saturate), got in zip(cases, results):
         expected = quantize_np(x, fmt, rounding=rounding, saturate=saturate, seed=-5)
         assert np.array_equal(bits_of(got), bits_of(expected)), (fmt, rounding, saturate)
+
+
+# -- forward-mode differentiation (tf.autodiff.ForwardAccumulator) -------------------------
+
+_FORWARD_X = np.array([1.0, 0.1, -1000.0, 3e-3, 0.0, -7.5], np.float32)
+_FORWARD_T = np.array([1.0, 2.0, 3.0, -4.0, 5.0, 6.0], np.float32)
+
+
+def _jvp(function, x, t, where):
+    x, t = tf.constant(x), tf.constant(t)
+
+    def run():
+        with tf.autodiff.ForwardAccumulator(x, t) as accumulator:
+            y = function(x)
+        return y, accumulator.jvp(y, unconnected_gradients="zero")
+
+    if where == "eager":
+        return run()
+    if where == "function_inside":  # the accumulator is made while tracing
+        return tf.function(run)()
+    with tf.autodiff.ForwardAccumulator(x, t) as accumulator:  # around a tf.function
+        y = tf.function(function)(x)
+    return y, accumulator.jvp(y, unconnected_gradients="zero")
+
+
+@pytest.mark.parametrize("where", ["eager", "function_inside", "function_outside"])
+@pytest.mark.parametrize("fmt", ["float8_e4m3b11fnuz", "float8_e5m2", "int8_dfp_axis"])
+@pytest.mark.parametrize("rounding", ["nearest_even", "stochastic"])
+def test_forward_mode_is_straight_through(where, fmt, rounding, backend):
+    fmt = tfhfp8.DynamicFixedPoint(8, axis=0) if fmt == "int8_dfp_axis" else fmt
+    q = lambda v: tfhfp8.quantize(v, fmt, rounding=rounding, saturate=True, seed=11)
+    y, jvp = _jvp(q, _FORWARD_X, _FORWARD_T, where)
+    np.testing.assert_array_equal(y.numpy(), q(tf.constant(_FORWARD_X)).numpy())
+    np.testing.assert_array_equal(jvp.numpy(), _FORWARD_T)
+    # quantize_gradient is the identity forward: its tangent too.
+    g = lambda v: tfhfp8.quantize_gradient(v, fmt, rounding=rounding, seed=11)
+    y, jvp = _jvp(g, _FORWARD_X, _FORWARD_T, where)
+    np.testing.assert_array_equal(y.numpy(), _FORWARD_X)
+    np.testing.assert_array_equal(jvp.numpy(), _FORWARD_T)
+
+
+@pytest.mark.parametrize("where", ["eager", "function_inside", "function_outside"])
+def test_forward_mode_zero_overflow_zeroes_the_tangent_beyond_max(where, backend):
+    fmt = formats.get("float8_e4m3b11fnuz")  # max 30
+    q = lambda v: tfhfp8.quantize(v, fmt, saturate=True, gradient="zero_overflow")
+    _, jvp = _jvp(q, _FORWARD_X, _FORWARD_T, where)
+    expected = np.where(np.abs(_FORWARD_X) <= fmt.max, _FORWARD_T, 0)
+    np.testing.assert_array_equal(jvp.numpy(), expected)
+    # ... and agrees with reverse mode.
+    x = tf.constant(_FORWARD_X)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = q(x)
+    np.testing.assert_array_equal(tape.gradient(y, x, tf.constant(_FORWARD_T)).numpy(),
+                                  expected)
+
+
+def test_forward_mode_through_an_emulated_layer(backend):
+    layer = tfhfp8.layers.Dense(3, policy="hfp8", use_bias=False)
+    x = tf.constant(np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4))
+    layer(x)
+    t = tf.ones_like(x)
+    w = tfhfp8.quantize(layer.kernel, "float8_e4m3b11fnuz", saturate=True)
+    for where in ("eager", "function_inside"):
+        _, jvp = _jvp(lambda v: layer(v), x.numpy(), t.numpy(), where)
+        # d/dx (Q(x) @ Q(W)) . t = t @ Q(W) (straight through Q on x).
+        np.testing.assert_allclose(jvp.numpy(), t.numpy() @ w.numpy(), rtol=1e-6)

@@ -289,3 +289,59 @@ def test_same_bits_across_thread_counts():
     one_thread = lines[:-1]
     assert one_thread == here_cpp == here_tf
     assert len(set(here_tf)) == len(here_tf) == 6  # the cases really differ
+
+
+GOOD_SEEDS = [7, np.int8(7), np.uint16(7), np.int64(7), np.array(7), np.array(7, np.uint8),
+              tf.constant(7), tf.constant(7, tf.uint8), tf.constant(7, tf.int16),
+              tf.constant(7, tf.uint64), tf.Variable(7, dtype=tf.int64)]
+
+
+@pytest.mark.parametrize("seed", GOOD_SEEDS, ids=lambda s: type(s).__name__ + str(
+    getattr(s, "dtype", "")))
+def test_every_integer_seed_type_is_the_same_seed(seed, backend):
+    x = tf.constant(np.linspace(-3, 3, 64, dtype=np.float32).reshape(8, 8))
+    expected = tfhfp8.quantize(x, "float8_e5m2", rounding="stochastic", seed=7)
+    y = tfhfp8.quantize(x, "float8_e5m2", rounding="stochastic", seed=seed)
+    np.testing.assert_array_equal(bits_of(y.numpy()), bits_of(expected.numpy()))
+
+
+NON_SCALAR_SEEDS = [tf.constant([1, 2]), tf.constant([[3]]), np.array([1, 2]),
+                    tf.zeros([0], tf.int64), tf.constant([5], tf.uint8)]
+
+
+@pytest.mark.parametrize("seed", NON_SCALAR_SEEDS, ids=lambda s: str(list(s.shape)))
+@pytest.mark.parametrize("function", ["quantize", "quantize_gradient"])
+def test_non_scalar_seeds_are_a_value_error(seed, function, backend):
+    # A [2] seed used to broadcast against a [4, 2] input on the TF backend.
+    x = tf.ones([4, 2])
+    with pytest.raises(ValueError, match=r"seed must be a scalar \(shape \[\]\), got shape"):
+        getattr(tfhfp8, function)(x, "float8_e5m2", rounding="stochastic", seed=seed)
+    with pytest.raises(ValueError, match="seed must be a scalar"):
+        tf.function(lambda t: getattr(tfhfp8, function)(
+            t, "float8_e5m2", rounding="stochastic", seed=seed))(x)
+
+
+@pytest.mark.parametrize("seed", [1.0, np.float32(2), True, np.bool_(True), "7", b"7", [1],
+                                  (1,), tf.constant(1.0), tf.constant(True),
+                                  tf.constant("7"), object()],
+                         ids=lambda s: type(s).__name__ + str(getattr(s, "dtype", "")))
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest_even"])
+def test_non_integer_seeds_are_a_type_error(seed, rounding, backend):
+    with pytest.raises(TypeError, match="seed must be"):
+        tfhfp8.quantize(tf.ones([4]), "float8_e5m2", rounding=rounding, seed=seed)
+    with pytest.raises(TypeError, match="seed must be"):
+        tfhfp8.quantize_gradient(tf.ones([4]), "float8_e5m2", rounding=rounding, seed=seed)
+
+
+def test_a_seed_of_unknown_shape_is_checked_when_the_graph_runs(backend):
+    f = tf.function(lambda t, s: tfhfp8.quantize(t, "float8_e5m2", rounding="stochastic",
+                                                 seed=s),
+                    input_signature=[tf.TensorSpec([4], tf.float32),
+                                     tf.TensorSpec(None, tf.int64)])
+    x = tf.constant([0.3, 0.7, -1.1, 2.9])
+    np.testing.assert_array_equal(
+        f(x, tf.constant(7, tf.int64)).numpy(),
+        tfhfp8.quantize(x, "float8_e5m2", rounding="stochastic", seed=7).numpy())
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[2\] is not compatible "
+                                                             r"with expected shape \[\]"):
+        f(x, tf.constant([1, 2], tf.int64))

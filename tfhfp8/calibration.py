@@ -42,9 +42,10 @@ import tensorflow as tf
 from keras.src.models.functional import Functional  # no public alias for the check
 
 from tfhfp8 import policy as policy_lib
-from tfhfp8.conversion import _copy_weights, _layers, quantize_model
+from tfhfp8.conversion import _copy_weights, quantize_model
 
 __all__ = [
+    "DEFAULT_MAX_STEPS",
     "MODES",
     "evaluate_ptq",
     "fold_batchnorm",
@@ -54,6 +55,12 @@ __all__ = [
 
 #: Re-calibration modes of `recalibrate_batchnorm`.
 MODES = ("exact", "one_pass", "momentum")
+
+#: At most this many batches are read from calibration data of unknown length (a
+#: generator or other iterator, a `tf.data.Dataset` of unknown cardinality) when no
+#: `steps` is given: an endless generator stops there (with a warning) instead of running,
+#: and being cached, forever.
+DEFAULT_MAX_STEPS = 1000
 
 _BN = keras.layers.BatchNormalization
 
@@ -93,7 +100,9 @@ class _Batches:
     Accepts a NumPy array (or tensor, or dict of them), a tuple `(x, y)`, a
     `tf.data.Dataset` of batches, a sequence of batches (list, `keras.utils.PyDataset`)
     or any other iterable of batches. A one-shot iterator (a generator) is cached in
-    memory as it is read, so that it can be replayed. At most `steps` batches.
+    memory as it is read, so that it can be replayed. At most `steps` batches; data of
+    unknown length without `steps` stops at `DEFAULT_MAX_STEPS` batches (a warning says
+    so when there was more), so that the cache stays bounded.
     """
 
     def __init__(self, data, steps=None, batch_size=32, what="calibration data"):
@@ -107,6 +116,7 @@ class _Batches:
         self.steps = None if steps is None else int(steps)
         self.batch_size = int(batch_size)
         self._cache = None
+        self._more = False
         if data is None:
             raise ValueError(f"{what} is missing (got None)")
         if isinstance(data, (str, bytes)):
@@ -158,9 +168,12 @@ class _Batches:
             raise TypeError(
                 f"{what} must be a NumPy array, a tuple (x, y), a tf.data.Dataset or an "
                 f"iterable of batches; got {type(data).__name__}")
+        self._default_limit = self.length is None and self.steps is None
+        if self._default_limit:
+            self.steps = DEFAULT_MAX_STEPS
         if self.length is not None and self.steps is not None:
             self.length = min(self.length, self.steps)
-        elif self.length is None:
+        elif self.length is None and not self._default_limit:
             self.length = self.steps
 
     def _elements(self):
@@ -182,6 +195,7 @@ class _Batches:
                 return
             for element in self._data:
                 if self.steps is not None and len(self._cache) >= self.steps:
+                    self._more = True  # read one batch ahead: there was more
                     break
                 batch = _split(element)
                 self._cache.append(batch)
@@ -189,7 +203,22 @@ class _Batches:
             self._cache_done = True
 
     def __iter__(self):
-        return itertools.islice(self._elements(), self.steps)
+        if not self._default_limit:
+            return itertools.islice(self._elements(), self.steps)
+        return self._limited()
+
+    def _limited(self):
+        """At most `steps` (the default limit) batches; warns once if there were more."""
+        elements = self._elements()
+        yield from itertools.islice(elements, self.steps)
+        if self._default_limit is True:  # look one batch ahead, once
+            self._default_limit = "checked"
+            if next(elements, None) is not None or self._more:
+                warnings.warn(
+                    f"{self.what}: stopped after {self.steps} batches "
+                    f"(tfhfp8.calibration.DEFAULT_MAX_STEPS): the data has no known length "
+                    "and no steps= was given; pass steps= to read more or fewer",
+                    stacklevel=3)
 
 
 def _input_specs(model):
@@ -503,7 +532,9 @@ def _run_passes(model, batches, passes, progbar, what):
                 count = 0
                 for x, _ in batches:
                     _check_batch(specs, x, count, what)
-                    step(_to_tensors(x))
+                    x = _to_tensors(x)
+                    _check_finite(x, count, what)
+                    step(x)
                     count += 1
                     done += 1
                     if progbar is not None:
@@ -515,6 +546,31 @@ def _run_passes(model, batches, passes, progbar, what):
         logger.setLevel(level)
 
 
+def _check_finite(x, index, what):
+    """A ValueError when a floating-point input array of batch `index` has NaN or inf."""
+    for array in tf.nest.flatten(x):
+        if (array.dtype.is_floating or array.dtype.is_complex) and not bool(
+                tf.reduce_all(tf.math.is_finite(tf.abs(array) if array.dtype.is_complex
+                                                else array))):
+            raise ValueError(
+                f"{what}: batch {index} contains NaN or infinite values; BatchNorm "
+                "statistics computed from it would not be finite (the model is left "
+                "unchanged). Remove or replace those values first")
+
+
+def _check_statistics(layer, mean, variance):
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(variance))):
+        raise ValueError(
+            f"BatchNormalization layer {layer.name!r}: the re-calibrated statistics are "
+            "not finite (the model overflows on the calibration data?); the model is left "
+            "unchanged")
+
+
+def _check_moving_statistics(layers):
+    for layer in layers:
+        _check_statistics(layer, layer.moving_mean.numpy(), layer.moving_variance.numpy())
+
+
 def _set_statistics(accumulators):
     def finish(layers):
         for layer in layers:
@@ -524,6 +580,7 @@ def _set_statistics(accumulators):
                               "(not on a path from the inputs?): left unchanged",
                               stacklevel=4)
                 continue
+            _check_statistics(layer, mean, variance)
             layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
             layer.moving_variance.assign(
                 np.maximum(variance, 0.0).astype(layer.moving_variance.dtype))
@@ -545,7 +602,10 @@ def recalibrate_batchnorm(model, data, steps=None, *, mode="exact", momentum=Non
         (labels ignored), a `tf.data.Dataset` of batches (elements `x` or `(x, y, ...)`),
         or an iterable of such batches (a generator is cached in memory, since the
         exact mode reads the data once per BatchNorm depth).
-      steps: at most this many batches (None: all; required for an infinite data set).
+      steps: at most this many batches (None: all; required for an infinite
+        `tf.data.Dataset`). Data of unknown length (a generator, an iterator) without
+        `steps` stops after `DEFAULT_MAX_STEPS` (1000) batches, with a warning when
+        there were more.
       mode:
         - `"exact"` (default): the statistics inference will see. For each
           BatchNormalization layer in topological order, moving mean and variance become
@@ -571,9 +631,14 @@ def recalibrate_batchnorm(model, data, steps=None, *, mode="exact", momentum=Non
     Returns:
       The model (modified in place).
 
+    All or nothing: when anything fails (the data, an exception raised by a generator,
+    non-finite values), every BatchNorm statistic is restored to its value before the
+    call and the exception propagates.
+
     Raises:
-      ValueError: the model has no BatchNormalization layer, the data is empty or does
-        not fit the model's inputs, or an argument is invalid.
+      ValueError: the model has no BatchNormalization layer, the data is empty, does
+        not fit the model's inputs or contains NaN or infinite values (or the
+        statistics computed from it are not finite), or an argument is invalid.
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"expected a keras.Model, got {type(model).__name__}")
@@ -607,7 +672,7 @@ def recalibrate_batchnorm(model, data, steps=None, *, mode="exact", momentum=Non
                         for layer in layers}
         passes = [(layers, _one_pass_probe(accumulators), _set_statistics(accumulators))]
     else:
-        passes = [(layers, _momentum_probe(momentum), lambda layers: None)]
+        passes = [(layers, _momentum_probe(momentum), _check_moving_statistics)]
 
     progbar = None
     if verbose:
@@ -615,7 +680,17 @@ def recalibrate_batchnorm(model, data, steps=None, *, mode="exact", momentum=Non
         progbar = keras.utils.Progbar(target, unit_name="batch")
         print(f"Re-calibrating {len(layers)} BatchNormalization layer(s) "
               f"({mode}, {len(passes)} pass(es) over the data)")
-    _run_passes(model, batches, passes, progbar, batches.what)
+    # All or nothing: the statistics of later passes depend on those set by earlier
+    # ones (and "momentum" updates them batch by batch), so a failure anywhere (bad
+    # data, an exception in the user's generator, an interrupt) restores them all.
+    saved = [(variable, variable.numpy()) for layer in layers
+             for variable in (layer.moving_mean, layer.moving_variance)]
+    try:
+        _run_passes(model, batches, passes, progbar, batches.what)
+    except BaseException:
+        for variable, value in saved:
+            variable.assign(value)
+        raise
     return model
 
 

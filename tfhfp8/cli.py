@@ -20,7 +20,7 @@ import sys
 
 from absl import app, flags
 
-from tfhfp8 import datasets, formats, models, program
+from tfhfp8 import datasets, experiment, formats, models, policy, program
 
 _COMMANDS = ("train", "demo", "formats", "ptq")
 
@@ -31,12 +31,12 @@ _DATASET = flags.DEFINE_enum(
     "dataset", "fashion_mnist", datasets.names(), "train: the data set to train and test on.")
 _POLICIES = flags.DEFINE_list(
     "policies", "float32,bfloat16,fp8,hfp8,int16_dfp",
-    "train: comma-separated policy presets to compare (float32 first for the "
-    "differences).")
+    "train: comma-separated policy presets to compare (" + ", ".join(policy.presets()) +
+    "; float32 first for the differences).")
 _EPOCHS = flags.DEFINE_integer("epochs", 5, "train: training epochs per policy.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "train/ptq: batch size.")
 _LOSS_SCALING = flags.DEFINE_enum(
-    "loss_scaling", "adaptive", ["none", "adaptive", "absmax", "dynamic", "enhanced"],
+    "loss_scaling", "adaptive", experiment.LOSS_SCALINGS,
     "train: per-layer adaptive or absmax scales (on policies that quantize errors), "
     "whole-model Keras dynamic or enhanced dynamic (with a floor) loss scaling, or none.")
 _SEED = flags.DEFINE_integer("seed", 0, "train: seed of the initial weights, shuffling, split.")
@@ -46,7 +46,8 @@ _LIMIT = flags.DEFINE_integer("limit", None, "train: use only the first N traini
 _TEST_LIMIT = flags.DEFINE_integer("test_limit", None,
                                    "train: use only the first N test examples.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "train: Adam learning rate.")
-_POLICY = flags.DEFINE_string("policy", "hfp8", "ptq: the policy preset to quantize to.")
+_POLICY = flags.DEFINE_string("policy", "hfp8", "ptq: the policy preset to quantize to (" +
+                              ", ".join(policy.presets()) + ").")
 _DATA = flags.DEFINE_string(
     "data", None, "ptq: a data set name (" + ", ".join(datasets.names()) + "; calibrates "
     "on its training split, evaluates on its test split) or a .npz file with `x` (and "
@@ -59,8 +60,6 @@ _OUTPUT = flags.DEFINE_string("output", None, "ptq: where to save the quantized 
 
 
 def _train(**overrides):
-    from tfhfp8 import experiment
-
     settings = dict(model=_MODEL.value or "resnet20", dataset=_DATASET.value,
                     policies=_POLICIES.value, epochs=_EPOCHS.value,
                     batch_size=_BATCH_SIZE.value, loss_scaling=_LOSS_SCALING.value,

@@ -2,10 +2,10 @@
 
 import keras
 import numpy as np
-from keras.src.models.functional import Functional  # no public alias for the check
 
+from tfhfp8 import _compat
 from tfhfp8 import policy as policy_lib
-from tfhfp8.layers import EMULATED, EmulatedLayer
+from tfhfp8.layers import EMULATED, EmulatedLayer, walk
 
 # Layers that compute no GEMM and stay FP32 by design.
 _NON_GEMM = (
@@ -16,19 +16,10 @@ _NON_GEMM = (
 )
 
 
-def _layers(model):
-    """Every layer of a model in topological order, nested models flattened."""
-    for layer in model.layers:
-        if isinstance(layer, (keras.Sequential, Functional)):
-            yield from _layers(layer)
-        else:
-            yield layer
-
-
 def _check_model(model):
     if not isinstance(model, keras.Model):
         raise TypeError(f"expected a keras.Model, got {type(model).__name__}")
-    if not isinstance(model, (keras.Sequential, Functional)):
+    if not _compat.is_graph_model(model):
         raise TypeError(
             f"quantize_model converts Sequential and Functional models; "
             f"{type(model).__name__} is a subclassed model, whose layers it cannot see. "
@@ -60,14 +51,14 @@ def quantize_model(model, policy="hfp8", exempt=None, verbose=False):
     """
     _check_model(model)
     policy = policy_lib.get(policy)
-    gemm_names = [layer.name for layer in _layers(model) if type(layer) in EMULATED]
+    gemm_names = [layer.name for layer in walk(model) if type(layer) in EMULATED]
     if exempt is None:
         fp32 = set()
         first_last = {gemm_names[0], gemm_names[-1]} if (
             policy.exempt_first_last and gemm_names) else set()
     else:
         fp32, first_last = set(exempt), set()
-        unknown = fp32 - {layer.name for layer in _layers(model)}
+        unknown = fp32 - {layer.name for layer in walk(model)}
         if unknown:
             raise ValueError(f"exempt: no layers named {sorted(unknown)} in the model")
 
@@ -87,9 +78,8 @@ def quantize_model(model, policy="hfp8", exempt=None, verbose=False):
 
 
 def _copy_weights(source, target):
-    state = {id(v) for layer in _layers(target) if isinstance(layer, EmulatedLayer)
-             for sub in [layer, *layer._flatten_layers(include_self=False)]
-             if isinstance(sub, EmulatedLayer) for v in sub.emulation_variables()}
+    state = {id(v) for layer in walk(target, sublayers=True)
+             if isinstance(layer, EmulatedLayer) for v in layer.emulation_variables()}
     targets = [v for v in target.weights if id(v) not in state]
     if len(targets) != len(source.weights):
         raise RuntimeError(f"cannot copy weights: {len(source.weights)} variables in the "
@@ -149,7 +139,7 @@ def summary(model, print_fn=print):
     list of dicts (`layer`, `type`, `policy`, `formats`, `note`, `errors`).
     """
     rows = []
-    for layer in _layers(model):
+    for layer in walk(model):
         if isinstance(layer, keras.layers.InputLayer):
             continue
         formats_, note = _describe(layer)

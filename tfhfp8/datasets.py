@@ -37,6 +37,9 @@ import re
 
 import numpy as np
 
+from tfhfp8 import _compat
+from tfhfp8 import registry as _registry
+
 __all__ = [
     "DatasetNotFoundError",
     "digits",
@@ -133,11 +136,8 @@ def _images(x, scale, height, width):
 
 def _keras_home():
     """The folder Keras downloads into (``$KERAS_HOME`` or ``~/.keras``), as Keras computes it."""
-    try:
-        from keras.src.backend import config
-
-        home = config.keras_home()
-    except (ImportError, AttributeError):  # pragma: no cover - other Keras versions
+    home = _compat.keras_home()
+    if home is None:  # pragma: no cover - other Keras versions
         home = os.environ.get("KERAS_HOME")
         if home is None:
             base = os.path.expanduser("~")
@@ -394,22 +394,19 @@ def rotten_tomatoes(sequence_length=64, vocab_size=10000, test_fraction=0.2, see
 # --------------------------------------------------------------------------------------------
 # Registry
 
-_LOADERS = {
+REGISTRY = _registry.Registry("data set", entries={
     "fashion_mnist": fashion_mnist,
     "digits": digits,
     "mnist_5k": mnist_5k,
     "rotten_tomatoes": rotten_tomatoes,
-}
+})
 
 
 def names():
-    """Names accepted by :func:`load`, sorted."""
-    return sorted(_LOADERS)
+    """Names accepted by `load`, sorted."""
+    return sorted(REGISTRY.names())
 
 
 def load(name, **kwargs):
-    """Call the loader ``name`` (see :func:`names`) with ``kwargs``."""
-    key = name.lower().replace("-", "_")
-    if key not in _LOADERS:
-        raise ValueError(f"Unknown data set {name!r}; known: {', '.join(names())}")
-    return _LOADERS[key](**kwargs)
+    """Calls the loader `name` (see `names`) with `kwargs`."""
+    return REGISTRY.get(name.lower().replace("-", "_"), **kwargs)

@@ -13,11 +13,13 @@ import keras
 import numpy as np
 
 from tfhfp8 import datasets, models
+from tfhfp8 import loss_scaling as loss_scaling_lib
 from tfhfp8 import policy as policy_lib
 from tfhfp8.conversion import quantize_model
 from tfhfp8.loss_scaling import DynamicLossScaleOptimizer
 
-LOSS_SCALINGS = ("none", "adaptive", "absmax", "dynamic", "enhanced")
+# Per-layer rules (tfhfp8.loss_scaling) and whole-model dynamic scaling (optimizers).
+LOSS_SCALINGS = ("none", *loss_scaling_lib.names(), "dynamic", "enhanced")
 
 
 def load_data(dataset, limit=None, test_limit=None, seed=0):
@@ -42,11 +44,10 @@ def load_data(dataset, limit=None, test_limit=None, seed=0):
 
 def _with_loss_scaling(policy, loss_scaling):
     """The policy with per-layer loss scaling, if asked and it quantizes errors."""
-    if loss_scaling not in ("adaptive", "absmax") or policy.errors is None:
+    if loss_scaling not in loss_scaling_lib.names() or policy.errors is None:
         return policy
     config = policy.get_config()
-    config["loss_scaling"] = {"class_name": {"adaptive": "Adaptive", "absmax": "AbsMax"}[
-        loss_scaling]}
+    config["loss_scaling"] = loss_scaling
     return policy_lib.Policy.from_config(config)
 
 

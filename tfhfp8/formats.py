@@ -20,7 +20,10 @@ True
 import dataclasses
 from typing import Optional
 
+import keras
 import numpy as np
+
+from tfhfp8 import registry
 
 SPECIALS = ("ieee", "fn", "fnuz", "finite")
 """Special-value conventions (ml_dtypes suffixes):
@@ -45,6 +48,7 @@ def _pow2_str(value):
     return f"2^{exponent}" if 2.0**exponent == value else repr(value)
 
 
+@keras.saving.register_keras_serializable(package="tfhfp8")
 @dataclasses.dataclass(frozen=True)
 class FloatFormat:
     """A binary floating-point format with `1 + exponent_bits + mantissa_bits` bits.
@@ -189,6 +193,7 @@ class FloatFormat:
             f"min_subnormal={_pow2_str(self.min_subnormal)})")
 
 
+@keras.saving.register_keras_serializable(package="tfhfp8")
 @dataclasses.dataclass(frozen=True)
 class DynamicFixedPoint:
     """Dynamic fixed point: `bits`-bit signed integer mantissas sharing one exponent.
@@ -240,7 +245,7 @@ def _named_float(name, e, m, bias=None, specials="ieee"):
     return FloatFormat(e, m, bias=bias, specials=specials, name=name)
 
 
-_REGISTRY = {
+_NAMED = {
     fmt.name: fmt for fmt in (
         _named_float("bfloat16", 8, 7),
         _named_float("float16", 5, 10),
@@ -263,44 +268,34 @@ _ALIASES = {
 }
 
 
+REGISTRY = registry.Registry(
+    "format", (FloatFormat, DynamicFixedPoint), _NAMED, _ALIASES,
+    # Configs saved before the registry carry no class name: only DFP has "bits".
+    from_plain_config=lambda config: (
+        DynamicFixedPoint if "bits" in config else FloatFormat).from_config(config),
+    hint="; or build one with tfhfp8.FloatFormat(...) or tfhfp8.DynamicFixedPoint(...).")
+
+
 def names():
     """All format names accepted by `get`, aliases included."""
-    return sorted(_REGISTRY) + sorted(_ALIASES)
+    return sorted(REGISTRY.names()) + sorted(_ALIASES)
 
 
 def get(identifier):
-    """Returns the format for a name, an ml_dtypes dtype, a config dict, or a format.
+    """Returns the format for a name, an ml_dtypes dtype, a config, or a format.
 
     Raises:
       ValueError: for an unknown name (the message lists the known names).
       TypeError: for anything else.
     """
-    if isinstance(identifier, (FloatFormat, DynamicFixedPoint)):
-        return identifier
-    if isinstance(identifier, dict):
-        cls = DynamicFixedPoint if "bits" in identifier else FloatFormat
-        return cls.from_config(identifier)
     if isinstance(identifier, (np.dtype, type)):
         try:
             identifier = np.dtype(identifier).name
         except TypeError:
             pass
-    if isinstance(identifier, str):
-        key = _ALIASES.get(identifier, identifier)
-        if key in _REGISTRY:
-            return _REGISTRY[key]
-        raise ValueError(
-            f"Unknown format {identifier!r}. Known formats: {', '.join(names())}; or "
-            "build one with tfhfp8.FloatFormat(...) or tfhfp8.DynamicFixedPoint(...).")
-    raise TypeError(
-        "A format must be a format name, a FloatFormat or a DynamicFixedPoint; got "
-        f"{type(identifier).__name__}: {identifier!r}")
+    return REGISTRY.get(identifier)
 
 
 def serialize(fmt):
-    """A JSON-friendly identifier: the name of a named format, else its config."""
-    if fmt is None:
-        return None
-    if fmt.name in _REGISTRY and _REGISTRY[fmt.name] == fmt:
-        return fmt.name
-    return fmt.get_config()
+    """The name of a named format, else its Keras config (None stays None)."""
+    return REGISTRY.serialize(fmt)

@@ -17,7 +17,7 @@ import math
 import keras
 import tensorflow as tf
 
-from tfhfp8 import formats
+from tfhfp8 import formats, registry
 
 
 def _replica_reduce(value, reduce):
@@ -39,6 +39,7 @@ def _range(fmt):
     return fmt.min_subnormal, fmt.max
 
 
+@keras.saving.register_keras_serializable(package="tfhfp8")
 class LossScaling:
     """Base class: a rule giving each emulated GEMM a power-of-two error scale.
 
@@ -91,6 +92,10 @@ class LossScaling:
     def get_config(self):
         return {"every": self.every, "max_scale": self.max_scale}
 
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
     def __eq__(self, other):
         return type(self) is type(other) and self.get_config() == other.get_config()
 
@@ -99,6 +104,7 @@ class LossScaling:
         return f"{type(self).__name__}({args})"
 
 
+@keras.saving.register_keras_serializable(package="tfhfp8")
 class Adaptive(LossScaling):
     """Adaptive layer-wise loss scaling (Zhao et al., arXiv 1910.12385).
 
@@ -147,6 +153,7 @@ class Adaptive(LossScaling):
         return {"underflow_rate": self.underflow_rate, **super().get_config()}
 
 
+@keras.saving.register_keras_serializable(package="tfhfp8")
 class AbsMax(LossScaling):
     """Per-tensor scaling from the gradient's absolute maximum (FP8 recipe).
 
@@ -183,29 +190,31 @@ class AbsMax(LossScaling):
         return {"history": self.history, "margin": self.margin, **super().get_config()}
 
 
-_NAMES = {"adaptive": Adaptive, "absmax": AbsMax}
-_CLASSES = {cls.__name__: cls for cls in _NAMES.values()}
+def _from_plain_config(config):
+    """Files saved before the registry: `{"class_name": "Adaptive", "config": {...}}`."""
+    classes = {cls.__name__: cls for cls in REGISTRY.entries.values()}
+    if config.get("class_name") in classes:
+        return classes[config["class_name"]](**config.get("config", {}))
+    return None
+
+
+REGISTRY = registry.Registry("loss_scaling", LossScaling, {"adaptive": Adaptive, "absmax": AbsMax},
+                             from_plain_config=_from_plain_config)
+
+
+def names():
+    """Names of the per-layer loss-scaling rules."""
+    return REGISTRY.names()
 
 
 def get(identifier):
     """A LossScaling from None, a name (`"adaptive"`, `"absmax"`), a config or itself."""
-    if identifier is None or isinstance(identifier, LossScaling):
-        return identifier
-    if isinstance(identifier, str):
-        if identifier not in _NAMES:
-            raise ValueError(f"loss_scaling must be one of {sorted(_NAMES)}, None or a "
-                             f"tfhfp8.loss_scaling object; got {identifier!r}")
-        return _NAMES[identifier]()
-    if isinstance(identifier, dict) and identifier.get("class_name") in _CLASSES:
-        return _CLASSES[identifier["class_name"]](**identifier.get("config", {}))
-    raise TypeError(f"loss_scaling must be a name, a config or a LossScaling; got {identifier!r}")
+    return None if identifier is None else REGISTRY.get(identifier)
 
 
 def serialize(loss_scaling):
-    """A JSON-friendly config: `{"class_name": ..., "config": ...}` (None stays None)."""
-    if loss_scaling is None:
-        return None
-    return {"class_name": type(loss_scaling).__name__, "config": loss_scaling.get_config()}
+    """The Keras config of `loss_scaling` (None stays None)."""
+    return REGISTRY.serialize(loss_scaling)
 
 
 @keras.saving.register_keras_serializable(package="tfhfp8")

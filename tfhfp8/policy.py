@@ -18,9 +18,11 @@ and `Q_g` (weight gradients), their roundings, and optionally the format the sto
 ...                        activations="float8_e4m3b11fnuz", errors="float8_e5m2")
 """
 
+import functools
+
 import keras
 
-from tfhfp8 import formats
+from tfhfp8 import _compat, formats, registry
 from tfhfp8 import loss_scaling as loss_scaling_lib
 from tfhfp8.ops.tf_backend import ROUNDINGS
 
@@ -74,7 +76,8 @@ class Policy(keras.DTypePolicy):
     Args:
       name: a preset (`"float32"`, `"bfloat16"`, `"fp8"`, `"hfp8"`, `"int16_dfp"`)
         whose choices the other arguments override, or any name for a policy built
-        from keywords (default `"custom"`).
+        from keywords (default `"custom"`). Another name without any role keyword is a
+        ValueError (a misspelt preset would otherwise emulate nothing).
       weights, activations, errors, weight_gradients: formats of `Q_w`, `Q_a`, `Q_e`,
         `Q_g` (a name, `FloatFormat` or `DynamicFixedPoint`). None keeps the preset's
         choice (FP32 for a policy built from keywords); `"float32"` forces FP32.
@@ -106,6 +109,14 @@ class Policy(keras.DTypePolicy):
             raise TypeError(f"name must be a string, got {name!r}")
         given = dict(weights=weights, activations=activations, errors=errors,
                      weight_gradients=weight_gradients, master_weights=master_weights)
+        if name not in _PRESETS and name != "custom" and all(
+                value is None for value in given.values()):
+            # Most likely a typo of a preset, which would silently emulate nothing.
+            raise ValueError(
+                f"Unknown policy {name!r}: not a preset ({', '.join(_PRESETS)}), and no "
+                f"format is given for any role ({', '.join(ROLES)}). Use a preset, or "
+                "name the formats, e.g. tfhfp8.Policy(name, weights=..., activations=..., "
+                "errors=...)")
         settings = dict(_PRESETS.get(name, {}))
         settings.update({role: value for role, value in given.items() if value is not None})
         if name in _PRESETS and rounding is None:
@@ -114,9 +125,8 @@ class Policy(keras.DTypePolicy):
             exempt_first_last = settings.get("exempt_first_last", False)
 
         # Keras' DTypePolicy: float32 compute and variables; the name is ours.
-        self._name = name
-        self._compute_dtype = self._variable_dtype = "float32"
-        self._quantization_mode = None
+        super().__init__("float32")
+        _compat.name_dtype_policy(self, name)
 
         self.formats = {role: _format_or_none(role, settings.get(role)) for role in ROLES}
         self.rounding = self._parse_rounding(rounding)
@@ -160,16 +170,24 @@ class Policy(keras.DTypePolicy):
         """The policy of a layer this policy exempts (first/last GEMM layer)."""
         fmt = self.exempt_format
         errors = fmt if self.errors is not None else None  # inference policies: none
-        return Policy(f"{self.name}/exempt", weights=fmt, activations=fmt, errors=errors,
-                      rounding=self.rounding, saturate=self.saturate,
-                      exempt_format=None, loss_scaling=self.loss_scaling)
+        return Policy._named(f"{self.name}/exempt", weights=fmt, activations=fmt,
+                             errors=errors, rounding=self.rounding, saturate=self.saturate,
+                             exempt_format=None, loss_scaling=self.loss_scaling)
 
     def inference(self):
         """This policy with only the forward roles (weights and activations)."""
-        return Policy(f"{self.name}/inference", weights=self.weights,
-                      activations=self.activations, rounding=self.rounding,
-                      saturate=self.saturate, exempt_first_last=self.exempt_first_last,
-                      exempt_format=self.exempt_format)
+        return Policy._named(f"{self.name}/inference", weights=self.weights,
+                             activations=self.activations, rounding=self.rounding,
+                             saturate=self.saturate,
+                             exempt_first_last=self.exempt_first_last,
+                             exempt_format=self.exempt_format)
+
+    @classmethod
+    def _named(cls, name, **kwargs):
+        """A policy built from `kwargs` alone (no preset), named `name` (any name)."""
+        policy = cls("custom", **kwargs)
+        _compat.name_dtype_policy(policy, name)
+        return policy
 
     # -- serialization ----------------------------------------------------------
     def get_config(self):
@@ -188,9 +206,7 @@ class Policy(keras.DTypePolicy):
         config = dict(config)
         name = config.pop("name", "custom")
         # Roles explicitly None in a config are FP32, not "take the preset's".
-        policy = cls(name if name not in _PRESETS else "custom", **{
-            k: v for k, v in config.items() if k not in ROLES})
-        policy._name = name
+        policy = cls._named(name, **{k: v for k, v in config.items() if k not in ROLES})
         policy.formats = {role: _format_or_none(role, config.get(role)) for role in ROLES}
         return policy
 
@@ -208,28 +224,20 @@ class Policy(keras.DTypePolicy):
         return f"<tfhfp8.Policy {self.name!r}: {roles or 'float32'}>"
 
 
+REGISTRY = registry.Registry(
+    "policy", Policy, {name: functools.partial(Policy, name) for name in _PRESETS},
+    from_plain_config=Policy.from_config, plain_configs=True,
+    hint="; or build one with tfhfp8.Policy(weights=..., activations=..., errors=...).")
+
+
 def get(identifier):
     """A Policy from a preset name, a config dict or a Policy (None: the global one)."""
-    if identifier is None:
-        return global_policy()
-    if isinstance(identifier, Policy):
-        return identifier
-    if isinstance(identifier, str):
-        if identifier not in _PRESETS:
-            raise ValueError(
-                f"Unknown policy {identifier!r}. Presets: {', '.join(_PRESETS)}; or build "
-                "one with tfhfp8.Policy(weights=..., activations=..., errors=...).")
-        return Policy(identifier)
-    if isinstance(identifier, dict):
-        return Policy.from_config(identifier)
-    raise TypeError(f"A policy must be a preset name, a dict or a tfhfp8.Policy; got {identifier!r}")
+    return global_policy() if identifier is None else REGISTRY.get(identifier)
 
 
 def serialize(policy):
     """A preset's name when the policy is an unmodified preset, else its config."""
-    if policy.name in _PRESETS and policy == Policy(policy.name):
-        return policy.name
-    return policy.get_config()
+    return REGISTRY.serialize(policy)
 
 
 def set_global_policy(policy):

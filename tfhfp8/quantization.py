@@ -1,9 +1,11 @@
 """`quantize`: round a tensor to the values of a number format."""
 
+import numbers
+
 import numpy as np
 import tensorflow as tf
 
-from tfhfp8 import formats, ops
+from tfhfp8 import _compat, formats, ops
 from tfhfp8.ops.tf_backend import ROUNDINGS
 
 GRADIENTS = ("straight_through", "zero_overflow")
@@ -24,7 +26,8 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
         `x.astype(ml_dtypes.<fmt>).astype(x.dtype)` (overflow to inf, to NaN, or
         saturation; fnuz turns -0 into +0). True clamps overflow, infinities
         included, to +-max and keeps NaN as NaN (what training uses).
-      seed: for stochastic rounding, an integer or int64 scalar tensor; the same
+      seed: for stochastic rounding, an integer (Python or NumPy) or an integer
+        scalar tensor (another type is a TypeError, another shape a ValueError); the same
         seed gives the same bits on every backend and thread count. None draws a
         fresh seed from TF's random state at every call (works in `tf.function`).
       gradient: `"straight_through"` passes the gradient unchanged;
@@ -44,15 +47,29 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
     if not isinstance(saturate, bool):
         raise ValueError(f"saturate must be True or False, got {saturate!r}")
     x = _as_float_tensor(x)
-    seed = _seed_tensor(seed) if rounding == "stochastic" else tf.zeros([], tf.int64)
+    if rounding == "stochastic":
+        seed = _seed_tensor(seed)
+    else:  # checked all the same: a bad seed is a bug wherever it is passed
+        if seed is not None:
+            _seed_tensor(seed)
+        seed = tf.zeros([], tf.int64)
+
+    def grad(dy):
+        if gradient == "zero_overflow" and isinstance(fmt, formats.FloatFormat):
+            return tf.where(tf.abs(x) <= tf.cast(fmt.max, x.dtype), dy, tf.zeros_like(dy))
+        return dy
 
     @tf.custom_gradient
     def _quantize(x):
-        def grad(dy):
-            if gradient == "zero_overflow" and isinstance(fmt, formats.FloatFormat):
-                return tf.where(tf.abs(x) <= tf.cast(fmt.max, x.dtype), dy, tf.zeros_like(dy))
-            return dy
-        return _round(x, fmt, rounding, saturate, seed), grad
+        # The rounding has no derivative of its own: stop_gradient keeps forward-mode
+        # differentiation (tf.autodiff.ForwardAccumulator) out of its ops (no registered
+        # gradient for the C++ kernels, zero for the TF ops), and the rounded tensor gets
+        # the straight-through tangent here, before tf.custom_gradient passes it on (in a
+        # traced function, an accumulator ignores the custom gradient and keeps the
+        # first tangent it computes for a tensor).
+        y = _round(tf.stop_gradient(x), fmt, rounding, saturate, seed)
+        _compat.record_forward_gradient("Hfp8Quantize", [y], [x], lambda dy: [grad(dy)])
+        return y, grad
 
     return _quantize(x)
 
@@ -73,6 +90,8 @@ def quantize_gradient(x, fmt, rounding="nearest_even", saturate=True, seed=None)
     0.3125
     """
     fmt = formats.get(fmt)
+    if seed is not None:
+        _seed_tensor(seed)  # a bad seed is an error now, not in the backward pass
 
     @tf.custom_gradient
     def _identity(x):
@@ -100,15 +119,28 @@ def _as_float_tensor(x):
 
 
 def _seed_tensor(seed):
+    """The seed as an int64 scalar tensor; a TypeError or ValueError when it is not one."""
     if seed is None:
         return tf.random.uniform([], minval=tf.int64.min, maxval=tf.int64.max, dtype=tf.int64)
-    if tf.is_tensor(seed):
-        if not seed.dtype.is_integer:
-            raise TypeError(f"seed must be an integer tensor, got {seed.dtype.name}")
+    if isinstance(seed, np.ndarray) and seed.ndim == 0:
+        seed = seed[()]  # a 0-d array: its scalar
+    if tf.is_tensor(seed) or isinstance(seed, np.ndarray):
+        dtype = tf.as_dtype(seed.dtype)
+        if not dtype.is_integer:
+            raise TypeError(f"seed must be an integer scalar, got a {dtype.name} tensor")
+        rank = len(seed.shape) if seed.shape is not None and (
+            isinstance(seed, np.ndarray) or seed.shape.rank is not None) else None
+        if rank is not None and rank != 0:
+            raise ValueError(f"seed must be a scalar (shape []), got shape "
+                             f"{list(seed.shape)}")
+        seed = tf.convert_to_tensor(seed)
+        if rank is None:  # unknown rank while tracing: checked when the graph runs
+            seed = tf.ensure_shape(seed, [])
         return tf.cast(seed, tf.int64)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be None, an int or an integer tensor, got {seed!r}")
-    seed &= (1 << 64) - 1  # any Python int, as the int64 with the same 64 bits
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be None, an integer or an integer scalar tensor, got "
+                        f"{seed!r} ({type(seed).__name__})")
+    seed = int(seed) & ((1 << 64) - 1)  # any integer, as the int64 with the same 64 bits
     return tf.constant(seed - (1 << 64) if seed >= 1 << 63 else seed, tf.int64)
 
 

@@ -4,13 +4,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfhfp8.layers import EmulatedLayer
+from tfhfp8.layers import EmulatedLayer, walk
 
 
 def emulated_layers(model):
     """Every EmulatedLayer of a model, sublayers (e.g. attention projections) included."""
-    return [layer for layer in model._flatten_layers(include_self=False)
-            if isinstance(layer, EmulatedLayer)]
+    return [layer for layer in walk(model, sublayers=True) if isinstance(layer, EmulatedLayer)]
 
 
 def latest(model):

@@ -5,6 +5,8 @@ Each takes the arguments of the Keras layer of the same name plus `policy=`.
 
 import keras
 
+from tfhfp8 import _compat
+
 from tfhfp8.layers.conv2d_transpose import Conv2DTranspose
 from tfhfp8.layers.convolution import Conv1D, Conv2D, Conv3D
 from tfhfp8.layers.dense import Dense
@@ -28,3 +30,28 @@ EMULATED = {
     keras.layers.Embedding: Embedding,
     keras.layers.MultiHeadAttention: MultiHeadAttention,
 }
+
+
+def walk(model, sublayers=False):
+    """Yields every layer of `model` in order; nested Sequential and Functional models
+    are replaced by their own layers.
+
+    With `sublayers=True`, the layers a layer holds inside it (the projections of a
+    `MultiHeadAttention`, the layers of a subclassed model) follow that layer.
+
+    The one walk over nested layers of `quantize_model`, `summary`, the PTQ functions
+    and `tfhfp8.callbacks.QuantizationStats`.
+
+    >>> import keras, tfhfp8
+    >>> inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="a")])
+    >>> model = keras.Sequential([keras.Input((4,)), inner, keras.layers.Dense(2, name="b")])
+    >>> [layer.name for layer in tfhfp8.layers.walk(model)]
+    ['a', 'b']
+    """
+    for layer in model.layers:
+        if _compat.is_graph_model(layer):
+            yield from walk(layer, sublayers)
+        else:
+            yield layer
+            if sublayers:
+                yield from _compat.sublayers(layer)

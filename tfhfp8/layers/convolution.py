@@ -5,15 +5,11 @@ import functools
 import keras
 from keras import ops
 
-from tfhfp8.layers._bias import add_bias_and_activate
 from tfhfp8.layers.emulation import EmulatedLayer
 
 
 class _EmulatedConv(EmulatedLayer):
     """Keras' BaseConv computes `convolution_op` then bias and activation."""
-
-    def __init__(self, *args, policy=None, **kwargs):
-        super().__init__(*args, **self._init_policy(policy, kwargs))
 
     def convolution_op(self, inputs, kernel):
         return self._gemm(super().convolution_op, [inputs], [kernel])
@@ -34,11 +30,15 @@ class Conv1D(_EmulatedConv, keras.layers.Conv1D):
     def call(self, inputs):
         padding = self.padding
         if padding == "causal":
-            inputs = ops.pad(inputs, self._compute_causal_padding())
+            left = self.dilation_rate[0] * (self.kernel_size[0] - 1)
+            time = [[left, 0]]
+            pad = [[0, 0]] + (time + [[0, 0]] if self.data_format == "channels_last"
+                              else [[0, 0]] + time)
+            inputs = ops.pad(inputs, pad)
             padding = "valid"
         op = functools.partial(ops.conv, strides=list(self.strides), padding=padding,
                                dilation_rate=self.dilation_rate, data_format=self.data_format)
-        return add_bias_and_activate(self, self._gemm(op, [inputs], [self.kernel]))
+        return self._bias_and_activation(self._gemm(op, [inputs], [self.kernel]))
 
 
 @keras.saving.register_keras_serializable(package="tfhfp8")

@@ -5,7 +5,6 @@ import functools
 import keras
 from keras import ops
 
-from tfhfp8.layers._bias import add_bias_and_activate
 from tfhfp8.layers.emulation import EmulatedLayer
 
 
@@ -19,10 +18,7 @@ class DepthwiseConv2D(EmulatedLayer, keras.layers.DepthwiseConv2D):
     (1, 3, 3, 4)
     """
 
-    def __init__(self, *args, policy=None, **kwargs):
-        super().__init__(*args, **self._init_policy(policy, kwargs))
-
     def call(self, inputs):
         op = functools.partial(ops.depthwise_conv, strides=self.strides, padding=self.padding,
                                dilation_rate=self.dilation_rate, data_format=self.data_format)
-        return add_bias_and_activate(self, self._gemm(op, [inputs], [self.kernel]))
+        return self._bias_and_activation(self._gemm(op, [inputs], [self.kernel]))

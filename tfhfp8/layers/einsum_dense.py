@@ -18,11 +18,6 @@ class EinsumDense(EmulatedLayer, keras.layers.EinsumDense):
     (2, 4)
     """
 
-    def __init__(self, *args, policy=None, **kwargs):
-        super().__init__(*args, **self._init_policy(policy, kwargs))
-
     def call(self, inputs, training=None):
         x = self._gemm(functools.partial(ops.einsum, self.equation), [inputs], [self.kernel])
-        if self.bias is not None:
-            x = ops.add(x, self.bias)
-        return x if self.activation is None else self.activation(x)
+        return self._bias_and_activation(x)

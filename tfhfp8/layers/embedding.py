@@ -18,9 +18,6 @@ class Embedding(EmulatedLayer, keras.layers.Embedding):
     (1, 3, 8)
     """
 
-    def __init__(self, *args, policy=None, **kwargs):
-        super().__init__(*args, **self._init_policy(policy, kwargs))
-
     def call(self, inputs):
         if inputs.dtype not in ("int32", "int64"):
             inputs = ops.cast(inputs, "int32")

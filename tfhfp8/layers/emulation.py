@@ -18,7 +18,9 @@ errors that underflowed to zero or saturated in `Q_e`.
 
 import keras
 import tensorflow as tf
+from keras import ops
 
+from tfhfp8 import _compat
 from tfhfp8 import policy as policy_lib
 from tfhfp8.quantization import quantize, quantize_gradient
 
@@ -35,21 +37,26 @@ class MasterWeightRounding(keras.constraints.Constraint):
         return quantize(w, self.fmt, rounding=self.rounding, saturate=True)
 
 
-class EmulatedLayer:
-    """Mixin for Keras layers whose GEMMs run in the formats of a `tfhfp8.Policy`."""
+class EmulatedLayer(_compat.AfterBuild):
+    """Mixin for Keras layers whose GEMMs run in the formats of a `tfhfp8.Policy`.
+
+    Placed before the Keras layer class, it adds the `policy` argument (a
+    `tfhfp8.Policy`, a preset name, a config dict or None for the global policy) to
+    that layer's own arguments.
+    """
 
     # Names of the layer's GEMMs (each gets its own error scale and statistics).
     GEMMS = ("gemm",)
     # Set by QuantizationStats: record error statistics in the backward pass.
     collect_stats = False
 
-    def _init_policy(self, policy, kwargs):
+    def __init__(self, *args, policy=None, **kwargs):
         self.policy = policy_lib.get(policy)
         # Keep Keras' own dtype policy plain, so saved configs never depend on ours.
         if kwargs.get("dtype") is None and isinstance(keras.config.dtype_policy(),
                                                       policy_lib.Policy):
             kwargs["dtype"] = "float32"
-        return kwargs
+        super().__init__(*args, **kwargs)
 
     # -- the quantizers -----------------------------------------------------------
     def _forward(self, x, role):
@@ -95,9 +102,18 @@ class EmulatedLayer:
 
         return _quantize_errors(y)
 
+    def _bias_and_activation(self, outputs):
+        """Adds the bias in FP32 and applies the activation, as the Keras layer does."""
+        bias = getattr(self, "bias", None)
+        if bias is not None:
+            if getattr(self, "data_format", "channels_last") == "channels_first":
+                bias = ops.reshape(bias, (1, -1) + (1,) * self.rank)
+            outputs = ops.add(outputs, bias)
+        return outputs if self.activation is None else self.activation(outputs)
+
     # -- state ------------------------------------------------------------------------
-    def _post_build(self):
-        super()._post_build()
+    def after_build(self):
+        """Attaches master-weight rounding and creates the loss-scaling state."""
         self._attach_master_weight_rounding()
         self._create_error_state()
 
@@ -105,7 +121,7 @@ class EmulatedLayer:
         fmt = self.policy.master_weights
         if fmt is None:
             return
-        for variable in self._trainable_variables:
+        for variable in (v for v in self.weights if v.trainable):
             if not isinstance(variable.constraint, MasterWeightRounding):
                 variable.constraint = MasterWeightRounding(
                     fmt, self.policy.rounding["master_weights"], variable.constraint)
@@ -144,11 +160,16 @@ class EmulatedLayer:
                 for key, v in state.items() if key not in ("underflow", "saturation")]
 
     # Keras' Dense, EinsumDense, convolution and Embedding layers save only their
-    # kernel and bias: the loss-scaling state is appended after them.
+    # kernel and bias: the loss-scaling state is appended after them (other layers,
+    # MultiHeadAttention, save every variable of their own, the state included).
     def save_own_variables(self, store):
-        super().save_own_variables(store)
-        if len(store.keys()) < len(self._trainable_variables + self._non_trainable_variables):
-            for variable in self.emulation_variables():
+        saved = {}
+        super().save_own_variables(saved)
+        for key, value in saved.items():
+            store[key] = value
+        saved_ids = {id(value) for value in saved.values()}
+        for variable in self.emulation_variables():
+            if id(variable) not in saved_ids:
                 store[str(len(store.keys()))] = variable
 
     def load_own_variables(self, store):

@@ -5,7 +5,6 @@ import functools
 import keras
 from keras import ops
 
-from tfhfp8.layers._bias import add_bias_and_activate
 from tfhfp8.layers.emulation import EmulatedLayer
 
 
@@ -25,9 +24,6 @@ class SeparableConv2D(EmulatedLayer, keras.layers.SeparableConv2D):
 
     GEMMS = ("depthwise", "pointwise")
 
-    def __init__(self, *args, policy=None, **kwargs):
-        super().__init__(*args, **self._init_policy(policy, kwargs))
-
     def call(self, inputs):
         depthwise = functools.partial(
             ops.depthwise_conv, strides=self.strides, padding=self.padding,
@@ -36,4 +32,4 @@ class SeparableConv2D(EmulatedLayer, keras.layers.SeparableConv2D):
                                       data_format=self.data_format)
         x = self._gemm(depthwise, [inputs], [self.depthwise_kernel], name="depthwise")
         x = self._gemm(pointwise, [x], [self.pointwise_kernel], name="pointwise")
-        return add_bias_and_activate(self, x)
+        return self._bias_and_activation(x)

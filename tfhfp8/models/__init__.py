@@ -24,6 +24,7 @@ name                           default input                 parameters (10 / 2 
 ``get(name, **kwargs)`` builds a model by name; ``names()`` lists the names.
 """
 
+from tfhfp8 import registry
 from tfhfp8.models.layers import PositionEmbedding
 from tfhfp8.models.mobilenet import mobilenet_v2
 from tfhfp8.models.resnet import resnet20
@@ -41,27 +42,25 @@ __all__ = [
     "transformer_classifier",
 ]
 
-_BUILDERS = {
+REGISTRY = registry.Registry("model", entries={
     "mlp": mlp,
     "mobilenet_v2": mobilenet_v2,
     "resnet20": resnet20,
     "small_cnn": small_cnn,
     "transformer_classifier": transformer_classifier,
-}
+})
 
 
 def names():
-    """Names accepted by :func:`get`, sorted."""
-    return sorted(_BUILDERS)
+    """Names accepted by `get`, sorted."""
+    return sorted(REGISTRY.names())
 
 
 def get(name, **kwargs):
-    """Build the model ``name`` (see :func:`names`), passing ``kwargs`` to its builder.
+    """Builds the model `name` (see `names`), passing `kwargs` to its builder.
 
-    Example: ``get("resnet20", input_shape=(28, 28, 1))``;
-    ``get("transformer_classifier", vocab_size=10000, sequence_length=64)``.
+    >>> import tfhfp8
+    >>> tfhfp8.models.get("mlp", input_shape=(8, 8, 1), num_classes=10).output.shape
+    (None, 10)
     """
-    key = name.lower().replace("-", "_")
-    if key not in _BUILDERS:
-        raise ValueError(f"Unknown model {name!r}; known: {', '.join(names())}")
-    return _BUILDERS[key](**kwargs)
+    return REGISTRY.get(name.lower().replace("-", "_"), **kwargs)

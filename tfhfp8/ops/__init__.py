@@ -18,6 +18,7 @@ import warnings
 
 import tensorflow as tf
 
+from tfhfp8 import _compat
 from tfhfp8.ops import build, cpp_backend, tf_backend
 
 _BACKENDS = {"tf": tf_backend, "cpp": cpp_backend}
@@ -39,16 +40,6 @@ def _cpp_available():
     return _cpp_error == ""
 
 
-def _in_xla_context():
-    from tensorflow.python.framework import ops as framework_ops  # no public API
-    from tensorflow.python.ops import control_flow_util
-
-    if tf.executing_eagerly():
-        return False
-    graph = framework_ops.get_default_graph()
-    return control_flow_util.GraphOrParentsInXlaContext(graph)
-
-
 def _choose():
     forced = os.environ.get("TFHFP8_BACKEND", "").strip().lower()
     if forced:
@@ -57,7 +48,7 @@ def _choose():
         if forced == "cpp" and not _cpp_available():
             raise RuntimeError(f"TFHFP8_BACKEND=cpp but the C++ kernels failed: {_cpp_error}")
         return forced, "forced by TFHFP8_BACKEND"
-    if _in_xla_context():
+    if _compat.in_xla_context():
         return "tf", "inside an XLA-compiled function"
     if tf.config.list_logical_devices("GPU"):
         return "tf", "a GPU is visible (the C++ kernels are CPU-only)"
@@ -101,7 +92,7 @@ class _fused:
 def active_backend():
     """The backend to use here and now (the `tf` one fused by XLA unless already in XLA)."""
     name = _choose()[0]
-    if name == "tf" and not _in_xla_context():
+    if name == "tf" and not _compat.in_xla_context():
         return _fused
     return _BACKENDS[name]
 

@@ -1,0 +1,154 @@
+"""Every use of a private Keras or TensorFlow API, in one place.
+
+A Keras or TensorFlow upgrade that changes one of these breaks this file and nothing
+else. Each function says which public API is missing.
+"""
+
+import contextlib
+import threading
+import types
+
+import keras
+import tensorflow as tf
+
+
+def in_xla_context():
+    """True inside a function being compiled by XLA (`jit_compile=True`).
+
+    No public API tells whether the current graph is being XLA-compiled.
+    """
+    from tensorflow.python.framework import ops as framework_ops
+    from tensorflow.python.ops import control_flow_util
+
+    if tf.executing_eagerly():
+        return False
+    graph = framework_ops.get_default_graph()
+    return control_flow_util.GraphOrParentsInXlaContext(graph)
+
+
+class AfterBuild:
+    """Mixin: calls `self.after_build()` once the layer is built, before Keras locks
+    its state (after which no variable can be added).
+
+    Keras has no public hook between `build` and the lock: `Layer._post_build` is it.
+    Overriding `build` instead would change the signature Keras records for
+    `get_build_config`.
+    """
+
+    def _post_build(self):
+        super()._post_build()
+        self.after_build()
+
+    def after_build(self):
+        pass
+
+
+# -- keras.layers.MultiHeadAttention ---------------------------------------------------
+_projection_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def attention_projection_class(factory):
+    """Within the block, `keras.layers.MultiHeadAttention.build` creates its
+    query/key/value/output projections with `factory` instead of
+    `keras.layers.EinsumDense`.
+
+    No public argument chooses the projections' class: Keras' `build` calls the
+    `EinsumDense` name of its own module. The name is restored on exit, exception or
+    not; the lock keeps two threads building attention layers from mixing classes.
+    """
+    from keras.src.layers.attention import multi_head_attention as module
+
+    with _projection_lock:
+        original = module.EinsumDense
+        module.EinsumDense = factory
+        try:
+            yield
+        finally:
+            module.EinsumDense = original
+
+
+class AttentionHooks:
+    """Mixin for a `keras.layers.MultiHeadAttention` subclass that computes the
+    attention itself, in a method `compute_attention(query, key, value,
+    attention_mask, training)`.
+
+    Keras' `call` hands the projected tensors to `_compute_attention`, the extension
+    point its docstring offers subclasses under a private name; the einsum equations,
+    the scale, the masked softmax and the dropout it uses are private attributes, read
+    here by `attention_spec()`.
+    """
+
+    def _compute_attention(self, query, key, value, attention_mask=None, training=None,
+                           return_attention_scores=False, use_causal_mask=False):
+        # Keras' `call` passes use_causal_mask only to its own implementation: for a
+        # subclass the causal mask is already folded into attention_mask.
+        return self.compute_attention(query, key, value, attention_mask, training)
+
+    def attention_spec(self):
+        """The pieces of Keras' attention: equations, scale, softmax and dropout."""
+        rate = self._dropout
+        return types.SimpleNamespace(
+            scores_equation=self._dot_product_equation,
+            combine_equation=self._combine_equation,
+            scale=self._inverse_sqrt_key_dim,
+            masked_softmax=self._masked_softmax,
+            dropout=(lambda x, training: self._dropout_layer(x, training=training))
+            if rate > 0 else (lambda x, training: x))
+
+
+# -- layers and models -----------------------------------------------------------------
+def is_graph_model(model):
+    """True for a Sequential or Functional model (a graph of layers we can rebuild).
+
+    Keras exports no name for the class of functional models
+    (`keras.src.models.functional.Functional`); `keras.Model(inputs, outputs)` returns
+    one, while a subclassed `keras.Model` is not one.
+    """
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, (keras.Sequential, Functional))
+
+
+def sublayers(layer):
+    """Every layer inside `layer`, recursively (not `layer` itself).
+
+    `model.layers` lists only a model's direct layers; layers that own layers (e.g.
+    MultiHeadAttention's projections) have no public list of them.
+    """
+    return list(layer._flatten_layers(include_self=False))
+
+
+def name_dtype_policy(policy, name):
+    """Gives a `keras.DTypePolicy` (subclass) `policy` the name `name`.
+
+    `keras.DTypePolicy` parses its name into its dtypes; a float32 policy with another
+    name (a tfhfp8 preset) has no public constructor.
+    """
+    policy._name = name
+
+
+def keras_home():
+    """The folder Keras downloads into: `$KERAS_HOME` or `~/.keras`, as Keras computes it
+    (no public function returns it); None if this Keras has none."""
+    try:
+        from keras.src.backend import config
+    except ImportError:  # pragma: no cover - other Keras versions
+        return None
+    return getattr(config, "keras_home", lambda: None)()
+
+
+def record_forward_gradient(op_type, outputs, inputs, backward_function):
+    """Tells active `tf.autodiff.ForwardAccumulator`s how `outputs` depend on `inputs`.
+
+    `tf.custom_gradient` feeds forward-mode differentiation in eager mode, but inside a
+    function being traced an accumulator takes the tangents of the ops that compute the
+    outputs instead (zero for non-differentiable ops) and ignores the custom gradient.
+    The accumulator transposes `backward_function` (output gradients -> input
+    gradients) into the JVP; tapes (`tf.GradientTape`) are not affected. No public API
+    records an operation for forward accumulators only.
+    """
+    from tensorflow.python.eager import record
+
+    record.record_operation_forwardprop_only(op_type, outputs, inputs, backward_function,
+                                             None)
