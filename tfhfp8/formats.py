@@ -270,11 +270,17 @@ _ALIASES = {
 }
 
 
+def _plain_config_class(config):
+    # Configs saved before the registry carry no class name: only DFP has "bits", only
+    # block formats have "element".
+    if "element" in config:
+        return block_formats.BlockScaled
+    return DynamicFixedPoint if "bits" in config else FloatFormat
+
+
 REGISTRY = registry.Registry(
     "format", (FloatFormat, DynamicFixedPoint), _NAMED, _ALIASES,
-    # Configs saved before the registry carry no class name: only DFP has "bits".
-    from_plain_config=lambda config: (
-        DynamicFixedPoint if "bits" in config else FloatFormat).from_config(config),
+    from_plain_config=lambda config: _plain_config_class(config).from_config(config),
     hint="; or build one with tfhfp8.FloatFormat(...), tfhfp8.DynamicFixedPoint(...) or "
          "tfhfp8.BlockScaled(...).")
 
