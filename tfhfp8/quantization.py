@@ -155,8 +155,12 @@ def _round(x, fmt, rounding, saturate, seed):
     if isinstance(fmt, formats.FloatFormat):
         y = backend.quantize_float(xc, fmt, rounding, saturate, seed)
     elif isinstance(fmt, block_formats.BlockScaled):
-        # Both backends run the TF-ops code for now (a fused C++ kernel: issue 17, item 4).
-        y = tf_block.quantize_block(xc, fmt, rounding, saturate, seed)
+        # Both backends run the TF-ops code for now (a fused C++ kernel: issue 17, item 4),
+        # compiled by XLA into few loops when not already inside XLA (as the tf backend).
+        if _compat.in_xla_context():
+            y = tf_block.quantize_block(xc, fmt, rounding, saturate, seed)
+        else:
+            y = ops._fuse(tf_block.quantize_block, xc, fmt, rounding, saturate, seed)
     else:
         y = backend.quantize_dfp(xc, fmt, rounding, saturate, seed)
     return tf.cast(y, x.dtype)
