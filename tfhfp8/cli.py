@@ -22,7 +22,7 @@ import zipfile
 
 from absl import app, flags
 
-from tfhfp8 import datasets, experiment, formats, models, policy, program
+from tfhfp8 import block_formats, datasets, experiment, formats, models, policy, program
 
 _COMMANDS = ("train", "demo", "formats", "ptq")
 
@@ -126,6 +126,21 @@ def formats_table():
         if isinstance(fmt, formats.DynamicFixedPoint):
             lines.append(f"{name:<20} {fmt.bits:>4} {'':>5} {'':>4} {'':>11} {'':>11} {'':>11} "
                          f"{'':>9}  {fmt.bits}-bit integers x shared 2^E per tensor")
+            continue
+        if isinstance(fmt, block_formats.BlockScaled):
+            # bits: average per element (the scale shared by the block included).
+            # bits: average per element (the scale shared by the block included);
+            # max: the element's largest value, before scaling.
+            element = fmt.element
+            tensor = " in an FP32 tensor scale" if fmt.tensor_scale else ""
+            if element == block_formats.INT8_ELEMENT:
+                e_m, bias = "int8", ""
+            else:
+                e_m, bias = f"{element.exponent_bits}-{element.mantissa_bits}", element.bias
+            lines.append(
+                f"{name:<20} {fmt.bits:>4g} {e_m:<5} {bias:>4} {element.max:>11.6g} {'':>11} "
+                f"{'':>11} {'':>9}  blocks of {fmt.block_size} x {fmt.scale_name} "
+                f"scale{tensor}; element {element.name}")
             continue
         specials = ", ".join(s for s, on in (("inf", fmt.has_inf), ("NaN", fmt.has_nan),
                                                ("-0", fmt.has_negative_zero)) if on) or "none"
