@@ -161,7 +161,8 @@ _MAX_RANK = 8
 
 def _round(x, fmt, rounding, saturate, seed):
     rank = x.shape.rank
-    if rank is not None and rank > _MAX_RANK:
+    if rank is not None and rank > _MAX_RANK and isinstance(
+            fmt, (formats.FloatFormat, formats.DynamicFixedPoint)):
         # Rounding is element-wise (a slice shares one exponent): a rank-1 (or, per
         # slice, rank-3) view of the same elements in the same order rounds exactly
         # alike, stochastic bits included (they hash the flat index).
