@@ -475,3 +475,93 @@ def test_large_tensors_compiled_outside_xla_give_the_same_bits(name):
         chunk[0, 0] = 1e9
         small = tfhfp8.quantize(chunk, name).numpy()
         np.testing.assert_array_equal(big[start + 1:start + 100], small[1:])
+
+
+# -- block floating point (DynamicFixedPoint with block_size) ------------------------
+def _block_dfp_reference(x, bits, block_size, rounding, axis=-1):
+    """Fractions: per block E_s = E_max - (bits - 2), one more when max|x| would round to
+    2^(bits-1); never below float32's smallest exponent 2^-149; I = round(x / 2^E_s)."""
+    F = fractions.Fraction
+    limit = 2 ** (bits - 1) - 1
+    moved = np.moveaxis(x, axis, -1)
+    out = np.empty(moved.shape, np.float32)
+
+    def round_int(v):
+        n = math.floor(v)
+        if rounding == "toward_zero":
+            return math.trunc(v)
+        rest = v - n
+        return n + (1 if rest > F(1, 2) or (rest == F(1, 2) and n % 2) else 0)
+
+    for index in np.ndindex(moved.shape[:-1]):
+        row = [F(float(v)) for v in moved[index]]
+        for i in range(0, len(row), block_size):
+            block = row[i:i + block_size]
+            amax = max(abs(v) for v in block)
+            if amax == 0:
+                e = -149
+            else:
+                e_max = math.floor(math.log2(amax))
+                while F(2) ** e_max > amax:
+                    e_max -= 1
+                while F(2) ** (e_max + 1) <= amax:
+                    e_max += 1
+                e = e_max - (bits - 2)
+                if rounding == "nearest_even" and round_int(amax / F(2) ** e) > limit:
+                    e += 1
+                e = max(e, -149)
+            for j, v in enumerate(block):
+                value = float(round_int(v / F(2) ** e) * F(2) ** e)
+                out[index + (i + j,)] = math.copysign(value, moved[index + (i + j,)])
+    return np.moveaxis(out, -1, axis)
+
+
+@pytest.mark.parametrize("bits, block_size, axis", [(8, 16, None), (4, 32, -1), (16, 8, 0),
+                                                    (12, 5, 1)])
+@pytest.mark.parametrize("rounding", ["nearest_even", "toward_zero"])
+def test_block_dfp_matches_the_fractions_reference(backend, bits, block_size, axis, rounding):
+    rng = np.random.default_rng(bits * 100 + block_size)
+    x = rng.standard_normal((6, 40)) * np.exp2(rng.integers(-30, 30, (6, 40)))
+    x[0] = 0.0
+    x[1, :20] = rng.integers(-2**23, 2**23, 20) * 2.0**-149  # subnormal blocks
+    x[2, :16] = np.where(rng.random(16) < 0.5, 1.0, -1.0) * (2.0**8 - 0.5) * 2.0**-3
+    x[2, 16:32] = np.where(rng.random(16) < 0.5, 1.0, -1.0) * (2.0**7 - 0.5)  # amax a tie
+    x[3, :8] = np.array([2.5, 3.5, -4.5, 0.5, 1.5, -2.5, 3.0, 7.0]) * 2.0**-10  # ties
+    x = x.astype(np.float32)
+    fmt = tfhfp8.DynamicFixedPoint(bits, axis=axis, block_size=block_size)
+    expected = _block_dfp_reference(x, bits, block_size, rounding,
+                                    axis=-1 if axis is None else axis)
+    y = tfhfp8.quantize(x, fmt, rounding=rounding).numpy()
+    np.testing.assert_array_equal(y.view(np.uint32), expected.view(np.uint32))
+    if backend == "tf":  # the C++ kernels do not run inside XLA (TFHFP8_BACKEND=cpp forces them)
+        compiled = tf.function(lambda t: tfhfp8.quantize(t, fmt, rounding=rounding),
+                               jit_compile=True)
+        np.testing.assert_array_equal(compiled(tf.constant(x)).numpy().view(np.uint32),
+                                      expected.view(np.uint32))
+
+
+def test_block_dfp_stochastic_is_identical_on_both_backends(monkeypatch):
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((8, 50)) * 100).astype(np.float32)
+    fmt = tfhfp8.DynamicFixedPoint(6, block_size=16)
+    results = []
+    for backend in ("tf", "cpp"):
+        monkeypatch.setenv("TFHFP8_BACKEND", backend)
+        results.append(tfhfp8.quantize(x, fmt, rounding="stochastic", seed=4).numpy())
+    np.testing.assert_array_equal(results[0], results[1])
+    down = tfhfp8.quantize(x, fmt, rounding="toward_zero").numpy()
+    assert 0 < np.mean(results[0] != down) < 1
+
+
+def test_block_dfp_format_object():
+    fmt = tfhfp8.DynamicFixedPoint(8, block_size=32)
+    assert formats.get(formats.serialize(fmt)) == fmt
+    assert formats.get(fmt.get_config()) == fmt
+    assert fmt != tfhfp8.DynamicFixedPoint(8)
+    assert "block_size" not in tfhfp8.DynamicFixedPoint(8).get_config()
+    assert repr(fmt) == "DynamicFixedPoint(bits=8, per block of 32 along axis -1)"
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="block_size"):
+            tfhfp8.DynamicFixedPoint(8, block_size=bad)
+    policy = tfhfp8.Policy(weights=fmt, activations=fmt)
+    assert tfhfp8.Policy.from_config(policy.get_config()).weights == fmt

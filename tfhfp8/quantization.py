@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfhfp8 import _compat, block_formats, formats, ops
-from tfhfp8.ops import tf_block
+from tfhfp8.ops import tf_backend, tf_block
 from tfhfp8.ops.tf_backend import ROUNDINGS
 
 GRADIENTS = ("straight_through", "zero_overflow")
@@ -161,6 +161,11 @@ def _round(x, fmt, rounding, saturate, seed):
             y = tf_block.quantize_block(xc, fmt, rounding, saturate, seed)
         else:
             y = ops._fuse(tf_block.quantize_block, xc, fmt, rounding, saturate, seed)
+    elif fmt.block_size is not None:
+        # Block floating point: exponents per block here, the rounding on either backend.
+        exponent, inner = tf_block.dfp_block_exponents(xc, fmt, rounding)
+        fixed = getattr(backend, "quantize_fixed", tf_backend.quantize_fixed)
+        y = fixed(xc, exponent, inner, fmt.bits, rounding, saturate, seed)
     else:
         y = backend.quantize_dfp(xc, fmt, rounding, saturate, seed)
     return tf.cast(y, x.dtype)
