@@ -2,6 +2,7 @@
 against gfloat (MX) and an independent `fractions` reference (NVFP4), on both backends,
 eagerly and under XLA."""
 
+import dataclasses
 import fractions
 import math
 
@@ -54,17 +55,12 @@ def test_formats_are_frozen_hashable_and_round_trip_through_configs():
         assert formats.get(formats.serialize(fmt)) == fmt
         config = keras.saving.serialize_keras_object(fmt)
         assert keras.saving.deserialize_keras_object(config) == fmt
-        with pytest.raises(dataclasses_error()):
+        with pytest.raises(dataclasses.FrozenInstanceError):
             fmt.block_size = 3
     assert formats.serialize(formats.get("mxfp8_e4m3")) == "mxfp8_e4m3"
     assert formats.get(formats.serialize(custom)) == custom
     assert {custom: 1}[tfhfp8.BlockScaled("float8_e4m3fn", 16, axis=0,
                                           scale_rounding="ceil")] == 1
-
-
-def dataclasses_error():
-    import dataclasses
-    return dataclasses.FrozenInstanceError
 
 
 @pytest.mark.parametrize("kwargs, parameter", [
@@ -565,3 +561,24 @@ def test_block_dfp_format_object():
             tfhfp8.DynamicFixedPoint(8, block_size=bad)
     policy = tfhfp8.Policy(weights=fmt, activations=fmt)
     assert tfhfp8.Policy.from_config(policy.get_config()).weights == fmt
+
+
+@pytest.mark.parametrize("fmt", [
+    "mxfp4_e2m1", "nvfp4", tfhfp8.BlockScaled("float8_e4m3fn", 4, axis=3),
+    tfhfp8.DynamicFixedPoint(6, block_size=3), tfhfp8.DynamicFixedPoint(6, axis=-2,
+                                                                        block_size=2)])
+def test_rank_above_eight_blocks_like_rank_three(fmt):
+    """TF's select stops at rank 8: a rank-9 tensor is rounded through a rank-3 view
+    that keeps every block."""
+    fmt = formats.get(fmt)
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((2, 1, 3, 5, 1, 2, 1, 1, 7)) * np.exp2(
+        rng.integers(-8, 8, (2, 1, 3, 5, 1, 2, 1, 1, 7)))).astype(np.float32)
+    y = tfhfp8.quantize(x, fmt, rounding="stochastic", seed=1).numpy()
+    # The same blocks in a rank-4 tensor (the axes around the block axis merged).
+    axis = fmt.axis if fmt.axis is not None else -1
+    axis %= 9
+    small = x.reshape(int(np.prod(x.shape[:axis])), x.shape[axis], -1, 1)
+    expected = tfhfp8.quantize(small, dataclasses.replace(fmt, axis=1), rounding="stochastic",
+                               seed=1).numpy().reshape(x.shape)
+    np.testing.assert_array_equal(y, expected)

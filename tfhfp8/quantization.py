@@ -161,16 +161,19 @@ _MAX_RANK = 8
 
 def _round(x, fmt, rounding, saturate, seed):
     rank = x.shape.rank
-    if rank is not None and rank > _MAX_RANK and isinstance(
-            fmt, (formats.FloatFormat, formats.DynamicFixedPoint)):
-        # Rounding is element-wise (a slice shares one exponent): a rank-1 (or, per
-        # slice, rank-3) view of the same elements in the same order rounds exactly
-        # alike, stochastic bits included (they hash the flat index).
+    if rank is not None and rank > _MAX_RANK:
+        # Rounding is element-wise (a slice or a block shares one exponent): a rank-1
+        # (or, per slice or block along an axis, rank-3) view of the same elements in
+        # the same order rounds exactly alike, stochastic bits included (they hash the
+        # flat index).
         shape = tf.shape(x)
-        if isinstance(fmt, formats.DynamicFixedPoint) and fmt.axis is not None:
-            if not -rank <= fmt.axis < rank:
-                raise ValueError(f"axis {fmt.axis} is out of range for a tensor of rank {rank}")
-            axis = fmt.axis % rank
+        axis = getattr(fmt, "axis", None)
+        if getattr(fmt, "block_size", None) is not None and axis is None:
+            axis = -1  # block floating point: blocks along the last axis
+        if axis is not None:
+            if not -rank <= axis < rank:
+                raise ValueError(f"axis {axis} is out of range for a tensor of rank {rank}")
+            axis = axis % rank
             view = [tf.reduce_prod(shape[:axis]), shape[axis], tf.reduce_prod(shape[axis + 1:])]
             fmt = dataclasses.replace(fmt, axis=1)
         else:
