@@ -161,10 +161,10 @@ def measure(model, policies, calibration_x, evaluation_x, labels=None, control=F
     import tfhfp8
     from tfhfp8 import calibration
 
-    evaluation = calibration._Batches(evaluation_x, None,
+    evaluation = calibration.Batches(evaluation_x, None,
                                       eval_batch_size or _EVAL_BATCH_SIZE.value,
                                       "evaluation data")
-    batches = calibration._Batches(calibration_x, None, batch_size or _BATCH_SIZE.value)
+    batches = calibration.Batches(calibration_x, None, batch_size or _BATCH_SIZE.value)
 
     def score(predictions):
         return None if labels is None else float(np.mean(predictions == labels))

@@ -71,13 +71,13 @@ def quantize_model(model, policy="hfp8", exempt=None, verbose=False):
         return emulated.from_config(config)
 
     converted = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    _copy_weights(model, converted)
+    copy_weights(model, converted)
     if verbose:
         summary(converted)
     return converted
 
 
-def _copy_weights(source, target):
+def copy_weights(source, target):
     state = {id(v) for layer in walk(target, sublayers=True)
              if isinstance(layer, EmulatedLayer) for v in layer.emulation_variables()}
     targets = [v for v in target.weights if id(v) not in state]

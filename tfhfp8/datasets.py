@@ -44,6 +44,7 @@ __all__ = [
     "DatasetNotFoundError",
     "digits",
     "fashion_mnist",
+    "fashion_mnist_cache_dir",
     "load",
     "mnist_5k",
     "names",
@@ -148,7 +149,7 @@ def _keras_home():
     return home
 
 
-def _fashion_mnist_cache_dir():
+def fashion_mnist_cache_dir():
     return os.path.join(_keras_home(), "datasets", "fashion-mnist")
 
 
@@ -164,7 +165,7 @@ def link_fashion_mnist(system_dir=None, cache_dir=None):
         True when all four files are now present in ``cache_dir``.
     """
     system_dir = FASHION_MNIST_SYSTEM_DIR if system_dir is None else system_dir
-    cache_dir = _fashion_mnist_cache_dir() if cache_dir is None else cache_dir
+    cache_dir = fashion_mnist_cache_dir() if cache_dir is None else cache_dir
     for name in FASHION_MNIST_FILES:
         target = os.path.join(cache_dir, name)
         source = os.path.join(system_dir, name)
@@ -209,7 +210,7 @@ def fashion_mnist(limit=None, test_limit=None, download=True):
     hint = (
         "Fashion-MNIST is not available offline. Install it with "
         f"`{FASHION_MNIST_INSTALL}` (Debian/Ubuntu; files in {FASHION_MNIST_SYSTEM_DIR}), "
-        f"or put the four *-ubyte.gz files in {_fashion_mnist_cache_dir()}."
+        f"or put the four *-ubyte.gz files in {fashion_mnist_cache_dir()}."
     )
     present = link_fashion_mnist()
     if not present and not download:
