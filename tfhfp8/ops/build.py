@@ -3,14 +3,22 @@
 A custom-op library only loads into the TensorFlow it was compiled against, so it
 is compiled on the user's machine: on first use (or `python -m tfhfp8.ops.build`),
 into `$TFHFP8_CACHE_DIR` (default `~/.cache/tfhfp8`), under a name that hashes the
-sources, the TensorFlow version and flags, the compiler and the CPU, so a change of
-any of them rebuilds it.
+sources, the TensorFlow version and flags and the compiler, so a change of any of
+them rebuilds it.
+
+The library runs on every CPU of its architecture: TensorFlow's headers are compiled
+for the baseline instruction set only, and the quantization loops once per CPU
+variant (`VARIANTS`), the best of which the kernels pick at run time
+(`custom_ops/quantize/cc/kernels/cpu_dispatch.h`). Nothing is built with
+`-march=native`.
 """
 
+import concurrent.futures
 import hashlib
 import os
 import pathlib
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -22,7 +30,20 @@ _PACKAGE = pathlib.Path(__file__).resolve().parent.parent
 # Installed wheels carry the sources as tfhfp8/custom_ops; a source checkout has them
 # at the repository root.
 _SOURCE_DIRS = (_PACKAGE / "custom_ops", _PACKAGE.parent / "custom_ops")
-_OPTIONS = ["-std=c++17", "-O3", "-fno-trapping-math", "-shared", "-fPIC", "-DNDEBUG"]
+_OPTIONS = ["-std=c++17", "-O3", "-fno-trapping-math", "-fPIC", "-DNDEBUG"]
+_KERNELS = pathlib.Path("quantize", "cc", "kernels")
+_LOOPS = _KERNELS / "quantize_loops.cc"  # compiled once per variant, no TF headers
+
+# x86-64 feature levels (as in the psABI), spelt as feature flags, which older
+# compilers know too; the run-time checks in cpu_dispatch.cc test the same features.
+_X86_64_V3 = ["-msse4.2", "-mpopcnt", "-mavx2", "-mfma", "-mbmi", "-mbmi2", "-mf16c",
+              "-mlzcnt", "-mmovbe"]
+_X86_64_V4 = _X86_64_V3 + ["-mavx512f", "-mavx512bw", "-mavx512cd", "-mavx512dq",
+                           "-mavx512vl", "-mprefer-vector-width=512"]
+# (name, flags): the CPU variants of the loops built on each architecture.
+VARIANTS = {
+    "x86_64": [("baseline", []), ("x86_64_v3", _X86_64_V3), ("x86_64_v4", _X86_64_V4)],
+}
 
 
 class BuildError(RuntimeError):
@@ -36,33 +57,58 @@ def source_dir() -> pathlib.Path:
     raise BuildError(f"C++ sources not found in {[str(p) for p in _SOURCE_DIRS]}")
 
 
-def _sources():
-    root = source_dir()
-    files = sorted(root.glob("**/cc/**/*.cc")) + sorted(root.glob("**/cc/**/*.h"))
-    return root, files
+def variants(machine=None):
+    """The (name, compiler flags) of the loop variants built for `machine`."""
+    return VARIANTS.get(machine or platform.machine(), [("baseline", [])])
 
 
-def _compiler():
+def compiler():
     return os.environ.get("CXX", "g++")
 
 
-def _fingerprint(files, command):
+def loops_command(variant, flags, output, cxx=None):
+    """The command that compiles one variant of the loops to an object file."""
+    root = source_dir()
+    return ([cxx or compiler()] + _OPTIONS + flags + [f"-DTFHFP8_VARIANT={variant}",
+            f"-I{root / _KERNELS}", "-c", str(root / _LOOPS), "-o", str(output)])
+
+
+def _commands(workdir):
+    """The compile commands (one per object) and the link command."""
+    root = source_dir()
+    compile_flags = tf.sysconfig.get_compile_flags()
+    objects, commands = [], []
+    for name, flags in variants():
+        objects.append(workdir / f"loops_{name}.o")
+        commands.append(loops_command(name, flags, objects[-1]))
+    for source in sorted(root.glob("**/cc/**/*.cc")):
+        if source.name == _LOOPS.name:
+            continue
+        objects.append(workdir / f"{source.stem}.o")
+        commands.append([compiler()] + _OPTIONS + [f"-I{root / _KERNELS}"] + compile_flags
+                        + ["-c", str(source), "-o", str(objects[-1])])
+    link = ([compiler(), "-shared", "-fPIC"] + [str(o) for o in objects]
+            + tf.sysconfig.get_link_flags())
+    return commands, link
+
+
+def _fingerprint(commands, link):
+    root = source_dir()
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    digest.update(" ".join(command).encode())
+    for path in sorted(root.glob("**/cc/**/*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    # The commands without the temporary directory they write to.
+    for command in commands + [link]:
+        digest.update(" ".join(a for a in command if not a.endswith(".o")).encode())
     digest.update(tf.__version__.encode())
     digest.update(platform.machine().encode())
     try:
-        version = subprocess.run([_compiler(), "--version"], capture_output=True, check=True)
+        version = subprocess.run([compiler(), "--version"], capture_output=True, check=True)
         digest.update(version.stdout)
     except (OSError, subprocess.CalledProcessError) as error:
-        raise BuildError(f"no working C++ compiler ({_compiler()}): {error}") from error
-    cpuinfo = pathlib.Path("/proc/cpuinfo")  # -march=native: the CPU is an input
-    if cpuinfo.exists():
-        flags = [l for l in cpuinfo.read_text().splitlines() if l.startswith("flags")]
-        digest.update((flags[0] if flags else "").encode())
+        raise BuildError(f"no working C++ compiler ({compiler()}): {error}") from error
     return digest.hexdigest()[:16]
 
 
@@ -71,27 +117,74 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("TFHFP8_CACHE_DIR", default))
 
 
-def library_path(verbose=False) -> pathlib.Path:
-    """Path of the compiled library, building it first if needed."""
-    root, files = _sources()
-    kernels = [str(p) for p in files if p.suffix == ".cc"]
-    command = ([_compiler()] + _OPTIONS + [f"-I{root / 'quantize' / 'cc' / 'kernels'}"]
-               + tf.sysconfig.get_compile_flags() + kernels + tf.sysconfig.get_link_flags())
-    target = cache_dir() / f"_tfhfp8_ops_{_fingerprint(files, command)}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
-        partial = pathlib.Path(tmp.name)
-    if verbose:
-        print("Building tfhfp8 ops:", " ".join(shlex.quote(a) for a in command), file=sys.stderr)
-    result = subprocess.run(command + ["-o", str(partial)], capture_output=True, text=True)
+def _checksum(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _is_intact(target):
+    """True if `target` is the complete file its build wrote (see `_checksum`)."""
+    sidecar = target.with_suffix(".sha256")
+    try:
+        return sidecar.read_text().strip() == _checksum(target)
+    except OSError:
+        return False
+
+
+def first_errors(output, limit=12):
+    """The compiler's first `error:` lines (and the linker's), not its warnings."""
+    pattern = re.compile(r"\berror\b|undefined reference|cannot find|fatal", re.IGNORECASE)
+    lines = [line for line in output.splitlines() if pattern.search(line)]
+    return "\n".join(lines[:limit]) or output[-2000:]
+
+
+def _run(command, log):
+    result = subprocess.run(command, capture_output=True, text=True)
+    log.append("$ " + " ".join(shlex.quote(a) for a in command) + "\n" + result.stderr)
     if result.returncode != 0:
-        partial.unlink(missing_ok=True)
-        raise BuildError(f"compiling the tfhfp8 ops failed:\n{result.stderr[-4000:]}")
-    os.replace(partial, target)  # atomic: concurrent builds never load a partial file
+        return command, result.stderr
+    return None
+
+
+def library_path(verbose=False) -> pathlib.Path:
+    """Path of the compiled library, building it first if needed; raises BuildError."""
+    target_dir = cache_dir()
+    with tempfile.TemporaryDirectory(prefix="tfhfp8-build-") as tmp:
+        commands, link = _commands(pathlib.Path(tmp))
+        target = target_dir / f"_tfhfp8_ops_{_fingerprint(commands, link)}.so"
+        if target.exists() and _is_intact(target):
+            return target
+        target_dir.mkdir(parents=True, exist_ok=True)
+        if verbose:
+            print(f"Building tfhfp8 ops into {target}", file=sys.stderr)
+        log = []
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            failures = [f for f in pool.map(lambda c: _run(c, log), commands) if f]
+        partial = pathlib.Path(tmp) / "library.so"
+        if not failures:
+            failures = [f for f in [_run(link + ["-o", str(partial)], log)] if f]
+        if failures:
+            log_path = target.with_suffix(".log")
+            log_path.write_text("\n".join(log))
+            command, stderr = failures[0]
+            raise BuildError(
+                f"compiling the tfhfp8 ops failed ({len(failures)} of {len(commands) + 1} "
+                f"steps); first errors:\n{first_errors(stderr)}\n"
+                f"failed command: {' '.join(shlex.quote(a) for a in command)}\n"
+                f"full log: {log_path}")
+        # Atomic: a concurrent build or load never sees a partial file; the checksum,
+        # written last, also catches a file damaged later (it is rebuilt).
+        staged = pathlib.Path(tempfile.mkstemp(dir=target_dir, suffix=".so")[1])
+        staged.write_bytes(partial.read_bytes())
+        checksum = _checksum(staged)
+        os.replace(staged, target)
+        sidecar = pathlib.Path(tempfile.mkstemp(dir=target_dir, suffix=".sha256")[1])
+        sidecar.write_text(checksum + "\n")
+        os.replace(sidecar, target.with_suffix(".sha256"))
     return target
 
 
 if __name__ == "__main__":
-    print(library_path(verbose=True))
+    try:
+        print(library_path(verbose=True))
+    except BuildError as error:
+        sys.exit(f"tfhfp8: {error}")

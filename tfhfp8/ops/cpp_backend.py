@@ -1,8 +1,8 @@
-"""The C++ CPU kernels, behind the same two functions as `tf_backend`."""
+"""The C++ CPU kernels, behind the same functions as `tf_backend`."""
 
 import tensorflow as tf
 
-from tfhfp8.ops import build
+from tfhfp8.ops import build, tf_backend
 
 _library = None
 
@@ -25,3 +25,20 @@ def quantize_float(x, fmt, rounding, saturate, seed):
 def quantize_fixed(x, exponent, inner, bits, rounding, saturate, seed):
     return load().hfp8_quantize_fixed(
         x, exponent, inner, seed, bits=bits, rounding=rounding, saturate=saturate)
+
+
+def quantize_dfp(x, fmt, rounding, saturate, seed):
+    """Dynamic fixed point; per tensor, the shared exponent is found in the same kernel."""
+    if fmt.axis is None:
+        y, _ = load().hfp8_quantize_dfp(x, seed, bits=fmt.bits, rounding=rounding,
+                                        saturate=saturate)
+        return y
+    exponent, inner = tf_backend.shared_exponents(x, fmt, rounding)
+    return quantize_fixed(x, exponent, inner, fmt.bits, rounding, saturate, seed)
+
+
+def cpu_variant():
+    """(the CPU variant of the loops that runs now, those this CPU supports)."""
+    with tf.init_scope():  # eagerly, also when asked inside a tf.function
+        active, supported = load().hfp8_cpu_variant()
+    return active.numpy().decode(), supported.numpy().decode().split()

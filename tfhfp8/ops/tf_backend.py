@@ -138,7 +138,7 @@ def _round_static(v, d, rounding, rand, c):
 
 
 def _round_variable(sig, s, rounding, rand, c):
-    """Rounds `sig / 2^s` to an integer, `s >= 1` per element (int32 tensor).
+    """Rounds `sig / 2^s` to an integer, `s >= 0` per element (int32 tensor).
 
     `sig < 2^(mantissa + 1)`. Stochastic rounding compares the dropped bits, aligned
     as a `width`-bit fraction, with `width` random bits: exact whenever at most
@@ -151,8 +151,9 @@ def _round_variable(sig, s, rounding, rand, c):
     if rounding == "toward_zero":
         return kept
     if rounding == "nearest_even":
-        half_minus_one = _shl(_u(1, c), shift - _u(1, c)) - _u(1, c)
-        return _shr(sig + half_minus_one + (kept & _u(1, c)), shift)
+        lsb = tf.cast(shift > 0, c.uint)  # s == 0: nothing dropped
+        half_minus_one = _shr(_shl(_u(1, c), shift), 1) - lsb
+        return _shr(sig + half_minus_one + (kept & lsb), shift)
     dropped = sig & (_shl(_u(1, c), shift) - _u(1, c))
     up_shift = tf.cast(tf.clip_by_value(w - s, 0, w - 1), c.uint)
     down_shift = tf.cast(tf.clip_by_value(s - w, 0, w - 1), c.uint)
@@ -197,7 +198,8 @@ def quantize_float(x, fmt, rounding, saturate, seed):
 
     # Fixed-quantum path: subnormals of the format, and zero.
     exponent1, sig = _significand(a, c)
-    s = tf.maximum(c.mantissa - sub_mantissa + emin - exponent1, 1)
+    # s == 0 only for the container's own subnormals (e.g. FloatFormat(8, 23)): exact.
+    s = tf.maximum(c.mantissa - sub_mantissa + emin - exponent1, 0)
     sub_code = _round_variable(sig, s, rounding, rand, c)
     sub_bits = _scaled_bits(sub_code, 1 - fmt.bias - sub_mantissa, c)
 
@@ -277,3 +279,61 @@ def _scaled_bits(code, qe, c):
                   c.mantissa)
     normal_bits = tf.bitcast(tf.cast(code, c.dtype), c.uint) + offset
     return tf.where(linear, linear_bits, normal_bits)
+
+
+def shared_exponents(x, fmt, rounding):
+    """The shared exponent `E_s` of each slice of `x` for dynamic fixed point.
+
+    Returns `(exponent, inner)`: an int32 vector with one exponent per slice along
+    `fmt.axis` (one element when `axis` is None) and the number of consecutive flat
+    elements that share a slice index. `E_s = E_max - (bits - 2)`, one more when the
+    largest magnitude would round up to `2^(bits-1)`; never below the container's
+    smallest subnormal exponent (all values are then exact).
+    """
+    c = CONTAINERS[x.dtype]
+    # max|x| over the finite elements, on the bits: the bits of non-negative floats sort
+    # as signed integers, and TF's float reductions flush subnormals to zero.
+    signed = tf.int32 if c.width == 32 else tf.int64
+    a = tf.bitcast(x, c.uint) & tf.constant((1 << (c.width - 1)) - 1, c.uint)
+    finite = tf.bitcast(tf.where(a < c.inf_bits, a, tf.zeros_like(a)), signed)
+    if fmt.axis is None:
+        largest, inner = tf.reshape(tf.reduce_max(finite), [1]), tf.constant(1, tf.int64)
+    else:
+        rank = x.shape.rank
+        if rank is None:
+            raise ValueError("DynamicFixedPoint with an axis needs a tensor of known rank")
+        if not -rank <= fmt.axis < rank:
+            raise ValueError(f"axis {fmt.axis} is out of range for a tensor of rank {rank}")
+        axis = fmt.axis % rank
+        others = [i for i in range(rank) if i != axis]
+        largest = tf.reduce_max(finite, axis=others) if others else finite
+        inner = tf.reduce_prod(tf.shape(x, out_type=tf.int64)[axis + 1:])
+    # An empty slice reduces to the smallest integer: treat it as all zeros.
+    bits = tf.bitcast(tf.maximum(largest, 0), c.uint)
+    subnormal = tf.bitwise.right_shift(bits, tf.constant(c.mantissa, c.uint)) == 0
+    # A subnormal max|x| is m * 2^(1 - bias - mantissa) with its integer mantissa field m;
+    # m converted to a float (exact) has the same significand. (Scaling max|x| up by
+    # 2^mantissa instead would read 0: TF flushes subnormals to zero in arithmetic.)
+    normalized = tf.where(subnormal, tf.cast(bits, c.dtype), tf.bitcast(bits, c.dtype))
+    nbits = tf.bitcast(normalized, c.uint)
+    e_max = (tf.cast(tf.bitwise.right_shift(nbits, tf.constant(c.mantissa, c.uint)), tf.int32)
+             - c.exponent_bias - tf.where(subnormal, c.exponent_bias - 1 + c.mantissa, 0))
+    # The significand of max|x| in [1, 2), times 2^(bits-2): the mantissa it needs.
+    one_bits = tf.constant(c.exponent_bias << c.mantissa, c.uint)
+    fraction = tf.bitcast(nbits & ((1 << c.mantissa) - 1) | one_bits, c.dtype)
+    needed = fraction * 2.0 ** (fmt.bits - 2)
+    limit = 2.0 ** (fmt.bits - 1) - 1
+    if rounding == "nearest_even":
+        bump = needed >= limit + 0.5
+    elif rounding == "stochastic":
+        bump = needed > limit
+    else:
+        bump = tf.zeros_like(needed, tf.bool)
+    exponent = e_max - (fmt.bits - 2) + tf.cast(bump, tf.int32)
+    return tf.maximum(exponent, c.min_exponent), inner
+
+
+def quantize_dfp(x, fmt, rounding, saturate, seed):
+    """Dynamic fixed point (`fmt` a DynamicFixedPoint): shared exponents, then rounding."""
+    exponent, inner = shared_exponents(x, fmt, rounding)
+    return quantize_fixed(x, exponent, inner, fmt.bits, rounding, saturate, seed)

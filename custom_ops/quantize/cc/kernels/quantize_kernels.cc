@@ -1,11 +1,16 @@
-// CPU kernels of Hfp8QuantizeFloat and Hfp8QuantizeFixed, on TF's intra-op threads.
+// CPU kernels of Hfp8QuantizeFloat, Hfp8QuantizeFixed, Hfp8QuantizeDfp and
+// Hfp8CpuVariant, on TF's intra-op threads. The per-element loops come from the CPU
+// variant that cpu_dispatch.h selects; this file is compiled for the baseline only.
 
 #include <algorithm>
+#include <mutex>
 #include <string>
 
+#include "cpu_dispatch.h"
 #include "rounding.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/util/work_sharder.h"
 
 namespace tfhfp8 {
@@ -15,6 +20,7 @@ using tensorflow::OpKernel;
 using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
+using tensorflow::TensorShapeUtils;
 using tensorflow::errors::InvalidArgument;
 
 namespace {
@@ -46,11 +52,100 @@ void ParallelFor(OpKernelContext* context, int64_t n, int64_t cost_per_element, 
 }
 
 absl::Status ReadSeed(const Tensor& tensor, int64_t* seed) {
-  if (tensor.NumElements() != 1) {
+  if (!TensorShapeUtils::IsScalar(tensor.shape())) {
     return InvalidArgument("seed must be a scalar, got shape ", tensor.shape().DebugString());
   }
-  *seed = tensor.flat<int64_t>()(0);
+  *seed = tensor.scalar<int64_t>()();
   return absl::OkStatus();
+}
+
+absl::Status SelectLoopsOrError(const Loops** loops) {
+  std::string error;
+  *loops = SelectLoops(&error);
+  return *loops != nullptr ? absl::OkStatus() : InvalidArgument(error);
+}
+
+// The loops of one container type, indexed by rounding.
+template <typename T>
+struct TypedLoops;
+
+template <>
+struct TypedLoops<float> {
+  static FloatLoop<float> Float(const Loops& l, Rounding r) { return l.float32[int(r)]; }
+  static FixedLoop<float> Fixed(const Loops& l, Rounding r) { return l.fixed32[int(r)]; }
+  static MaxAbsLoop<float> MaxAbs(const Loops& l) { return l.max_abs32; }
+};
+
+template <>
+struct TypedLoops<double> {
+  static FloatLoop<double> Float(const Loops& l, Rounding r) { return l.float64[int(r)]; }
+  static FixedLoop<double> Fixed(const Loops& l, Rounding r) { return l.fixed64[int(r)]; }
+  static MaxAbsLoop<double> MaxAbs(const Loops& l) { return l.max_abs64; }
+};
+
+// Shared exponents k lie in [smallest subnormal exponent, largest exponent + 1]; the
+// top one makes the largest magnitudes round to inf, as on the TF-ops backend.
+template <typename T>
+constexpr int MinSharedExponent() {
+  return 1 - Container<T>::kExponentBias - Container<T>::kMantissa;
+}
+template <typename T>
+constexpr int MaxSharedExponent() {
+  return Container<T>::kExponentBias + 1;
+}
+
+// Rounds in[0, n) to multiples of 2^k[run % slots], one run per `inner` elements.
+template <typename T>
+void RunFixed(OpKernelContext* context, const Loops& loops, Rounding rounding, int bits,
+              bool saturate, const T* in, T* out, int64_t n, const int32_t* k, int64_t slots,
+              int64_t inner, int64_t seed) {
+  using UInt = typename Container<T>::UInt;
+  const FixedLoop<T> loop = TypedLoops<T>::Fixed(loops, rounding);
+  const Keys keys = MakeSeedKeys(seed);
+  const UInt max_mantissa = (UInt{1} << (bits - 1)) - 1;
+  ParallelFor(context, n, kCostPerElement, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    while (i < end) {
+      const int64_t run = i / inner;
+      const int64_t stop = std::min(end, (run + 1) * inner);
+      const int exponent = k[run % slots];
+      const UInt inf_magnitude =
+          saturate ? ScaledValueBits<T>(max_mantissa, exponent) : InfBits<T>();
+      loop(in, out, i, stop, exponent, inf_magnitude, keys);
+      i = stop;
+    }
+  });
+}
+
+// The shared exponent of dynamic fixed point for a tensor whose largest finite
+// magnitude has the bits `largest` (mirrors tf_backend.shared_exponents):
+// E_s = E_max - (bits - 2), one more when max|x| would round up to 2^(bits-1).
+template <typename T>
+int SharedExponent(typename Container<T>::UInt largest, int bits, Rounding rounding) {
+  using C = Container<T>;
+  using UInt = typename C::UInt;
+  constexpr int p = C::kMantissa;
+  if (largest == 0) return MinSharedExponent<T>();
+  int e_max;
+  UInt sig;  // significand of max|x| with its leading one at bit p
+  const int field = static_cast<int>(largest >> p);
+  if (field > 0) {
+    e_max = field - C::kExponentBias;
+    sig = (largest & ((UInt{1} << p) - 1)) | (UInt{1} << p);
+  } else {  // subnormal: normalize the integer mantissa
+    int top = 0;
+    while ((largest >> (top + 1)) != 0) ++top;
+    e_max = top + MinSharedExponent<T>();
+    sig = largest << (p - top);
+  }
+  // max|x| * 2^-(E_max - (bits-2)) = sig / 2^p * 2^(bits-2) against the largest mantissa
+  // 2^(bits-1) - 1 (stochastic: may round up beyond it) or 2^(bits-1) - 1/2 (nearest).
+  const UInt top_sig = UInt{1} << (p + 1);
+  bool bump = false;
+  if (rounding == Rounding::kNearestEven) bump = sig >= top_sig - (UInt{1} << (p + 1 - bits));
+  if (rounding == Rounding::kStochastic) bump = sig > top_sig - (UInt{1} << (p + 2 - bits));
+  const int exponent = e_max - (bits - 2) + (bump ? 1 : 0);
+  return std::max(exponent, MinSharedExponent<T>());
 }
 
 }  // namespace
@@ -60,7 +155,7 @@ class QuantizeFloatOp : public OpKernel {
  public:
   explicit QuantizeFloatOp(OpKernelConstruction* context) : OpKernel(context) {
     int exponent_bits, mantissa_bits, bias;
-    bool subnormals;
+    bool subnormals, saturate;
     std::string specials, rounding;
     OP_REQUIRES_OK(context, context->GetAttr("exponent_bits", &exponent_bits));
     OP_REQUIRES_OK(context, context->GetAttr("mantissa_bits", &mantissa_bits));
@@ -68,157 +163,203 @@ class QuantizeFloatOp : public OpKernel {
     OP_REQUIRES_OK(context, context->GetAttr("specials", &specials));
     OP_REQUIRES_OK(context, context->GetAttr("subnormals", &subnormals));
     OP_REQUIRES_OK(context, context->GetAttr("rounding", &rounding));
-    OP_REQUIRES_OK(context, context->GetAttr("saturate", &saturate_));
+    OP_REQUIRES_OK(context, context->GetAttr("saturate", &saturate));
     OP_REQUIRES(context, exponent_bits >= 1 && exponent_bits <= 8,
                 InvalidArgument("exponent_bits must be in [1, 8], got ", exponent_bits));
     OP_REQUIRES(context, mantissa_bits >= 0 && mantissa_bits <= 23,
                 InvalidArgument("mantissa_bits must be in [0, 23], got ", mantissa_bits));
-    const int top = (specials == "ieee") ? (1 << exponent_bits) - 2 : (1 << exponent_bits) - 1;
-    OP_REQUIRES(context, bias <= 127 && top - bias <= 127 && top >= 1,
-                InvalidArgument("bias must be in [", top - 127, ", 127], got ", bias));
-    exponent_bits_ = exponent_bits;
-    mantissa_bits_ = mantissa_bits;
-    bias_ = bias;
-    specials_ = ParseSpecials(specials);
-    subnormals_ = subnormals;
+    OP_REQUIRES(context, specials != "ieee" || exponent_bits >= 2,
+                InvalidArgument("exponent_bits must be in [2, 8] for specials='ieee', got ",
+                                exponent_bits));
+    // As tfhfp8.FloatFormat: normal numbers must be float32 normals.
+    const int64_t all_ones = (int64_t{1} << (exponent_bits + mantissa_bits)) - 1;
+    const int64_t max_code = specials == "ieee" ? ((((int64_t{1} << exponent_bits) - 1)
+                                                    << mantissa_bits) - 1)
+                             : specials == "fn" ? all_ones - 1
+                                                : all_ones;
+    OP_REQUIRES(context, max_code >= (int64_t{1} << mantissa_bits),
+                InvalidArgument("a format with exponent_bits=", exponent_bits,
+                                ", mantissa_bits=", mantissa_bits, " and specials='", specials,
+                                "' has no normal numbers"));
+    const int64_t low = (max_code >> mantissa_bits) - 127;
+    OP_REQUIRES(context, low <= 127,
+                InvalidArgument("exponent_bits=", exponent_bits, " with specials='", specials,
+                                "' spans more binades than float32 can hold"));
+    OP_REQUIRES(context, bias >= low && bias <= 127,
+                InvalidArgument("bias must be in [", low, ", 127], got ", bias));
+    params32_ = MakeFloatParams<float>(exponent_bits, mantissa_bits, bias,
+                                       ParseSpecials(specials), subnormals, saturate);
+    params64_ = MakeFloatParams<double>(exponent_bits, mantissa_bits, bias,
+                                        ParseSpecials(specials), subnormals, saturate);
     rounding_ = ParseRounding(rounding);
   }
 
   void Compute(OpKernelContext* context) override {
+    const Loops* loops;
+    OP_REQUIRES_OK(context, SelectLoopsOrError(&loops));
     const Tensor& input = context->input(0);
     int64_t seed = 0;
     OP_REQUIRES_OK(context, ReadSeed(context->input(1), &seed));
     Tensor* output = nullptr;
-    OP_REQUIRES_OK(context, context->forward_input_or_allocate_output({0}, 0, input.shape(), &output));
-    const FloatParams<T> params(exponent_bits_, mantissa_bits_, bias_, specials_, subnormals_,
-                                saturate_);
+    OP_REQUIRES_OK(context,
+                   context->forward_input_or_allocate_output({0}, 0, input.shape(), &output));
+    const FloatLoop<T> loop = TypedLoops<T>::Float(*loops, rounding_);
+    const FloatParams<T>& params = Params(static_cast<T*>(nullptr));
     const T* in = input.flat<T>().data();
     T* out = output->flat<T>().data();
-    const int64_t n = input.NumElements();
-    switch (rounding_) {
-      case Rounding::kNearestEven:
-        Run<Rounding::kNearestEven>(context, in, out, n, params, seed);
-        break;
-      case Rounding::kStochastic:
-        Run<Rounding::kStochastic>(context, in, out, n, params, seed);
-        break;
-      case Rounding::kTowardZero:
-        Run<Rounding::kTowardZero>(context, in, out, n, params, seed);
-        break;
-    }
+    const Keys keys = MakeSeedKeys(seed);
+    ParallelFor(context, input.NumElements(), kCostPerElement,
+                [&](int64_t begin, int64_t end) { loop(in, out, begin, end, params, keys); });
   }
 
  private:
-  template <Rounding R>
-  static void Run(OpKernelContext* context, const T* in, T* out, int64_t n,
-                  const FloatParams<T>& params, int64_t seed) {
-    const Keys keys = MakeKeys(seed);
-    ParallelFor(context, n, kCostPerElement, [&](int64_t begin, int64_t end) {
-      QuantizeFloatRange<T, R>(in, out, begin, end, params, keys);
-    });
-  }
+  const FloatParams<float>& Params(float*) const { return params32_; }
+  const FloatParams<double>& Params(double*) const { return params64_; }
 
-  int exponent_bits_, mantissa_bits_, bias_;
-  Specials specials_;
-  bool subnormals_, saturate_;
+  FloatParams<float> params32_;
+  FloatParams<double> params64_;
   Rounding rounding_;
 };
+
+// Reads the attributes shared by the dynamic-fixed-point ops.
+absl::Status ReadFixedAttrs(OpKernelConstruction* context, int* bits, Rounding* rounding,
+                            bool* saturate) {
+  std::string name;
+  TF_RETURN_IF_ERROR(context->GetAttr("bits", bits));
+  TF_RETURN_IF_ERROR(context->GetAttr("rounding", &name));
+  TF_RETURN_IF_ERROR(context->GetAttr("saturate", saturate));
+  if (*bits < 2 || *bits > 24) return InvalidArgument("bits must be in [2, 24], got ", *bits);
+  *rounding = ParseRounding(name);
+  return absl::OkStatus();
+}
 
 template <typename T>
 class QuantizeFixedOp : public OpKernel {
  public:
   explicit QuantizeFixedOp(OpKernelConstruction* context) : OpKernel(context) {
-    std::string rounding;
-    OP_REQUIRES_OK(context, context->GetAttr("bits", &bits_));
-    OP_REQUIRES_OK(context, context->GetAttr("rounding", &rounding));
-    OP_REQUIRES_OK(context, context->GetAttr("saturate", &saturate_));
-    OP_REQUIRES(context, bits_ >= 2 && bits_ <= 24,
-                InvalidArgument("bits must be in [2, 24], got ", bits_));
-    rounding_ = ParseRounding(rounding);
+    OP_REQUIRES_OK(context, ReadFixedAttrs(context, &bits_, &rounding_, &saturate_));
   }
 
   void Compute(OpKernelContext* context) override {
-    using C = Container<T>;
+    const Loops* loops;
+    OP_REQUIRES_OK(context, SelectLoopsOrError(&loops));
     const Tensor& input = context->input(0);
     const Tensor& exponent = context->input(1);
     const Tensor& inner_tensor = context->input(2);
-    OP_REQUIRES(context, inner_tensor.NumElements() == 1,
-                InvalidArgument("inner must be a scalar"));
-    int64_t inner = inner_tensor.flat<int64_t>()(0);
+    OP_REQUIRES(context, exponent.dims() <= 1,
+                InvalidArgument("exponent must be a scalar or a vector, got shape ",
+                                exponent.shape().DebugString()));
+    OP_REQUIRES(context, TensorShapeUtils::IsScalar(inner_tensor.shape()),
+                InvalidArgument("inner must be a scalar, got shape ",
+                                inner_tensor.shape().DebugString()));
+    int64_t seed = 0;
+    OP_REQUIRES_OK(context, ReadSeed(context->input(3), &seed));
+    int64_t inner = inner_tensor.scalar<int64_t>()();
     const int64_t slots = exponent.NumElements();
     const int64_t n = input.NumElements();
     if (n == 0) {  // nothing to round; an empty slice axis gives no exponents at all
       context->set_output(0, input);
       return;
     }
+    OP_REQUIRES(context, inner >= 1, InvalidArgument("inner must be >= 1, got ", inner));
     OP_REQUIRES(context, slots >= 1, InvalidArgument("exponent must not be empty"));
-    OP_REQUIRES(context, inner >= 1 && n % (inner * slots) == 0,
+    // Divisions, not a product: inner * slots may overflow.
+    OP_REQUIRES(context, n % inner == 0 && (n / inner) % slots == 0,
                 InvalidArgument("inner * size(exponent) must divide the size of x; got inner=",
                                 inner, ", size(exponent)=", slots, ", size(x)=", n));
-    if (slots == 1) inner = std::max<int64_t>(n, 1);  // one run: the whole tensor
+    if (slots == 1) inner = n;  // one run: the whole tensor
     const int32_t* k = exponent.flat<int32_t>().data();
-    const int min_k = 1 - C::kExponentBias - C::kMantissa;
-    const int max_k = C::kExponentBias - C::kMantissa;
     for (int64_t j = 0; j < slots; ++j) {
-      OP_REQUIRES(context, k[j] >= min_k && k[j] <= max_k,
-                  InvalidArgument("exponent must be in [", min_k, ", ", max_k, "], got ", k[j]));
+      OP_REQUIRES(context, k[j] >= MinSharedExponent<T>() && k[j] <= MaxSharedExponent<T>(),
+                  InvalidArgument("exponent must be in [", MinSharedExponent<T>(), ", ",
+                                  MaxSharedExponent<T>(), "], got ", k[j]));
     }
-    int64_t seed = 0;
-    OP_REQUIRES_OK(context, ReadSeed(context->input(3), &seed));
     Tensor* output = nullptr;
-    OP_REQUIRES_OK(context, context->forward_input_or_allocate_output({0}, 0, input.shape(), &output));
-    const T* in = input.flat<T>().data();
-    T* out = output->flat<T>().data();
-    switch (rounding_) {
-      case Rounding::kNearestEven:
-        Run<Rounding::kNearestEven>(context, in, out, n, k, slots, inner, seed);
-        break;
-      case Rounding::kStochastic:
-        Run<Rounding::kStochastic>(context, in, out, n, k, slots, inner, seed);
-        break;
-      case Rounding::kTowardZero:
-        Run<Rounding::kTowardZero>(context, in, out, n, k, slots, inner, seed);
-        break;
-    }
+    OP_REQUIRES_OK(context,
+                   context->forward_input_or_allocate_output({0}, 0, input.shape(), &output));
+    RunFixed<T>(context, *loops, rounding_, bits_, saturate_, input.flat<T>().data(),
+                output->flat<T>().data(), n, k, slots, inner, seed);
   }
 
  private:
-  template <Rounding R>
-  void Run(OpKernelContext* context, const T* in, T* out, int64_t n, const int32_t* k,
-           int64_t slots, int64_t inner, int64_t seed) const {
-    using UInt = typename Container<T>::UInt;
-    const Keys keys = MakeKeys(seed);
-    const UInt max_mantissa = (UInt{1} << (bits_ - 1)) - 1;
-    const bool saturate = saturate_;
-    ParallelFor(context, n, kCostPerElement, [&](int64_t begin, int64_t end) {
-      // Walk [begin, end) one run of `inner` elements (one shared exponent) at a time.
-      int64_t i = begin;
-      while (i < end) {
-        const int64_t run = i / inner;
-        const int64_t stop = std::min(end, (run + 1) * inner);
-        const int exponent = k[run % slots];
-        const UInt inf_magnitude = saturate ? ScaledBits<T>(max_mantissa, exponent) : InfBits<T>();
-        QuantizeFixedRange<T, R>(in, out, i, stop, exponent, inf_magnitude, keys);
-        i = stop;
-      }
-    });
-  }
-
   int bits_;
   bool saturate_;
   Rounding rounding_;
 };
 
-#define REGISTER_KERNELS(T)                                                          \
-  REGISTER_KERNEL_BUILDER(                                                           \
-      Name("Hfp8QuantizeFloat").Device(DEVICE_CPU).TypeConstraint<T>("T"),           \
-      QuantizeFloatOp<T>);                                                           \
-  REGISTER_KERNEL_BUILDER(                                                           \
-      Name("Hfp8QuantizeFixed").Device(DEVICE_CPU).TypeConstraint<T>("T"),           \
-      QuantizeFixedOp<T>);
+// Dynamic fixed point with one shared exponent for the whole tensor, in two passes
+// over it: the largest finite magnitude (in parallel), then the rounding.
+template <typename T>
+class QuantizeDfpOp : public OpKernel {
+ public:
+  explicit QuantizeDfpOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, ReadFixedAttrs(context, &bits_, &rounding_, &saturate_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    using UInt = typename Container<T>::UInt;
+    const Loops* loops;
+    OP_REQUIRES_OK(context, SelectLoopsOrError(&loops));
+    const Tensor& input = context->input(0);
+    int64_t seed = 0;
+    OP_REQUIRES_OK(context, ReadSeed(context->input(1), &seed));
+    const T* in = input.flat<T>().data();
+    const int64_t n = input.NumElements();
+    const MaxAbsLoop<T> max_abs = TypedLoops<T>::MaxAbs(*loops);
+    UInt largest = 0;
+    std::mutex mutex;
+    ParallelFor(context, n, 1, [&](int64_t begin, int64_t end) {
+      const UInt part = max_abs(in, begin, end);
+      std::lock_guard<std::mutex> lock(mutex);
+      largest = std::max(largest, part);
+    });
+    const int32_t k = SharedExponent<T>(largest, bits_, rounding_);
+    Tensor* output = nullptr;
+    OP_REQUIRES_OK(context,
+                   context->forward_input_or_allocate_output({0}, 0, input.shape(), &output));
+    Tensor* exponent = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(1, {}, &exponent));
+    exponent->scalar<int32_t>()() = k;
+    if (n == 0) return;
+    RunFixed<T>(context, *loops, rounding_, bits_, saturate_, in, output->flat<T>().data(), n,
+                &k, 1, n, seed);
+  }
+
+ private:
+  int bits_;
+  bool saturate_;
+  Rounding rounding_;
+};
+
+// The CPU variant the kernels run now, and those this CPU supports.
+class CpuVariantOp : public OpKernel {
+ public:
+  explicit CpuVariantOp(OpKernelConstruction* context) : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    const Loops* loops;
+    OP_REQUIRES_OK(context, SelectLoopsOrError(&loops));
+    Tensor* active = nullptr;
+    Tensor* supported = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, {}, &active));
+    OP_REQUIRES_OK(context, context->allocate_output(1, {}, &supported));
+    active->scalar<tensorflow::tstring>()() = loops->name;
+    supported->scalar<tensorflow::tstring>()() = SupportedVariants();
+  }
+};
+
+#define REGISTER_KERNELS(T)                                                                   \
+  REGISTER_KERNEL_BUILDER(Name("Hfp8QuantizeFloat").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
+                          QuantizeFloatOp<T>);                                                \
+  REGISTER_KERNEL_BUILDER(Name("Hfp8QuantizeFixed").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
+                          QuantizeFixedOp<T>);                                                \
+  REGISTER_KERNEL_BUILDER(Name("Hfp8QuantizeDfp").Device(DEVICE_CPU).TypeConstraint<T>("T"),   \
+                          QuantizeDfpOp<T>);
 
 REGISTER_KERNELS(float);
 REGISTER_KERNELS(double);
 #undef REGISTER_KERNELS
+
+REGISTER_KERNEL_BUILDER(Name("Hfp8CpuVariant").Device(DEVICE_CPU), CpuVariantOp);
 
 }  // namespace tfhfp8

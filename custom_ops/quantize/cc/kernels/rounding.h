@@ -2,7 +2,11 @@
 //
 // The same algorithm as tfhfp8/ops/tf_backend.py, which documents it; the two are
 // tested to agree bit for bit. Everything here is branch-free integer arithmetic on
-// the input's bits so that the loops in quantize_kernels.cc vectorize.
+// the input's bits so that the loops in quantize_loops.cc vectorize.
+//
+// This header is compiled once per CPU variant (cpu_dispatch.h), each time with other
+// instruction sets: everything in it lives in the inline namespace TFHFP8_VARIANT, so
+// that no variant's copy of an inline function can stand in for another's at link time.
 
 #ifndef TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_ROUNDING_H_
 #define TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_ROUNDING_H_
@@ -10,30 +14,17 @@
 #include <cstdint>
 #include <cstring>
 
+#include "quantize_types.h"
+
+#ifndef TFHFP8_VARIANT
+#define TFHFP8_VARIANT baseline
+#endif
+
 namespace tfhfp8 {
+inline namespace TFHFP8_VARIANT {
 
-enum class Rounding { kNearestEven, kStochastic, kTowardZero };
-enum class Specials { kIeee, kFn, kFnuz, kFinite };
 
-// Bit layout of the float type the rounding runs in.
-template <typename T>
-struct Container;
 
-template <>
-struct Container<float> {
-  using UInt = uint32_t;
-  static constexpr int kWidth = 32;
-  static constexpr int kMantissa = 23;
-  static constexpr int kExponentBias = 127;
-};
-
-template <>
-struct Container<double> {
-  using UInt = uint64_t;
-  static constexpr int kWidth = 64;
-  static constexpr int kMantissa = 52;
-  static constexpr int kExponentBias = 1023;
-};
 
 template <typename T>
 inline typename Container<T>::UInt ToBits(T x) {
@@ -78,11 +69,6 @@ inline uint32_t Mix32(uint32_t x) {
   x ^= x >> 16;
   return x;
 }
-
-struct Keys {
-  uint32_t key0;
-  uint32_t key1;
-};
 
 inline Keys MakeKeys(int64_t seed) {
   const uint64_t s = static_cast<uint64_t>(seed);
@@ -129,7 +115,8 @@ inline UInt RoundStatic(UInt v, int d, UInt half_minus_one, UInt lsb, UInt rand)
   return kept + static_cast<UInt>(threshold < dropped);
 }
 
-// Rounds sig / 2^s to an integer, s >= 1, sig < 2^(mantissa + 1).
+// Rounds sig / 2^s to an integer, s >= 0, sig < 2^(mantissa + 1). (s == 0 occurs for
+// the subnormals of a format with the container's own layout, e.g. FloatFormat(8, 23).)
 template <Rounding R, typename T>
 inline typename Container<T>::UInt RoundVariable(typename Container<T>::UInt sig, int s,
                                                  typename Container<T>::UInt rand) {
@@ -140,8 +127,9 @@ inline typename Container<T>::UInt RoundVariable(typename Container<T>::UInt sig
   const UInt kept = sig >> shift;
   if (R == Rounding::kTowardZero) return kept;
   if (R == Rounding::kNearestEven) {
-    const UInt half_minus_one = (UInt{1} << (shift - 1)) - 1;
-    return (sig + half_minus_one + (kept & 1)) >> shift;
+    const UInt lsb = shift > 0 ? UInt{1} : UInt{0};
+    const UInt half_minus_one = ((UInt{1} << shift) >> 1) - lsb;
+    return (sig + half_minus_one + (kept & lsb)) >> shift;
   }
   const UInt dropped = sig & ((UInt{1} << shift) - 1);
   const int up_shift = kWidth - s < 0 ? 0 : (kWidth - s > kWidth - 1 ? kWidth - 1 : kWidth - s);
@@ -182,54 +170,42 @@ inline typename Container<T>::UInt ScaledBits(typename Container<T>::UInt code, 
 // ---------------------------------------------------------------------------------
 // Rounding to a FloatFormat.
 
+// The parameters of the rounding to a FloatFormat.
 template <typename T>
-struct FloatParams {
+inline FloatParams<T> ComputeFloatParams(int exponent_bits, int mantissa_bits, int bias,
+                                         Specials specials, bool subnormals, bool saturate) {
   using UInt = typename Container<T>::UInt;
-  int emin;            // container-biased exponent of the format's min normal
-  int d;               // mantissa bits dropped on the normal path
-  int sub_mantissa;    // mantissa bits of the subnormal range (0 without subnormals)
-  UInt rebias;         // (emin - 1) << container mantissa
-  UInt half_minus_one; // 2^(d-1) - 1, or 0
-  UInt lsb;            // d > 0
-  UInt max_code;       // largest finite code (E << m) | M
-  UInt max_bits;       // the largest finite value in the container
-  UInt overflow_bits;  // magnitude given to overflowing values
-  UInt nan_xor;        // NaN output = sign ^ nan_xor (a NaN, or ml_dtypes' zero)
-  UInt zero_sign_mask;  // sign bits kept on a zero: none for fnuz (-0 becomes +0)
-  int quantum_exponent;  // one code unit on the fixed-quantum path is 2^this
-
-  FloatParams(int exponent_bits, int mantissa_bits, int bias, Specials specials,
-              bool subnormals, bool saturate) {
-    using C = Container<T>;
-    const int m = mantissa_bits;
-    emin = 1 - bias + C::kExponentBias;
-    d = C::kMantissa - m;
-    sub_mantissa = subnormals ? m : 0;
-    rebias = static_cast<UInt>(emin - 1) << C::kMantissa;
-    half_minus_one = d > 0 ? (UInt{1} << (d - 1)) - 1 : 0;
-    lsb = d > 0 ? 1 : 0;
-    const UInt all_ones = (UInt{1} << (exponent_bits + m)) - 1;
-    if (specials == Specials::kIeee) {
-      max_code = (((UInt{1} << exponent_bits) - 1) << m) - 1;
-    } else if (specials == Specials::kFn) {
-      max_code = all_ones - 1;
-    } else {
-      max_code = all_ones;
-    }
-    max_bits = (max_code << d) + rebias;
-    if (saturate || specials == Specials::kFinite) {
-      overflow_bits = max_bits;
-    } else if (specials == Specials::kIeee) {
-      overflow_bits = InfBits<T>();
-    } else {
-      overflow_bits = QuietNanBits<T>();
-    }
-    const bool has_nan = specials != Specials::kFinite;
-    nan_xor = (has_nan || saturate) ? QuietNanBits<T>() : SignBit<T>();
-    zero_sign_mask = specials == Specials::kFnuz ? UInt{0} : SignBit<T>();
-    quantum_exponent = 1 - bias - sub_mantissa;
+  FloatParams<T> p;
+  using C = Container<T>;
+  const int m = mantissa_bits;
+  p.emin = 1 - bias + C::kExponentBias;
+  p.d = C::kMantissa - m;
+  p.sub_mantissa = subnormals ? m : 0;
+  p.rebias = static_cast<UInt>(p.emin - 1) << C::kMantissa;
+  p.half_minus_one = p.d > 0 ? (UInt{1} << (p.d - 1)) - 1 : 0;
+  p.lsb = p.d > 0 ? 1 : 0;
+  const UInt all_ones = (UInt{1} << (exponent_bits + m)) - 1;
+  if (specials == Specials::kIeee) {
+    p.max_code = (((UInt{1} << exponent_bits) - 1) << m) - 1;
+  } else if (specials == Specials::kFn) {
+    p.max_code = all_ones - 1;
+  } else {
+    p.max_code = all_ones;
   }
-};
+  p.max_bits = (p.max_code << p.d) + p.rebias;
+  if (saturate || specials == Specials::kFinite) {
+    p.overflow_bits = p.max_bits;
+  } else if (specials == Specials::kIeee) {
+    p.overflow_bits = InfBits<T>();
+  } else {
+    p.overflow_bits = QuietNanBits<T>();
+  }
+  const bool has_nan = specials != Specials::kFinite;
+  p.nan_xor = (has_nan || saturate) ? QuietNanBits<T>() : SignBit<T>();
+  p.zero_sign_mask = specials == Specials::kFnuz ? UInt{0} : SignBit<T>();
+  p.quantum_exponent = 1 - bias - p.sub_mantissa;
+  return p;
+}
 
 template <typename T, Rounding R>
 inline T QuantizeFloatElement(T x, const FloatParams<T>& p, typename Container<T>::UInt rand) {
@@ -251,7 +227,7 @@ inline T QuantizeFloatElement(T x, const FloatParams<T>& p, typename Container<T
   UInt sig;
   Significand<T>(a, &exponent1, &sig);
   const int s_raw = C::kMantissa - p.sub_mantissa + p.emin - exponent1;
-  const int s = s_raw > 1 ? s_raw : 1;
+  const int s = s_raw > 0 ? s_raw : 0;  // 0: the container's own subnormals, exact
   const UInt sub_code = RoundVariable<R, T>(sig, s, rand);
   const UInt sub_bits = ScaledBits<T>(sub_code, p.quantum_exponent);
 
@@ -383,6 +359,23 @@ void QuantizeFixedRange(const T* in, T* out, int64_t begin, int64_t end, int k,
   });
 }
 
+// The bits of the largest finite |in[j]| over [begin, end), 0 if there is none: the
+// bits of non-negative floats order like their values, and integer max vectorizes.
+template <typename T>
+typename Container<T>::UInt MaxAbsBitsRange(const T* in, int64_t begin, int64_t end) {
+  using UInt = typename Container<T>::UInt;
+  constexpr UInt kMagnitude = ~SignBit<T>();
+  constexpr UInt kInf = InfBits<T>();
+  UInt largest = 0;
+  for (int64_t j = begin; j < end; ++j) {
+    const UInt a = ToBits(in[j]) & kMagnitude;
+    const UInt finite = a < kInf ? a : UInt{0};
+    largest = finite > largest ? finite : largest;
+  }
+  return largest;
+}
+
+}  // inline namespace TFHFP8_VARIANT
 }  // namespace tfhfp8
 
 #endif  // TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_ROUNDING_H_

@@ -2,8 +2,27 @@
 
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/shape_inference.h"
 
 namespace tfhfp8 {
+
+using tensorflow::shape_inference::InferenceContext;
+using tensorflow::shape_inference::ShapeHandle;
+
+namespace {
+
+// y has x's shape; the inputs named in `scalars` must be scalars, `exponent` (when
+// given) a scalar or a vector.
+absl::Status QuantizeShape(InferenceContext* c, std::initializer_list<int> scalars,
+                           int exponent = -1) {
+  ShapeHandle unused;
+  for (int i : scalars) TF_RETURN_IF_ERROR(c->WithRank(c->input(i), 0, &unused));
+  if (exponent >= 0) TF_RETURN_IF_ERROR(c->WithRankAtMost(c->input(exponent), 1, &unused));
+  c->set_output(0, c->input(0));
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 REGISTER_OP("Hfp8QuantizeFloat")
     .Input("x: T")
@@ -17,7 +36,7 @@ REGISTER_OP("Hfp8QuantizeFloat")
     .Attr("subnormals: bool")
     .Attr("rounding: {'nearest_even', 'stochastic', 'toward_zero'}")
     .Attr("saturate: bool")
-    .SetShapeFn(tensorflow::shape_inference::UnchangedShape)
+    .SetShapeFn([](InferenceContext* c) { return QuantizeShape(c, {1}); })
     .Doc(R"doc(
 Rounds x to the nearest values of a binary floating-point format (see tfhfp8.FloatFormat).
 seed: int64 scalar for stochastic rounding; the same seed gives the same bits.
@@ -33,10 +52,42 @@ REGISTER_OP("Hfp8QuantizeFixed")
     .Attr("bits: int")
     .Attr("rounding: {'nearest_even', 'stochastic', 'toward_zero'}")
     .Attr("saturate: bool")
-    .SetShapeFn(tensorflow::shape_inference::UnchangedShape)
+    .SetShapeFn([](InferenceContext* c) { return QuantizeShape(c, {2, 3}, 1); })
     .Doc(R"doc(
 Rounds x to multiples of 2^exponent[j], j = (flat index / inner) % size(exponent):
 dynamic fixed point with one shared exponent per slice (see tfhfp8.DynamicFixedPoint).
+)doc");
+
+REGISTER_OP("Hfp8QuantizeDfp")
+    .Input("x: T")
+    .Input("seed: int64")
+    .Output("y: T")
+    .Output("exponent: int32")
+    .Attr("T: {float, double}")
+    .Attr("bits: int")
+    .Attr("rounding: {'nearest_even', 'stochastic', 'toward_zero'}")
+    .Attr("saturate: bool")
+    .SetShapeFn([](InferenceContext* c) {
+      TF_RETURN_IF_ERROR(QuantizeShape(c, {1}));
+      c->set_output(1, c->Scalar());
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Dynamic fixed point with one shared exponent for the whole tensor, chosen from its
+largest finite magnitude in the same kernel: y = x rounded to multiples of 2^exponent.
+)doc");
+
+REGISTER_OP("Hfp8CpuVariant")
+    .Output("active: string")
+    .Output("supported: string")
+    .SetIsStateful()  // it reads the environment: never constant-folded or cached
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->Scalar());
+      c->set_output(1, c->Scalar());
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+The CPU variant of the quantization loops that runs now, and those this CPU supports.
 )doc");
 
 }  // namespace tfhfp8
