@@ -154,7 +154,6 @@ def record_forward_gradient(op_type, outputs, inputs, backward_function):
                                              None)
 
 
-<<<<<<< HEAD
 # -- the graph of a Functional model -----------------------------------------------------
 def functional_graph(model):
     """The Functional graph `model` runs, or None (subclassed, or an unbuilt Sequential).
@@ -192,11 +191,11 @@ def producer(tensor):
     """
     history = getattr(tensor, "_keras_history", None)
     return None if history is None else history.operation
-=======
+
+
 def gradients_may_be_recorded():
     """True when a `tf.GradientTape` (or forward accumulator) is recording, so that
     the ops created now may be differentiated. No public API tells."""
     from tensorflow.python.eager import record
 
     return record.could_possibly_record()
->>>>>>> main
