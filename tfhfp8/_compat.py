@@ -199,3 +199,28 @@ def gradients_may_be_recorded():
     from tensorflow.python.eager import record
 
     return record.could_possibly_record()
+
+
+# -- keras.optimizers.LossScaleOptimizer -------------------------------------------------
+class LossScaleHooks:
+    """Mixin for a `keras.optimizers.LossScaleOptimizer` subclass: calls
+    `self.after_finite_step()` after Keras' update of the dynamic scale on a step with
+    finite gradients, and `self.after_non_finite_step()` after a skipped step.
+
+    Keras has no public hook into its dynamic scaling: it updates the scale in
+    `_stateful_handle_finite_grads` and `_stateful_handle_non_finite_grads`.
+    """
+
+    def _stateful_handle_non_finite_grads(self):
+        super()._stateful_handle_non_finite_grads()
+        self.after_non_finite_step()
+
+    def _stateful_handle_finite_grads(self, grads, trainable_variables):
+        super()._stateful_handle_finite_grads(grads, trainable_variables)
+        self.after_finite_step()
+
+    def after_finite_step(self):
+        pass
+
+    def after_non_finite_step(self):
+        pass

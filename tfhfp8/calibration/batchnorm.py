@@ -41,14 +41,17 @@ def _broadcast_shape(bn, x):
     return shape
 
 
+def _channel_sums(channels, count=3):
+    """`count` float64 variables of one value per channel, zero."""
+    return [tf.Variable(np.zeros([channels], np.float64), trainable=False, dtype=tf.float64)
+            for _ in range(count)]
+
+
 class _Accumulator:
     """Per-channel count, mean and centred sum of squares, merged batch by batch (Chan)."""
 
     def __init__(self, channels):
-        zeros = np.zeros([channels], np.float64)
-        self.count = tf.Variable(zeros, trainable=False, dtype=tf.float64)
-        self.mean = tf.Variable(zeros, trainable=False, dtype=tf.float64)
-        self.m2 = tf.Variable(zeros, trainable=False, dtype=tf.float64)
+        self.count, self.mean, self.m2 = _channel_sums(channels)
 
     def merge(self, count_b, mean_b, m2_b):
         count_a, mean_a, m2_a = (tf.identity(self.count), tf.identity(self.mean),
@@ -69,10 +72,7 @@ class _BatchAverage:
     """Weighted average over batches of per-batch means and variances (`one_pass`)."""
 
     def __init__(self, channels):
-        zeros = np.zeros([channels], np.float64)
-        self.count = tf.Variable(zeros, trainable=False, dtype=tf.float64)
-        self.mean = tf.Variable(zeros, trainable=False, dtype=tf.float64)
-        self.variance = tf.Variable(zeros, trainable=False, dtype=tf.float64)
+        self.count, self.mean, self.variance = _channel_sums(channels)
 
     def add(self, count, mean, variance):
         self.count.assign_add(count)

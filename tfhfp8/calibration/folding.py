@@ -138,7 +138,7 @@ def fold_batchnorm(model, verbose=False):
             config = layer.get_config()
             if id(layer) in into:
                 config["use_bias"] = True
-            new = layer.__class__.from_config(config)
+            new = type(layer).from_config(config)
         clones[id(layer)] = (layer, new)
         return new
 
