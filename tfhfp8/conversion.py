@@ -157,6 +157,10 @@ def summary(model, print_fn=print):
     of errors that underflowed or saturated are shown too. Returns the rows as a
     list of dicts (`layer`, `type`, `policy`, `formats`, `note`, `errors`).
     """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"summary expects a keras.Model, got {type(model).__name__}")
+    if not callable(print_fn):
+        raise TypeError(f"print_fn must be callable, got {print_fn!r}")
     rows = []
     for layer in walk(model):
         if isinstance(layer, keras.layers.InputLayer):
