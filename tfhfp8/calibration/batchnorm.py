@@ -1,6 +1,7 @@
 """Re-calibration of BatchNormalization statistics: `recalibrate_batchnorm`."""
 
 import contextlib
+import numbers
 import warnings
 
 import keras
@@ -273,8 +274,9 @@ def recalibrate_batchnorm(model, data, steps=None, *, mode="exact", momentum=Non
         raise TypeError(f"expected a keras.Model, got {type(model).__name__}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if momentum is not None and not 0.0 <= float(momentum) < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(
+            momentum, numbers.Real) or not 0.0 <= float(momentum) < 1.0):
+        raise ValueError(f"momentum must be None or a number in [0, 1), got {momentum!r}")
     if not model.built:
         raise ValueError("the model is not built: call it on data or give it an Input first")
     found = batchnorm_layers(model)

@@ -200,6 +200,15 @@ def check_batch(specs, x, index, what):
     if specs is None:
         return
     arrays = tf.nest.flatten(x)
+    for array in arrays:
+        dtype = getattr(array, "dtype", None)
+        kind = None if dtype is None else np.dtype(
+            dtype.as_numpy_dtype if isinstance(dtype, tf.DType) else dtype).kind
+        if kind in ("c", "U", "S", "O"):
+            raise TypeError(
+                f"{what}: batch {index} has {dtype} values; the model takes real numbers "
+                "(complex values would lose their imaginary part)" if kind == "c" else
+                f"{what}: batch {index} has {dtype} values; the model takes numbers")
     if len(arrays) != len(specs):
         raise ValueError(
             f"{what}: batch {index} has {len(arrays)} input array(s), the model takes "
