@@ -118,3 +118,126 @@ def test_ptq_prints_the_three_accuracies_and_saves_a_model_that_reloads(tmp_path
     assert any(isinstance(layer, tfhfp8.layers.Conv2D) for layer in reloaded.layers)
     accuracy = np.mean(np.argmax(reloaded.predict(x_test, verbose=0), -1) == y_test)
     assert 100 * accuracy == pytest.approx(printed["recalibrated"], abs=0.006)
+
+
+# -- bad flags: a message naming the flag, a non-zero exit, no traceback (issue 11) ----------
+
+@pytest.mark.parametrize("flag, message", [
+    ("--batch_size=0", "--batch_size must be a positive integer"),
+    ("--epochs=0", "--epochs must be a positive integer"),
+    ("--epochs=-3", "--epochs must be a positive integer"),
+    ("--limit=0", "--limit must be a positive integer"),
+    ("--test_limit=-1", "--test_limit must be a positive integer"),
+    ("--learning_rate=0", "--learning_rate must be a positive finite number"),
+    ("--learning_rate=inf", "--learning_rate must be a positive finite number"),
+    ("--policies=hfp8,hfp9", "--policies must be a comma-separated list of presets"),
+    ("--policies=", "--policies must be a comma-separated list of presets"),
+    ("--dataset=mnist_6k", "--dataset"),
+    ("--loss_scaling=sometimes", "--loss_scaling"),
+])
+def test_bad_train_flags_are_rejected_before_training(flag, message, tmp_path):
+    result = _run("train", "--model=small_cnn", "--dataset=digits", "--policies=float32",
+                  f"--output_dir={tmp_path / 'out'}", flag)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "Epoch" not in result.stdout + result.stderr  # nothing was trained
+
+
+def test_unwritable_output_dir_is_found_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = _run("train", "--model=small_cnn", "--dataset=digits", "--policies=float32",
+                  "--epochs=1", f"--output_dir={blocker / 'out'}")
+    assert result.returncode != 0
+    assert "output_dir: cannot write in" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "Epoch" not in result.stdout
+
+
+@pytest.mark.parametrize("case", ["no_x", "not_npz", "no_model", "not_a_model",
+                                  "bad_output", "unknown_data"])
+def test_bad_ptq_inputs_are_clear_errors(case, tmp_path):
+    import keras
+    import numpy as np
+
+    model_path = tmp_path / "m.keras"
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(model_path)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((8, 4), "float32"))
+    args = {"model": str(model_path), "data": str(data)}
+    expected = {
+        "no_x": "has no array named 'x' (it has: inputs)",
+        "not_npz": "cannot read",
+        "no_model": "--model: no such file",
+        "not_a_model": "--model: cannot load",
+        "bad_output": "--output must be a .keras",
+        "unknown_data": "--data must be a .npz file or one of",
+    }[case]
+    extra = []
+    if case == "no_x":
+        np.savez(data, inputs=np.zeros((8, 4), "float32"))
+    elif case == "not_npz":
+        data.write_bytes(b"PK\x03\x04 not really a zip archive")
+    elif case == "no_model":
+        args["model"] = str(tmp_path / "missing.keras")
+    elif case == "not_a_model":
+        (tmp_path / "junk.keras").write_bytes(b"\x00" * 100)
+        args["model"] = str(tmp_path / "junk.keras")
+    elif case == "bad_output":
+        extra = [f"--output={tmp_path / 'out.txt'}"]
+    else:
+        args["data"] = "imagenet"
+    result = _run("ptq", f"--model={args['model']}", f"--data={args['data']}", *extra)
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(epochs=0), ValueError, "epochs must be a positive integer"),
+    (dict(epochs=-3), ValueError, "epochs must be a positive integer"),
+    (dict(batch_size=0), ValueError, "batch_size must be a positive integer"),
+    (dict(batch_size=2.5), ValueError, "batch_size must be a positive integer"),
+    (dict(limit=0), ValueError, "limit must be a positive integer or None"),
+    (dict(test_limit=0), ValueError, "test_limit must be a positive integer or None"),
+    (dict(learning_rate=-1.0), ValueError, "learning_rate must be a positive"),
+    (dict(seed=1.5), TypeError, "seed must be an integer"),
+    (dict(policies=[]), ValueError, "policies is empty"),
+    (dict(policies=["hfp9"]), ValueError, "hfp9"),
+    (dict(model="resnet21"), ValueError, "model must be one of"),
+    (dict(dataset="digitz"), ValueError, "dataset must be one of"),
+])
+def test_train_policies_checks_every_argument_first(kwargs, error, message):
+    arguments = dict(model="small_cnn", dataset="digits", policies=["float32"], epochs=1,
+                     output_dir=None, verbose=0)
+    arguments.update(kwargs)
+    with pytest.raises(error, match=message):
+        experiment.train_policies(**arguments)
+
+
+def test_train_policies_checks_the_output_dir_first(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="output_dir: cannot write in"):
+        experiment.train_policies("small_cnn", "digits", ["float32"],
+                                  output_dir=str(tmp_path / "file" / "out"), verbose=0)
+
+
+@pytest.mark.parametrize("schedule, error", [
+    ("10:2", TypeError), ([(10,)], ValueError), ([("10", 2.0)], ValueError),
+    ([(10, 0.0)], ValueError), ([(-1, 2.0)], ValueError), ([(10, float("nan"))], ValueError),
+    (5, TypeError), ({10: 2.0}, TypeError),
+])
+def test_min_scale_schedule_is_checked(schedule, error):
+    import keras
+
+    with pytest.raises(error, match="min_scale_schedule must be a list of"):
+        tfhfp8.loss_scaling.DynamicLossScaleOptimizer(keras.optimizers.SGD(),
+                                                      min_scale_schedule=schedule)
+    with pytest.raises(ValueError, match="min_scale must be a positive"):
+        tfhfp8.loss_scaling.DynamicLossScaleOptimizer(keras.optimizers.SGD(), min_scale=0)
+
+
+def test_summary_of_something_else_than_a_model_is_a_type_error():
+    for bad in ("not a model", None, 3):
+        with pytest.raises(TypeError, match="summary expects a keras.Model"):
+            tfhfp8.summary(bad)

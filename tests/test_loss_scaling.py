@@ -3,6 +3,7 @@
 import glob
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -266,5 +267,47 @@ def test_adaptive_scaling_under_mirrored_strategy():
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout
+
+
+def test_scales_agree_under_a_second_strategy_in_the_same_process():
+    # The scale agreement used all_gather, whose collective keys collided with those of
+    # an earlier strategy's all-reduce: "Collective ops is aborted ... expected type 0
+    # and data_type 1 but got type 2 and data_type 3".
+    script = textwrap.dedent("""
+        import numpy as np, keras, tensorflow as tf, tfhfp8
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        rng = np.random.default_rng(0)
+        x = (rng.normal(size=(64, 8)) * 1e-5).astype("float32")
+        y = (rng.normal(size=(64, 4)) * 1e-5).astype("float32")
+
+        def train(scaling):
+            strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+            with strategy.scope():
+                model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+                                          keras.layers.Dense(4)])
+                if scaling:
+                    model = tfhfp8.quantize_model(model, tfhfp8.Policy(
+                        errors="float8_e5m2", loss_scaling=scaling))
+                model.compile(keras.optimizers.SGD(0.1), "mse")
+            model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+            if scaling:
+                scale = model.layers[-1].error_state["gemm"]["scale"]
+                values = [float(v.numpy()) for v in strategy.experimental_local_results(
+                    strategy.run(lambda: tf.identity(scale.value)))]
+                assert values[0] == values[1] and values[0] > 1, values
+                return values[0]
+
+        train(None)  # plain Keras first
+        first = train("adaptive")
+        again = train("adaptive")  # a third strategy: the same scales
+        train(tfhfp8.loss_scaling.AbsMax(history=2))
+        assert first == again, (first, again)
+        print("OK", first)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK" in result.stdout

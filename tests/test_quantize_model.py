@@ -372,3 +372,55 @@ def test_sequential_top_level_and_unknown_policy():
     assert [type(layer) for layer in converted.layers] == [tl.Dense, tl.Dense]
     with pytest.raises(ValueError, match="hfp9"):
         tfhfp8.quantize_model(model, "hfp9")
+
+
+# -- converting an emulated model to another policy (issue 11) --------------------------------
+
+def _policies(model):
+    return {layer.name: layer.policy.name for layer in all_layers(model)
+            if isinstance(layer, tl.EmulatedLayer)}
+
+
+@pytest.mark.parametrize("source_policy", [
+    "hfp8", tfhfp8.Policy("hfp8", loss_scaling="adaptive"),
+    tfhfp8.Policy("fp8", loss_scaling="absmax")])
+@pytest.mark.parametrize("target", ["bfloat16", "float32", "fp8",
+                                    tfhfp8.Policy("int16_dfp", loss_scaling="adaptive")])
+def test_emulated_model_converts_to_another_policy(source_policy, target):
+    model = residual_nested_shared_model()
+    emulated = tfhfp8.quantize_model(model, source_policy)
+    x = np.random.default_rng(0).normal(size=(6, 8)).astype("float32")
+    y = np.random.default_rng(1).integers(0, 3, 6)
+    emulated.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    emulated.fit(x, y, epochs=1, verbose=0)  # weights and loss-scaling state move
+    before = snapshot(emulated)
+
+    converted = tfhfp8.quantize_model(emulated, target)
+    direct = tfhfp8.quantize_model(model, target)  # the FP32 model converted
+    assert _policies(converted) == _policies(direct)
+    target_policy = tfhfp8.policy.get(target)
+    for layer in all_layers(converted):
+        if isinstance(layer, tl.EmulatedLayer):
+            expected = set(layer.GEMMS) if (target_policy.loss_scaling is not None and
+                                            layer.policy.errors is not None) else set()
+            assert {gemm for gemm, state in layer.error_state.items() if state} == expected
+    for src, dst in zip(tfhfp8.conversion._model_weights(emulated),
+                        tfhfp8.conversion._model_weights(direct)):
+        dst.assign(src)
+    np.testing.assert_array_equal(converted(x).numpy(), direct(x).numpy())
+    # The weights are the emulated model's, which is unchanged.
+    assert [w.numpy().tolist() for w in tfhfp8.conversion._model_weights(converted)] == [
+        w.numpy().tolist() for w in tfhfp8.conversion._model_weights(emulated)]
+    after = snapshot(emulated)
+    for (name, cls, w1), (_, cls2, w2) in zip(before, after):
+        assert cls is cls2
+        for a, b in zip(w1, w2):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_emulated_layers_in_exempt_become_keras_layers_again():
+    emulated = tfhfp8.quantize_model(residual_nested_shared_model(), "hfp8")
+    converted = tfhfp8.quantize_model(emulated, "bfloat16", exempt=["shared"])
+    classes = {layer.name: type(layer) for layer in all_layers(converted)}
+    assert classes["shared"] is layers.Dense and classes["n1"] is tl.Dense
+    assert set(_policies(converted).values()) == {"bfloat16"}

@@ -152,3 +152,11 @@ def record_forward_gradient(op_type, outputs, inputs, backward_function):
 
     record.record_operation_forwardprop_only(op_type, outputs, inputs, backward_function,
                                              None)
+
+
+def gradients_may_be_recorded():
+    """True when a `tf.GradientTape` (or forward accumulator) is recording, so that
+    the ops created now may be differentiated. No public API tells."""
+    from tensorflow.python.eager import record
+
+    return record.could_possibly_record()

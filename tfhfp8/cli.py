@@ -16,11 +16,13 @@ Commands:
       and after re-calibration.
 """
 
+import os
 import sys
+import zipfile
 
 from absl import app, flags
 
-from tfhfp8 import datasets, experiment, formats, models, policy, program
+from tfhfp8 import block_formats, datasets, experiment, formats, models, policy, program
 
 _COMMANDS = ("train", "demo", "formats", "ptq")
 
@@ -59,6 +61,36 @@ _FOLD = flags.DEFINE_boolean("fold_batchnorm", False,
 _OUTPUT = flags.DEFINE_string("output", None, "ptq: where to save the quantized model (.keras).")
 
 
+# Every flag is checked when the flags are parsed (absl prints the message and exits
+# with status 1, no traceback), before any data is loaded or any model trained.
+def _at_least_one(name, allow_none=False):
+    flags.register_validator(
+        name, lambda value: (allow_none and value is None) or (value is not None
+                                                                and value >= 1),
+        message=f"--{name} must be a positive integer" + (" (or unset)" if allow_none
+                                                           else ""))
+
+
+for _name in ("epochs", "batch_size", "calibration_steps"):
+    _at_least_one(_name)
+for _name in ("limit", "test_limit"):
+    _at_least_one(_name, allow_none=True)
+flags.register_validator("learning_rate", lambda value: 0 < value < float("inf"),
+                         message="--learning_rate must be a positive finite number")
+flags.register_validator(
+    "policies", lambda value: bool(value) and all(p in policy.presets() for p in value),
+    message="--policies must be a comma-separated list of presets: " +
+    ", ".join(policy.presets()))
+flags.register_validator("policy", lambda value: value in policy.presets(),
+                         message="--policy must be one of " + ", ".join(policy.presets()))
+flags.register_validator(
+    "model", lambda value: value is None or bool(value.strip()),
+    message="--model must not be empty")
+flags.register_validator(
+    "output", lambda value: value is None or value.endswith((".keras", ".h5")),
+    message="--output must be a .keras (or .h5) file name")
+
+
 def _train(**overrides):
     settings = dict(model=_MODEL.value or "resnet20", dataset=_DATASET.value,
                     policies=_POLICIES.value, epochs=_EPOCHS.value,
@@ -95,6 +127,21 @@ def formats_table():
             lines.append(f"{name:<20} {fmt.bits:>4} {'':>5} {'':>4} {'':>11} {'':>11} {'':>11} "
                          f"{'':>9}  {fmt.bits}-bit integers x shared 2^E per tensor")
             continue
+        if isinstance(fmt, block_formats.BlockScaled):
+            # bits: average per element (the scale shared by the block included).
+            # bits: average per element (the scale shared by the block included);
+            # max: the element's largest value, before scaling.
+            element = fmt.element
+            tensor = " in an FP32 tensor scale" if fmt.tensor_scale else ""
+            if element == block_formats.INT8_ELEMENT:
+                e_m, bias = "int8", ""
+            else:
+                e_m, bias = f"{element.exponent_bits}-{element.mantissa_bits}", element.bias
+            lines.append(
+                f"{name:<20} {fmt.bits:>4g} {e_m:<5} {bias:>4} {element.max:>11.6g} {'':>11} "
+                f"{'':>11} {'':>9}  blocks of {fmt.block_size} x {fmt.scale_name} "
+                f"scale{tensor}; element {element.name}")
+            continue
         specials = ", ".join(s for s, on in (("inf", fmt.has_inf), ("NaN", fmt.has_nan),
                                                ("-0", fmt.has_negative_zero)) if on) or "none"
         alias = f" (= {aliases[name]})" if name in aliases else ""
@@ -112,9 +159,21 @@ def _ptq():
 
     if not _MODEL.value or not _DATA.value:
         raise app.UsageError("ptq needs --model=PATH and --data=NAME_OR_NPZ")
-    model = keras.saving.load_model(_MODEL.value, compile=False)
+    if not os.path.isfile(_MODEL.value):
+        raise ValueError(f"--model: no such file {_MODEL.value!r}")
+    if not _DATA.value.endswith(".npz") and _DATA.value not in datasets.names():
+        raise ValueError(f"--data must be a .npz file or one of {', '.join(datasets.names())}; "
+                         f"got {_DATA.value!r}")
+    if _OUTPUT.value:  # before the work, whose result would be lost
+        experiment.check_writable_dir(os.path.dirname(os.path.abspath(_OUTPUT.value)),
+                                      "--output")
+    try:
+        model = keras.saving.load_model(_MODEL.value, compile=False)
+    except Exception as error:  # Keras raises many kinds for a file that is not a model
+        raise ValueError(f"--model: cannot load {_MODEL.value!r} as a Keras model: "
+                         f"{type(error).__name__}: {error}") from None
     if _DATA.value.endswith(".npz"):
-        arrays = np.load(_DATA.value)
+        arrays = _load_npz(_DATA.value)
         calibration_data = arrays["x"]
         eval_data = (arrays["x"], arrays["y"]) if "y" in arrays else arrays["x"]
     else:
@@ -134,6 +193,27 @@ def _ptq():
         print(f"Saved the quantized model to {_OUTPUT.value}")
 
 
+def _load_npz(path):
+    """The arrays `x` (and `y`, if there) of an .npz file; a ValueError naming --data."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files if name in ("x", "y")}
+            names = archive.files
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"--data: cannot read {path!r} as an .npz archive "
+                         f"({type(error).__name__}: {error})") from None
+    if "x" not in arrays:
+        raise ValueError(f"--data: {path!r} has no array named 'x' (it has: "
+                         f"{', '.join(names) or 'none'}); save the inputs as x= and "
+                         "optionally the labels as y=")
+    if "y" in arrays and len(arrays["y"]) != len(arrays["x"]):
+        raise ValueError(f"--data: {path!r}: x has {len(arrays['x'])} examples, y has "
+                         f"{len(arrays['y'])}")
+    return arrays
+
+
 def main(argv):
     if len(argv) != 2 or argv[1] not in _COMMANDS:
         raise app.UsageError(f"Usage: tfhfp8 {{{'|'.join(_COMMANDS)}}} [--flags]; "
@@ -148,7 +228,8 @@ def main(argv):
             _demo()
         else:
             _ptq()
-    except datasets.DatasetNotFoundError as error:
+    except (datasets.DatasetNotFoundError, ValueError, TypeError, OSError) as error:
+        # A user error (a bad flag value, an unreadable file): the message, no traceback.
         sys.exit(f"tfhfp8 {command}: {error}")
 
 

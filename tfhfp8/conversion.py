@@ -7,6 +7,9 @@ from tfhfp8 import _compat
 from tfhfp8 import policy as policy_lib
 from tfhfp8.layers import EMULATED, EmulatedLayer, walk
 
+# The Keras class each emulated class stands for.
+_KERAS_CLASS = {emulated: keras_class for keras_class, emulated in EMULATED.items()}
+
 # Layers that compute no GEMM and stay FP32 by design.
 _NON_GEMM = (
     keras.layers.BatchNormalization, keras.layers.LayerNormalization,
@@ -35,6 +38,9 @@ def quantize_model(model, policy="hfp8", exempt=None, verbose=False):
     Supported layers (`tfhfp8.layers.EMULATED`) become their emulated drop-ins with the
     same configuration and weights; every other layer is copied unchanged. Nested
     models and shared layers are converted too. The input model is not modified.
+    An already emulated model converts the same way: its emulated layers get `policy`
+    (exempt ones become plain Keras layers again); their loss-scaling state is not
+    copied, the converted layers start the state their new policy asks for.
 
     Args:
       model: a built Sequential or Functional Keras model.
@@ -51,7 +57,8 @@ def quantize_model(model, policy="hfp8", exempt=None, verbose=False):
     """
     _check_model(model)
     policy = policy_lib.get(policy)
-    gemm_names = [layer.name for layer in walk(model) if type(layer) in EMULATED]
+    gemm_names = [layer.name for layer in walk(model)
+                  if type(layer) in EMULATED or type(layer) in _KERAS_CLASS]
     if exempt is None:
         fp32 = set()
         first_last = {gemm_names[0], gemm_names[-1]} if (
@@ -64,9 +71,13 @@ def quantize_model(model, policy="hfp8", exempt=None, verbose=False):
 
     def clone(layer):
         config = layer.get_config()
-        emulated = EMULATED.get(type(layer))
+        # An emulated layer is converted like the Keras layer it emulates: it gets the
+        # new policy (and, at build, the loss-scaling state that policy asks for).
+        keras_class = _KERAS_CLASS.get(type(layer), type(layer))
+        emulated = EMULATED.get(keras_class)
         if emulated is None or layer.name in fp32:
-            return layer.__class__.from_config(config)
+            config.pop("policy", None)
+            return keras_class.from_config(config)
         config["policy"] = policy.for_exempt_layer() if layer.name in first_last else policy
         return emulated.from_config(config)
 
@@ -77,14 +88,20 @@ def quantize_model(model, policy="hfp8", exempt=None, verbose=False):
     return converted
 
 
-def _copy_weights(source, target):
-    state = {id(v) for layer in walk(target, sublayers=True)
+def _model_weights(model):
+    """The model's weights without the loss-scaling state of its emulated layers (which
+    belongs to a policy, not to the model: a converted model starts its own)."""
+    state = {id(v) for layer in walk(model, sublayers=True)
              if isinstance(layer, EmulatedLayer) for v in layer.emulation_variables()}
-    targets = [v for v in target.weights if id(v) not in state]
-    if len(targets) != len(source.weights):
-        raise RuntimeError(f"cannot copy weights: {len(source.weights)} variables in the "
+    return [v for v in model.weights if id(v) not in state]
+
+
+def _copy_weights(source, target):
+    sources, targets = _model_weights(source), _model_weights(target)
+    if len(targets) != len(sources):
+        raise RuntimeError(f"cannot copy weights: {len(sources)} variables in the "
                            f"source model, {len(targets)} in the converted one")
-    for src, dst in zip(source.weights, targets):
+    for src, dst in zip(sources, targets):
         if tuple(src.shape) != tuple(dst.shape):
             raise RuntimeError(f"cannot copy {src.path} {src.shape} to {dst.path} {dst.shape}")
         dst.assign(src)
@@ -138,6 +155,10 @@ def summary(model, print_fn=print):
     of errors that underflowed or saturated are shown too. Returns the rows as a
     list of dicts (`layer`, `type`, `policy`, `formats`, `note`, `errors`).
     """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"summary expects a keras.Model, got {type(model).__name__}")
+    if not callable(print_fn):
+        raise TypeError(f"print_fn must be callable, got {print_fn!r}")
     rows = []
     for layer in walk(model):
         if isinstance(layer, keras.layers.InputLayer):

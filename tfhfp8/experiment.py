@@ -6,7 +6,10 @@
 """
 
 import json
+import math
+import numbers
 import os
+import tempfile
 import time
 
 import keras
@@ -20,6 +23,26 @@ from tfhfp8.loss_scaling import DynamicLossScaleOptimizer
 
 # Per-layer rules (tfhfp8.loss_scaling) and whole-model dynamic scaling (optimizers).
 LOSS_SCALINGS = ("none", *loss_scaling_lib.names(), "dynamic", "enhanced")
+
+
+def _check_positive_int(name, value, none=False):
+    if none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if none else ''}, "
+                         f"got {value!r}")
+
+
+def check_writable_dir(path, name="output_dir"):
+    """Creates folder `path` if needed and checks that a file can be written in it; a
+    ValueError naming `name` otherwise."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"{name}: cannot write in {path!r} ({error.strerror or error})"
+                         ) from None
 
 
 def load_data(dataset, limit=None, test_limit=None, seed=0):
@@ -74,7 +97,9 @@ def train_policies(model, dataset, policies, epochs=1, batch_size=128, loss_scal
         (`DynamicLossScaleOptimizer` with a floor of 2^8).
       seed: seeds the initial weights, the shuffling and the data split.
       output_dir: where `results.json` and `curves.png` go (None: nowhere).
-      limit, test_limit: use only the first examples of each split.
+      limit, test_limit: use only the first examples of each split (positive).
+
+    Every argument is checked (and `output_dir` created and tried) before any training.
 
     Returns:
       `{"config": {...}, "policies": {name: {"test_accuracy", "test_loss", "seconds",
@@ -82,7 +107,28 @@ def train_policies(model, dataset, policies, epochs=1, batch_size=128, loss_scal
     """
     if loss_scaling not in LOSS_SCALINGS:
         raise ValueError(f"loss_scaling must be one of {LOSS_SCALINGS}, got {loss_scaling!r}")
+    _check_positive_int("epochs", epochs)
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("limit", limit, none=True)
+    _check_positive_int("test_limit", test_limit, none=True)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if (isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real)
+            or not 0 < learning_rate < math.inf):
+        raise ValueError(f"learning_rate must be a positive finite number, got "
+                         f"{learning_rate!r}")
+    if isinstance(policies, (str, policy_lib.Policy)):
+        policies = [policies]
     policies = [policy_lib.get(p) for p in policies]
+    if not policies:
+        raise ValueError("policies is empty: name at least one policy")
+    if isinstance(model, str) and model not in models.names():
+        raise ValueError(f"model must be one of {', '.join(models.names())}; got {model!r}")
+    if isinstance(dataset, str) and dataset not in datasets.names():
+        raise ValueError(f"dataset must be one of {', '.join(datasets.names())}; got "
+                         f"{dataset!r}")
+    if output_dir:  # before the training, whose results would be lost
+        check_writable_dir(output_dir, "output_dir")
     (x_train, y_train), (x_test, y_test), model_kwargs = load_data(
         dataset, limit, test_limit, seed)
     keras.utils.set_random_seed(seed)

@@ -7,6 +7,8 @@ constants from these objects.
   for special values and optional subnormals (every float type of ml_dtypes is one).
 - `DynamicFixedPoint`: integer mantissas sharing one power-of-two exponent per
   tensor or per slice (INT16 DFP, Das et al. 2018).
+- `BlockScaled` (in `tfhfp8.block_formats`): blocks of elements sharing one scale
+  (OCP MX: `mxfp8_e4m3`, ..., `mxint8`; NVIDIA's `nvfp4`).
 
 Named formats are reachable by their ml_dtypes names wherever a format is accepted:
 
@@ -268,12 +270,19 @@ _ALIASES = {
 }
 
 
+def _plain_config_class(config):
+    # Configs saved before the registry carry no class name: only DFP has "bits", only
+    # block formats have "element".
+    if "element" in config:
+        return block_formats.BlockScaled
+    return DynamicFixedPoint if "bits" in config else FloatFormat
+
+
 REGISTRY = registry.Registry(
     "format", (FloatFormat, DynamicFixedPoint), _NAMED, _ALIASES,
-    # Configs saved before the registry carry no class name: only DFP has "bits".
-    from_plain_config=lambda config: (
-        DynamicFixedPoint if "bits" in config else FloatFormat).from_config(config),
-    hint="; or build one with tfhfp8.FloatFormat(...) or tfhfp8.DynamicFixedPoint(...).")
+    from_plain_config=lambda config: _plain_config_class(config).from_config(config),
+    hint="; or build one with tfhfp8.FloatFormat(...), tfhfp8.DynamicFixedPoint(...) or "
+         "tfhfp8.BlockScaled(...).")
 
 
 def names():
@@ -299,3 +308,11 @@ def get(identifier):
 def serialize(fmt):
     """The name of a named format, else its Keras config (None stays None)."""
     return REGISTRY.serialize(fmt)
+
+
+# The block-scaled formats live in their own module, which reads the classes above.
+from tfhfp8 import block_formats  # noqa: E402
+
+REGISTRY.classes = REGISTRY.classes + (block_formats.BlockScaled,)
+for _fmt in block_formats.NAMED:
+    REGISTRY.register(_fmt.name, _fmt)

@@ -13,6 +13,7 @@ scaling most gradients of a real network vanish in `Q_e`. Two complementary tool
 """
 
 import math
+import numbers
 
 import keras
 import tensorflow as tf
@@ -21,12 +22,25 @@ from tfhfp8 import formats, registry
 
 
 def _replica_reduce(value, reduce):
-    """`reduce` (tf.reduce_min/max) of `value` over the replicas of a distribution."""
+    """`reduce` (tf.reduce_min/max) of the scalar `value` over the replicas.
+
+    Computed in a `merge_call` from the replicas' values, with no collective op: the
+    collective instance keys of `tf.distribute` restart with every strategy while TF's
+    collective executor keeps what each key was first used for, so an `all_gather`
+    under a second strategy in the same process collided with the first strategy's
+    gradient all-reduce ("Collective ops is aborted ... expected type 0 and data_type 1
+    but got type 2 and data_type 3"). A merge call has no key: the same answer whatever
+    ran before.
+    """
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return value
-    gathered = context.all_gather(tf.expand_dims(value, 0), axis=0)
-    return reduce(gathered, axis=0)
+
+    def merge(strategy, per_replica):
+        values = strategy.experimental_local_results(per_replica)
+        return reduce(tf.stack([tf.identity(v) for v in values]), axis=0)
+
+    return context.merge_call(merge, args=(value,))
 
 
 def _floor_pow2(x):
@@ -217,6 +231,27 @@ def serialize(loss_scaling):
     return REGISTRY.serialize(loss_scaling)
 
 
+def _parse_schedule(schedule):
+    """`min_scale_schedule` as a sorted list of `(int step, float floor)`."""
+    if schedule is None:
+        return []
+    usage = ("min_scale_schedule must be a list of (step, floor) pairs, e.g. "
+             "[(1000, 2.0**6)], with integer steps >= 0 and positive floors")
+    if isinstance(schedule, (str, bytes, dict)) or not hasattr(schedule, "__iter__"):
+        raise TypeError(f"{usage}; got {schedule!r}")
+    pairs = []
+    for item in schedule:
+        if isinstance(item, (str, bytes)) or not hasattr(item, "__len__") or len(item) != 2:
+            raise ValueError(f"{usage}; got the item {item!r}")
+        step, value = item
+        if (isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0
+                or isinstance(value, bool) or not isinstance(value, numbers.Real)
+                or not 0 < value < math.inf):
+            raise ValueError(f"{usage}; got the item {item!r}")
+        pairs.append((int(step), float(value)))
+    return sorted(pairs)
+
+
 @keras.saving.register_keras_serializable(package="tfhfp8")
 class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     """Enhanced dynamic loss scaling (Mellempudi et al. 2019) for Keras 3 optimizers.
@@ -238,9 +273,10 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
                  min_scale=1.0, min_scale_schedule=None, name=None, **kwargs):
         super().__init__(inner_optimizer, initial_scale=initial_scale,
                          dynamic_growth_steps=dynamic_growth_steps, name=name, **kwargs)
-        schedule = sorted((int(step), float(value)) for step, value in (min_scale_schedule or []))
-        if min_scale <= 0 or any(value <= 0 for _, value in schedule):
-            raise ValueError("min_scale and the floors of min_scale_schedule must be > 0")
+        schedule = _parse_schedule(min_scale_schedule)
+        if (isinstance(min_scale, bool) or not isinstance(min_scale, numbers.Real)
+                or not 0 < min_scale < math.inf):
+            raise ValueError(f"min_scale must be a positive finite number, got {min_scale!r}")
         self.min_scale = float(min_scale)
         self.min_scale_schedule = schedule
 

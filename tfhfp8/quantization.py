@@ -5,7 +5,8 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from tfhfp8 import _compat, formats, ops
+from tfhfp8 import _compat, block_formats, formats, ops
+from tfhfp8.ops import tf_block
 from tfhfp8.ops.tf_backend import ROUNDINGS
 
 GRADIENTS = ("straight_through", "zero_overflow")
@@ -19,13 +20,16 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
     Args:
       x: a float16, bfloat16, float32 or float64 tensor (or anything
         `tf.convert_to_tensor` turns into one).
-      fmt: a format name (`tfhfp8.formats.names()`), `FloatFormat` or
-        `DynamicFixedPoint`.
+      fmt: a format name (`tfhfp8.formats.names()`), `FloatFormat`,
+        `DynamicFixedPoint` or `BlockScaled` (blocks along the format's `axis`, each
+        with its own scale; see `tfhfp8.block_formats`).
       rounding: `"nearest_even"`, `"stochastic"` or `"toward_zero"`.
       saturate: False follows the format's own cast semantics exactly like
         `x.astype(ml_dtypes.<fmt>).astype(x.dtype)` (overflow to inf, to NaN, or
         saturation; fnuz turns -0 into +0). True clamps overflow, infinities
-        included, to +-max and keeps NaN as NaN (what training uses).
+        included, to +-max and keeps NaN as NaN (what training uses). Block-scaled
+        formats always saturate their elements (OCP MX); there False makes a block
+        holding an infinity all NaN, True counts the infinity as the largest float.
       seed: for stochastic rounding, an integer (Python or NumPy) or an integer
         scalar tensor (another type is a TypeError, another shape a ValueError); the same
         seed gives the same bits on every backend and thread count. None draws a
@@ -150,6 +154,9 @@ def _round(x, fmt, rounding, saturate, seed):
     backend = ops.active_backend()
     if isinstance(fmt, formats.FloatFormat):
         y = backend.quantize_float(xc, fmt, rounding, saturate, seed)
+    elif isinstance(fmt, block_formats.BlockScaled):
+        # Both backends run the TF-ops code for now (a fused C++ kernel: issue 17, item 4).
+        y = tf_block.quantize_block(xc, fmt, rounding, saturate, seed)
     else:
         y = backend.quantize_dfp(xc, fmt, rounding, saturate, seed)
     return tf.cast(y, x.dtype)

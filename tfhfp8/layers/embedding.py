@@ -21,5 +21,7 @@ class Embedding(EmulatedLayer, keras.layers.Embedding):
     def call(self, inputs):
         if inputs.dtype not in ("int32", "int64"):
             inputs = ops.cast(inputs, "int32")
-        table = self._forward(self._backward(self.embeddings, "weight_gradients"), "weights")
+        step = self._rounding_step()
+        table = self._forward(self._backward(self.embeddings, "weight_gradients", step),
+                              "weights", step)
         return ops.cast(ops.take(table, inputs, axis=0), dtype=self.compute_dtype)

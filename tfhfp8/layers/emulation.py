@@ -16,6 +16,9 @@ power-of-two `s` kept in a state variable. When statistics are switched on
 errors that underflowed to zero or saturated in `Q_e`.
 """
 
+import functools
+import zlib
+
 import keras
 import tensorflow as tf
 from keras import ops
@@ -26,15 +29,47 @@ from tfhfp8.quantization import quantize, quantize_gradient
 
 
 class MasterWeightRounding(keras.constraints.Constraint):
-    """Rounds a variable to `fmt` after each optimizer step (then any user constraint)."""
+    """Rounds a variable to `fmt` after each optimizer step (then any user constraint).
 
-    def __init__(self, fmt, rounding, inner=None):
-        self.fmt, self.rounding, self.inner = fmt, rounding, inner
+    `seed`: None, or a function returning the stochastic-rounding seed of this step.
+    """
+
+    def __init__(self, fmt, rounding, inner=None, seed=None):
+        self.fmt, self.rounding, self.inner, self.seed = fmt, rounding, inner, seed
 
     def __call__(self, w):
         if self.inner is not None:
             w = self.inner(w)
-        return quantize(w, self.fmt, rounding=self.rounding, saturate=True)
+        seed = None if self.seed is None or self.rounding != "stochastic" else self.seed()
+        return quantize(w, self.fmt, rounding=self.rounding, saturate=True, seed=seed)
+
+
+class _RoundingStep:
+    """Holds the layer's stochastic-rounding step counter out of Keras' tracking, so that
+    it is not one of the layer's weights (`get_weights`, `set_weights` and weight copies
+    stay as in Keras); `EmulatedLayer` saves and loads it itself."""
+
+    KEY = "rounding_step"  # its key in the layer's saved variables
+
+    def __init__(self, layer):
+        self.variable = keras.Variable(
+            0, dtype="int64", trainable=False, aggregation="only_first_replica",
+            name=f"{layer.name}_{self.KEY}")
+
+    def advance(self):
+        """Counts one more use (a GEMM's forward pass) and returns the new count."""
+        self.variable.assign_add(1)
+        return tf.convert_to_tensor(self.variable.value)
+
+
+def _seed(step, *names):
+    """A stochastic-rounding seed: the step in the high 32 bits, a stable hash of
+    `names` (layer, GEMM, role, operand) in the low 32 bits."""
+    if step is None:
+        return None
+    key = zlib.crc32("/".join(str(name) for name in names).encode())
+    return tf.bitwise.bitwise_or(tf.bitwise.left_shift(step, tf.constant(32, tf.int64)),
+                                 tf.constant(key, tf.int64))
 
 
 class EmulatedLayer(_compat.AfterBuild):
@@ -59,28 +94,56 @@ class EmulatedLayer(_compat.AfterBuild):
         super().__init__(*args, **kwargs)
 
     # -- the quantizers -----------------------------------------------------------
-    def _forward(self, x, role):
+    # Stochastic rounding draws its seeds from checkpointed state, not from TF's global
+    # random state: a per-layer step counter (saved with the layer) advanced at every
+    # GEMM, mixed with a constant per layer, GEMM, role and operand. A run resumed from
+    # a saved model therefore rounds exactly as the uninterrupted run would have.
+    def _forward(self, x, role, step=None, *key):
         fmt = self.policy.formats[role]
         if fmt is None:
             return x
         return quantize(x, fmt, rounding=self.policy.rounding[role],
-                        saturate=self.policy.saturate)
+                        saturate=self.policy.saturate, seed=self._role_seed(step, role, *key))
 
-    def _backward(self, x, role):
+    def _backward(self, x, role, step=None, *key):
         fmt = self.policy.formats[role]
         if fmt is None:
             return x
         return quantize_gradient(x, fmt, rounding=self.policy.rounding[role],
-                                 saturate=self.policy.saturate)
+                                 saturate=self.policy.saturate,
+                                 seed=self._role_seed(step, role, *key))
+
+    def _role_seed(self, step, role, *key):
+        if step is None or self.policy.rounding[role] != "stochastic":
+            return None
+        return _seed(step, self.name, role, *key)
+
+    def _rounding_step(self):
+        """The next step of the counter (an int64 tensor) when this pass rounds
+        stochastically: a forward role does, or a backward role may (gradients are
+        being recorded: a training step). None otherwise, so inference (`predict`,
+        `evaluate`) leaves the counter, hence the rounding of later training, alone."""
+        holder = getattr(self, "_rounding_step_holder", None)
+        if holder is None:
+            return None
+        forward = any(self.policy.formats[role] is not None
+                      and self.policy.rounding[role] == "stochastic"
+                      for role in ("activations", "weights"))
+        if not (forward or _compat.gradients_may_be_recorded()):
+            return None
+        return holder.advance()
 
     def _gemm(self, op, inputs, kernels=(), name="gemm"):
         """`op(*inputs, *kernels)` with activations, weights and errors quantized."""
-        args = [self._forward(x, "activations") for x in inputs]
-        weights = [self._forward(self._backward(k, "weight_gradients"), "weights")
-                   for k in kernels]
-        return self._errors(op(*args, *weights), name, weights[0] if weights else None)
+        step = self._rounding_step()
+        args = [self._forward(x, "activations", step, name, i) for i, x in enumerate(inputs)]
+        weights = [self._forward(self._backward(k, "weight_gradients", step, name, i),
+                                 "weights", step, name, i)
+                   for i, k in enumerate(kernels)]
+        return self._errors(op(*args, *weights), name, weights[0] if weights else None,
+                            step)
 
-    def _errors(self, y, name, weights):
+    def _errors(self, y, name, weights, step=None):
         """Identity forward; `Q_e(s * dy) / s` backward, with optional statistics."""
         fmt = self.policy.errors
         if fmt is None:
@@ -88,13 +151,15 @@ class EmulatedLayer(_compat.AfterBuild):
         scaling, state = self.policy.loss_scaling, self.error_state[name]
         rounding, saturate = self.policy.rounding["errors"], self.policy.saturate
         collect = self.collect_stats
+        seed = self._role_seed(step, "errors", name)
 
         @tf.custom_gradient
         def _quantize_errors(y):
             def grad(dy):
                 scale = None if scaling is None else scaling.scale(dy, weights, fmt, state)
                 scaled = dy if scale is None else dy * tf.cast(scale, dy.dtype)
-                quantized = quantize(scaled, fmt, rounding=rounding, saturate=saturate)
+                quantized = quantize(scaled, fmt, rounding=rounding, saturate=saturate,
+                                     seed=seed)
                 if collect:
                     _record_stats(state, scaled, quantized, fmt)
                 return quantized if scale is None else quantized / tf.cast(scale, dy.dtype)
@@ -113,18 +178,30 @@ class EmulatedLayer(_compat.AfterBuild):
 
     # -- state ------------------------------------------------------------------------
     def after_build(self):
-        """Attaches master-weight rounding and creates the loss-scaling state."""
+        """Creates the rounding step counter and the loss-scaling state, and attaches
+        master-weight rounding."""
+        self._create_rounding_step()
         self._attach_master_weight_rounding()
         self._create_error_state()
+
+    def _create_rounding_step(self):
+        if any(fmt is not None and self.policy.rounding[role] == "stochastic"
+               for role, fmt in self.policy.formats.items()):
+            self._rounding_step_holder = _RoundingStep(self)
 
     def _attach_master_weight_rounding(self):
         fmt = self.policy.master_weights
         if fmt is None:
             return
+        holder = getattr(self, "_rounding_step_holder", None)
         for variable in (v for v in self.weights if v.trainable):
             if not isinstance(variable.constraint, MasterWeightRounding):
+                seed = None if holder is None else functools.partial(
+                    lambda path: _seed(tf.convert_to_tensor(holder.variable.value),
+                                       self.name, "master_weights", path),
+                    variable.path.split("/")[-1])
                 variable.constraint = MasterWeightRounding(
-                    fmt, self.policy.rounding["master_weights"], variable.constraint)
+                    fmt, self.policy.rounding["master_weights"], variable.constraint, seed)
 
     def _create_error_state(self):
         """Per GEMM: the loss-scaling variables, when the policy scales errors."""
@@ -162,6 +239,8 @@ class EmulatedLayer(_compat.AfterBuild):
     # Keras' Dense, EinsumDense, convolution and Embedding layers save only their
     # kernel and bias: the loss-scaling state is appended after them (other layers,
     # MultiHeadAttention, save every variable of their own, the state included).
+    # The rounding step counter is saved under its own key (files saved before it
+    # existed load with the counter at 0).
     def save_own_variables(self, store):
         saved = {}
         super().save_own_variables(saved)
@@ -171,8 +250,16 @@ class EmulatedLayer(_compat.AfterBuild):
         for variable in self.emulation_variables():
             if id(variable) not in saved_ids:
                 store[str(len(store.keys()))] = variable
+        holder = getattr(self, "_rounding_step_holder", None)
+        if holder is not None:
+            store[_RoundingStep.KEY] = holder.variable
 
     def load_own_variables(self, store):
+        holder = getattr(self, "_rounding_step_holder", None)
+        if _RoundingStep.KEY in store.keys():
+            if holder is not None:
+                holder.variable.assign(store[_RoundingStep.KEY])
+            store = _Without(store, _RoundingStep.KEY)
         super().load_own_variables(store)
         state = self.emulation_variables()
         first = len(store.keys()) - len(state)
@@ -183,6 +270,27 @@ class EmulatedLayer(_compat.AfterBuild):
         config = super().get_config()
         config["policy"] = policy_lib.serialize(self.policy)
         return config
+
+
+class _Without:
+    """A read-only view of a saved-variables store without one key."""
+
+    def __init__(self, store, key):
+        self._store, self._key = store, key
+
+    def keys(self):
+        return [k for k in self._store.keys() if k != self._key]
+
+    def __getitem__(self, key):
+        if key == self._key:
+            raise KeyError(key)
+        return self._store[key]
+
+    def __contains__(self, key):
+        return key != self._key and key in self._store.keys()
+
+    def __len__(self):
+        return len(self.keys())
 
 
 def _record_stats(state, scaled, quantized, fmt):

@@ -308,7 +308,7 @@ class QuantizeDfpOp : public OpKernel {
     const MaxAbsLoop<T> max_abs = TypedLoops<T>::MaxAbs(*loops);
     UInt largest = 0;
     std::mutex mutex;
-    ParallelFor(context, n, 1, [&](int64_t begin, int64_t end) {
+    ParallelFor(context, n, kCostPerElement, [&](int64_t begin, int64_t end) {
       const UInt part = max_abs(in, begin, end);
       std::lock_guard<std::mutex> lock(mutex);
       largest = std::max(largest, part);

@@ -369,7 +369,7 @@ typename Container<T>::UInt MaxAbsBitsRange(const T* in, int64_t begin, int64_t 
   UInt largest = 0;
   for (int64_t j = begin; j < end; ++j) {
     const UInt a = ToBits(in[j]) & kMagnitude;
-    const UInt finite = a < kInf ? a : UInt{0};
+    const UInt finite = a & (UInt{0} - static_cast<UInt>(a < kInf));  // a mask: vectorizes
     largest = finite > largest ? finite : largest;
   }
   return largest;
