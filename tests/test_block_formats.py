@@ -444,3 +444,34 @@ def test_cli_formats_table_lists_block_formats():
     assert "blocks of 32 x float8_e8m0fnu" in rows["mxfp8_e4m3"]
     assert rows["mxint8"].split()[1:4] == ["8.25", "int8", "1.98438"]
     assert "blocks of 16 x float8_e4m3fn scale in an FP32 tensor scale" in rows["nvfp4"]
+
+
+def test_readme_block_formats_example_runs(capsys):
+    import pathlib
+    import re
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Block-scaled formats"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    # mxfp8_e4m3, one block, amax 1000: scale 2^(9 - 8); 0.1 / 2 rounds to 0.05078125.
+    assert printed[0] == "[[1.0, 0.1015625, -3.0, 896.0]]"
+    assert printed[1] == "[[1.0, 0.125, -0.0, 768.0]]"
+    assert printed[2].startswith("<tfhfp8.Policy") and "mxfp8_e5m2" in printed[2]
+
+
+@pytest.mark.parametrize("name", ["mxfp8_e4m3", "nvfp4"])
+def test_large_tensors_compiled_outside_xla_give_the_same_bits(name):
+    """Above 2^16 elements quantize runs the block code compiled by XLA; rows are
+    independent (blocks along the last axis, NVFP4's tensor scale aside), so row chunks
+    below that size (run op by op) must agree."""
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((300, 256)) * np.exp2(rng.integers(-20, 20, (300, 1)))).astype(
+        np.float32)
+    x[0, 0] = 1e9  # NVFP4: the same tensor scale in every chunk
+    big = tfhfp8.quantize(x, name).numpy()
+    for start in range(0, 300, 100):
+        chunk = x[start:start + 100].copy()
+        chunk[0, 0] = 1e9
+        small = tfhfp8.quantize(chunk, name).numpy()
+        np.testing.assert_array_equal(big[start + 1:start + 100], small[1:])

@@ -238,6 +238,15 @@ def _check_batch(specs, x, index, what):
     if specs is None:
         return
     arrays = tf.nest.flatten(x)
+    for array in arrays:
+        dtype = getattr(array, "dtype", None)
+        kind = None if dtype is None else np.dtype(
+            dtype.as_numpy_dtype if isinstance(dtype, tf.DType) else dtype).kind
+        if kind in ("c", "U", "S", "O"):
+            raise TypeError(
+                f"{what}: batch {index} has {dtype} values; the model takes real numbers "
+                "(complex values would lose their imaginary part)" if kind == "c" else
+                f"{what}: batch {index} has {dtype} values; the model takes numbers")
     if len(arrays) != len(specs):
         raise ValueError(
             f"{what}: batch {index} has {len(arrays)} input array(s), the model takes "
@@ -644,8 +653,9 @@ def recalibrate_batchnorm(model, data, steps=None, *, mode="exact", momentum=Non
         raise TypeError(f"expected a keras.Model, got {type(model).__name__}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if momentum is not None and not 0.0 <= float(momentum) < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(
+            momentum, numbers.Real) or not 0.0 <= float(momentum) < 1.0):
+        raise ValueError(f"momentum must be None or a number in [0, 1), got {momentum!r}")
     if not model.built:
         raise ValueError("the model is not built: call it on data or give it an Input first")
     found = _batchnorm_layers(model)

@@ -45,7 +45,8 @@ def quantize_model(model, policy="hfp8", exempt=None, verbose=False):
     Args:
       model: a built Sequential or Functional Keras model.
       policy: a `tfhfp8.Policy` or preset name.
-      exempt: names of layers to keep in FP32. None applies the policy's own choice
+      exempt: names of layers to keep in FP32 (a list, or one name). None applies the
+        policy's own choice
         (for `fp8` and `hfp8`, the first and last GEMM layers in 16 bits).
       verbose: print `tfhfp8.summary` of the result.
 
@@ -64,6 +65,11 @@ def quantize_model(model, policy="hfp8", exempt=None, verbose=False):
         first_last = {gemm_names[0], gemm_names[-1]} if (
             policy.exempt_first_last and gemm_names) else set()
     else:
+        if isinstance(exempt, str):
+            exempt = [exempt]  # one layer name
+        if not isinstance(exempt, (list, tuple, set, frozenset)) or not all(
+                isinstance(name, str) for name in exempt):
+            raise TypeError(f"exempt must be None or a list of layer names, got {exempt!r}")
         fp32, first_last = set(exempt), set()
         unknown = fp32 - {layer.name for layer in walk(model)}
         if unknown:

@@ -123,6 +123,9 @@ class Policy(keras.DTypePolicy):
             rounding = settings.get("rounding")
         if exempt_first_last is None:
             exempt_first_last = settings.get("exempt_first_last", False)
+        if not isinstance(exempt_first_last, bool):
+            raise ValueError(f"exempt_first_last must be True, False or None, got "
+                             f"{exempt_first_last!r}")
 
         # Keras' DTypePolicy: float32 compute and variables; the name is ours.
         super().__init__("float32")
@@ -205,6 +208,10 @@ class Policy(keras.DTypePolicy):
     def from_config(cls, config):
         config = dict(config)
         name = config.pop("name", "custom")
+        if name in _PRESETS:  # keys missing from a preset's config keep the preset's
+            preset = cls(name).get_config()
+            preset.pop("name")
+            config = {**preset, **config}
         # Roles explicitly None in a config are FP32, not "take the preset's".
         policy = cls._named(name, **{k: v for k, v in config.items() if k not in ROLES})
         policy.formats = {role: _format_or_none(role, config.get(role)) for role in ROLES}

@@ -1,5 +1,6 @@
 """`quantize`: round a tensor to the values of a number format."""
 
+import dataclasses
 import numbers
 
 import numpy as np
@@ -44,12 +45,9 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
     <tf.Tensor: shape=(3,), dtype=float32, numpy=array([ 1.       ,  0.1015625, 30.       ], dtype=float32)>
     """
     fmt = formats.get(fmt)
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    _check_arguments(rounding, saturate)
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
-    if not isinstance(saturate, bool):
-        raise ValueError(f"saturate must be True or False, got {saturate!r}")
     x = _as_float_tensor(x)
     if rounding == "stochastic":
         seed = _seed_tensor(seed)
@@ -94,8 +92,10 @@ def quantize_gradient(x, fmt, rounding="nearest_even", saturate=True, seed=None)
     0.3125
     """
     fmt = formats.get(fmt)
+    # Bad arguments are errors now, not in the backward pass.
+    _check_arguments(rounding, saturate)
     if seed is not None:
-        _seed_tensor(seed)  # a bad seed is an error now, not in the backward pass
+        _seed_tensor(seed)
 
     @tf.custom_gradient
     def _identity(x):
@@ -104,6 +104,13 @@ def quantize_gradient(x, fmt, rounding="nearest_even", saturate=True, seed=None)
         return tf.identity(x), grad
 
     return _identity(_as_float_tensor(x))
+
+
+def _check_arguments(rounding, saturate):
+    if not isinstance(rounding, str) or rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if not isinstance(saturate, bool):
+        raise ValueError(f"saturate must be True or False, got {saturate!r}")
 
 
 def _as_float_tensor(x):
@@ -148,15 +155,40 @@ def _seed_tensor(seed):
     return tf.constant(seed - (1 << 64) if seed >= 1 << 63 else seed, tf.int64)
 
 
+# TensorFlow's element-wise select (and so the TF-ops backend) supports at most rank 8.
+_MAX_RANK = 8
+
+
 def _round(x, fmt, rounding, saturate, seed):
+    rank = x.shape.rank
+    if rank is not None and rank > _MAX_RANK and isinstance(
+            fmt, (formats.FloatFormat, formats.DynamicFixedPoint)):
+        # Rounding is element-wise (a slice shares one exponent): a rank-1 (or, per
+        # slice, rank-3) view of the same elements in the same order rounds exactly
+        # alike, stochastic bits included (they hash the flat index).
+        shape = tf.shape(x)
+        if isinstance(fmt, formats.DynamicFixedPoint) and fmt.axis is not None:
+            if not -rank <= fmt.axis < rank:
+                raise ValueError(f"axis {fmt.axis} is out of range for a tensor of rank {rank}")
+            axis = fmt.axis % rank
+            view = [tf.reduce_prod(shape[:axis]), shape[axis], tf.reduce_prod(shape[axis + 1:])]
+            fmt = dataclasses.replace(fmt, axis=1)
+        else:
+            view = [-1]
+        y = _round(tf.reshape(x, tf.stack(view)), fmt, rounding, saturate, seed)
+        return tf.reshape(y, shape)
     container = tf.float64 if x.dtype == tf.float64 else tf.float32
     xc = tf.cast(x, container)
     backend = ops.active_backend()
     if isinstance(fmt, formats.FloatFormat):
         y = backend.quantize_float(xc, fmt, rounding, saturate, seed)
     elif isinstance(fmt, block_formats.BlockScaled):
-        # Both backends run the TF-ops code for now (a fused C++ kernel: issue 17, item 4).
-        y = tf_block.quantize_block(xc, fmt, rounding, saturate, seed)
+        # Both backends run the TF-ops code for now (a fused C++ kernel: issue 17, item 4),
+        # compiled by XLA into few loops when not already inside XLA (as the tf backend).
+        if _compat.in_xla_context():
+            y = tf_block.quantize_block(xc, fmt, rounding, saturate, seed)
+        else:
+            y = ops._fuse(tf_block.quantize_block, xc, fmt, rounding, saturate, seed)
     else:
         y = backend.quantize_dfp(xc, fmt, rounding, saturate, seed)
     return tf.cast(y, x.dtype)
