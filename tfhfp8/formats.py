@@ -30,10 +30,10 @@ from tfhfp8 import registry
 SPECIALS = ("ieee", "fn", "fnuz", "finite")
 """Special-value conventions (ml_dtypes suffixes):
 
-- ``"ieee"``: top exponent code reserved for inf (mantissa 0) and NaN.
-- ``"fn"``: no inf; only the all-ones code is NaN, the rest of the top binade is finite.
-- ``"fnuz"``: no inf, no negative zero; the negative-zero code is the single NaN.
-- ``"finite"``: no inf and no NaN (ml_dtypes' 6- and 4-bit ``fn`` types).
+- `"ieee"`: top exponent code reserved for inf (mantissa 0) and NaN.
+- `"fn"`: no inf; only the all-ones code is NaN, the rest of the top binade is finite.
+- `"fnuz"`: no inf, no negative zero; the negative-zero code is the single NaN.
+- `"finite"`: no inf and no NaN (ml_dtypes' 6- and 4-bit `fn` types).
 """
 
 
