@@ -582,3 +582,29 @@ def test_rank_above_eight_blocks_like_rank_three(fmt):
     expected = tfhfp8.quantize(small, dataclasses.replace(fmt, axis=1), rounding="stochastic",
                                seed=1).numpy().reshape(x.shape)
     np.testing.assert_array_equal(y, expected)
+
+
+def test_a_model_trains_with_block_formats_in_every_role():
+    keras.utils.set_random_seed(1)
+    policy = tfhfp8.Policy("mx", weights="mxfp8_e4m3", activations="mxfp8_e4m3",
+                           errors="mxfp8_e5m2", weight_gradients="mxfp4_e2m1",
+                           master_weights=tfhfp8.DynamicFixedPoint(12, block_size=8),
+                           rounding=dict(errors="stochastic", weight_gradients="stochastic"))
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)),
+        tfhfp8.layers.Conv2D(4, 3, policy=policy),
+        keras.layers.Flatten(),
+        tfhfp8.layers.Dense(2, policy=policy),
+    ])
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((16, 8, 8, 3)).astype(np.float32), rng.integers(0, 2, 16)
+    before = [w.numpy() for w in model.trainable_weights]
+    history = model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    after = [w.numpy() for w in model.trainable_weights]
+    assert any((a != b).any() for a, b in zip(after, before))
+    # Master weights stay on their block-DFP grid.
+    kernel = model.layers[-1].kernel.numpy()
+    np.testing.assert_array_equal(
+        kernel, tfhfp8.quantize(kernel, tfhfp8.DynamicFixedPoint(12, block_size=8)).numpy())
