@@ -1,17 +1,22 @@
 # make test: set up a virtual environment, build the C++ ops, run the tests.
+# make test-oldest: the same at the lower bound of the supported versions (.ci/oldest.txt).
 # make demo: the main job on a small real data set (a few minutes on 2 CPU cores).
 
 PYTHON ?= python3
 VENV ?= .venv
+# PINS: a requirements file installed together with the package (exact versions).
+PINS ?=
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.tfhfp8-installed
+# One stamp per source tree: a venv kept outside the tree (test-oldest) is re-pointed at
+# the tree that uses it (`pip install -e`), not at the clone that created it.
+STAMP := $(VENV)/.tfhfp8-installed-$(shell printf '%s' "$(CURDIR)" | cksum | cut -d' ' -f1)
 
-.PHONY: test demo install ops data cross bench clean
+.PHONY: test test-oldest demo install ops data cross bench clean
 
-$(STAMP): setup.cfg setup.py pyproject.toml
+$(STAMP): setup.cfg setup.py pyproject.toml $(PINS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test]" $(if $(PINS),-r $(PINS))
 	touch $@
 
 install: $(STAMP)
@@ -37,7 +42,21 @@ cross:
 	   (apt-get update -q >/dev/null && apt-get install -y -q g++-aarch64-linux-gnu >/dev/null)); fi
 
 test: ops data cross
+	$(PY) -c "import sys; from importlib.metadata import version; print('Python', sys.version.split()[0], \
+	  *(f'| {name} {version(name)}' for name in ('tensorflow', 'keras', 'numpy', 'ml_dtypes')))"
 	$(PY) -m pytest -q -n 2 --durations=15
+
+# The lower bound of the version window in setup.cfg (TensorFlow, Keras and ml_dtypes
+# pinned in .ci/oldest.txt, which says why these): the same build, data and full test
+# suite as `make test`, in a second virtual environment kept outside the source tree (in
+# ~/.cache/tfhfp8-ci, so CI runs on one machine reuse it) and named after a checksum of
+# the pins, so a change of pins builds a new one. Needs a Python that TensorFlow 2.18
+# has wheels for (3.9 to 3.12).
+OLDEST_PINS := .ci/oldest.txt
+OLDEST_VENV ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tfhfp8-ci/oldest-$(shell cksum < $(OLDEST_PINS) | cut -d' ' -f1)
+
+test-oldest:
+	$(MAKE) test VENV="$(OLDEST_VENV)" PINS=$(OLDEST_PINS)
 
 demo: ops data
 	$(VENV)/bin/tfhfp8 demo

@@ -1,13 +1,12 @@
 """Shared test fixtures (keep this minimal: other test files rely on it)."""
 
 import os
-import sys
 
+import pytest
+
+# (The helpers next to the tests, e.g. reference.py, import as top-level modules:
+# setup.cfg's `pythonpath = tests`.)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Helpers that live next to the tests (e.g. reference.py) import as top-level modules.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import pytest  # noqa: E402
 
 BACKENDS = ("tf", "cpp")
 

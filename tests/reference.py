@@ -1,6 +1,7 @@
 """An independent, slow, exact reference for the rounding done by `tfhfp8.quantize`.
 
-Written from the definitions in SPEC §1 only; it shares no code path with the library:
+Written from the definitions of the formats only (the parameters below, IEEE 754 and
+ml_dtypes' documented types); it shares no code path with the library:
 
 - The values of a float format are decoded here from its parameters (exponent bits,
   mantissa bits, bias, special-value convention, subnormals) by enumerating every code.
@@ -9,7 +10,7 @@ Written from the definitions in SPEC §1 only; it shares no code path with the l
 - Dynamic fixed point picks the shared exponent from the exact binary exponent of the
   largest finite magnitude.
 
-Conventions (SPEC §1, IEEE 754, and ml_dtypes' cast semantics):
+Conventions (IEEE 754 and ml_dtypes' cast semantics):
 
 - Ties go to the neighbour with the even code (bit pattern), as IEEE round-half-even
   does on encodings. Above `max` the next code, `max_code + 1`, is decoded as if it were

@@ -21,7 +21,7 @@ RTOL = 1e-4
 def _randomize_batchnorm(model, seed=1):
     """BatchNorm statistics and affine parameters far from their initial values."""
     rng = np.random.default_rng(seed)
-    for layer in calibration._flat_layers(model):
+    for layer in tfhfp8.layers.walk(model, any_model=True):
         if isinstance(layer, BN):
             c = layer.moving_mean.shape[0]
             layer.moving_mean.assign(rng.normal(0, 2, c).astype("float32"))
@@ -88,16 +88,17 @@ def _bn_input(model, bn, x):
         if layer is bn:
             return keras.Model(model.inputs, bn.input)(x, training=False).numpy()
         if isinstance(layer, keras.Model) and any(
-                sub is bn for sub in calibration._flat_layers(layer)):
-            # (`Model.input` is the nested model's own input: take its call's input.)
-            call_input = layer._inbound_nodes[0].input_tensors[0]
+                sub is bn for sub in tfhfp8.layers.walk(layer, any_model=True)):
+            # (`Model.input` is the nested model's own input: take its call's input,
+            # which the property of keras.Operation returns for any layer.)
+            call_input = keras.Operation.input.fget(layer)
             inner_x = keras.Model(model.inputs, call_input)(x, training=False).numpy()
             return _bn_input(layer, bn, inner_x)
     raise AssertionError(f"{bn.name} not found")
 
 
 def batchnorms(model):
-    return [layer for layer in calibration._flat_layers(model) if isinstance(layer, BN)]
+    return [layer for layer in tfhfp8.layers.walk(model, any_model=True) if isinstance(layer, BN)]
 
 
 def assert_exact(model, x):
@@ -138,7 +139,7 @@ def test_exact_statistics_in_sequence_and_on_residual_branch(policy):
 def test_exact_statistics_in_nested_models():
     model = tfhfp8.quantize_model(nested_model(), "hfp8")
     x = images()
-    depths = {layer.name: d for layer, d in calibration._batchnorm_layers(model)}
+    depths = {layer.name: d for layer, d in calibration.batchnorm_layers(model)}
     assert depths == {"outer_bn1": 0, "inner_bn1": 1, "inner_bn2": 2, "seq_bn": 3,
                       "outer_bn2": 4}
     before = _snapshot(model)
@@ -401,11 +402,11 @@ def test_an_endless_generator_without_steps_stops_at_the_default(monkeypatch):
         calibration.recalibrate_batchnorm(model, endless(), verbose=0)
     assert len(read) == 6  # 5 batches, cached for every pass, and one to look ahead
     assert_exact(model, x)
-    batches = calibration._Batches(endless())
+    batches = calibration.Batches(endless())
     with pytest.warns(UserWarning, match="stopped after 5 batches"):
         assert len(list(batches)) == 5
     assert len(list(batches)) == 5  # replayed from the cache, which stays bounded
-    assert len(batches._cache) == 5
+    assert batches.num_batches == 5  # what was read and cached
 
 
 def test_a_finite_generator_under_the_default_limit_does_not_warn():

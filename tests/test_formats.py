@@ -11,8 +11,9 @@ import tfhfp8
 from tfhfp8 import formats
 
 ALIASES = {"hfp8_fwd": "float8_e4m3b11fnuz", "hfp8_bwd": "float8_e5m2"}
-# SPEC §1 table: name -> (e, m, bias, specials).
-SPEC_TABLE = {
+# The named formats, from their definitions (ml_dtypes; bias 11 for 1-4-3 of HFP8):
+# name -> (e, m, bias, specials).
+FORMAT_TABLE = {
     "bfloat16": (8, 7, 127, "ieee"),
     "float16": (5, 10, 15, "ieee"),
     "float8_e5m2": (5, 2, 15, "ieee"),
@@ -26,7 +27,7 @@ SPEC_TABLE = {
     "float6_e2m3fn": (2, 3, 1, "finite"),
     "float4_e2m1fn": (2, 1, 1, "finite"),
 }
-FLOAT_NAMES = sorted(SPEC_TABLE)
+FLOAT_NAMES = sorted(FORMAT_TABLE)
 
 
 def np_type(name):
@@ -45,7 +46,7 @@ def all_codes(name):
 
 def test_names_cover_the_spec_table_and_aliases():
     names = formats.names()
-    assert set(SPEC_TABLE) | set(ALIASES) | {"int16_dfp"} <= set(names)
+    assert set(FORMAT_TABLE) | set(ALIASES) | {"int16_dfp"} <= set(names)
     assert len(names) == len(set(names))
 
 
@@ -53,7 +54,7 @@ def test_names_cover_the_spec_table_and_aliases():
 def test_parameters_match_spec_table(name):
     fmt = formats.get(name)
     assert isinstance(fmt, tfhfp8.FloatFormat)
-    e, m, bias, specials = SPEC_TABLE[name]
+    e, m, bias, specials = FORMAT_TABLE[name]
     assert (fmt.exponent_bits, fmt.mantissa_bits, fmt.bias, fmt.specials) == (e, m, bias, specials)
     assert fmt.subnormals is True
 
@@ -125,7 +126,7 @@ def test_docstring_example():
 @pytest.mark.parametrize("name", FLOAT_NAMES)
 def test_repr_is_readable(name):
     fmt = formats.get(name)
-    e, m, bias, specials = SPEC_TABLE[name]
+    e, m, bias, specials = FORMAT_TABLE[name]
     text = repr(fmt)
     assert text.startswith("FloatFormat(")
     assert name in text

@@ -39,7 +39,8 @@ def _cosine(a, b):
 
 
 def _adaptive_scale_numpy(g, w, fmt, underflow_rate=1e-3, max_scale=2.0**24):
-    """SPEC §3, independently: the power-of-two scale of one layer."""
+    """Adaptive loss scaling (Zhao et al. 2019), independently: the power-of-two scale of
+    one layer."""
     g, w = g.astype(np.float64), w.astype(np.float64)
     n = w.shape[0]
     sigma = math.sqrt((g.var() + g.mean() ** 2) * (w.var() + w.mean() ** 2)) * math.sqrt(0.5 * n)

@@ -12,7 +12,7 @@ BN = keras.layers.BatchNormalization
 
 def _randomize(model, seed=2):
     rng = np.random.default_rng(seed)
-    for layer in calibration._flat_layers(model):
+    for layer in tfhfp8.layers.walk(model, any_model=True):
         if isinstance(layer, BN):
             c = layer.moving_mean.shape[0]
             if layer.scale:
@@ -54,16 +54,16 @@ def test_folding_gives_the_same_outputs_before_quantization():
     model = foldable_model()
     x = np.random.default_rng(0).normal(size=(16, 12, 12, 3)).astype("float32")
     folded = calibration.fold_batchnorm(model)
-    kept = {layer.name for layer in calibration._flat_layers(folded) if isinstance(layer, BN)}
+    kept = {layer.name for layer in tfhfp8.layers.walk(folded, any_model=True) if isinstance(layer, BN)}
     assert kept == {"bn_not_foldable", "bn_after_activation"}
-    identities = {layer.name for layer in calibration._flat_layers(folded)
+    identities = {layer.name for layer in tfhfp8.layers.walk(folded, any_model=True)
                   if isinstance(layer, calibration.FoldedBatchNormalization)}
     assert identities == {"bn_conv", "bn_depthwise", "bn_separable", "inner_bn", "bn_dense"}
     expected = model(x, training=False).numpy()
     got = folded(x, training=False).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
     # The input model is unchanged and still has its BatchNorm layers.
-    assert sum(isinstance(layer, BN) for layer in calibration._flat_layers(model)) == 7
+    assert sum(isinstance(layer, BN) for layer in tfhfp8.layers.walk(model, any_model=True)) == 7
     # A folded model quantizes like any other.
     quantized = tfhfp8.quantize_model(folded, "hfp8")
     assert quantized(x).shape == (16, 3)

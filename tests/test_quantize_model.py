@@ -145,7 +145,7 @@ def test_hfp8_conversion_of_residual_nested_shared_model():
     assert all(type(layer) is tl.Dense for layer in nested.layers)
     shared = converted.get_layer("shared")
     shared_config = [layer for layer in converted.get_config()["layers"]
-                     if layer["config"]["name"] == "shared"]
+                     if layer["config"]["name"] == shared.name]
     assert len(shared_config[0]["inbound_nodes"]) == 2  # called twice in the graph
     assert len(converted.weights) == len(model.weights)
     # First and last GEMM layers in 16 bits, the others hfp8.

@@ -87,7 +87,8 @@ def test_rounding_step_counter_is_saved_but_is_not_a_weight(tmp_path):
 
 
 def test_model_saved_before_the_counter_existed_loads_and_trains():
-    # Saved by main at 68b72e5 (before the counter): an fp8 model after 3 training steps.
+    # Saved by main at 68b72e5 (before the counter) with TF 2.18.1 + Keras 3.9.0, the oldest
+    # supported versions: an fp8 model after 3 training steps.
     data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
     model = keras.saving.load_model(os.path.join(data, "legacy_fp8_mlp.keras"))
     expected = np.load(os.path.join(data, "legacy_fp8_mlp.npz"))

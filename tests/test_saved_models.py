@@ -1,7 +1,10 @@
 """`.keras` files saved by an earlier tfhfp8 still load, with identical predictions.
 
 The fixtures in `tests/data/` were saved by `tests/data/make_legacy_fixtures.py` from
-main at commit c3b3f7f (before the issue-12 restructuring): an `hfp8` CNN with
+main at commit c3b3f7f (before the issue-12 restructuring), with TensorFlow 2.18.1 and
+Keras 3.9.0, the lower bound of the supported versions (.ci/oldest.txt): Keras reads
+files written by an older Keras but not by a newer one, so fixtures saved at the lower
+bound load on every version `make test` and `make test-oldest` cover. An `hfp8` CNN with
 adaptive loss scaling (Conv2D, BatchNormalization, Dense; first and last GEMM exempt)
 and a MultiHeadAttention model, both trained a few steps so that their error scales,
 BatchNorm statistics and optimizer state differ from their initial values.

@@ -154,9 +154,73 @@ def record_forward_gradient(op_type, outputs, inputs, backward_function):
                                              None)
 
 
+# -- the graph of a Functional model -----------------------------------------------------
+def functional_graph(model):
+    """The Functional graph `model` runs, or None (subclassed, or an unbuilt Sequential).
+
+    A Functional model is its own graph; a built Sequential model keeps one in
+    `Sequential._functional`, with no public accessor.
+    """
+    from keras.src.models.functional import Functional
+
+    if isinstance(model, keras.Sequential):
+        return getattr(model, "_functional", None)
+    return model if isinstance(model, Functional) else None
+
+
+def graph_nodes(graph):
+    """The nodes of a Functional graph in topological order (inputs first).
+
+    No public API lists them: `Functional._nodes_by_depth`. Each node has the public
+    attributes `operation`, `is_input`, `input_tensors` and `output_tensors`.
+    """
+    for depth in sorted(graph._nodes_by_depth, reverse=True):
+        yield from graph._nodes_by_depth[depth]
+
+
+def graph_inputs(graph):
+    """The inputs of a Functional graph in the structure it was built with (a tensor, a
+    list or a dict): `Functional._inputs_struct` (`graph.inputs` is flattened)."""
+    return graph._inputs_struct
+
+
+def producer(tensor):
+    """The layer whose call produced the symbolic `tensor`, or None.
+
+    `KerasTensor._keras_history`; no public API goes from a tensor to its layer.
+    """
+    history = getattr(tensor, "_keras_history", None)
+    return None if history is None else history.operation
+
+
 def gradients_may_be_recorded():
     """True when a `tf.GradientTape` (or forward accumulator) is recording, so that
     the ops created now may be differentiated. No public API tells."""
     from tensorflow.python.eager import record
 
     return record.could_possibly_record()
+
+
+# -- keras.optimizers.LossScaleOptimizer -------------------------------------------------
+class LossScaleHooks:
+    """Mixin for a `keras.optimizers.LossScaleOptimizer` subclass: calls
+    `self.after_finite_step()` after Keras' update of the dynamic scale on a step with
+    finite gradients, and `self.after_non_finite_step()` after a skipped step.
+
+    Keras has no public hook into its dynamic scaling: it updates the scale in
+    `_stateful_handle_finite_grads` and `_stateful_handle_non_finite_grads`.
+    """
+
+    def _stateful_handle_non_finite_grads(self):
+        super()._stateful_handle_non_finite_grads()
+        self.after_non_finite_step()
+
+    def _stateful_handle_finite_grads(self, grads, trainable_variables):
+        super()._stateful_handle_finite_grads(grads, trainable_variables)
+        self.after_finite_step()
+
+    def after_finite_step(self):
+        pass
+
+    def after_non_finite_step(self):
+        pass

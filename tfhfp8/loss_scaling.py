@@ -18,7 +18,7 @@ import numbers
 import keras
 import tensorflow as tf
 
-from tfhfp8 import formats, registry
+from tfhfp8 import _compat, formats, registry
 
 
 def _replica_reduce(value, reduce):
@@ -253,7 +253,8 @@ def _parse_schedule(schedule):
 
 
 @keras.saving.register_keras_serializable(package="tfhfp8")
-class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+class DynamicLossScaleOptimizer(_compat.LossScaleHooks,
+                                keras.optimizers.LossScaleOptimizer):
     """Enhanced dynamic loss scaling (Mellempudi et al. 2019) for Keras 3 optimizers.
 
     Keras' dynamic loss scaling (double after `dynamic_growth_steps` clean steps,
@@ -294,13 +295,13 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             floor = tf.where(step >= start, tf.constant(value), floor)
         return floor
 
-    def _stateful_handle_non_finite_grads(self):
-        super()._stateful_handle_non_finite_grads()
+    def after_non_finite_step(self):
+        """Counts the skipped step and keeps the halved scale at or above the floor."""
         self.skipped_steps.assign_add(1)
         self.dynamic_scale.assign(tf.maximum(self.dynamic_scale, self.floor()))
 
-    def _stateful_handle_finite_grads(self, grads, trainable_variables):
-        super()._stateful_handle_finite_grads(grads, trainable_variables)
+    def after_finite_step(self):
+        """Keeps the scale (doubled or not) at or above the floor."""
         self.dynamic_scale.assign(tf.maximum(self.dynamic_scale, self.floor()))
 
     def get_config(self):

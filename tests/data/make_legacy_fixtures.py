@@ -1,4 +1,10 @@
-"""Saves the legacy .keras fixtures (run once, from main at c3b3f7f)."""
+"""Saves the legacy .keras fixtures (run once, from main at c3b3f7f).
+
+Run with the oldest supported versions (.ci/oldest.txt: TensorFlow 2.18.1, Keras 3.9.0),
+so that every supported Keras can read the files:
+`git archive c3b3f7f | tar -x -C /tmp/old && cd /tmp/old && PYTHONPATH=/tmp/old
+<oldest venv>/bin/python <this file> <output directory>`.
+"""
 import os, sys
 import numpy as np
 import keras

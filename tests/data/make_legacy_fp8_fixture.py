@@ -1,5 +1,7 @@
 """Writes tests/data/legacy_fp8_mlp.{keras,npz}: run with PYTHONPATH at a tfhfp8 checkout
-(68b72e5 for the committed files: before the stochastic-rounding step counter).
+(68b72e5 for the committed files: before the stochastic-rounding step counter), with the
+oldest supported versions (.ci/oldest.txt: TensorFlow 2.18.1, Keras 3.9.0), so that every
+supported Keras can read the file (Keras does not read files written by a newer Keras).
 
     python tests/data/make_legacy_fp8_fixture.py tests/data/legacy_fp8_mlp
 """

@@ -32,9 +32,9 @@ EMULATED = {
 }
 
 
-def walk(model, sublayers=False):
+def walk(model, sublayers=False, any_model=False):
     """Yields every layer of `model` in order; nested Sequential and Functional models
-    are replaced by their own layers.
+    (with `any_model=True`, nested models of any kind) are replaced by their own layers.
 
     With `sublayers=True`, the layers a layer holds inside it (the projections of a
     `MultiHeadAttention`, the layers of a subclassed model) follow that layer.
@@ -49,8 +49,8 @@ def walk(model, sublayers=False):
     ['a', 'b']
     """
     for layer in model.layers:
-        if _compat.is_graph_model(layer):
-            yield from walk(layer, sublayers)
+        if isinstance(layer, keras.Model) and (any_model or _compat.is_graph_model(layer)):
+            yield from walk(layer, sublayers, any_model)
         else:
             yield layer
             if sublayers:

@@ -1,31 +1,29 @@
 """Reference FP32 models (Keras 3 functional API, standard Keras layers only).
 
-The builders return plain ``keras.Model`` objects built from standard layers (Conv2D,
+The builders return plain `keras.Model` objects built from standard layers (Conv2D,
 DepthwiseConv2D, Dense, BatchNormalization, ReLU, Add, pooling, Embedding,
 MultiHeadAttention, LayerNormalization, Dropout, ...), so that other parts of tfhfp8 can
 convert them layer by layer to emulated-precision layers. The only custom layer is
-:class:`~tfhfp8.models.layers.PositionEmbedding` (elementwise, registered for ``.keras``
-saving under the package name ``"tfhfp8"``; importing :mod:`tfhfp8.models` registers it).
+`PositionEmbedding` (elementwise, registered for `.keras` saving under the package
+name `"tfhfp8"`; importing `tfhfp8.models` registers it).
 
-All classifiers end with a ``Dense(num_classes)`` layer named ``"classifier"`` whose activation
-is ``classifier_activation`` (default ``"softmax"``; ``None`` for logits). Image models take
-float32 ``(batch, H, W, C)`` input; the Transformer takes int32 token ids.
+All classifiers end with a `Dense(num_classes)` layer named `"classifier"` whose activation
+is `classifier_activation` (default `"softmax"`; `None` for logits). Image models take
+float32 `(batch, H, W, C)` input; the Transformer takes int32 token ids.
 
-=============================  ============================  ===========================
-name                           default input                 parameters (10 / 2 classes)
-=============================  ============================  ===========================
-``resnet20``                   (32, 32, 3); also (28, 28, 1)  274,042 (272,474 trainable)
-``mobilenet_v2``               (28, 28, 1); also (32, 32, 3)  156,298 (149,706 trainable)
-``small_cnn``                  (28, 28, 1); also (32, 32, 3)  207,450 (207,098 trainable)
-``mlp``                        (28, 28, 1)                    235,146
-``transformer_classifier``     (sequence_length,) int32       64*vocab + 64*length + 67,074
-=============================  ============================  ===========================
+| name | default input | parameters (10 / 2 classes) |
+|---|---|---|
+| `resnet20` | (32, 32, 3); also (28, 28, 1) | 274,042 (272,474 trainable) |
+| `mobilenet_v2` | (28, 28, 1); also (32, 32, 3) | 156,298 (149,706 trainable) |
+| `small_cnn` | (28, 28, 1); also (32, 32, 3) | 207,450 (207,098 trainable) |
+| `mlp` | (28, 28, 1) | 235,146 |
+| `transformer_classifier` | (sequence_length,) int32 | 64*vocab + 64*length + 67,074 |
 
-``get(name, **kwargs)`` builds a model by name; ``names()`` lists the names.
+`get(name, **kwargs)` builds a model by name; `names()` lists the names.
 """
 
 from tfhfp8 import registry
-from tfhfp8.models.layers import PositionEmbedding
+from tfhfp8.models.position_embedding import PositionEmbedding
 from tfhfp8.models.mobilenet import mobilenet_v2
 from tfhfp8.models.resnet import resnet20
 from tfhfp8.models.simple import mlp, small_cnn

@@ -17,7 +17,7 @@ DEFAULT_BLOCKS = (
 
 
 def _make_divisible(value, divisor=8):
-    """Round a channel count to a multiple of ``divisor`` (as in the reference code)."""
+    """Round a channel count to a multiple of `divisor` (as in the reference code)."""
     new_value = max(divisor, int(value + divisor / 2) // divisor * divisor)
     if new_value < 0.9 * value:
         new_value += divisor
@@ -65,33 +65,33 @@ def mobilenet_v2(
 ):
     """A small MobileNetV2-style network built from inverted residual blocks.
 
-    Architecture: 3x3 conv stem (``32 * width`` filters, stride 1) + BN + ReLU6; inverted
-    residual blocks given by ``blocks`` = ``(t, c, n, s)`` tuples (expansion, output channels,
+    Architecture: 3x3 conv stem (`32 * width` filters, stride 1) + BN + ReLU6; inverted
+    residual blocks given by `blocks` = `(t, c, n, s)` tuples (expansion, output channels,
     repeats, stride of the first repeat); each block is 1x1 expand conv + BN + ReLU6 (omitted
-    when ``t == 1``), 3x3 ``DepthwiseConv2D`` + BN + ReLU6, 1x1 linear projection + BN, and an
-    ``Add`` residual when stride is 1 and the channel counts match. Then a 1x1 conv to
-    ``last_channels`` + BN + ReLU6, global average pooling, dropout, Dense classifier.
-    The default blocks are ``(1,16,1,1), (6,24,2,2), (6,32,3,2), (6,64,2,2)``: eight blocks,
+    when `t == 1`), 3x3 `DepthwiseConv2D` + BN + ReLU6, 1x1 linear projection + BN, and an
+    `Add` residual when stride is 1 and the channel counts match. Then a 1x1 conv to
+    `last_channels` + BN + ReLU6, global average pooling, dropout, Dense classifier.
+    The default blocks are `(1,16,1,1), (6,24,2,2), (6,32,3,2), (6,64,2,2)`: eight blocks,
     three stride-2 stages (28x28 -> 4x4, 32x32 -> 4x4), four residual Adds.
-    Channel counts are multiplied by ``width`` and rounded to multiples of 8 (``last_channels``
-    is scaled only when ``width > 1``, as in the paper). Convolutions have no bias.
+    Channel counts are multiplied by `width` and rounded to multiples of 8 (`last_channels`
+    is scaled only when `width > 1`, as in the paper). Convolutions have no bias.
 
     Args:
-        input_shape: ``(H, W, C)``, e.g. ``(28, 28, 1)`` or ``(32, 32, 3)``.
+        input_shape: `(H, W, C)`, e.g. `(28, 28, 1)` or `(32, 32, 3)`.
         num_classes: number of output units.
         width: width multiplier (the paper's alpha).
-        blocks: sequence of ``(t, c, n, s)`` tuples.
+        blocks: sequence of `(t, c, n, s)` tuples.
         last_channels: channels of the final 1x1 conv.
         dropout: dropout rate before the classifier.
-        classifier_activation: activation of the last Dense layer (``None`` for logits).
+        classifier_activation: activation of the last Dense layer (`None` for logits).
 
     Returns:
-        A functional ``keras.Model`` named ``"mobilenet_v2"``; input ``(batch, H, W, C)``
-        float32, output ``(batch, num_classes)``.
+        A functional `keras.Model` named `"mobilenet_v2"`; input `(batch, H, W, C)`
+        float32, output `(batch, num_classes)`.
 
-    Parameter count (10 classes, ``width=1.0``): **156,298** total (149,706 trainable) for
-    ``(28, 28, 1)``; **156,874** total (150,282 trainable) for ``(32, 32, 3)``. With
-    ``width=0.5``: 55,514 total (51,754 trainable) for ``(28, 28, 1)``.
+    Parameter count (10 classes, `width=1.0`): **156,298** total (149,706 trainable) for
+    `(28, 28, 1)`; **156,874** total (150,282 trainable) for `(32, 32, 3)`. With
+    `width=0.5`: 55,514 total (51,754 trainable) for `(28, 28, 1)`.
     """
     inputs = input_layer(input_shape)
     stem = _make_divisible(32 * width)

@@ -46,19 +46,19 @@ def resnet20(input_shape=(32, 32, 3), num_classes=10, classifier_activation="sof
     projection adds 3,456 parameters (two 1x1 convs and two BN layers).
 
     Args:
-        input_shape: ``(H, W, C)``, e.g. ``(32, 32, 3)`` (CIFAR) or ``(28, 28, 1)``
-            (Fashion-MNIST / MNIST). Spatial size is reduced by 4 (``same`` padding).
+        input_shape: `(H, W, C)`, e.g. `(32, 32, 3)` (CIFAR) or `(28, 28, 1)`
+            (Fashion-MNIST / MNIST). Spatial size is reduced by 4 (`same` padding).
         num_classes: number of output units.
-        classifier_activation: activation of the last Dense layer (``"softmax"``
-            gives probabilities; ``None`` gives logits).
+        classifier_activation: activation of the last Dense layer (`"softmax"`
+            gives probabilities; `None` gives logits).
 
     Returns:
-        A functional ``keras.Model`` named ``"resnet20"``; input ``(batch, H, W, C)``
-        float32, output ``(batch, num_classes)``.
+        A functional `keras.Model` named `"resnet20"`; input `(batch, H, W, C)`
+        float32, output `(batch, num_classes)`.
 
-    Parameter count (10 classes): **274,042** in total for ``(32, 32, 3)``, of which
+    Parameter count (10 classes): **274,042** in total for `(32, 32, 3)`, of which
     272,474 trainable and 1,568 non-trainable (BN moving mean/variance); **273,754** total
-    (272,186 trainable) for ``(28, 28, 1)``. With zero-padding shortcuts it would be
+    (272,186 trainable) for `(28, 28, 1)`. With zero-padding shortcuts it would be
     269,722 trainable, the paper's "0.27M".
     """
     inputs = input_layer(input_shape)

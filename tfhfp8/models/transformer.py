@@ -3,11 +3,11 @@
 import keras
 from keras import layers
 
-from tfhfp8.models.layers import PositionEmbedding
+from tfhfp8.models.position_embedding import PositionEmbedding
 
 
 def _encoder_block(x, embed_dim, num_heads, ff_dim, dropout, name):
-    """Post-LN encoder block: ``LN(x + MHA(x))`` then ``LN(y + FFN(y))``."""
+    """Post-LN encoder block: `LN(x + MHA(x))` then `LN(y + FFN(y))`."""
     attention = layers.MultiHeadAttention(
         num_heads=num_heads, key_dim=embed_dim // num_heads, name=f"{name}_attention"
     )(x, x)
@@ -34,31 +34,31 @@ def transformer_classifier(
 ):
     """Transformer encoder text classifier on token ids.
 
-    Architecture: ``Embedding(vocab_size, embed_dim)`` on the token ids, plus a learned
-    position embedding (:class:`tfhfp8.models.layers.PositionEmbedding`, a registered
-    serializable layer adding a ``(sequence_length, embed_dim)`` table); ``num_layers``
-    post-LN encoder blocks, each ``x = LN(x + Dropout(MHA(x, x)))`` and
-    ``x = LN(x + Dropout(Dense(embed_dim)(Dense(ff_dim, relu)(x))))`` with
-    ``key_dim = embed_dim // num_heads``; ``GlobalAveragePooling1D`` over positions,
+    Architecture: `Embedding(vocab_size, embed_dim)` on the token ids, plus a learned
+    position embedding (`tfhfp8.models.PositionEmbedding`, a registered
+    serializable layer adding a `(sequence_length, embed_dim)` table); `num_layers`
+    post-LN encoder blocks, each `x = LN(x + Dropout(MHA(x, x)))` and
+    `x = LN(x + Dropout(Dense(embed_dim)(Dense(ff_dim, relu)(x))))` with
+    `key_dim = embed_dim // num_heads`; `GlobalAveragePooling1D` over positions,
     dropout and a Dense classifier. Token id 0 is padding; it is not masked (the model
     learns to ignore it), which keeps every layer a plain, mask-free Keras layer.
 
     Args:
-        vocab_size: number of token ids (ids must lie in ``[0, vocab_size)``).
+        vocab_size: number of token ids (ids must lie in `[0, vocab_size)`).
         sequence_length: length of the input sequences.
         num_classes: number of output units.
-        embed_dim: model width (must be divisible by ``num_heads``).
+        embed_dim: model width (must be divisible by `num_heads`).
         num_heads: attention heads.
         ff_dim: hidden width of the feed-forward network.
         num_layers: number of encoder blocks.
         dropout: dropout rate (attention output, feed-forward output, before classifier).
-        classifier_activation: activation of the last Dense layer (``None`` for logits).
+        classifier_activation: activation of the last Dense layer (`None` for logits).
 
     Returns:
-        A functional ``keras.Model`` named ``"transformer_classifier"``; input
-        ``(batch, sequence_length)`` int32 token ids, output ``(batch, num_classes)``.
+        A functional `keras.Model` named `"transformer_classifier"`; input
+        `(batch, sequence_length)` int32 token ids, output `(batch, num_classes)`.
 
-    Parameter count (all trainable), with ``d = embed_dim``, ``f = ff_dim``::
+    Parameter count (all trainable), with `d = embed_dim`, `f = ff_dim`:
 
         vocab_size*d + sequence_length*d
         + num_layers * (4*d*d + 4*d          # attention Q, K, V, output (+ biases)
@@ -67,8 +67,8 @@ def transformer_classifier(
         + d*num_classes + num_classes
 
     For the defaults (d=64, 4 heads, f=128, 2 layers, 2 classes) that is
-    ``64*vocab_size + 64*sequence_length + 67,074``; e.g. **712,194** for
-    ``vocab_size=10000, sequence_length=80``.
+    `64*vocab_size + 64*sequence_length + 67,074`; e.g. **712,194** for
+    `vocab_size=10000, sequence_length=80`.
     """
     if embed_dim % num_heads:
         raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")

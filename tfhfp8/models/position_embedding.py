@@ -1,4 +1,4 @@
-"""Small custom layers used by the reference models (registered for ``.keras`` saving)."""
+"""Small custom layers used by the reference models (registered for `.keras` saving)."""
 
 import keras
 from keras import ops
@@ -8,17 +8,17 @@ from keras import ops
 class PositionEmbedding(keras.layers.Layer):
     """Adds a learned position embedding to a sequence of vectors.
 
-    Holds one trainable weight ``embeddings`` of shape ``(sequence_length, embed_dim)``;
-    for an input ``x`` of shape ``(batch, length, embed_dim)`` with
-    ``length <= sequence_length`` it returns ``x + embeddings[:length]``. This is the same
-    as an ``Embedding(sequence_length, embed_dim)`` looked up at positions
-    ``0 .. length - 1`` and added to ``x``, without a second model input.
+    Holds one trainable weight `embeddings` of shape `(sequence_length, embed_dim)`;
+    for an input `x` of shape `(batch, length, embed_dim)` with
+    `length <= sequence_length` it returns `x + embeddings[:length]`. This is the same
+    as an `Embedding(sequence_length, embed_dim)` looked up at positions
+    `0 .. length - 1` and added to `x`, without a second model input.
     The addition is elementwise (no matrix product), so precision emulation leaves it in FP32.
 
     Args:
         sequence_length: maximum sequence length (number of positions).
-        initializer: initializer of the position table (default ``uniform`` in
-            ``[-0.05, 0.05]``, as ``keras.layers.Embedding``).
+        initializer: initializer of the position table (default `uniform` in
+            `[-0.05, 0.05]`, as `keras.layers.Embedding`).
     """
 
     def __init__(self, sequence_length, initializer="uniform", **kwargs):

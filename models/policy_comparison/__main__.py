@@ -1,6 +1,6 @@
 """Tables of mean and spread over seeds from the `results.json` files of `tfhfp8 train`.
 
-    python models/results_table.py --root=docs/results --plot=docs/results.png
+    python -m models.policy_comparison --root=docs/results --plot=docs/results.png
 
 Reads ROOT/<experiment>/seed*/results.json and prints one Markdown table per experiment:
 final test accuracy per policy, mean and standard deviation over seeds, the difference

@@ -1,6 +1,6 @@
 """PTQ experiment: FP32 / quantized / quantized + re-calibrated BatchNorm, on real models.
 
-    PYTHONPATH=. .venv/bin/python models/ptq_experiment.py --output_dir=results/ptq
+    .venv/bin/python -m models.ptq --output_dir=results/ptq      # from the repository root
 
 Four parts (``--parts``), every one offline (see docs/ptq.md for the installs):
 
@@ -12,7 +12,7 @@ Four parts (``--parts``), every one offline (see docs/ptq.md for the installs):
   weights), saved as ``OUTPUT_DIR/<model>_fashion_mnist.keras``, then quantized and
   re-calibrated on the same images; accuracy on the whole test set.
 - ``efficientnet_finetuned``: EfficientNet-Lite0 (ImageNet weights, ported by
-  ``models/efficientnet_lite0.py``; 49 BatchNorm layers) fine-tuned in FP32 on
+  ``models/ptq/efficientnet_lite0.py``; 49 BatchNorm layers) fine-tuned in FP32 on
   Fashion-MNIST upscaled to ``--ft_resolution`` RGB: BatchNorm statistics first
   re-estimated on the data (exact mode, FP32), then the last block, the head convolution
   and a new 10-class classifier trained for ``--ft_epochs`` on ``--ft_train`` images
@@ -46,8 +46,6 @@ import time
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
 
@@ -103,7 +101,7 @@ _TEST_LIMIT = flags.DEFINE_integer("test_limit", None,
 _EFFICIENTNET_PATH = flags.DEFINE_string(
     "efficientnet_path", os.path.join(os.path.expanduser(os.environ.get("KERAS_HOME", "~/.keras")),
                                       "models", "efficientnet_lite0.keras"),
-    "the .keras file models/efficientnet_lite0.py writes")
+    "the .keras file python -m models.ptq.efficientnet_lite0 writes")
 _FT_RESOLUTION = flags.DEFINE_integer("ft_resolution", 96,
                                       "fine-tuning resolution (Fashion-MNIST upscaled, RGB)")
 _FT_TRAIN = flags.DEFINE_integer("ft_train", 2000, "fine-tuning training images")
@@ -161,10 +159,10 @@ def measure(model, policies, calibration_x, evaluation_x, labels=None, control=F
     import tfhfp8
     from tfhfp8 import calibration
 
-    evaluation = calibration._Batches(evaluation_x, None,
+    evaluation = calibration.Batches(evaluation_x, None,
                                       eval_batch_size or _EVAL_BATCH_SIZE.value,
                                       "evaluation data")
-    batches = calibration._Batches(calibration_x, None, batch_size or _BATCH_SIZE.value)
+    batches = calibration.Batches(calibration_x, None, batch_size or _BATCH_SIZE.value)
 
     def score(predictions):
         return None if labels is None else float(np.mean(predictions == labels))
@@ -284,7 +282,7 @@ def _rgb(x, resolution):
 def efficientnet_finetuned_part(policies):
     import keras
 
-    import efficientnet_lite0 as port
+    from models.ptq import efficientnet_lite0 as port
     import tfhfp8
     from tfhfp8 import datasets
 
@@ -342,7 +340,7 @@ def efficientnet_finetuned_part(policies):
 # ------------------------------------------------------------------------------------
 
 def photos():
-    import efficientnet_lite0 as port
+    from models.ptq import efficientnet_lite0 as port
     from PIL import Image
 
     result = port.sample_photos()
@@ -359,11 +357,11 @@ def photos():
 def efficientnet_photos_part(policies):
     import keras
 
-    import efficientnet_lite0 as port
+    from models.ptq import efficientnet_lite0 as port
 
     if not os.path.exists(_EFFICIENTNET_PATH.value):
         raise FileNotFoundError(f"{_EFFICIENTNET_PATH.value} does not exist: run "
-                                "models/efficientnet_lite0.py (needs torch, once)")
+                                "python -m models.ptq.efficientnet_lite0 (needs torch, once)")
     model = keras.saving.load_model(_EFFICIENTNET_PATH.value, compile=False)
     images = photos()
     calibration_x = port.random_crops(images, _PHOTO_CALIBRATION.value, seed=1).astype(

@@ -1,8 +1,8 @@
 r"""Loss-scaling experiment: one CNN, FP8 and HFP8, five ways of scaling the errors.
 
-    PYTHONPATH=. .venv/bin/python models/loss_scaling_experiment.py \
+    .venv/bin/python -m models.loss_scaling \
         --json docs/loss_scaling_results.json --plot docs/loss_scaling.png
-    PYTHONPATH=. .venv/bin/python models/loss_scaling_experiment.py \
+    .venv/bin/python -m models.loss_scaling \
         --from_json docs/loss_scaling_results.json   # table (and plot) only, no training
 
 Trains `tfhfp8.models.small_cnn` on real Fashion-MNIST images, from the same initial
@@ -43,7 +43,6 @@ import time
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
@@ -370,7 +369,7 @@ def main(argv):
                   fixed_scale=2.0**_FIXED.value, initial_scale=2.0**_INITIAL.value,
                   growth_steps=_GROWTH.value, min_scale=2.0**_FLOOR.value,
                   underflow_rate=_UNDERFLOW_RATE.value,
-                  command="PYTHONPATH=. .venv/bin/python " + " ".join(sys.argv),
+                  command=".venv/bin/python -m models.loss_scaling " + " ".join(sys.argv[1:]),
                   tensorflow=tf.__version__, keras=keras.__version__,
                   backend=tfhfp8.ops.backend_info())
     results = dict(config=config)

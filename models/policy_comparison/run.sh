@@ -3,7 +3,7 @@
 # each a `tfhfp8 train` run (skipped when its results.json exists), then the tables.
 # About 3 hours on a 2-core CPU.
 #
-#   models/results.sh [OUTPUT_ROOT]      (default: results/)
+#   models/policy_comparison/run.sh [OUTPUT_ROOT]      (default: results/)
 #
 # Sized for a shared 2-core CPU: ResNet-20 for one epoch on the full Fashion-MNIST; both
 # CNNs for 2 epochs on subsets of 2,000 training and 2,000 test images, batch 32 (enough
@@ -30,4 +30,4 @@ for seed in $seeds; do
       --limit=2000 --test_limit=2000 --epochs=2 --batch_size=32 --seed="$seed"
   done
 done
-python models/results_table.py --root="$root"
+python -m models.policy_comparison --root="$root"

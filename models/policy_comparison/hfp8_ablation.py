@@ -1,6 +1,6 @@
 """Which part of the hfp8 preset costs accuracy? One change at a time, same initial weights.
 
-    PYTHONPATH=. .venv/bin/python models/hfp8_ablation.py --output_dir=results/hfp8_ablation
+    .venv/bin/python -m models.policy_comparison.hfp8_ablation --output_dir=results/hfp8_ablation
 
 Trains ResNet-20 on the full Fashion-MNIST exactly as the `resnet20_fashion_mnist_full`
 runs of docs/results.md (same seed: same initial weights and data order; those runs give
