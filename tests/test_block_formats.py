@@ -2,6 +2,7 @@
 against gfloat (MX) and an independent `fractions` reference (NVFP4), on both backends,
 eagerly and under XLA."""
 
+import dataclasses
 import fractions
 import math
 
@@ -13,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 import tfhfp8
-from tfhfp8 import block_formats, formats
+from tfhfp8 import formats
 
 MX = {
     "mxfp8_e4m3": gf.format_info_mxfp8_e4m3,
@@ -54,17 +55,12 @@ def test_formats_are_frozen_hashable_and_round_trip_through_configs():
         assert formats.get(formats.serialize(fmt)) == fmt
         config = keras.saving.serialize_keras_object(fmt)
         assert keras.saving.deserialize_keras_object(config) == fmt
-        with pytest.raises(dataclasses_error()):
+        with pytest.raises(dataclasses.FrozenInstanceError):
             fmt.block_size = 3
     assert formats.serialize(formats.get("mxfp8_e4m3")) == "mxfp8_e4m3"
     assert formats.get(formats.serialize(custom)) == custom
     assert {custom: 1}[tfhfp8.BlockScaled("float8_e4m3fn", 16, axis=0,
                                           scale_rounding="ceil")] == 1
-
-
-def dataclasses_error():
-    import dataclasses
-    return dataclasses.FrozenInstanceError
 
 
 @pytest.mark.parametrize("kwargs, parameter", [
@@ -475,3 +471,154 @@ def test_large_tensors_compiled_outside_xla_give_the_same_bits(name):
         chunk[0, 0] = 1e9
         small = tfhfp8.quantize(chunk, name).numpy()
         np.testing.assert_array_equal(big[start + 1:start + 100], small[1:])
+
+
+# -- block floating point (DynamicFixedPoint with block_size) ------------------------
+def _block_dfp_reference(x, bits, block_size, rounding, axis=-1):
+    """Fractions: per block E_s = E_max - (bits - 2), one more when max|x| would round to
+    2^(bits-1); never below float32's smallest exponent 2^-149; I = round(x / 2^E_s)."""
+    F = fractions.Fraction
+    limit = 2 ** (bits - 1) - 1
+    moved = np.moveaxis(x, axis, -1)
+    out = np.empty(moved.shape, np.float32)
+
+    def round_int(v):
+        n = math.floor(v)
+        if rounding == "toward_zero":
+            return math.trunc(v)
+        rest = v - n
+        return n + (1 if rest > F(1, 2) or (rest == F(1, 2) and n % 2) else 0)
+
+    for index in np.ndindex(moved.shape[:-1]):
+        row = [F(float(v)) for v in moved[index]]
+        for i in range(0, len(row), block_size):
+            block = row[i:i + block_size]
+            amax = max(abs(v) for v in block)
+            if amax == 0:
+                e = -149
+            else:
+                e_max = math.floor(math.log2(amax))
+                while F(2) ** e_max > amax:
+                    e_max -= 1
+                while F(2) ** (e_max + 1) <= amax:
+                    e_max += 1
+                e = e_max - (bits - 2)
+                if rounding == "nearest_even" and round_int(amax / F(2) ** e) > limit:
+                    e += 1
+                e = max(e, -149)
+            for j, v in enumerate(block):
+                value = float(round_int(v / F(2) ** e) * F(2) ** e)
+                out[index + (i + j,)] = math.copysign(value, moved[index + (i + j,)])
+    return np.moveaxis(out, -1, axis)
+
+
+@pytest.mark.parametrize("bits, block_size, axis", [(8, 16, None), (4, 32, -1), (16, 8, 0),
+                                                    (12, 5, 1)])
+@pytest.mark.parametrize("rounding", ["nearest_even", "toward_zero"])
+def test_block_dfp_matches_the_fractions_reference(backend, bits, block_size, axis, rounding):
+    rng = np.random.default_rng(bits * 100 + block_size)
+    x = rng.standard_normal((6, 40)) * np.exp2(rng.integers(-30, 30, (6, 40)))
+    x[0] = 0.0
+    x[1, :20] = rng.integers(-2**23, 2**23, 20) * 2.0**-149  # subnormal blocks
+    x[2, :16] = np.where(rng.random(16) < 0.5, 1.0, -1.0) * (2.0**8 - 0.5) * 2.0**-3
+    x[2, 16:32] = np.where(rng.random(16) < 0.5, 1.0, -1.0) * (2.0**7 - 0.5)  # amax a tie
+    x[3, :8] = np.array([2.5, 3.5, -4.5, 0.5, 1.5, -2.5, 3.0, 7.0]) * 2.0**-10  # ties
+    x = x.astype(np.float32)
+    fmt = tfhfp8.DynamicFixedPoint(bits, axis=axis, block_size=block_size)
+    expected = _block_dfp_reference(x, bits, block_size, rounding,
+                                    axis=-1 if axis is None else axis)
+    y = tfhfp8.quantize(x, fmt, rounding=rounding).numpy()
+    np.testing.assert_array_equal(y.view(np.uint32), expected.view(np.uint32))
+    if backend == "tf":  # the C++ kernels do not run inside XLA (TFHFP8_BACKEND=cpp forces them)
+        compiled = tf.function(lambda t: tfhfp8.quantize(t, fmt, rounding=rounding),
+                               jit_compile=True)
+        np.testing.assert_array_equal(compiled(tf.constant(x)).numpy().view(np.uint32),
+                                      expected.view(np.uint32))
+
+
+def test_block_dfp_stochastic_is_identical_on_both_backends(monkeypatch):
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((8, 50)) * 100).astype(np.float32)
+    fmt = tfhfp8.DynamicFixedPoint(6, block_size=16)
+    results = []
+    for backend in ("tf", "cpp"):
+        monkeypatch.setenv("TFHFP8_BACKEND", backend)
+        results.append(tfhfp8.quantize(x, fmt, rounding="stochastic", seed=4).numpy())
+    np.testing.assert_array_equal(results[0], results[1])
+    down = tfhfp8.quantize(x, fmt, rounding="toward_zero").numpy()
+    assert 0 < np.mean(results[0] != down) < 1
+
+
+def test_block_dfp_format_object():
+    fmt = tfhfp8.DynamicFixedPoint(8, block_size=32)
+    assert formats.get(formats.serialize(fmt)) == fmt
+    assert formats.get(fmt.get_config()) == fmt
+    assert fmt != tfhfp8.DynamicFixedPoint(8)
+    assert "block_size" not in tfhfp8.DynamicFixedPoint(8).get_config()
+    assert repr(fmt) == "DynamicFixedPoint(bits=8, per block of 32 along axis -1)"
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="block_size"):
+            tfhfp8.DynamicFixedPoint(8, block_size=bad)
+    policy = tfhfp8.Policy(weights=fmt, activations=fmt)
+    assert tfhfp8.Policy.from_config(policy.get_config()).weights == fmt
+
+
+@pytest.mark.parametrize("fmt", [
+    "mxfp4_e2m1", "nvfp4", tfhfp8.BlockScaled("float8_e4m3fn", 4, axis=3),
+    tfhfp8.DynamicFixedPoint(6, block_size=3), tfhfp8.DynamicFixedPoint(6, axis=-2,
+                                                                        block_size=2)])
+def test_rank_above_eight_blocks_like_rank_three(fmt):
+    """TF's select stops at rank 8: a rank-9 tensor is rounded through a rank-3 view
+    that keeps every block."""
+    fmt = formats.get(fmt)
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((2, 1, 3, 5, 1, 2, 1, 1, 7)) * np.exp2(
+        rng.integers(-8, 8, (2, 1, 3, 5, 1, 2, 1, 1, 7)))).astype(np.float32)
+    y = tfhfp8.quantize(x, fmt, rounding="stochastic", seed=1).numpy()
+    # The same blocks in a rank-4 tensor (the axes around the block axis merged).
+    axis = fmt.axis if fmt.axis is not None else -1
+    axis %= 9
+    small = x.reshape(int(np.prod(x.shape[:axis])), x.shape[axis], -1, 1)
+    expected = tfhfp8.quantize(small, dataclasses.replace(fmt, axis=1), rounding="stochastic",
+                               seed=1).numpy().reshape(x.shape)
+    np.testing.assert_array_equal(y, expected)
+
+
+def test_a_model_trains_with_block_formats_in_every_role():
+    keras.utils.set_random_seed(1)
+    policy = tfhfp8.Policy("mx", weights="mxfp8_e4m3", activations="mxfp8_e4m3",
+                           errors="mxfp8_e5m2", weight_gradients="mxfp4_e2m1",
+                           master_weights=tfhfp8.DynamicFixedPoint(12, block_size=8),
+                           rounding=dict(errors="stochastic", weight_gradients="stochastic"))
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)),
+        tfhfp8.layers.Conv2D(4, 3, policy=policy),
+        keras.layers.Flatten(),
+        tfhfp8.layers.Dense(2, policy=policy),
+    ])
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((16, 8, 8, 3)).astype(np.float32), rng.integers(0, 2, 16)
+    before = [w.numpy() for w in model.trainable_weights]
+    history = model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    after = [w.numpy() for w in model.trainable_weights]
+    assert any((a != b).any() for a, b in zip(after, before))
+    # Master weights stay on their block-DFP grid.
+    kernel = model.layers[-1].kernel.numpy()
+    np.testing.assert_array_equal(
+        kernel, tfhfp8.quantize(kernel, tfhfp8.DynamicFixedPoint(12, block_size=8)).numpy())
+
+
+@pytest.mark.parametrize("fmt", [
+    "mxfp8_e4m3", "nvfp4", tfhfp8.DynamicFixedPoint(8, block_size=16),
+    tfhfp8.BlockScaled("float4_e2m1fn", 8, axis=0)])
+def test_unknown_shapes_in_graphs(fmt):
+    x = np.random.default_rng(0).standard_normal((3, 70)).astype(np.float32)
+    dynamic = tf.function(lambda t: tfhfp8.quantize(t, fmt),
+                          input_signature=[tf.TensorSpec([None, None])])
+    np.testing.assert_array_equal(dynamic(x).numpy(), tfhfp8.quantize(x, fmt).numpy())
+    unknown_rank = tf.function(lambda t: tfhfp8.quantize(t, fmt),
+                               input_signature=[tf.TensorSpec(None)])
+    with pytest.raises(ValueError, match="known rank"):
+        unknown_rank(x)

@@ -208,7 +208,11 @@ class DynamicFixedPoint:
     Args:
       bits: 2..24 (mantissas must be exact in float32).
       axis: None for one exponent per tensor, or the axis along which each slice gets
-        its own exponent.
+        its own exponent. With `block_size`: the axis the blocks run along (None: the
+        last one).
+      block_size: None, or block floating point: each run of `block_size` consecutive
+        elements along `axis` gets its own exponent by the same rule (the last block of
+        a row may be shorter); 1..65536.
 
     Example:
 
@@ -220,18 +224,25 @@ class DynamicFixedPoint:
     bits: int = 16
     axis: Optional[int] = None
     name: Optional[str] = dataclasses.field(default=None, compare=False)
+    block_size: Optional[int] = None
 
     def __post_init__(self):
         object.__setattr__(self, "bits", _check_int("bits", self.bits, 2, 24))
         if self.axis is not None:
             object.__setattr__(self, "axis", _check_int("axis", self.axis, -32, 31))
+        if self.block_size is not None:
+            object.__setattr__(self, "block_size",
+                               _check_int("block_size", self.block_size, 1, 1 << 16))
 
     @property
     def max_mantissa(self) -> int:
         return (1 << (self.bits - 1)) - 1
 
     def get_config(self) -> dict:
-        return {"bits": self.bits, "axis": self.axis, "name": self.name}
+        config = {"bits": self.bits, "axis": self.axis, "name": self.name}
+        if self.block_size is not None:  # configs without blocks stay as they were
+            config["block_size"] = self.block_size
+        return config
 
     @classmethod
     def from_config(cls, config: dict) -> "DynamicFixedPoint":
@@ -239,7 +250,11 @@ class DynamicFixedPoint:
 
     def __repr__(self):
         title = f"{self.name!r}, " if self.name else ""
-        axis = "per tensor" if self.axis is None else f"per slice along axis {self.axis}"
+        if self.block_size is not None:
+            along = -1 if self.axis is None else self.axis
+            axis = f"per block of {self.block_size} along axis {along}"
+        else:
+            axis = "per tensor" if self.axis is None else f"per slice along axis {self.axis}"
         return f"DynamicFixedPoint({title}bits={self.bits}, {axis})"
 
 

@@ -79,8 +79,13 @@ class Policy(keras.DTypePolicy):
         from keywords (default `"custom"`). Another name without any role keyword is a
         ValueError (a misspelt preset would otherwise emulate nothing).
       weights, activations, errors, weight_gradients: formats of `Q_w`, `Q_a`, `Q_e`,
-        `Q_g` (a name, `FloatFormat` or `DynamicFixedPoint`). None keeps the preset's
-        choice (FP32 for a policy built from keywords); `"float32"` forces FP32.
+        `Q_g` (a name, `FloatFormat`, `DynamicFixedPoint` or `BlockScaled`). None keeps
+        the preset's choice (FP32 for a policy built from keywords); `"float32"` forces
+        FP32. Block-scaled formats (`"mxfp8_e4m3"`, `"nvfp4"`, ...) block every tensor
+        along its last axis for now (for a Dense layer: the input's reduction axis, but
+        the kernel's output axis); blocking each GEMM operand along that GEMM's own
+        reduction axis, in the forward and both backward GEMMs, is item 3 of issue 17
+        and not done yet.
       master_weights: if set, the stored weights of emulated layers are rounded to
         this format after every optimizer step.
       rounding: one rounding for every role, or a dict role -> rounding (missing

@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfhfp8 import _compat, block_formats, formats, ops
-from tfhfp8.ops import tf_block
+from tfhfp8.ops import tf_backend, tf_block
 from tfhfp8.ops.tf_backend import ROUNDINGS
 
 GRADIENTS = ("straight_through", "zero_overflow")
@@ -161,16 +161,19 @@ _MAX_RANK = 8
 
 def _round(x, fmt, rounding, saturate, seed):
     rank = x.shape.rank
-    if rank is not None and rank > _MAX_RANK and isinstance(
-            fmt, (formats.FloatFormat, formats.DynamicFixedPoint)):
-        # Rounding is element-wise (a slice shares one exponent): a rank-1 (or, per
-        # slice, rank-3) view of the same elements in the same order rounds exactly
-        # alike, stochastic bits included (they hash the flat index).
+    if rank is not None and rank > _MAX_RANK:
+        # Rounding is element-wise (a slice or a block shares one exponent): a rank-1
+        # (or, per slice or block along an axis, rank-3) view of the same elements in
+        # the same order rounds exactly alike, stochastic bits included (they hash the
+        # flat index).
         shape = tf.shape(x)
-        if isinstance(fmt, formats.DynamicFixedPoint) and fmt.axis is not None:
-            if not -rank <= fmt.axis < rank:
-                raise ValueError(f"axis {fmt.axis} is out of range for a tensor of rank {rank}")
-            axis = fmt.axis % rank
+        axis = getattr(fmt, "axis", None)
+        if getattr(fmt, "block_size", None) is not None and axis is None:
+            axis = -1  # block floating point: blocks along the last axis
+        if axis is not None:
+            if not -rank <= axis < rank:
+                raise ValueError(f"axis {axis} is out of range for a tensor of rank {rank}")
+            axis = axis % rank
             view = [tf.reduce_prod(shape[:axis]), shape[axis], tf.reduce_prod(shape[axis + 1:])]
             fmt = dataclasses.replace(fmt, axis=1)
         else:
@@ -189,6 +192,11 @@ def _round(x, fmt, rounding, saturate, seed):
             y = tf_block.quantize_block(xc, fmt, rounding, saturate, seed)
         else:
             y = ops._fuse(tf_block.quantize_block, xc, fmt, rounding, saturate, seed)
+    elif fmt.block_size is not None:
+        # Block floating point: exponents per block here, the rounding on either backend.
+        exponent, inner = tf_block.dfp_block_exponents(xc, fmt, rounding)
+        fixed = getattr(backend, "quantize_fixed", tf_backend.quantize_fixed)
+        y = fixed(xc, exponent, inner, fmt.bits, rounding, saturate, seed)
     else:
         y = backend.quantize_dfp(xc, fmt, rounding, saturate, seed)
     return tf.cast(y, x.dtype)

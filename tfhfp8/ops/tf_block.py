@@ -20,7 +20,9 @@ Both backends of `tfhfp8.quantize` call this code for block-scaled formats for n
   scale / element format gives the same result as rounding the exact quotient, so each
   is rounded once (nearest_even and toward_zero exactly; stochastic rounding draws
   against the float64 quotient). `q * s_block * S` (<= 30 bits) is exact in float64 and
-  rounded once to float32, on the bits (subnormal results included).
+  rounded once to float32, on the bits (subnormal results included). float64 inputs
+  (53-bit significands) are divided in float64 too: there the quotient may be rounded
+  twice (once to float64), which only matters within 2^-53 of a rounding boundary.
 """
 
 import numpy as np
@@ -220,3 +222,27 @@ def _float_scale(x, a, amax, fmt, blocks, rounding, seed, c):
     if c.width == 64:
         return y
     return _float64_to_float32(tb.quantize_float(y, _FLOAT32, "nearest_even", True, zero_seed))
+
+
+def dfp_block_exponents(x, fmt, rounding):
+    """Shared exponents of block floating point (`DynamicFixedPoint` with `block_size`).
+
+    Returns `(exponent, inner)` for `quantize_fixed`: one exponent per element (flat,
+    `inner` 1). Each block's exponent follows `tf_backend.shared_exponents`' rule,
+    computed on the blocks laid out as rows (zero padding never changes a maximum).
+    """
+    import dataclasses
+
+    if x.shape.rank == 0:
+        x = tf.reshape(x, [1])
+    blocks = _Blocks(x, -1 if fmt.axis is None else fmt.axis, fmt.block_size)
+    moved = tf.transpose(x, blocks.perm) if blocks.moved else x
+    pad = (-blocks.n) % fmt.block_size
+    if not isinstance(pad, int) or pad:
+        moved = tf.pad(moved, [[0, 0]] * (blocks.rank - 1) + [[0, pad]])
+    rows = tf.reshape(moved, [-1, fmt.block_size])
+    exponent, _ = tb.shared_exponents(rows, dataclasses.replace(fmt, axis=0, block_size=None),
+                                      rounding)
+    per_block = tf.reshape(exponent, tf.concat([tf.shape(moved)[:-1], [-1]], 0))
+    per_element = blocks.expand(per_block)
+    return tf.reshape(per_element, [-1]), tf.constant(1, tf.int64)
