@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 import tfhfp8
-from tfhfp8 import block_formats, formats
+from tfhfp8 import formats
 
 MX = {
     "mxfp8_e4m3": gf.format_info_mxfp8_e4m3,
@@ -608,3 +608,17 @@ def test_a_model_trains_with_block_formats_in_every_role():
     kernel = model.layers[-1].kernel.numpy()
     np.testing.assert_array_equal(
         kernel, tfhfp8.quantize(kernel, tfhfp8.DynamicFixedPoint(12, block_size=8)).numpy())
+
+
+@pytest.mark.parametrize("fmt", [
+    "mxfp8_e4m3", "nvfp4", tfhfp8.DynamicFixedPoint(8, block_size=16),
+    tfhfp8.BlockScaled("float4_e2m1fn", 8, axis=0)])
+def test_unknown_shapes_in_graphs(fmt):
+    x = np.random.default_rng(0).standard_normal((3, 70)).astype(np.float32)
+    dynamic = tf.function(lambda t: tfhfp8.quantize(t, fmt),
+                          input_signature=[tf.TensorSpec([None, None])])
+    np.testing.assert_array_equal(dynamic(x).numpy(), tfhfp8.quantize(x, fmt).numpy())
+    unknown_rank = tf.function(lambda t: tfhfp8.quantize(t, fmt),
+                               input_signature=[tf.TensorSpec(None)])
+    with pytest.raises(ValueError, match="known rank"):
+        unknown_rank(x)

@@ -404,13 +404,13 @@ def test_emulated_model_converts_to_another_policy(source_policy, target):
             expected = set(layer.GEMMS) if (target_policy.loss_scaling is not None and
                                             layer.policy.errors is not None) else set()
             assert {gemm for gemm, state in layer.error_state.items() if state} == expected
-    for src, dst in zip(tfhfp8.conversion._model_weights(emulated),
-                        tfhfp8.conversion._model_weights(direct)):
+    for src, dst in zip(tfhfp8.conversion.model_weights(emulated),
+                        tfhfp8.conversion.model_weights(direct)):
         dst.assign(src)
     np.testing.assert_array_equal(converted(x).numpy(), direct(x).numpy())
     # The weights are the emulated model's, which is unchanged.
-    assert [w.numpy().tolist() for w in tfhfp8.conversion._model_weights(converted)] == [
-        w.numpy().tolist() for w in tfhfp8.conversion._model_weights(emulated)]
+    assert [w.numpy().tolist() for w in tfhfp8.conversion.model_weights(converted)] == [
+        w.numpy().tolist() for w in tfhfp8.conversion.model_weights(emulated)]
     after = snapshot(emulated)
     for (name, cls, w1), (_, cls2, w2) in zip(before, after):
         assert cls is cls2

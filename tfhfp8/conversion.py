@@ -94,7 +94,7 @@ def quantize_model(model, policy="hfp8", exempt=None, verbose=False):
     return converted
 
 
-def _model_weights(model):
+def model_weights(model):
     """The model's weights without the loss-scaling state of its emulated layers (which
     belongs to a policy, not to the model: a converted model starts its own)."""
     state = {id(v) for layer in walk(model, sublayers=True)
@@ -105,7 +105,7 @@ def _model_weights(model):
 def copy_weights(source, target):
     """Assigns the weights of `source` to the same-shaped `target` (loss-scaling state
     excluded), in order."""
-    sources, targets = _model_weights(source), _model_weights(target)
+    sources, targets = model_weights(source), model_weights(target)
     if len(targets) != len(sources):
         raise RuntimeError(f"cannot copy weights: {len(sources)} variables in the "
                            f"source model, {len(targets)} in the converted one")

@@ -20,7 +20,9 @@ Both backends of `tfhfp8.quantize` call this code for block-scaled formats for n
   scale / element format gives the same result as rounding the exact quotient, so each
   is rounded once (nearest_even and toward_zero exactly; stochastic rounding draws
   against the float64 quotient). `q * s_block * S` (<= 30 bits) is exact in float64 and
-  rounded once to float32, on the bits (subnormal results included).
+  rounded once to float32, on the bits (subnormal results included). float64 inputs
+  (53-bit significands) are divided in float64 too: there the quotient may be rounded
+  twice (once to float64), which only matters within 2^-53 of a rounding boundary.
 """
 
 import numpy as np
