@@ -424,3 +424,28 @@ def test_emulated_layers_in_exempt_become_keras_layers_again():
     classes = {layer.name: type(layer) for layer in all_layers(converted)}
     assert classes["shared"] is layers.Dense and classes["n1"] is tl.Dense
     assert set(_policies(converted).values()) == {"bfloat16"}
+
+
+def test_exemptions_are_data_on_the_policy():
+    hfp8 = tfhfp8.Policy("hfp8")
+    exempt = hfp8.for_exempt_layer()
+    assert exempt.exempt_of == "hfp8" and hfp8.exempt_of is None
+    # Saved and reloaded with the policy's config.
+    assert tfhfp8.Policy.from_config(exempt.get_config()).exempt_of == "hfp8"
+    assert "exempt_of" not in hfp8.get_config()
+    # Configs saved before the field existed said it in the name only.
+    legacy = exempt.get_config()
+    del legacy["exempt_of"]
+    assert tfhfp8.Policy.from_config(legacy).exempt_of == "hfp8"
+    # summary reads the data, not the name.
+    inputs = keras.Input((4,))
+    x = tfhfp8.layers.Dense(3, name="renamed", policy=tfhfp8.Policy(
+        "my_policy", weights="float16", activations="float16", exempt_of="hfp8"))(inputs)
+    y = tfhfp8.layers.Dense(2, name="plain", policy=tfhfp8.Policy(
+        "looks/exempt", weights="float16", activations="float16"))(x)
+    rows = {row["layer"]: row for row in tfhfp8.summary(keras.Model(inputs, y),
+                                                        print_fn=lambda line: None)}
+    assert rows["renamed"]["note"] == "first/last GEMM layer: 16 bits"
+    assert rows["plain"]["note"] == "emulated"
+    with pytest.raises(TypeError, match="exempt_of"):
+        tfhfp8.Policy("hfp8", exempt_of=3)

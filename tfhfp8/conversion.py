@@ -129,8 +129,11 @@ def _describe(layer):
                     policy.rounding[role], "")
                 parts.append(f"{short}:{fmt.name or repr(fmt)}{rounding}")
         note = "emulated" if policy.emulates else "float32 policy"
-        if policy.name.endswith("/exempt"):
-            note = "first/last GEMM layer: 16 bits"
+        if policy.exempt_of is not None:
+            fmt = policy.weights
+            note = "first/last GEMM layer: " + (
+                "FP32" if fmt is None else "16 bits" if getattr(fmt, "bits", None) == 16
+                else fmt.name or repr(fmt))
         return " ".join(parts) or "float32", note
     if type(layer) in EMULATED:
         return "float32", "exempt (kept in FP32)"

@@ -98,6 +98,9 @@ class Policy(keras.DTypePolicy):
       exempt_format: the format of exempt layers (None: FP32).
       loss_scaling: per-GEMM error scaling: None, `"adaptive"`, `"absmax"` or a
         `tfhfp8.loss_scaling.LossScaling` (see that module).
+      exempt_of: set on the policy of a layer that another policy exempts (the first
+        and last GEMM layers under `fp8` and `hfp8`): that policy's name. Data, so that
+        `quantize_model`, `summary` and saved files all read the same thing.
 
     The policy is a `keras.DTypePolicy` with compute dtype float32, so
     `keras.config.set_dtype_policy(policy)` accepts it; `tfhfp8.layers` built without
@@ -107,7 +110,7 @@ class Policy(keras.DTypePolicy):
     def __init__(self, name="custom", *, weights=None, activations=None, errors=None,
                  weight_gradients=None, master_weights=None, rounding=None,
                  saturate=True, exempt_first_last=None, exempt_format="float16",
-                 loss_scaling=None):
+                 loss_scaling=None, exempt_of=None):
         if isinstance(name, Policy):
             name = name.name
         if not isinstance(name, str):
@@ -145,6 +148,9 @@ class Policy(keras.DTypePolicy):
         self.exempt_format = _format_or_none("exempt_format", exempt_format)
         self.loss_scaling = loss_scaling_lib.get(
             settings.get("loss_scaling") if loss_scaling is None else loss_scaling)
+        if exempt_of is not None and not isinstance(exempt_of, str):
+            raise TypeError(f"exempt_of must be None or a policy name, got {exempt_of!r}")
+        self.exempt_of = exempt_of
 
     @staticmethod
     def _parse_rounding(rounding):
@@ -180,7 +186,8 @@ class Policy(keras.DTypePolicy):
         errors = fmt if self.errors is not None else None  # inference policies: none
         return Policy._named(f"{self.name}/exempt", weights=fmt, activations=fmt,
                              errors=errors, rounding=self.rounding, saturate=self.saturate,
-                             exempt_format=None, loss_scaling=self.loss_scaling)
+                             exempt_format=None, loss_scaling=self.loss_scaling,
+                             exempt_of=self.name)
 
     def inference(self):
         """This policy with only the forward roles (weights and activations)."""
@@ -207,12 +214,16 @@ class Policy(keras.DTypePolicy):
             "exempt_first_last": self.exempt_first_last,
             "exempt_format": formats.serialize(self.exempt_format),
             "loss_scaling": loss_scaling_lib.serialize(self.loss_scaling),
+            **({"exempt_of": self.exempt_of} if self.exempt_of is not None else {}),
         }
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
         name = config.pop("name", "custom")
+        if name.endswith("/exempt") and "exempt_of" not in config:
+            # Files saved before exemptions were data said so only in the name.
+            config["exempt_of"] = name[:-len("/exempt")]
         if name in _PRESETS:  # keys missing from a preset's config keep the preset's
             preset = cls(name).get_config()
             preset.pop("name")

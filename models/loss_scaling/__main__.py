@@ -195,7 +195,7 @@ def train_one(base, preset, scaling, data):
         errors = layer.policy.errors
         key = f"{layer.name}/gemm"
         entry = dict(errors=None if errors is None else errors.name,
-                     exempt=layer.policy.name.endswith("/exempt"),
+                     exempt=layer.policy.exempt_of is not None,
                      weight_gradient_zero=zeros[layer.name])
         series = {stat: stats.steps.get(f"{key}/{stat}")
                   for stat in ("underflow", "saturation", "scale")}
