@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfhfp8 import _compat, block_formats, formats, ops
-from tfhfp8.ops import tf_backend, tf_block
+from tfhfp8.ops import tf_block
 from tfhfp8.ops.tf_backend import ROUNDINGS
 
 GRADIENTS = ("straight_through", "zero_overflow")
@@ -187,16 +187,12 @@ def _round(x, fmt, rounding, saturate, seed):
         y = backend.quantize_float(xc, fmt, rounding, saturate, seed)
     elif isinstance(fmt, block_formats.BlockScaled):
         # Both backends run the TF-ops code for now (a fused C++ kernel: issue 17, item 4),
-        # compiled by XLA into few loops when not already inside XLA (as the tf backend).
-        if _compat.in_xla_context():
-            y = tf_block.quantize_block(xc, fmt, rounding, saturate, seed)
-        else:
-            y = ops._fuse(tf_block.quantize_block, xc, fmt, rounding, saturate, seed)
+        # compiled by XLA into few loops (as the tf backend).
+        y = ops.run_fused(tf_block.quantize_block, xc, fmt, rounding, saturate, seed)
     elif fmt.block_size is not None:
         # Block floating point: exponents per block here, the rounding on either backend.
         exponent, inner = tf_block.dfp_block_exponents(xc, fmt, rounding)
-        fixed = getattr(backend, "quantize_fixed", tf_backend.quantize_fixed)
-        y = fixed(xc, exponent, inner, fmt.bits, rounding, saturate, seed)
+        y = backend.quantize_fixed(xc, exponent, inner, fmt.bits, rounding, saturate, seed)
     else:
         y = backend.quantize_dfp(xc, fmt, rounding, saturate, seed)
     return tf.cast(y, x.dtype)

@@ -69,10 +69,12 @@ def _compiled(function, *static):
 _FUSE_MIN_ELEMENTS = 1 << 16
 
 
-def _fuse(function, x, *args):
+def run_fused(function, x, *args):
+    """`function(x, *args)`, a TF-ops rounding whose last argument is the seed tensor,
+    compiled by XLA into few loops unless already inside XLA or `x` is small."""
     *static, seed = args
     size = x.shape.num_elements()
-    if size is not None and size < _FUSE_MIN_ELEMENTS:
+    if _compat.in_xla_context() or (size is not None and size < _FUSE_MIN_ELEMENTS):
         return function(x, *args)
     return _compiled(function, *static)(x, seed)
 
@@ -80,13 +82,15 @@ def _fuse(function, x, *args):
 class _fused:
     """The `tf` backend, each call on a large tensor compiled by XLA into one loop."""
 
+    quantize_fixed = staticmethod(tf_backend.quantize_fixed)  # given exponents: one op
+
     @staticmethod
     def quantize_float(x, fmt, rounding, saturate, seed):
-        return _fuse(tf_backend.quantize_float, x, fmt, rounding, saturate, seed)
+        return run_fused(tf_backend.quantize_float, x, fmt, rounding, saturate, seed)
 
     @staticmethod
     def quantize_dfp(x, fmt, rounding, saturate, seed):
-        return _fuse(tf_backend.quantize_dfp, x, fmt, rounding, saturate, seed)
+        return run_fused(tf_backend.quantize_dfp, x, fmt, rounding, saturate, seed)
 
 
 def active_backend():
