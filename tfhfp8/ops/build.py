@@ -175,10 +175,12 @@ def library_path(verbose=False) -> pathlib.Path:
         # written last, also catches a file damaged later (it is rebuilt).
         staged = pathlib.Path(tempfile.mkstemp(dir=target_dir, suffix=".so")[1])
         staged.write_bytes(partial.read_bytes())
+        staged.chmod(0o644)  # mkstemp's 0600 would hide it from a cache shared by users
         checksum = _checksum(staged)
         os.replace(staged, target)
         sidecar = pathlib.Path(tempfile.mkstemp(dir=target_dir, suffix=".sha256")[1])
         sidecar.write_text(checksum + "\n")
+        sidecar.chmod(0o644)
         os.replace(sidecar, target.with_suffix(".sha256"))
     return target
 
