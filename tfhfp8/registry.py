@@ -68,16 +68,17 @@ class Registry:
                 return entry
             return entry(**kwargs)
         if isinstance(identifier, dict) and self.classes is not None:
-            if "class_name" in identifier:
-                try:
+            try:
+                if "class_name" in identifier and ("module" in identifier
+                                                  or "registered_name" in identifier):
                     obj = keras.saving.deserialize_keras_object(identifier)
-                except (TypeError, ValueError) as error:
-                    raise TypeError(f"Cannot build a {self.family} from the config "
-                                    f"{identifier!r}: {error}") from None
-            elif self.from_plain_config is not None:
-                obj = self.from_plain_config(identifier)
-            else:
-                obj = None
+                elif self.from_plain_config is not None:  # also older files' shapes
+                    obj = self.from_plain_config(identifier)
+                else:
+                    obj = None
+            except (TypeError, ValueError) as error:
+                raise TypeError(f"Cannot build a {self.family} from the config "
+                                f"{identifier!r}: {error}") from None
             if isinstance(obj, self.classes):
                 return obj
         raise TypeError(f"A {self.family} must be a name ({', '.join(self.names())}), "
