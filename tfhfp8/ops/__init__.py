@@ -94,11 +94,10 @@ class _fused:
 
 
 def active_backend():
-    """The backend to use here and now (the `tf` one fused by XLA unless already in XLA)."""
+    """The backend to use here and now (the `tf` one through `run_fused`, which leaves
+    calls inside XLA as they are)."""
     name = _choose()[0]
-    if name == "tf" and not _compat.in_xla_context():
-        return _fused
-    return _BACKENDS[name]
+    return _fused if name == "tf" else _BACKENDS[name]
 
 
 def backend_info():
