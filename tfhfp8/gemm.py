@@ -180,9 +180,11 @@ def matmul(a, b, accumulator="float32", transpose_a=False, transpose_b=False,
     >>> import tensorflow as tf, tfhfp8
     >>> a = tf.fill([1, 4096], 1.0)
     >>> b = tf.fill([4096, 1], 1.0)
-    >>> float(tfhfp8.matmul(a, b, "float16")[0, 0])  # 2048 + 1 rounds to 2048
+    >>> float(tfhfp8.matmul(a, b, "float16", a_format="float8_e4m3",
+    ...                     b_format="float8_e4m3")[0, 0])  # 2048 + 1 rounds to 2048
     2048.0
-    >>> float(tfhfp8.matmul(a, b, "float16_chunk64")[0, 0])
+    >>> float(tfhfp8.matmul(a, b, "float16_chunk64", a_format="float8_e4m3",
+    ...                     b_format="float8_e4m3")[0, 0])
     4096.0
     """
     accs = accumulators(accumulator)
