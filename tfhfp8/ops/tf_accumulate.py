@@ -86,6 +86,8 @@ def accumulating_matmul(a, b, accumulator, seed):
     rounding, saturate = accumulator.rounding, accumulator.saturate
     chunk, num_chunks = _chunks(k, accumulator.chunk_size)
     zeros = tf.zeros(out_shape, tf.float32)
+    if a.shape[2] == 0:  # an empty sum (XLA cannot even slice an empty axis)
+        return zeros, tf.constant(0, tf.int64)
     seed = tf.cast(seed, tf.int64)
     stochastic = rounding == "stochastic"
     inner_bits = _Bits(out_shape, k, seed) if stochastic else None
@@ -143,6 +145,8 @@ def int32_matmul(a_mantissas, b_mantissas, chunk_size, overflow):
     a = tf.convert_to_tensor(a_mantissas, tf.int32)
     b = tf.convert_to_tensor(b_mantissas, tf.int32)
     out_shape, k = _shapes(a, b)
+    if a.shape[2] == 0:
+        return tf.zeros(out_shape, tf.float32), tf.constant(0, tf.int64)
     chunk, num_chunks = _chunks(k, chunk_size)
     a_t = tf.cast(tf.transpose(a, [2, 0, 1]), tf.int64)
     b_t = tf.cast(tf.transpose(b, [1, 0, 2]), tf.int64)
