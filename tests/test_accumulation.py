@@ -456,3 +456,51 @@ def test_quantization_stats_record_swamping_and_overflows():
     model.fit(x, rng.normal(size=(4, 2)), epochs=1, verbose=0, callbacks=[stats])
     key = f"{model.layers[0].name}/gemm/forward/int32_overflows"
     assert stats.steps[key][-1] > 0
+
+
+# -- both backends ----------------------------------------------------------------------------
+@pytest.mark.parametrize("acc", [
+    tfhfp8.Accumulator("float16", rounding="stochastic", chunk_size=5, outer_format="bfloat16"),
+    tfhfp8.Accumulator("bfloat16", rounding="stochastic", products="float8_e5m2",
+                       saturate=True),
+    tfhfp8.Accumulator("bfloat16", rounding="toward_zero", chunk_size=40),
+    tfhfp8.Accumulator("float8_e4m3fn", chunk_size=3, saturate=True),
+], ids=str)
+def test_tf_ops_and_cpp_kernels_agree(acc):
+    from tfhfp8.ops import cpp_backend
+    rng = np.random.default_rng(21)
+    a, b = _adversarial(rng)
+    a[1, 0, :2] = 3e38  # a finite sum beyond float32's range (RO32: +-FLT_MAX)
+    b[1, :2, 0] = 1.0
+    seed = tf.constant(2**63 - 1, tf.int64)  # seed + 1 and seed + 2 wrap around
+    tf_c, tf_swamped = tf.function(
+        lambda a, b: tf_accumulate.accumulating_matmul(a, b, acc, seed), jit_compile=True)(a, b)
+    cpp_c, cpp_swamped = cpp_backend.accumulating_matmul(a, b, acc, seed)
+    _assert_bits(tf_c.numpy(), cpp_c.numpy())
+    assert int(tf_swamped) == int(cpp_swamped)
+
+
+def test_int32_backends_agree():
+    from tfhfp8.ops import cpp_backend
+    rng = np.random.default_rng(22)
+    a = rng.integers(-2**15 + 1, 2**15, size=(2, 3, 70), dtype=np.int32)
+    b = rng.integers(-2**15 + 1, 2**15, size=(2, 70, 4), dtype=np.int32)
+    for chunk, overflow in ((None, "wrap"), (8, "saturate")):
+        tf_c, tf_n = tf.function(lambda a, b: tf_accumulate.int32_matmul(a, b, chunk, overflow),
+                                 jit_compile=True)(a, b)
+        cpp_c, cpp_n = cpp_backend.int32_matmul(a, b, chunk, overflow)
+        _assert_bits(tf_c.numpy(), cpp_c.numpy())
+        assert int(tf_n) == int(cpp_n) > 0 or chunk
+
+
+def test_matmul_uses_the_active_backend(monkeypatch):
+    rng = np.random.default_rng(23)
+    a, b = _operands(rng, 4, 50, 3, "float8_e4m3")
+    results = {}
+    for backend in ("tf", "cpp"):
+        monkeypatch.setenv("TFHFP8_BACKEND", backend)
+        results[backend] = tfhfp8.matmul(a, b, tfhfp8.Accumulator("float16", chunk_size=8),
+                          a_format="float8_e4m3", b_format="float8_e4m3").numpy()
+    _assert_bits(results["tf"], results["cpp"])
+    _assert_bits(results["tf"], reference_matmul(a, b, tfhfp8.Accumulator("float16",
+                                                                           chunk_size=8)))
