@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cpu_dispatch.h"
+#include "kernel_util.h"
 #include "rounding.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -24,64 +25,6 @@ using tensorflow::TensorShapeUtils;
 using tensorflow::errors::InvalidArgument;
 
 namespace {
-
-Rounding ParseRounding(const std::string& name) {
-  if (name == "stochastic") return Rounding::kStochastic;
-  if (name == "toward_zero") return Rounding::kTowardZero;
-  return Rounding::kNearestEven;
-}
-
-Specials ParseSpecials(const std::string& name) {
-  if (name == "fn") return Specials::kFn;
-  if (name == "fnuz") return Specials::kFnuz;
-  if (name == "finite") return Specials::kFinite;
-  return Specials::kIeee;
-}
-
-// Cost of one element for tensorflow::Shard, in its units (about one cycle): the
-// vectorized loops take a few cycles per element; the value only needs to be large
-// enough that a big tensor is split over every thread while a small one (a few
-// thousand elements) stays on the calling thread.
-constexpr int64_t kCostPerElement = 10;
-
-// Runs body(begin, end) over [0, n) on the intra-op thread pool.
-template <typename Body>
-void ParallelFor(OpKernelContext* context, int64_t n, int64_t cost_per_element, Body body) {
-  const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
-  tensorflow::Shard(workers.num_threads, workers.workers, n, cost_per_element, body);
-}
-
-absl::Status ReadSeed(const Tensor& tensor, int64_t* seed) {
-  if (!TensorShapeUtils::IsScalar(tensor.shape())) {
-    return InvalidArgument("seed must be a scalar, got shape ", tensor.shape().DebugString());
-  }
-  *seed = tensor.scalar<int64_t>()();
-  return absl::OkStatus();
-}
-
-absl::Status SelectLoopsOrError(const Loops** loops) {
-  std::string error;
-  *loops = SelectLoops(&error);
-  return *loops != nullptr ? absl::OkStatus() : InvalidArgument(error);
-}
-
-// The loops of one container type, indexed by rounding.
-template <typename T>
-struct TypedLoops;
-
-template <>
-struct TypedLoops<float> {
-  static FloatLoop<float> Float(const Loops& l, Rounding r) { return l.float32[int(r)]; }
-  static FixedLoop<float> Fixed(const Loops& l, Rounding r) { return l.fixed32[int(r)]; }
-  static MaxAbsLoop<float> MaxAbs(const Loops& l) { return l.max_abs32; }
-};
-
-template <>
-struct TypedLoops<double> {
-  static FloatLoop<double> Float(const Loops& l, Rounding r) { return l.float64[int(r)]; }
-  static FixedLoop<double> Fixed(const Loops& l, Rounding r) { return l.fixed64[int(r)]; }
-  static MaxAbsLoop<double> MaxAbs(const Loops& l) { return l.max_abs64; }
-};
 
 // Shared exponents k lie in [smallest subnormal exponent, largest exponent + 1]; the
 // top one makes the largest magnitudes round to inf, as on the TF-ops backend.
@@ -164,29 +107,7 @@ class QuantizeFloatOp : public OpKernel {
     OP_REQUIRES_OK(context, context->GetAttr("subnormals", &subnormals));
     OP_REQUIRES_OK(context, context->GetAttr("rounding", &rounding));
     OP_REQUIRES_OK(context, context->GetAttr("saturate", &saturate));
-    OP_REQUIRES(context, exponent_bits >= 1 && exponent_bits <= 8,
-                InvalidArgument("exponent_bits must be in [1, 8], got ", exponent_bits));
-    OP_REQUIRES(context, mantissa_bits >= 0 && mantissa_bits <= 23,
-                InvalidArgument("mantissa_bits must be in [0, 23], got ", mantissa_bits));
-    OP_REQUIRES(context, specials != "ieee" || exponent_bits >= 2,
-                InvalidArgument("exponent_bits must be in [2, 8] for specials='ieee', got ",
-                                exponent_bits));
-    // As tfhfp8.FloatFormat: normal numbers must be float32 normals.
-    const int64_t all_ones = (int64_t{1} << (exponent_bits + mantissa_bits)) - 1;
-    const int64_t max_code = specials == "ieee" ? ((((int64_t{1} << exponent_bits) - 1)
-                                                    << mantissa_bits) - 1)
-                             : specials == "fn" ? all_ones - 1
-                                                : all_ones;
-    OP_REQUIRES(context, max_code >= (int64_t{1} << mantissa_bits),
-                InvalidArgument("a format with exponent_bits=", exponent_bits,
-                                ", mantissa_bits=", mantissa_bits, " and specials='", specials,
-                                "' has no normal numbers"));
-    const int64_t low = (max_code >> mantissa_bits) - 127;
-    OP_REQUIRES(context, low <= 127,
-                InvalidArgument("exponent_bits=", exponent_bits, " with specials='", specials,
-                                "' spans more binades than float32 can hold"));
-    OP_REQUIRES(context, bias >= low && bias <= 127,
-                InvalidArgument("bias must be in [", low, ", 127], got ", bias));
+    OP_REQUIRES_OK(context, CheckFloatFormat("", exponent_bits, mantissa_bits, bias, specials));
     params32_ = MakeFloatParams<float>(exponent_bits, mantissa_bits, bias,
                                        ParseSpecials(specials), subnormals, saturate);
     params64_ = MakeFloatParams<double>(exponent_bits, mantissa_bits, bias,
