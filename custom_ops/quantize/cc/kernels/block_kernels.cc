@@ -8,6 +8,7 @@
 
 #include "block_rounding.h"
 #include "cpu_dispatch.h"
+#include "format_attrs.h"
 #include "kernel_util.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -21,32 +22,14 @@ using tensorflow::OpKernelConstruction;
 
 namespace {
 
-struct FormatAttrs {
-  int exponent_bits = 0;
-  int mantissa_bits = 0;
-  int bias = 0;
-  std::string specials;
-  bool subnormals = true;
-};
-
-absl::Status ReadFormat(OpKernelConstruction* context, const std::string& prefix,
-                        FormatAttrs* f) {
-  TF_RETURN_IF_ERROR(context->GetAttr(prefix + "exponent_bits", &f->exponent_bits));
-  TF_RETURN_IF_ERROR(context->GetAttr(prefix + "mantissa_bits", &f->mantissa_bits));
-  TF_RETURN_IF_ERROR(context->GetAttr(prefix + "bias", &f->bias));
-  TF_RETURN_IF_ERROR(context->GetAttr(prefix + "specials", &f->specials));
-  TF_RETURN_IF_ERROR(context->GetAttr(prefix + "subnormals", &f->subnormals));
-  return CheckFloatFormat(prefix, f->exponent_bits, f->mantissa_bits, f->bias, f->specials);
+template <typename T>
+FloatParams<T> Saturating(const FloatFormatAttrs& f) {
+  return MakeFloatParams<T>(f.exponent_bits, f.mantissa_bits, f.bias, f.specials, f.subnormals,
+                            /*saturate=*/true);
 }
 
 template <typename T>
-FloatParams<T> Saturating(const FormatAttrs& f) {
-  return MakeFloatParams<T>(f.exponent_bits, f.mantissa_bits, f.bias, ParseSpecials(f.specials),
-                            f.subnormals, /*saturate=*/true);
-}
-
-template <typename T>
-BlockParams<T> MakeBlockParams(const FormatAttrs& element, const FormatAttrs* scale,
+BlockParams<T> MakeBlockParams(const FloatFormatAttrs& element, const FloatFormatAttrs* scale,
                                const std::string& scale_rounding, bool saturate) {
   using UInt = typename Container<T>::UInt;
   BlockParams<T> p{};
@@ -72,7 +55,7 @@ class QuantizeBlockOp : public OpKernel {
  public:
   explicit QuantizeBlockOp(OpKernelConstruction* context) : OpKernel(context) {
     std::string scale, rounding, scale_rounding;
-    FormatAttrs element, scale_format;
+    FloatFormatAttrs element{}, scale_format{};
     OP_REQUIRES_OK(context, context->GetAttr("axis", &axis_));
     OP_REQUIRES_OK(context, context->GetAttr("block_size", &block_size_));
     OP_REQUIRES_OK(context, context->GetAttr("scale", &scale));
@@ -82,7 +65,7 @@ class QuantizeBlockOp : public OpKernel {
     OP_REQUIRES_OK(context, context->GetAttr("saturate", &saturate_));
     OP_REQUIRES(context, block_size_ >= 1 && block_size_ <= (1 << 16),
                 InvalidArgument("block_size must be in [1, 65536], got ", block_size_));
-    OP_REQUIRES_OK(context, ReadFormat(context, "element_", &element));
+    OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "element_", 23, &element));
     const bool power_of_two = scale == "e8m0";
     if (power_of_two) {
       OP_REQUIRES(context, scale_rounding == "floor" || scale_rounding == "ceil",
@@ -91,12 +74,12 @@ class QuantizeBlockOp : public OpKernel {
       OP_REQUIRES(context, !tensor_scale_,
                   InvalidArgument("tensor_scale=true needs scale='float'"));
     } else {
-      OP_REQUIRES_OK(context, ReadFormat(context, "scale_", &scale_format));
+      OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "scale_", 23, &scale_format));
       OP_REQUIRES(context, scale_rounding == "nearest_even" || scale_rounding == "floor",
                   InvalidArgument("scale_rounding must be 'nearest_even' or 'floor' for "
                                   "scale='float', got '", scale_rounding, "'"));
     }
-    const FormatAttrs* scale_attrs = power_of_two ? nullptr : &scale_format;
+    const FloatFormatAttrs* scale_attrs = power_of_two ? nullptr : &scale_format;
     params32_ = MakeBlockParams<float>(element, scale_attrs, scale_rounding, saturate_);
     params64_ = MakeBlockParams<double>(element, scale_attrs, scale_rounding, saturate_);
     scale_max_ = power_of_two ? 0.0 : FromBits<double>(params64_.scale64.max_bits);

@@ -1,5 +1,5 @@
-// Helpers shared by the TensorFlow kernels (quantize_kernels.cc, block_kernels.cc):
-// attribute parsing, validation, the thread pool, the loops of a container type.
+// Helpers shared by the TensorFlow kernels of quantize_kernels.cc and block_kernels.cc:
+// the thread pool, the seed, the loops of a container type (attributes: format_attrs.h).
 // Compiled for the baseline only, with TensorFlow's headers.
 
 #ifndef TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_KERNEL_UTIL_H_
@@ -21,19 +21,6 @@ using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 using tensorflow::TensorShapeUtils;
 using tensorflow::errors::InvalidArgument;
-
-inline Rounding ParseRounding(const std::string& name) {
-  if (name == "stochastic") return Rounding::kStochastic;
-  if (name == "toward_zero") return Rounding::kTowardZero;
-  return Rounding::kNearestEven;
-}
-
-inline Specials ParseSpecials(const std::string& name) {
-  if (name == "fn") return Specials::kFn;
-  if (name == "fnuz") return Specials::kFnuz;
-  if (name == "finite") return Specials::kFinite;
-  return Specials::kIeee;
-}
 
 // Cost of one element for tensorflow::Shard, in its units (about one cycle): the
 // vectorized loops take a few cycles per element; the value only needs to be large
@@ -83,41 +70,6 @@ struct TypedLoops<double> {
   static BlockLoop<double> Block(const Loops& l, Rounding r) { return l.block64[int(r)]; }
   static TensorAmaxLoop<double> TensorAmax(const Loops& l) { return l.tensor_amax64; }
 };
-
-// The parameters of a FloatFormat, checked as tfhfp8.FloatFormat does (normal numbers
-// must be float32 normals); `what` prefixes the attribute names ("", "element_", ...).
-inline absl::Status CheckFloatFormat(const std::string& what, int exponent_bits,
-                                     int mantissa_bits, int bias, const std::string& specials) {
-  if (exponent_bits < 1 || exponent_bits > 8) {
-    return InvalidArgument(what, "exponent_bits must be in [1, 8], got ", exponent_bits);
-  }
-  if (mantissa_bits < 0 || mantissa_bits > 23) {
-    return InvalidArgument(what, "mantissa_bits must be in [0, 23], got ", mantissa_bits);
-  }
-  if (specials == "ieee" && exponent_bits < 2) {
-    return InvalidArgument(what, "exponent_bits must be in [2, 8] for specials='ieee', got ",
-                           exponent_bits);
-  }
-  const int64_t all_ones = (int64_t{1} << (exponent_bits + mantissa_bits)) - 1;
-  const int64_t max_code = specials == "ieee"
-                               ? ((((int64_t{1} << exponent_bits) - 1) << mantissa_bits) - 1)
-                           : specials == "fn" ? all_ones - 1
-                                              : all_ones;
-  if (max_code < (int64_t{1} << mantissa_bits)) {
-    return InvalidArgument("a format with ", what, "exponent_bits=", exponent_bits, ", ", what,
-                           "mantissa_bits=", mantissa_bits, " and ", what, "specials='",
-                           specials, "' has no normal numbers");
-  }
-  const int64_t low = (max_code >> mantissa_bits) - 127;
-  if (low > 127) {
-    return InvalidArgument(what, "exponent_bits=", exponent_bits, " with ", what, "specials='",
-                           specials, "' spans more binades than float32 can hold");
-  }
-  if (bias < low || bias > 127) {
-    return InvalidArgument(what, "bias must be in [", low, ", 127], got ", bias);
-  }
-  return absl::OkStatus();
-}
 
 }  // namespace tfhfp8
 

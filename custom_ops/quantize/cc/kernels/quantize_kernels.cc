@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cpu_dispatch.h"
+#include "format_attrs.h"
 #include "kernel_util.h"
 #include "rounding.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -97,21 +98,16 @@ template <typename T>
 class QuantizeFloatOp : public OpKernel {
  public:
   explicit QuantizeFloatOp(OpKernelConstruction* context) : OpKernel(context) {
-    int exponent_bits, mantissa_bits, bias;
-    bool subnormals, saturate;
-    std::string specials, rounding;
-    OP_REQUIRES_OK(context, context->GetAttr("exponent_bits", &exponent_bits));
-    OP_REQUIRES_OK(context, context->GetAttr("mantissa_bits", &mantissa_bits));
-    OP_REQUIRES_OK(context, context->GetAttr("bias", &bias));
-    OP_REQUIRES_OK(context, context->GetAttr("specials", &specials));
-    OP_REQUIRES_OK(context, context->GetAttr("subnormals", &subnormals));
+    FloatFormatAttrs f;
+    bool saturate;
+    std::string rounding;
+    OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "", 23, &f));
     OP_REQUIRES_OK(context, context->GetAttr("rounding", &rounding));
     OP_REQUIRES_OK(context, context->GetAttr("saturate", &saturate));
-    OP_REQUIRES_OK(context, CheckFloatFormat("", exponent_bits, mantissa_bits, bias, specials));
-    params32_ = MakeFloatParams<float>(exponent_bits, mantissa_bits, bias,
-                                       ParseSpecials(specials), subnormals, saturate);
-    params64_ = MakeFloatParams<double>(exponent_bits, mantissa_bits, bias,
-                                        ParseSpecials(specials), subnormals, saturate);
+    params32_ = MakeFloatParams<float>(f.exponent_bits, f.mantissa_bits, f.bias, f.specials,
+                                       f.subnormals, saturate);
+    params64_ = MakeFloatParams<double>(f.exponent_bits, f.mantissa_bits, f.bias, f.specials,
+                                        f.subnormals, saturate);
     rounding_ = ParseRounding(rounding);
   }
 
