@@ -50,7 +50,7 @@ inline uint32_t RoundToOddSum(float acc, float p) {
   const uint32_t sb = ToBits(s);
   // s even and inexact: the neighbour toward the exact sum, whose last bit is odd.
   // (Selects rather than bool arithmetic, which GCC does not vectorize.)
-  const uint32_t step = ((ToBits(e) ^ sb) >> 31) != 0 ? 0xFFFFFFFFu : 1u;
+  const uint32_t step = 1u | static_cast<uint32_t>(static_cast<int32_t>(ToBits(e) ^ sb) >> 31);
   const uint32_t even_step = (sb & 1u) == 0 ? step : 0u;
   // e is NaN exactly when s is not finite: an ordered test leaves s as it is.
   const uint32_t odd = sb + (__builtin_islessgreater(e, 0.0f) ? even_step : 0u);
@@ -62,7 +62,7 @@ inline uint32_t RoundToOddSum(float acc, float p) {
 }
 
 // The rounding of kernels' additions: quantize's, or its fast form for nearest even.
-enum class Mode { kNearestEven, kStochastic, kTowardZero, kNearestEvenFast };
+enum class Mode { kNearestEven, kStochastic, kTowardZero, kNearestEvenFast, kNearestEvenPlain };
 
 constexpr Rounding RoundingOf(Mode mode) {
   return mode == Mode::kStochastic    ? Rounding::kStochastic
@@ -72,8 +72,9 @@ constexpr Rounding RoundingOf(Mode mode) {
 
 template <Mode kMode>
 inline float AddRounded(float acc, float p, const FloatParams<float>& format, uint32_t rand) {
-  if constexpr (kMode == Mode::kNearestEvenFast) {
-    return QuantizeFloatNearestEven(FromBits<float>(RoundToOddSum<true>(acc, p)), format);
+  if constexpr (kMode == Mode::kNearestEvenFast || kMode == Mode::kNearestEvenPlain) {
+    return QuantizeFloatNearestEven<kMode == Mode::kNearestEvenPlain>(
+        FromBits<float>(RoundToOddSum<true>(acc, p)), format);
   } else {
     return QuantizeFloatElement<float, RoundingOf(kMode)>(
         FromBits<float>(RoundToOddSum<false>(acc, p)), format, rand);
@@ -440,7 +441,8 @@ int64_t Int32Tile(const int32_t* a, const int32_t* panel, float* c, int rows, in
 #define TFHFP8_FLOAT_TILES(P)                                                       \
   {                                                                                 \
     FloatTile<P, Mode::kNearestEven>, FloatTile<P, Mode::kStochastic>,              \
-        FloatTile<P, Mode::kTowardZero>, FloatTile<P, Mode::kNearestEvenFast>       \
+        FloatTile<P, Mode::kTowardZero>, FloatTile<P, Mode::kNearestEvenFast>,      \
+        FloatTile<P, Mode::kNearestEvenPlain>                                       \
   }
 
 }  // namespace
