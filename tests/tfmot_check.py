@@ -139,6 +139,10 @@ def errors():
     except ValueError as error:
         out["loss_scaling"] = str(error)
     try:
+        tfhfp8.tfmot.QuantizeConfig(tfhfp8.Policy("hfp8", accumulation="float16"))
+    except ValueError as error:
+        out["accumulation"] = str(error)
+    try:
         tfhfp8.tfmot.QuantizeConfig("hfp8").get_weights_and_quantizers(
             tk.layers.LSTM(3, name="lstm"))
     except ValueError as error:

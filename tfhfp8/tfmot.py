@@ -28,7 +28,8 @@ with `exempt_first_last` keeps the first and last annotated GEMM layers in its
 `exempt_format`; other layers stay FP32.
 
 Not carried over: per-GEMM loss scaling (a policy with `loss_scaling` is a ValueError:
-use tf-keras' `LossScaleOptimizer`), and the checkpointed stochastic-rounding seeds of
+use tf-keras' `LossScaleOptimizer`), emulated accumulation (`accumulation=`, also a
+ValueError), and the checkpointed stochastic-rounding seeds of
 tfhfp8's layers (stochastic rounding here draws from TensorFlow's random state).
 """
 
@@ -86,6 +87,11 @@ def _check_policy(policy):
                          f"{policy.loss_scaling!r}, which tfhfp8.tfmot does not support: use "
                          "a policy without loss_scaling and tf.keras.mixed_precision."
                          "LossScaleOptimizer for global loss scaling")
+    if getattr(policy, "accumulates", False):
+        raise ValueError(f"policy {policy.name!r} emulates accumulation "
+                         f"(accumulation={policy.accumulation!r}), which tfhfp8.tfmot does "
+                         "not support: use accumulation=None (FP32 sums) here, or "
+                         "tfhfp8's Keras 3 layers")
     return policy
 
 

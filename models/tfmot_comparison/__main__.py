@@ -129,12 +129,19 @@ def main(argv):
         for name in VARIANTS:
             del run[name]["predictions"]
         runs.append(run)
+        write(runs, x, x_test, tf, tfhfp8)  # after every seed: a cut-short run keeps its seeds
+    out = write(runs, x, x_test, tf, tfhfp8)
+    print(table(out))
+
+
+def write(runs, x, x_test, tf, tfhfp8):
     out = {"command": "TF_USE_LEGACY_KERAS=1 python -m models.tfmot_comparison "
                       f"--train_size={_TRAIN.value} --test_size={_TEST.value} "
                       f"--epochs={_EPOCHS.value} --batch_size={_BATCH.value} "
                       f"--learning_rate={_LR.value} --seeds={','.join(_SEEDS.value)}",
            "data": f"Fashion-MNIST, first {len(x)} training and {len(x_test)} test images",
-           "cpu": platform.processor() or platform.machine(),
+           "cpu": _cpu(),
+           "load_average_at_end": os.getloadavg(),
            "threads": {k: os.environ.get(k) for k in ("TF_NUM_INTRAOP_THREADS",
                                                        "TF_NUM_INTEROP_THREADS")},
            "versions": {"tensorflow": tf.__version__, "tf_keras": version("tf-keras"),
@@ -144,7 +151,17 @@ def main(argv):
     path = pathlib.Path(_OUTPUT.value)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
-    print(table(out))
+    return out
+
+
+def _cpu():
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def table(out):
