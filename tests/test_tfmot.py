@@ -57,7 +57,8 @@ def test_bit_identical_to_keras3_layers(facts, model):
 def test_readme_example_trains(facts):
     """The README's example (quantize_apply with Scheme("hfp8"), 5 epochs of real
     digits): every weight moved and stayed finite, the master weights of the two GEMM
-    layers that hfp8 does not exempt are float16 values, and it learned."""
+    layers that hfp8 does not exempt are float16 values, it learned, and it predicts
+    the same after saving and reloading."""
     result = facts["readme"]
     assert result["quantize_layers"] == 4  # Q_a before each annotated GEMM layer
     assert result["same_variables"]
@@ -65,6 +66,7 @@ def test_readme_example_trains(facts):
     assert len(result["changed"]) == 8 and all(result["changed"].values()), result["changed"]
     assert result["kernels_float16"] == [False, True, True, False]
     assert result["accuracy"] > 0.8, result
+    assert result["reloaded_h5_equal"]
 
 
 def test_unsupported_requests_are_named(facts):
