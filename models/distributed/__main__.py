@@ -20,7 +20,10 @@ weights, with the same batches, once per communication (`--communications`,
 
 with `--replicas` replicas (MirroredStrategy over logical CPU devices) and SGD with
 momentum. Reported: test accuracy (mean and per seed), its difference from `float32`
-communication, and the final training loss.
+communication, the final training loss, and what the communication does to the
+gradients of one batch of the trained model: the relative L2 error of the
+communicated sum against the exact sum, and the fraction of non-zero exact sums that
+came out as zero (underflow).
 """
 
 import json
@@ -76,20 +79,59 @@ def run_one(communication, seed, data, model_kwargs):
     loss, accuracy = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
     return dict(test_accuracy=float(accuracy), test_loss=float(loss),
                 train_loss=[float(v) for v in history.history["loss"]],
-                seconds=float(seconds))
+                seconds=float(seconds),
+                **gradient_error(model, strategy, communication, x_train, y_train))
+
+
+def gradient_error(model, strategy, communication, x, y):
+    """What the communication does to one batch's gradients of the trained model: the
+    relative L2 error of the communicated sum against the exact sum (float64), and the
+    fraction of non-zero exact sums that came out as zero."""
+    import tensorflow as tf
+
+    from tfhfp8 import distribute
+
+    batch = _BATCH_SIZE.value
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(
+        reduction="sum_over_batch_size")
+    dataset = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((x[:batch], y[:batch])).batch(batch))
+
+    @tf.function
+    def gradients(inputs):
+        def replica(data):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(data[1], model(data[0], training=True)) / (
+                    strategy.num_replicas_in_sync)
+            return tape.gradient(loss, model.trainable_variables)
+        return strategy.run(replica, args=(inputs,))
+
+    per_replica = gradients(next(iter(dataset)))
+    stacked = [np.stack([v.numpy() for v in strategy.experimental_local_results(g)])
+               for g in per_replica]
+    reduced = distribute.get(communication).reduce(stacked)
+    exact = np.concatenate([s.astype(np.float64).sum(axis=0).ravel() for s in stacked])
+    got = np.concatenate([r.numpy().astype(np.float64).ravel() for r in reduced])
+    nonzero = exact != 0
+    return dict(gradient_relative_error=float(np.linalg.norm(got - exact)
+                                              / np.linalg.norm(exact)),
+                gradient_zeroed=float(np.mean(got[nonzero] == 0)))
 
 
 def table(results):
     runs = results["runs"]
     reference = np.mean([r["test_accuracy"] for r in runs.get("float32", {}).values()] or [0])
     lines = [f"{'communication':<20} {'test acc (mean)':>15} {'vs float32':>11} "
-             f"{'per seed':>24} {'train loss':>10}"]
+             f"{'per seed':>24} {'train loss':>10} {'grad rel err':>12} {'zeroed':>8}"]
     for name, per_seed in runs.items():
         acc = [r["test_accuracy"] for r in per_seed.values()]
         loss = np.mean([r["train_loss"][-1] for r in per_seed.values()])
         seeds = " ".join(f"{100 * a:.2f}" for a in acc)
+        error = np.mean([r["gradient_relative_error"] for r in per_seed.values()])
+        zeroed = np.mean([r["gradient_zeroed"] for r in per_seed.values()])
         lines.append(f"{name:<20} {100 * np.mean(acc):>14.2f}% "
-                     f"{100 * (np.mean(acc) - reference):>+8.2f} pt {seeds:>24} {loss:>10.4f}")
+                     f"{100 * (np.mean(acc) - reference):>+8.2f} pt {seeds:>24} {loss:>10.4f} "
+                     f"{error:>12.2e} {100 * zeroed:>7.2f}%")
     return "\n".join(lines)
 
 
