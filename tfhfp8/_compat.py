@@ -297,3 +297,13 @@ def logs_with_replica_axis(model):
 
     for name in ("train_step", "test_step"):
         object.__setattr__(model, name, with_axis(getattr(model, name)))
+
+
+# -- tensorflow-model-optimization (tfhfp8.tfmot only; imported on call) ---------------------
+def tfmot_quantize_layer():
+    """tfmot's `QuantizeLayer` (a tf-keras layer applying a tfmot `Quantizer` to its
+    input), which tfhfp8.tfmot's layout transform puts before each GEMM layer for `Q_a`.
+    tfmot uses it in its own default scheme but does not export it."""
+    from tensorflow_model_optimization.python.core.quantization.keras import quantize_layer
+
+    return quantize_layer.QuantizeLayer

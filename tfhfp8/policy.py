@@ -6,9 +6,13 @@ For a GEMM-like layer with input `x`, kernel `W` and output gradient `dy`:
 - backward: `dx = op_input_grad(Q_e(dy), Q_w(W))`,
   `dW = Q_g(op_kernel_grad(Q_a(x), Q_e(dy)))`.
 
+The sums of the three GEMMs are FP32 unless `accumulation=` names how the hardware
+adds them (`tfhfp8.Accumulator`; recipes below).
+
 A `Policy` names the formats of `Q_w` (weights), `Q_a` (activations), `Q_e` (errors)
 and `Q_g` (weight gradients), their roundings, and optionally the format the stored
-(master) weights are rounded to after every optimizer step.
+(master) weights are rounded to after every optimizer step and the format of the
+optimizer's state (`tfhfp8.optimizers.LowPrecision`).
 
 >>> import tfhfp8
 >>> policy = tfhfp8.Policy("hfp8")
@@ -22,11 +26,19 @@ import functools
 
 import keras
 
-from tfhfp8 import _compat, formats, registry
+from tfhfp8 import _compat, accumulation as accumulation_lib, formats, registry
 from tfhfp8 import loss_scaling as loss_scaling_lib
 from tfhfp8.ops.tf_backend import ROUNDINGS
 
-ROLES = ("weights", "activations", "errors", "weight_gradients", "master_weights")
+ROLES = ("weights", "activations", "errors", "weight_gradients", "master_weights",
+         "optimizer_states")
+# The roles a layer rounds; the optimizer states are the optimizer's
+# (`tfhfp8.optimizers.LowPrecision`).
+LAYER_ROLES = ROLES[:5]
+# Master weights may also use Kahan-compensated summation (Zamirai et al., "Revisiting
+# BFloat16 Training"): a compensation buffer per weight, which
+# `tfhfp8.optimizers.LowPrecision` keeps.
+MASTER_ROUNDINGS = ROUNDINGS + ("kahan",)
 
 _PRESETS = {
     # No emulation.
@@ -87,10 +99,16 @@ class Policy(keras.DTypePolicy):
         reduction axis, in the forward and both backward GEMMs, is item 3 of issue 17
         and not done yet.
       master_weights: if set, the stored weights of emulated layers are rounded to
-        this format after every optimizer step.
+        this format after every optimizer step: `W <- Q_m(W + dW)`.
+      optimizer_states: if set, every slot of the optimizer (momentum, Adam's moments,
+        ...) is rounded to this format after every step, by
+        `tfhfp8.optimizers.LowPrecision(optimizer, policy)` (which also applies
+        `master_weights` to every trainable weight).
       rounding: one rounding for every role, or a dict role -> rounding (missing
         roles: `"nearest_even"`). Roundings: `"nearest_even"`, `"stochastic"`,
-        `"toward_zero"`.
+        `"toward_zero"`; `master_weights` may also be `"kahan"` (Kahan-compensated
+        update with a buffer per weight, Zamirai et al.; needs
+        `tfhfp8.optimizers.LowPrecision`).
       saturate: clamp overflow to the format's max (True, the default for training)
         or follow the format's own overflow semantics.
       exempt_first_last: `quantize_model` keeps the first and last GEMM layers of a
@@ -101,6 +119,26 @@ class Policy(keras.DTypePolicy):
       exempt_of: set on the policy of a layer that another policy exempts (the first
         and last GEMM layers under `fp8` and `hfp8`): that policy's name. Data, so that
         `quantize_model`, `summary` and saved files all read the same thing.
+      accumulation: how the GEMMs sum their products: one `tfhfp8.Accumulator` (or
+        name: `"float32"`, `"float16"`, `"bfloat16"`, `"float16_chunk64"`, `"int32"`)
+        for the forward GEMM and both gradient GEMMs, or a dict `{"forward",
+        "input_gradient", "weight_gradient"}` (missing kinds: FP32). None: FP32 sums,
+        as every preset. A float accumulator needs the GEMM's operands in formats
+        whose products are exact in float32 (FloatFormat with <= 11 mantissa bits,
+        DynamicFixedPoint with <= 13 bits); `"int32"` needs per-tensor
+        DynamicFixedPoint operands; else a ValueError names the role. Exempt layers
+        keep float accumulators and sum in FP32 instead of `"int32"` (their operands
+        are not fixed point). Layers with accumulation: Dense, Conv1D, Conv2D, Conv3D,
+        DepthwiseConv2D, SeparableConv2D (others: NotImplementedError).
+
+    Recipes (`tfhfp8.Policy(preset, accumulation=...)`):
+
+    - Wang et al. 2018: `Policy("fp8", accumulation="float16_chunk64")` (FP8 operands,
+      FP16 sums in chunks of 64); `accumulation="float16"` shows why chunks are needed.
+    - Das et al. 2018: `Policy("int16_dfp", accumulation="int32")` (INT16 mantissas
+      into a 32-bit accumulator; `Accumulator("int32", chunk_size=n)` adds the partial
+      sums into FP32 every n products).
+    - HFP8 with FP16 sums: `Policy("hfp8", accumulation="float16")`.
 
     The policy is a `keras.DTypePolicy` with compute dtype float32, so
     `keras.config.set_dtype_policy(policy)` accepts it; `tfhfp8.layers` built without
@@ -108,15 +146,16 @@ class Policy(keras.DTypePolicy):
     """
 
     def __init__(self, name="custom", *, weights=None, activations=None, errors=None,
-                 weight_gradients=None, master_weights=None, rounding=None,
-                 saturate=True, exempt_first_last=None, exempt_format="float16",
-                 loss_scaling=None, exempt_of=None):
+                 weight_gradients=None, master_weights=None, optimizer_states=None,
+                 rounding=None, saturate=True, exempt_first_last=None, exempt_format="float16",
+                 loss_scaling=None, exempt_of=None, accumulation=None):
         if isinstance(name, Policy):
             name = name.name
         if not isinstance(name, str):
             raise TypeError(f"name must be a string, got {name!r}")
         given = dict(weights=weights, activations=activations, errors=errors,
-                     weight_gradients=weight_gradients, master_weights=master_weights)
+                     weight_gradients=weight_gradients, master_weights=master_weights,
+                     optimizer_states=optimizer_states)
         if name not in _PRESETS and name != "custom" and all(
                 value is None for value in given.values()):
             # Most likely a typo of a preset, which would silently emulate nothing.
@@ -151,12 +190,21 @@ class Policy(keras.DTypePolicy):
         if exempt_of is not None and not isinstance(exempt_of, str):
             raise TypeError(f"exempt_of must be None or a policy name, got {exempt_of!r}")
         self.exempt_of = exempt_of
+        self.accumulation = _accumulation(accumulation, self.formats)
+
+    @property
+    def accumulates(self):
+        """True if any GEMM of this policy emulates its sums (not FP32)."""
+        return any(acc.emulates for acc in self.accumulation.values())
 
     @staticmethod
     def _parse_rounding(rounding):
         if rounding is None:
             rounding = {}
         if isinstance(rounding, str):
+            if rounding == "kahan":
+                raise ValueError("rounding='kahan' applies to master_weights only: use "
+                                 "rounding={'master_weights': 'kahan'}")
             rounding = {role: rounding for role in ROLES}
         if not isinstance(rounding, dict):
             raise TypeError(f"rounding must be a string or a dict, got {rounding!r}")
@@ -164,8 +212,9 @@ class Policy(keras.DTypePolicy):
         if unknown:
             raise ValueError(f"rounding: unknown roles {sorted(unknown)}; roles are {ROLES}")
         for role, value in rounding.items():
-            if value not in ROUNDINGS:
-                raise ValueError(f"rounding[{role!r}] must be one of {ROUNDINGS}, got {value!r}")
+            allowed = MASTER_ROUNDINGS if role == "master_weights" else ROUNDINGS
+            if value not in allowed:
+                raise ValueError(f"rounding[{role!r}] must be one of {allowed}, got {value!r}")
         return {role: rounding.get(role, "nearest_even") for role in ROLES}
 
     # -- roles ------------------------------------------------------------------
@@ -174,6 +223,7 @@ class Policy(keras.DTypePolicy):
     errors = property(lambda self: self.formats["errors"])
     weight_gradients = property(lambda self: self.formats["weight_gradients"])
     master_weights = property(lambda self: self.formats["master_weights"])
+    optimizer_states = property(lambda self: self.formats["optimizer_states"])
 
     @property
     def emulates(self):
@@ -184,10 +234,14 @@ class Policy(keras.DTypePolicy):
         """The policy of a layer this policy exempts (first/last GEMM layer)."""
         fmt = self.exempt_format
         errors = fmt if self.errors is not None else None  # inference policies: none
+        # INT32 sums need fixed-point operands: an exempt layer's sums are then FP32.
+        accumulation = {kind: acc for kind, acc in self.accumulation.items()
+                        if acc.kind == "float" and (errors is not None or kind == "forward")}
         return Policy._named(f"{self.name}/exempt", weights=fmt, activations=fmt,
                              errors=errors, rounding=self.rounding, saturate=self.saturate,
                              exempt_format=None, loss_scaling=self.loss_scaling,
-                             exempt_of=self.name)
+                             exempt_of=self.name,
+                             accumulation=accumulation if fmt is not None else None)
 
     def inference(self):
         """This policy with only the forward roles (weights and activations)."""
@@ -195,7 +249,8 @@ class Policy(keras.DTypePolicy):
                              activations=self.activations, rounding=self.rounding,
                              saturate=self.saturate,
                              exempt_first_last=self.exempt_first_last,
-                             exempt_format=self.exempt_format)
+                             exempt_format=self.exempt_format,
+                             accumulation={"forward": self.accumulation["forward"]})
 
     @classmethod
     def _named(cls, name, **kwargs):
@@ -215,6 +270,9 @@ class Policy(keras.DTypePolicy):
             "exempt_format": formats.serialize(self.exempt_format),
             "loss_scaling": loss_scaling_lib.serialize(self.loss_scaling),
             **({"exempt_of": self.exempt_of} if self.exempt_of is not None else {}),
+            # Only when emulated: configs of FP32-summing policies stay as they were.
+            **({"accumulation": _serialize_accumulation(self.accumulation)}
+               if self.accumulates else {}),
         }
 
     @classmethod
@@ -229,8 +287,10 @@ class Policy(keras.DTypePolicy):
             preset.pop("name")
             config = {**preset, **config}
         # Roles explicitly None in a config are FP32, not "take the preset's".
+        accumulation = config.pop("accumulation", None)
         policy = cls._named(name, **{k: v for k, v in config.items() if k not in ROLES})
         policy.formats = {role: _format_or_none(role, config.get(role)) for role in ROLES}
+        policy.accumulation = _accumulation(accumulation, policy.formats)  # checked on them
         return policy
 
     def __eq__(self, other):
@@ -244,7 +304,62 @@ class Policy(keras.DTypePolicy):
             f"{role}={fmt.name or fmt!r}" + (f"/{self.rounding[role]}"
                                              if self.rounding[role] != "nearest_even" else "")
             for role, fmt in self.formats.items() if fmt is not None)
-        return f"<tfhfp8.Policy {self.name!r}: {roles or 'float32'}>"
+        sums = f", accumulation={describe_accumulation(self)}" if self.accumulates else ""
+        return f"<tfhfp8.Policy {self.name!r}: {roles or 'float32'}{sums}>"
+
+
+GEMM_KINDS = ("forward", "input_gradient", "weight_gradient")
+# The roles of the two operands of each GEMM kind.
+_OPERANDS = {"forward": ("activations", "weights"),
+             "input_gradient": ("errors", "weights"),
+             "weight_gradient": ("activations", "errors")}
+
+
+def _accumulation(accumulation, role_formats):
+    """`{kind: Accumulator}` from None, one accumulator or a dict, checked against the
+    formats of each GEMM's operands."""
+    if accumulation is None:
+        accumulation = {}
+    if isinstance(accumulation, dict):
+        unknown = set(accumulation) - set(GEMM_KINDS)
+        if unknown:
+            raise ValueError(f"accumulation: unknown GEMM kinds {sorted(unknown)}; the "
+                             f"kinds are {GEMM_KINDS}")
+        given = accumulation
+    else:
+        given = {kind: accumulation for kind in GEMM_KINDS}
+    result = {}
+    for kind in GEMM_KINDS:
+        try:
+            acc = accumulation_lib.get(given.get(kind))
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"accumulation[{kind!r}]: {error}") from None
+        for role in _OPERANDS[kind] if acc.emulates else ():
+            fmt = role_formats[role]
+            try:
+                if acc.kind == "float":
+                    accumulation_lib.check_operand(role, fmt)
+                elif not (isinstance(fmt, formats.DynamicFixedPoint) and fmt.axis is None
+                          and fmt.block_size is None):
+                    raise ValueError(f"{role}: the 'int32' accumulator needs per-tensor "
+                                     f"DynamicFixedPoint operands, got {fmt!r}")
+            except ValueError as error:
+                raise ValueError(f"accumulation[{kind!r}] = {acc}: {error}") from None
+        result[kind] = acc
+    return result
+
+
+def _serialize_accumulation(accumulation):
+    values = list(accumulation.values())
+    if all(acc == values[0] for acc in values):
+        return accumulation_lib.serialize(values[0])
+    return {kind: accumulation_lib.serialize(acc) for kind, acc in accumulation.items()}
+
+
+def describe_accumulation(policy):
+    """One accumulator's name for all GEMMs, else `forward/input_gradient/weight_gradient`."""
+    values = [str(acc) for acc in policy.accumulation.values()]
+    return values[0] if len(set(values)) == 1 else "/".join(values)
 
 
 REGISTRY = registry.Registry(

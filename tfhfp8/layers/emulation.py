@@ -20,6 +20,7 @@ import functools
 import zlib
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -38,6 +39,12 @@ class MasterWeightRounding(keras.constraints.Constraint):
         self.fmt, self.rounding, self.inner, self.seed = fmt, rounding, inner, seed
 
     def __call__(self, w):
+        if self.rounding == "kahan":
+            raise ValueError(
+                "master_weights rounding 'kahan' keeps a compensation buffer per weight, "
+                "which the optimizer holds: compile the model with "
+                "tfhfp8.optimizers.LowPrecision(optimizer, policy), whose policy names "
+                "master_weights")
         if self.inner is not None:
             w = self.inner(w)
         seed = None if self.seed is None or self.rounding != "stochastic" else self.seed()
@@ -82,6 +89,9 @@ class EmulatedLayer(_compat.AfterBuild):
 
     # Names of the layer's GEMMs (each gets its own error scale and statistics).
     GEMMS = ("gemm",)
+    # The kernel axis that meets the GEMM's input channels (Keras' Dense, Conv*D,
+    # DepthwiseConv2D and SeparableConv2D kernels end in (..., input, output)).
+    KERNEL_INPUT_AXIS = -2
     # Set by QuantizationStats: record error statistics in the backward pass.
     collect_stats = False
 
@@ -92,6 +102,7 @@ class EmulatedLayer(_compat.AfterBuild):
                                                       policy_lib.Policy):
             kwargs["dtype"] = "float32"
         super().__init__(*args, **kwargs)
+        self._check_accumulation()
 
     # -- the quantizers -----------------------------------------------------------
     # Stochastic rounding draws its seeds from checkpointed state, not from TF's global
@@ -140,10 +151,52 @@ class EmulatedLayer(_compat.AfterBuild):
         weights = [self._forward(self._backward(k, "weight_gradients", step, name, i),
                                  "weights", step, name, i)
                    for i, k in enumerate(kernels)]
+        fan_in = self.backward_fan_in(kernels[0]) if kernels else 1
+        if self.policy.accumulates:
+            op = self._accumulating(name, step)
         return self._errors(op(*args, *weights), name, weights[0] if weights else None,
-                            step)
+                            step, fan_in)
 
-    def _errors(self, y, name, weights, step=None):
+    def backward_fan_in(self, kernel):
+        """How many products of the output gradient and `kernel` each element of the
+        input gradient sums: the kernel's size over its input channels (Dense: units;
+        Conv2D: filters * kh * kw). Per-layer loss scaling bounds its scale with it."""
+        shape = tuple(kernel.shape)
+        return max(1, int(np.prod(shape)) // max(1, int(shape[self.KERNEL_INPUT_AXIS])))
+
+    # -- emulated accumulation ---------------------------------------------------------
+    # Layers whose GEMMs can sum as `policy.accumulation` says define
+    # `_accumulating_op(name)`: a function (operands already rounded, the formats,
+    # accumulators, seed and statistics as keywords) -> the op's output.
+    _accumulating_op = None
+
+    def _check_accumulation(self):
+        if self.policy.accumulates and self._accumulating_op is None:
+            raise NotImplementedError(
+                f"{type(self).__name__}: the policy {self.policy.name!r} emulates "
+                "accumulation (accumulation=...), which is implemented for Dense, Conv1D, "
+                "Conv2D, Conv3D, DepthwiseConv2D and SeparableConv2D; use "
+                "accumulation=None (FP32 sums) for this layer")
+
+    def _accumulating(self, name, step):
+        """The layer's op for GEMM `name` with the policy's accumulators."""
+        from tfhfp8 import gemm  # noqa: PLC0415 (gemm imports the quantizers, as we do)
+        accs = self.policy.accumulation
+        stochastic = any(acc.kind == "float" and acc.rounding == "stochastic"
+                         for acc in accs.values())
+        if not stochastic:
+            seed = tf.zeros([], tf.int64)
+        elif step is None:
+            seed = tf.random.uniform([], tf.int64.min, tf.int64.max, tf.int64)
+        else:
+            seed = _seed(step, self.name, "accumulation", name)
+        stats = gemm.Stats(getattr(self, "accumulation_state", {}).get(name))
+        return functools.partial(
+            self._accumulating_op(name), accumulators=accs,
+            formats=(self.policy.activations, self.policy.weights, self.policy.errors),
+            seed=seed, stats=stats)
+
+    def _errors(self, y, name, weights, step=None, fan_in=1):
         """Identity forward; `Q_e(s * dy) / s` backward, with optional statistics."""
         fmt = self.policy.errors
         if fmt is None:
@@ -156,7 +209,8 @@ class EmulatedLayer(_compat.AfterBuild):
         @tf.custom_gradient
         def _quantize_errors(y):
             def grad(dy):
-                scale = None if scaling is None else scaling.scale(dy, weights, fmt, state)
+                scale = None if scaling is None else scaling.scale(dy, weights, fmt, state,
+                                                                   fan_in)
                 scaled = dy if scale is None else dy * tf.cast(scale, dy.dtype)
                 quantized = quantize(scaled, fmt, rounding=rounding, saturate=saturate,
                                      seed=seed)
@@ -185,8 +239,9 @@ class EmulatedLayer(_compat.AfterBuild):
         self._create_error_state()
 
     def _create_rounding_step(self):
-        if any(fmt is not None and self.policy.rounding[role] == "stochastic"
-               for role, fmt in self.policy.formats.items()):
+        if any(self.policy.formats[role] is not None
+               and self.policy.rounding[role] == "stochastic"
+               for role in policy_lib.LAYER_ROLES):
             self._rounding_step_holder = _RoundingStep(self)
 
     def _attach_master_weight_rounding(self):
@@ -218,10 +273,24 @@ class EmulatedLayer(_compat.AfterBuild):
         """Records, per GEMM and backward pass, the fraction of errors that underflowed
         to zero or saturated in `Q_e` (`error_state[gemm]["underflow"|"saturation"]`).
 
+        With emulated accumulation, also per GEMM and GEMM kind the numbers of
+        additions, of swamped additions (a non-zero addend lost entirely) and of INT32
+        overflows of the last pass (`accumulation_state[gemm]["<kind>/<count>"]`).
+
         Called by `tfhfp8.callbacks.QuantizationStats` (inside the model's distribution
         strategy scope); takes effect in functions traced afterwards. Without it, no
         statistic is computed or stored. The statistics are not model weights.
         """
+        if self.policy.accumulates and not hasattr(self, "accumulation_state"):
+            # Per GEMM and kind: swamped additions, all additions, INT32 overflows.
+            self.accumulation_state = {
+                name: {f"{kind}/{key}": tf.Variable(
+                    0, dtype=tf.int64, trainable=False,
+                    name=f"{self.name}_{name}_{kind}_{key}",
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+                    for kind in policy_lib.GEMM_KINDS
+                    for key in ("swamped", "additions", "overflows")}
+                for name in self.GEMMS}
         if self.policy.errors is None or self.collect_stats:
             return
         for name in self.GEMMS:
