@@ -316,3 +316,27 @@ def test_two_worker_processes_agree_with_each_other_and_with_one_process(mirrore
     assert outputs[0]["fit"] == outputs[1]["fit"]
     assert outputs[0]["fit"] == mirrored["fit"]  # the single-process emulation
     assert outputs[0]["fit"] != mirrored["initial"]
+
+
+def test_wrapped_optimizer_saves_and_reloads_with_the_model(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(distribute.GradientCommunicationOptimizer(
+        keras.optimizers.SGD(0.1, momentum=0.9), "float8_e5m2_scaled"), "mse")
+    x = np.random.RandomState(0).randn(8, 4).astype(np.float32)
+    model.fit(x, x[:, :3], batch_size=4, verbose=0)
+    # One replica: the gradient itself goes through the communication (Q(s g) / s).
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    again = keras.saving.load_model(path)
+    assert isinstance(again.optimizer, distribute.GradientCommunicationOptimizer)
+    assert again.optimizer.communication == distribute.get("float8_e5m2_scaled")
+    assert int(again.optimizer.iterations.numpy()) == 2
+    for a, b in zip(model.optimizer.variables, again.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    model.fit(x, x[:, :3], batch_size=4, verbose=0)
+    again.fit(x, x[:, :3], batch_size=4, verbose=0)
+    for a, b in zip(model.get_weights(), again.get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -61,6 +61,13 @@ r)`, hop `k` of the ring `("ring", k)` (chunk `c` at hop `k` is rounded by repli
 random bits of an element also hash its index in the concatenation of all the
 gradients of the step, so no two elements, replicas, phases or steps share them.
 
+**Sources.** Sun et al. 2019 (HFP8) name "a DNN end-to-end distributed training
+procedure" among their contributions; the public material searched here (the NeurIPS
+abstract, meta-review and IBM's publication page) does not describe it, so no preset
+claims to reproduce it. The ring convention is the usual reduce-scatter + all-gather
+(SPEC §9); a per-tensor scale agreed across replicas is what Microsoft's FP8-LM does
+for its FP8 gradient all-reduce ("auto-scaling" with a shared scalar).
+
 **Distribution**: every replica gathers all replicas' float32 gradients (one gather per
 step of all gradients concatenated) and computes the same emulated reduction, so the
 result is exact and identical everywhere whatever the real collective does. On one
