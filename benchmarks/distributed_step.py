@@ -4,7 +4,9 @@ For 1, 2 and 4 replicas (`tf.distribute.MirroredStrategy` over logical CPU devic
 this one CPU), times `model.train_on_batch` of an HFP8 model (`tfhfp8.quantize_model(
 model, "hfp8")`) with the same global batch, three ways:
 
-- `keras`:  Keras' own all-reduce (FP32, TensorFlow's collective): the baseline.
+- `keras`:  Keras' own all-reduce in FP32 (`tf.distribute.ReductionToOneDevice`: the
+            strategies of several sizes in one process cannot all use collective ops,
+            whose keys restart with every strategy): the baseline.
 - `fp32`:   `tfhfp8.distribute.GradientCommunication("float32")`: every replica
             gathers all gradients and sums them in the emulated ring in FP32.
 - `e5m2`:   the same ring in 1-5-2 (every send and partial sum rounded).
@@ -61,7 +63,9 @@ def main(argv):
     y = rng.integers(0, 10, size=_BATCH_SIZE.value)
     cases = {}
     for n in counts:
-        strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(n)])
+        strategy = tf.distribute.MirroredStrategy(
+            [f"/cpu:{i}" for i in range(n)],
+            cross_device_ops=tf.distribute.ReductionToOneDevice())
         for variant in VARIANTS:
             keras.utils.set_random_seed(0)
             with strategy.scope():
