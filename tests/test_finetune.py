@@ -42,7 +42,7 @@ def test_cli_finetune_writes_results_plot_and_a_model_that_reloads_identically(
     before = open(pretrained_cnn, "rb").read()
     out = tmp_path / "out"
     result = _run("finetune", f"--model={pretrained_cnn}", "--dataset=digits",
-                  "--policy=hfp8,int16_dfp", "--epochs=2", "--learning_rate=3e-3", "--limit=256", "--test_limit=128",
+                  "--policy=hfp8", "--epochs=2", "--learning_rate=3e-3", "--limit=256", "--test_limit=128",
                   "--batch_size=32", "--calibration_steps=2", "--image_size=8", "--image_scale=1",
                   f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -51,7 +51,7 @@ def test_cli_finetune_writes_results_plot_and_a_model_that_reloads_identically(
     config = results["config"]
     assert (config["train_examples"], config["test_examples"]) == (256, 128)
     assert config["batchnorm"] and config["image_shape"] == [8, 8, 1]
-    assert set(results["policies"]) == {"hfp8", "int16_dfp"}
+    assert set(results["policies"]) == {"hfp8"}
     for name, rows in results["policies"].items():
         assert set(rows) == {"ptq", "ptq_recalibrated", "finetuned"}
         for row in rows.values():
@@ -63,7 +63,7 @@ def test_cli_finetune_writes_results_plot_and_a_model_that_reloads_identically(
         assert f"{100 * rows['finetuned']['accuracy']:.2f}%" in result.stdout
     # Real learning: 16 steps with a new head, far above chance (10%).
     assert results["fp32"]["accuracy"] > 0.4
-    assert results["policies"]["int16_dfp"]["finetuned"]["accuracy"] > 0.4
+    assert results["policies"]["hfp8"]["finetuned"]["accuracy"] > 0.4
     assert (out / "finetune.png").stat().st_size > 10000
 
     # The saved 8-bit model: emulated layers, the same predictions after reloading.

