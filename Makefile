@@ -63,11 +63,12 @@ test-oldest:
 demo: ops data
 	$(VENV)/bin/tfhfp8 demo
 
-# Quantization throughput (~1.5 min) and training-step overhead (~4 min; --jit adds
-# XLA columns); see README "Speed".
+# Quantization throughput (~1.5 min), training-step overhead (~4 min; --jit adds
+# XLA columns) and the emulated-accumulation GEMMs (~2 min); see README "Speed".
 bench: ops
 	$(PY) benchmarks/quantize_throughput.py
 	$(PY) benchmarks/step_overhead.py
+	$(PY) benchmarks/accumulation.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -15,7 +15,7 @@ import time
 import keras
 import numpy as np
 
-from tfhfp8 import datasets, models
+from tfhfp8 import datasets, models, optimizers
 from tfhfp8 import loss_scaling as loss_scaling_lib
 from tfhfp8 import policy as policy_lib
 from tfhfp8.conversion import quantize_model
@@ -74,8 +74,12 @@ def _with_loss_scaling(policy, loss_scaling):
     return policy_lib.Policy.from_config(config)
 
 
-def _optimizer(learning_rate, loss_scaling):
+def _optimizer(learning_rate, loss_scaling, policy=None):
     optimizer = keras.optimizers.Adam(learning_rate)
+    if policy is not None and (policy.optimizer_states is not None
+                               or policy.rounding["master_weights"] == "kahan"):
+        # The optimizer keeps its state (and then every weight) in the policy's formats.
+        optimizer = optimizers.LowPrecision(optimizer, policy)
     if loss_scaling == "dynamic":
         return keras.optimizers.LossScaleOptimizer(optimizer)
     if loss_scaling == "enhanced":
@@ -142,7 +146,7 @@ def train_policies(model, dataset, policies, epochs=1, batch_size=128, loss_scal
         if verbose:
             print(f"\n== {policy.name}: {model} on {dataset}, {epochs} epoch(s)", flush=True)
         emulated = quantize_model(base, _with_loss_scaling(policy, loss_scaling))
-        emulated.compile(_optimizer(learning_rate, loss_scaling),
+        emulated.compile(_optimizer(learning_rate, loss_scaling, policy),
                          "sparse_categorical_crossentropy", metrics=["accuracy"])
         keras.utils.set_random_seed(seed)
         start = time.perf_counter()

@@ -251,6 +251,13 @@ inline bool NearestEvenFastApplies(const FloatParams<float>& p) {
   return p.quantum_exponent + 23 <= 127;
 }
 
+// kPlain (when PlainNearestEven(p)): the zero-sign rule of fnuz formats is left out and
+// a NaN becomes the default NaN (NaNs' signs and payloads are not kept).
+inline bool PlainNearestEven(const FloatParams<float>& p) {
+  return p.zero_sign_mask == SignBit<float>() && p.nan_xor == QuietNanBits<float>();
+}
+
+template <bool kPlain>
 inline float QuantizeFloatNearestEven(float x, const FloatParams<float>& p) {
   using UInt = uint32_t;
   const UInt bits = ToBits(x);
@@ -265,6 +272,9 @@ inline float QuantizeFloatNearestEven(float x, const FloatParams<float>& p) {
   const UInt sub_bits = ToBits((FromBits<float>(a) + magic) - magic);
   UInt magnitude = a < (static_cast<UInt>(p.emin) << 23) ? sub_bits : normal_bits;
   magnitude = magnitude > p.max_bits ? p.overflow_bits : magnitude;
+  if constexpr (kPlain) {
+    return FromBits<float>(a > InfBits<float>() ? QuietNanBits<float>() : (sign | magnitude));
+  }
   const UInt kept_sign = magnitude == 0 ? (sign & p.zero_sign_mask) : sign;
   return FromBits<float>(a > InfBits<float>() ? (sign ^ p.nan_xor) : (kept_sign | magnitude));
 }
