@@ -5,21 +5,30 @@ default, K = 2304 = 3 x 3 x 256), operands rounded to float8_e4m3fn (float
 accumulators) or integer mantissas of 16-bit dynamic fixed point (INT32). Every case is
 timed in interleaved rounds with the FP32 baseline, best of N, and given as a ratio to
 it (`x fp32` = baseline time / case time; higher is faster; the baseline is the faster
-of two FP32 matmuls of the same shape, on the float8 operands and on the mantissas). The C++ rows run once per
+of two FP32 matmuls of the same shape, on the float8 operands and on the mantissas),
+in wall-clock time and in process CPU time (all threads; on a shared machine, where a
+process gets only part of the cores, the steadier measure of the work). The C++ rows run once per
 CPU variant this CPU supports. The TF-ops rows (`tfhfp8.ops.tf_accumulate`, XLA) run
 when that module exists.
 
     PYTHONPATH=. python benchmarks/accumulation.py [--m 256 --n 256 --k 2304 --repeats 5]
 
 What limits each (printed after the table):
-- FP32 matmul: the FMA units (oneDNN/Eigen GEMM, 2 FMAs of 16 lanes per cycle).
-- Float accumulators: every multiply-add becomes about 30 dependent vector
-  instructions (TwoSum, the round-to-odd step, the rounding to the format, the
-  swamping count) on 16 lanes; the sum's k-order is sequential, so the work cannot
-  be reassociated into fewer roundings.
-- INT32: one pmaddwd (two 16-bit products summed in 32 bits) plus an add and an
-  overflow-bound check per two multiply-adds; integer SIMD has half the FP32 FMA
-  throughput per lane and no fused accumulate.
+- FP32 matmul: the FMA units (oneDNN's GEMM: one fused multiply-add per lane).
+- Float accumulators: the instruction count, not memory. With AVX-512 one
+  multiply-add of 16 outputs is about 38 vector instructions: the product, TwoSum
+  (6), the step to the round-to-odd neighbour (6), the rounding to the format (about
+  15: normal and subnormal ranges, overflow, NaN), the swamping count, and the sum's
+  load and store. The order of k is part of the definition, so nothing can be
+  reassociated or blocked as a GEMM is; AVX2 has half the lanes, the SSE2 baseline a
+  quarter. Stochastic rounding adds two 64-bit hash evaluations per addition and the
+  general rounding path.
+- INT32: pmaddwd computes two 16-bit products and their sum in one instruction; with
+  the add and the overflow-bound check that is 4 instructions per 32 multiply-adds.
+  A block of terms whose sums leave [-2^30, 2^30) (full-scale 16-bit mantissas reach
+  it within a few hundred terms) is done term by term with exact overflow detection,
+  about 4 times slower: chunks of 64 keep the partial sums small and avoid it.
+- TF-ops (XLA): a while loop over k, one [M, N] element-wise step per term.
 
 Prints a table; asserts nothing.
 """
@@ -122,20 +131,24 @@ def main(argv):
     for _, fn in cases:
         fn()  # warm-up (and XLA compilation)
     best = [float("inf")] * len(cases)
+    best_cpu = [float("inf")] * len(cases)
     for _ in range(_REPEATS.value):
         for j, (_, fn) in enumerate(cases):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             result = fn()
             if isinstance(result, (tuple, list)):
                 result = result[0]
             float(tf.reshape(result, [-1])[0])  # wait for the result
             best[j] = min(best[j], time.perf_counter() - start)
-    baseline = min(best[:2])  # the same FP32 GEMM twice: the faster run
+            best_cpu[j] = min(best_cpu[j], time.process_time() - start_cpu)
+    # The same FP32 GEMM twice (float8 operands, mantissas): the faster run.
+    baseline, baseline_cpu = min(best[:2]), min(best_cpu[:2])
     width = max(len(name) for name, _ in cases)
-    print(f"\n{'case':{width}s}  {'ms':>9s}  {'G MAC/s':>8s}  {'x fp32':>7s}")
-    for (name, _), seconds in zip(cases, best):
+    print(f"\n{'case':{width}s}  {'ms':>9s}  {'G MAC/s':>8s}  {'x fp32':>7s}  "
+          f"{'CPU ms':>9s}  {'x fp32':>7s}")
+    for (name, _), seconds, cpu in zip(cases, best, best_cpu):
         print(f"{name:{width}s}  {seconds * 1e3:9.2f}  {m * n * k / seconds / 1e9:8.2f}  "
-              f"{baseline / seconds:7.3f}")
+              f"{baseline / seconds:7.3f}  {cpu * 1e3:9.2f}  {baseline_cpu / cpu:7.3f}")
     print(f"load average after: {machine.load_average()}")
     print("\n" + __doc__[__doc__.index("What limits each"):__doc__.index("Prints a table")].strip())
 
