@@ -12,7 +12,8 @@ per channel, and activations, per tensor, with learned ranges); and
 float16). Per seed: test accuracy, agreement of the test predictions with the FP32
 model's, and the median wall time of a training step (each step timed around
 `train_on_batch`, first epoch's first 5 steps left out). Writes one JSON file with every
-seed's values and prints a Markdown table of means.
+seed's values (after every seed) and prints a Markdown table of means;
+`--table=FILE` prints the table of an earlier run's JSON.
 
 tfmot needs tf-keras: TF_USE_LEGACY_KERAS=1 is set here before TensorFlow is imported.
 """
@@ -38,6 +39,8 @@ _LR = flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (initial weights and data order).")
 _OUTPUT = flags.DEFINE_string("output", "docs/results/tfmot_comparison.json",
                               "Where the per-seed JSON goes.")
+_TABLE = flags.DEFINE_string("table", None, "Only print the Markdown table of this JSON "
+                             "file (written by an earlier run), then exit.")
 
 VARIANTS = ("fp32", "tfmot_int8", "tfhfp8_hfp8")
 
@@ -100,6 +103,9 @@ def train(model, data, seed, tk):
 
 def main(argv):
     del argv
+    if _TABLE.value:
+        print(table(json.loads(pathlib.Path(_TABLE.value).read_text())))
+        return
     import tensorflow as tf
     import tensorflow_model_optimization as tfmot
     import tfhfp8

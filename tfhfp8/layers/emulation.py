@@ -175,7 +175,8 @@ class EmulatedLayer(_compat.AfterBuild):
             raise NotImplementedError(
                 f"{type(self).__name__}: the policy {self.policy.name!r} emulates "
                 "accumulation (accumulation=...), which is implemented for Dense, Conv1D, "
-                "Conv2D and Conv3D; use accumulation=None (FP32 sums) for this layer")
+                "Conv2D, Conv3D, DepthwiseConv2D and SeparableConv2D; use "
+                "accumulation=None (FP32 sums) for this layer")
 
     def _accumulating(self, name, step):
         """The layer's op for GEMM `name` with the policy's accumulators."""
