@@ -284,9 +284,9 @@ def test_preset_first_last_exemption(preset):
     for layer in gemm[1:-1]:
         assert layer.policy == tfhfp8.Policy(preset), layer.name
     rows = {row["layer"]: row for row in tfhfp8.summary(converted, print_fn=lambda *_: None)}
-    # The exempt layer keeps the preset's roundings (fp8, hfp8: stochastic errors).
+    # The exempt layer keeps the preset's roundings (fp8: stochastic errors).
     assert rows["stem"]["formats"] == "W:float16 A:float16 E:float16" + (
-        "/sr" if preset in ("fp8", "hfp8") else "")
+        "/sr" if preset == "fp8" else "")
     assert rows["classifier"]["note"] == "first/last GEMM layer: 16 bits"
 
 
