@@ -5,8 +5,8 @@
 array([ 1.       ,  0.1015625, 30.       ], dtype=float32)
 """
 
-from tfhfp8 import (accumulation, callbacks, datasets, formats, layers, loss_scaling, models,
-                    ops, optimizers)
+from tfhfp8 import (accumulation, callbacks, datasets, distribute, formats, layers,
+                    loss_scaling, models, ops, optimizers)
 from tfhfp8.calibration import evaluate_ptq, fold_batchnorm, ptq, recalibrate_batchnorm
 from tfhfp8.conversion import quantize_model, summary
 from tfhfp8.accumulation import Accumulator

@@ -28,7 +28,8 @@ import zipfile
 
 from absl import app, flags
 
-from tfhfp8 import block_formats, datasets, experiment, formats, models, policy, program
+from tfhfp8 import (block_formats, datasets, distribute, experiment, formats, models, policy,
+                    program)
 
 _COMMANDS = ("train", "demo", "formats", "ptq", "finetune")
 
@@ -57,6 +58,15 @@ _LIMIT = flags.DEFINE_integer("limit", None, "train: use only the first N traini
 _TEST_LIMIT = flags.DEFINE_integer("test_limit", None,
                                    "train: use only the first N test examples.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "train: Adam learning rate.")
+_REPLICAS = flags.DEFINE_integer(
+    "replicas", 1, "train: data-parallel replicas (tf.distribute.MirroredStrategy over "
+    "that many logical CPU devices); --batch_size is the global batch.")
+_COMMUNICATION = flags.DEFINE_string(
+    "gradient_communication", None,
+    "train: all-reduce the gradients in this format, emulated exactly "
+    "(tfhfp8.distribute: a ring, every partial sum rounded): " +
+    ", ".join(distribute.names()) + " or any float format name; unset: Keras' FP32 "
+    "all-reduce.")
 _POLICY = flags.DEFINE_string("policy", "hfp8", "ptq: the policy preset to quantize to (" +
                               ", ".join(policy.presets()) + "); finetune: one or a "
                               "comma-separated list.")
@@ -89,7 +99,7 @@ def _at_least_one(name, allow_none=False):
                                                            else ""))
 
 
-for _name in ("epochs", "batch_size", "calibration_steps", "sequence_length"):
+for _name in ("epochs", "batch_size", "calibration_steps", "sequence_length", "replicas"):
     _at_least_one(_name)
 for _name in ("limit", "test_limit", "image_size"):
     _at_least_one(_name, allow_none=True)
@@ -110,6 +120,19 @@ flags.register_validator(
                               or os.path.isdir(value) or value.lower().endswith(".csv")),
     message="--dataset must be one of " + ", ".join(datasets.names()) +
     ", a folder of images or a .csv file")
+
+
+def _communication_ok(value):
+    try:
+        return value is None or distribute.get(value) is not None
+    except (TypeError, ValueError):
+        return False
+
+
+flags.register_validator(
+    "gradient_communication", _communication_ok,
+    message="--gradient_communication must be one of " + ", ".join(distribute.names()) +
+    " or a float format name (tfhfp8 formats)")
 flags.register_validator(
     "model", lambda value: value is None or bool(value.strip()),
     message="--model must not be empty")
@@ -124,6 +147,7 @@ def _train(**overrides):
                     batch_size=_BATCH_SIZE.value, loss_scaling=_LOSS_SCALING.value,
                     seed=_SEED.value, output_dir=_OUTPUT_DIR.value, limit=_LIMIT.value,
                     test_limit=_TEST_LIMIT.value, learning_rate=_LEARNING_RATE.value,
+                    replicas=_REPLICAS.value, gradient_communication=_COMMUNICATION.value,
                     verbose=1 if sys.stdout.isatty() else 2)  # a log gets one line per epoch
     settings.update(overrides)
     results = experiment.train_policies(**settings)

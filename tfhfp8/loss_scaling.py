@@ -24,23 +24,22 @@ from tfhfp8 import _compat, formats, registry
 def _replica_reduce(value, reduce):
     """`reduce` (tf.reduce_min/max) of the scalar `value` over the replicas.
 
-    Computed in a `merge_call` from the replicas' values, with no collective op: the
-    collective instance keys of `tf.distribute` restart with every strategy while TF's
-    collective executor keeps what each key was first used for, so an `all_gather`
-    under a second strategy in the same process collided with the first strategy's
-    gradient all-reduce ("Collective ops is aborted ... expected type 0 and data_type 1
-    but got type 2 and data_type 3"). A merge call has no key: the same answer whatever
-    ran before.
+    On one machine, computed in a `merge_call` from the replicas' values, with no
+    collective op: the collective instance keys of `tf.distribute` restart with every
+    strategy while TF's collective executor keeps what each key was first used for, so
+    an `all_gather` under a second strategy in the same process collided with the first
+    strategy's gradient all-reduce ("Collective ops is aborted ... expected type 0 and
+    data_type 1 but got type 2 and data_type 3"). A merge call has no key: the same
+    answer whatever ran before. Across workers (`MultiWorkerMirroredStrategy`, one
+    strategy per process) a merge call sees only this worker's replicas: there the
+    values come from `ReplicaContext.all_gather` (`tfhfp8.distribute.gather_replicas`).
     """
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return value
+    from tfhfp8.distribute import gather_replicas  # (distribute imports the layers)
 
-    def merge(strategy, per_replica):
-        values = strategy.experimental_local_results(per_replica)
-        return reduce(tf.stack([tf.identity(v) for v in values]), axis=0)
-
-    return context.merge_call(merge, args=(value,))
+    return reduce(gather_replicas(value), axis=0)
 
 
 def _floor_pow2(x):
