@@ -67,6 +67,7 @@ demo: ops data
 # XLA columns) and the emulated-accumulation GEMMs (~2 min); see README "Speed".
 bench: ops
 	$(PY) benchmarks/quantize_throughput.py
+	$(PY) benchmarks/block_throughput.py
 	$(PY) benchmarks/step_overhead.py
 	$(PY) benchmarks/accumulation.py
 
