@@ -20,5 +20,5 @@ class Dense(EmulatedLayer, keras.layers.Dense):
     """
 
     def call(self, inputs, training=None):
-        x = self._gemm(ops.matmul, [inputs], [self.kernel])
+        x = self._gemm(ops.matmul, [inputs], [self.kernel], equation="...i,io->...o")
         return self._bias_and_activation(x)
