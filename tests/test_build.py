@@ -36,11 +36,14 @@ def _targets(compiler, flag):
 
 
 def _compile_loops(tmp_path, flags, compiler=None):
-    """Compiles the loops (all roundings, both containers) with `flags`; compile only."""
-    command = build.loops_command("probe", flags, tmp_path / "loops.o", cxx=compiler)
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, build.first_errors(result.stderr)
-    assert (tmp_path / "loops.o").stat().st_size > 0
+    """Compiles every loop source (all roundings, both containers) with `flags`; compile
+    only."""
+    for source in build.LOOPS:
+        output = tmp_path / f"{source.stem}.o"
+        command = build.loops_command("probe", flags, output, cxx=compiler, source=source)
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0, build.first_errors(result.stderr)
+        assert output.stat().st_size > 0
 
 
 @pytest.mark.parametrize("march", MARCHES)

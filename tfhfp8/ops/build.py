@@ -8,7 +8,7 @@ them rebuilds it.
 
 The library runs on every CPU of its architecture: TensorFlow's headers are compiled
 for the baseline instruction set only, and the quantization loops once per CPU
-variant (`VARIANTS`), the best of which the kernels pick at run time
+variant (`VARIANTS`; the sources in `LOOPS`), the best of which the kernels pick at run time
 (`custom_ops/quantize/cc/kernels/cpu_dispatch.h`). Nothing is built with
 `-march=native`.
 """
@@ -30,9 +30,13 @@ _PACKAGE = pathlib.Path(__file__).resolve().parent.parent
 # Installed wheels carry the sources as tfhfp8/custom_ops; a source checkout has them
 # at the repository root.
 _SOURCE_DIRS = (_PACKAGE / "custom_ops", _PACKAGE.parent / "custom_ops")
-_OPTIONS = ["-std=c++17", "-O3", "-fno-trapping-math", "-fPIC", "-DNDEBUG"]
-_KERNELS = pathlib.Path("quantize", "cc", "kernels")
-_LOOPS = _KERNELS / "quantize_loops.cc"  # compiled once per variant, no TF headers
+# -ffp-contract=off: a multiply followed by an add must round twice (the emulated
+# accumulations depend on it), never be fused into one FMA.
+_OPTIONS = ["-std=c++17", "-O3", "-fno-trapping-math", "-ffp-contract=off", "-fPIC", "-DNDEBUG"]
+_KERNEL_DIRS = [pathlib.Path(area, "cc", "kernels") for area in ("quantize", "accumulate")]
+# Compiled once per variant, without TF headers.
+LOOPS = [pathlib.Path("quantize", "cc", "kernels", "quantize_loops.cc"),
+         pathlib.Path("accumulate", "cc", "kernels", "accumulate_loops.cc")]
 
 # x86-64 feature levels (as in the psABI), spelt as feature flags, which older
 # compilers know too; the run-time checks in cpu_dispatch.cc test the same features.
@@ -66,11 +70,15 @@ def compiler():
     return os.environ.get("CXX", "g++")
 
 
-def loops_command(variant, flags, output, cxx=None):
-    """The command that compiles one variant of the loops to an object file."""
-    root = source_dir()
-    return ([cxx or compiler()] + _OPTIONS + flags + [f"-DTFHFP8_VARIANT={variant}",
-            f"-I{root / _KERNELS}", "-c", str(root / _LOOPS), "-o", str(output)])
+def _includes():
+    return [f"-I{source_dir() / d}" for d in _KERNEL_DIRS]
+
+
+def loops_command(variant, flags, output, cxx=None, source=LOOPS[0]):
+    """The command that compiles one variant of the loops in `source` (one of `LOOPS`)
+    to an object file."""
+    return ([cxx or compiler()] + _OPTIONS + flags + [f"-DTFHFP8_VARIANT={variant}"]
+            + _includes() + ["-c", str(source_dir() / source), "-o", str(output)])
 
 
 def _commands(workdir):
@@ -78,14 +86,16 @@ def _commands(workdir):
     root = source_dir()
     compile_flags = tf.sysconfig.get_compile_flags()
     objects, commands = [], []
-    for name, flags in variants():
-        objects.append(workdir / f"loops_{name}.o")
-        commands.append(loops_command(name, flags, objects[-1]))
+    for loops in LOOPS:
+        for name, flags in variants():
+            objects.append(workdir / f"{loops.stem}_{name}.o")
+            commands.append(loops_command(name, flags, objects[-1], source=loops))
+    loop_names = {loops.name for loops in LOOPS}
     for source in sorted(root.glob("**/cc/**/*.cc")):
-        if source.name == _LOOPS.name:
+        if source.name in loop_names:
             continue
         objects.append(workdir / f"{source.stem}.o")
-        commands.append([compiler()] + _OPTIONS + [f"-I{root / _KERNELS}"] + compile_flags
+        commands.append([compiler()] + _OPTIONS + _includes() + compile_flags
                         + ["-c", str(source), "-o", str(objects[-1])])
     link = ([compiler(), "-shared", "-fPIC"] + [str(o) for o in objects]
             + tf.sysconfig.get_link_flags())

@@ -42,3 +42,41 @@ def cpu_variant():
     with tf.init_scope():  # eagerly, also when asked inside a tf.function
         active, supported = load().hfp8_cpu_variant()
     return active.numpy().decode(), supported.numpy().decode().split()
+
+
+def _format_attrs(fmt, prefix=""):
+    return {prefix + "exponent_bits": fmt.exponent_bits,
+            prefix + "mantissa_bits": fmt.mantissa_bits, prefix + "bias": fmt.bias,
+            prefix + "specials": fmt.specials, prefix + "subnormals": bool(fmt.subnormals)}
+
+
+def accumulating_matmul(a, b, accumulator, seed):
+    """`a @ b` for float32 `a` [batch, M, K] and `b` [batch, K, N], summed by the float
+    accumulator `accumulator` (a `tfhfp8.Accumulator`; see its definition), with the
+    stochastic roundings' `seed` (int64 scalar).
+
+    Returns (c [batch, M, N] float32, swamped: the int64 number of additions of a
+    nonzero term that left the running sum unchanged).
+    """
+    from tfhfp8 import accumulation  # imports this module's package
+
+    acc = accumulation.get(accumulator)
+    if acc.kind != "float":
+        raise ValueError(f"accumulator must be a float accumulator, got {acc!r}")
+    attrs = {**_format_attrs(acc.format), **_format_attrs(acc.outer, "outer_"),
+             **_format_attrs(acc.products or acc.format, "products_")}
+    return load().hfp8_accumulating_matmul(
+        a, b, tf.cast(seed, tf.int64), has_products=acc.products is not None,
+        rounding=acc.rounding, saturate=acc.saturate, chunk_size=acc.chunk_size or 0, **attrs)
+
+
+def int32_matmul(a_mantissas, b_mantissas, chunk_size, overflow):
+    """INT32 accumulation of integer mantissas, int32 `a_mantissas` [batch, M, K] and
+    `b_mantissas` [batch, K, N] (see `tfhfp8.Accumulator("int32")`): `chunk_size` None
+    or n (the partial sum goes into a float32 total every n products), `overflow`
+    "wrap" or "saturate".
+
+    Returns (c [batch, M, N] float32, overflows: int64 count).
+    """
+    return load().hfp8_int32_matmul(a_mantissas, b_mantissas, chunk_size=chunk_size or 0,
+                                    overflow=overflow)

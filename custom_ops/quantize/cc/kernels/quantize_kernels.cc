@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cpu_dispatch.h"
+#include "format_attrs.h"
 #include "rounding.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -24,19 +25,6 @@ using tensorflow::TensorShapeUtils;
 using tensorflow::errors::InvalidArgument;
 
 namespace {
-
-Rounding ParseRounding(const std::string& name) {
-  if (name == "stochastic") return Rounding::kStochastic;
-  if (name == "toward_zero") return Rounding::kTowardZero;
-  return Rounding::kNearestEven;
-}
-
-Specials ParseSpecials(const std::string& name) {
-  if (name == "fn") return Specials::kFn;
-  if (name == "fnuz") return Specials::kFnuz;
-  if (name == "finite") return Specials::kFinite;
-  return Specials::kIeee;
-}
 
 // Cost of one element for tensorflow::Shard, in its units (about one cycle): the
 // vectorized loops take a few cycles per element; the value only needs to be large
@@ -154,43 +142,16 @@ template <typename T>
 class QuantizeFloatOp : public OpKernel {
  public:
   explicit QuantizeFloatOp(OpKernelConstruction* context) : OpKernel(context) {
-    int exponent_bits, mantissa_bits, bias;
-    bool subnormals, saturate;
-    std::string specials, rounding;
-    OP_REQUIRES_OK(context, context->GetAttr("exponent_bits", &exponent_bits));
-    OP_REQUIRES_OK(context, context->GetAttr("mantissa_bits", &mantissa_bits));
-    OP_REQUIRES_OK(context, context->GetAttr("bias", &bias));
-    OP_REQUIRES_OK(context, context->GetAttr("specials", &specials));
-    OP_REQUIRES_OK(context, context->GetAttr("subnormals", &subnormals));
+    FloatFormatAttrs f;
+    bool saturate;
+    std::string rounding;
+    OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "", 23, &f));
     OP_REQUIRES_OK(context, context->GetAttr("rounding", &rounding));
     OP_REQUIRES_OK(context, context->GetAttr("saturate", &saturate));
-    OP_REQUIRES(context, exponent_bits >= 1 && exponent_bits <= 8,
-                InvalidArgument("exponent_bits must be in [1, 8], got ", exponent_bits));
-    OP_REQUIRES(context, mantissa_bits >= 0 && mantissa_bits <= 23,
-                InvalidArgument("mantissa_bits must be in [0, 23], got ", mantissa_bits));
-    OP_REQUIRES(context, specials != "ieee" || exponent_bits >= 2,
-                InvalidArgument("exponent_bits must be in [2, 8] for specials='ieee', got ",
-                                exponent_bits));
-    // As tfhfp8.FloatFormat: normal numbers must be float32 normals.
-    const int64_t all_ones = (int64_t{1} << (exponent_bits + mantissa_bits)) - 1;
-    const int64_t max_code = specials == "ieee" ? ((((int64_t{1} << exponent_bits) - 1)
-                                                    << mantissa_bits) - 1)
-                             : specials == "fn" ? all_ones - 1
-                                                : all_ones;
-    OP_REQUIRES(context, max_code >= (int64_t{1} << mantissa_bits),
-                InvalidArgument("a format with exponent_bits=", exponent_bits,
-                                ", mantissa_bits=", mantissa_bits, " and specials='", specials,
-                                "' has no normal numbers"));
-    const int64_t low = (max_code >> mantissa_bits) - 127;
-    OP_REQUIRES(context, low <= 127,
-                InvalidArgument("exponent_bits=", exponent_bits, " with specials='", specials,
-                                "' spans more binades than float32 can hold"));
-    OP_REQUIRES(context, bias >= low && bias <= 127,
-                InvalidArgument("bias must be in [", low, ", 127], got ", bias));
-    params32_ = MakeFloatParams<float>(exponent_bits, mantissa_bits, bias,
-                                       ParseSpecials(specials), subnormals, saturate);
-    params64_ = MakeFloatParams<double>(exponent_bits, mantissa_bits, bias,
-                                        ParseSpecials(specials), subnormals, saturate);
+    params32_ = MakeFloatParams<float>(f.exponent_bits, f.mantissa_bits, f.bias, f.specials,
+                                       f.subnormals, saturate);
+    params64_ = MakeFloatParams<double>(f.exponent_bits, f.mantissa_bits, f.bias, f.specials,
+                                        f.subnormals, saturate);
     rounding_ = ParseRounding(rounding);
   }
 

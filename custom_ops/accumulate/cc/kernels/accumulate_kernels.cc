@@ -1,0 +1,359 @@
+// CPU kernels of Hfp8AccumulatingMatmul and Hfp8Int32Matmul on TF's intra-op threads:
+// the output is cut into tiles (accumulate_types.h), each computed by the loops of the
+// CPU variant that cpu_dispatch.h selects. Compiled for the baseline only.
+
+#include <algorithm>
+#include <atomic>
+#include <string>
+#include <vector>
+
+#include "accumulate_types.h"
+#include "cpu_dispatch.h"
+#include "format_attrs.h"
+#include "rounding.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/platform/denormal.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace tfhfp8 {
+
+extern const AccumulateLoops kAccumulateLoops_baseline;
+#if defined(__x86_64__)
+extern const AccumulateLoops kAccumulateLoops_x86_64_v3;
+extern const AccumulateLoops kAccumulateLoops_x86_64_v4;
+#endif
+
+using tensorflow::DEVICE_CPU;
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+using tensorflow::TensorShapeUtils;
+using tensorflow::errors::InvalidArgument;
+
+namespace {
+
+// The loops of the CPU variant that the quantization kernels run (cpu_dispatch.h).
+absl::Status SelectAccumulateLoops(const AccumulateLoops** loops) {
+  std::string error;
+  const Loops* quantize = SelectLoops(&error);
+  if (quantize == nullptr) return InvalidArgument(error);
+  for (const AccumulateLoops* candidate : {
+#if defined(__x86_64__)
+           &kAccumulateLoops_x86_64_v4, &kAccumulateLoops_x86_64_v3,
+#endif
+           &kAccumulateLoops_baseline}) {
+    if (std::string(candidate->name) == quantize->name) {
+      *loops = candidate;
+      return absl::OkStatus();
+    }
+  }
+  return InvalidArgument("no accumulation loops for the CPU variant ", quantize->name);
+}
+
+// a: [B, M, K], b: [B, K, N] -> (B, M, K, N), or an error naming the operand.
+absl::Status MatmulShapes(const Tensor& a, const Tensor& b, int64_t* batch, int64_t* m,
+                          int64_t* k, int64_t* n) {
+  if (a.dims() != 3) {
+    return InvalidArgument("a must have rank 3 [batch, M, K], got shape ",
+                           a.shape().DebugString());
+  }
+  if (b.dims() != 3) {
+    return InvalidArgument("b must have rank 3 [batch, K, N], got shape ",
+                           b.shape().DebugString());
+  }
+  if (a.dim_size(0) != b.dim_size(0)) {
+    return InvalidArgument("a and b must have the same batch size, got shapes ",
+                           a.shape().DebugString(), " and ", b.shape().DebugString());
+  }
+  if (a.dim_size(2) != b.dim_size(1)) {
+    return InvalidArgument("a's K (dimension 2) must equal b's K (dimension 1), got shapes ",
+                           a.shape().DebugString(), " and ", b.shape().DebugString());
+  }
+  *batch = a.dim_size(0);
+  *m = a.dim_size(1);
+  *k = a.dim_size(2);
+  *n = b.dim_size(2);
+  return absl::OkStatus();
+}
+
+absl::Status ReadChunkSize(OpKernelConstruction* context, int64_t* chunk_size) {
+  int value;
+  TF_RETURN_IF_ERROR(context->GetAttr("chunk_size", &value));
+  if (value < 0) {
+    return InvalidArgument("chunk_size must be >= 0 (0: one chunk), got ", value);
+  }
+  *chunk_size = value;
+  return absl::OkStatus();
+}
+
+// Terms per chunk for K terms: chunk_size, or K when 0 or >= K (one chunk); >= 1.
+int64_t TermsPerChunk(int64_t chunk_size, int64_t k) {
+  if (chunk_size == 0 || chunk_size >= k) return std::max<int64_t>(k, 1);
+  return chunk_size;
+}
+
+// Output tiles, ordered so that consecutive tiles share B's column panel.
+struct Tiling {
+  int64_t batch, m, k, n, row_tiles, col_tiles;
+  Tiling(int64_t batch_, int64_t m_, int64_t k_, int64_t n_)
+      : batch(batch_), m(m_), k(k_), n(n_),
+        row_tiles((m_ + kTileRows - 1) / kTileRows),
+        col_tiles((n_ + kTileCols - 1) / kTileCols) {}
+  int64_t count() const { return batch * row_tiles * col_tiles; }
+  // Tile t: (batch index, first row, first column).
+  void Locate(int64_t t, int64_t* b, int64_t* i0, int64_t* j0) const {
+    *b = t / (row_tiles * col_tiles);
+    const int64_t rest = t % (row_tiles * col_tiles);
+    *j0 = (rest / row_tiles) * kTileCols;
+    *i0 = (rest % row_tiles) * kTileRows;
+  }
+};
+
+// Packs B[b][:, j0:j0+kTileCols] as [k][kTileCols], zero beyond column n.
+template <typename T>
+void PackPanel(const T* b, int64_t k, int64_t n, int64_t j0, T* panel) {
+  const int64_t cols = std::min<int64_t>(kTileCols, n - j0);
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const T* src = b + kk * n + j0;
+    T* dst = panel + kk * kTileCols;
+    std::copy(src, src + cols, dst);
+    std::fill(dst + cols, dst + kTileCols, T(0));
+  }
+}
+
+// Runs body(begin, end) over the tiles on the intra-op thread pool.
+template <typename Body>
+void ForTiles(OpKernelContext* context, const Tiling& tiling, int64_t cost_per_tile,
+              Body body) {
+  const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
+  tensorflow::Shard(workers.num_threads, workers.workers, tiling.count(), cost_per_tile, body);
+}
+
+}  // namespace
+
+class AccumulatingMatmulOp : public OpKernel {
+ public:
+  explicit AccumulatingMatmulOp(OpKernelConstruction* context) : OpKernel(context) {
+    // The round-to-odd sum is exact for formats of at most 22 significand bits.
+    constexpr int kMaxMantissa = 21;
+    FloatFormatAttrs inner, outer, products;
+    bool saturate;
+    std::string rounding;
+    OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "", kMaxMantissa, &inner));
+    OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "outer_", kMaxMantissa, &outer));
+    OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "products_", 23, &products));
+    OP_REQUIRES_OK(context, context->GetAttr("has_products", &has_products_));
+    OP_REQUIRES_OK(context, context->GetAttr("rounding", &rounding));
+    OP_REQUIRES_OK(context, context->GetAttr("saturate", &saturate));
+    OP_REQUIRES_OK(context, ReadChunkSize(context, &chunk_size_));
+    rounding_ = ParseRounding(rounding);
+    auto params = [saturate](const FloatFormatAttrs& f) {
+      return MakeFloatParams<float>(f.exponent_bits, f.mantissa_bits, f.bias, f.specials,
+                                    f.subnormals, saturate);
+    };
+    inner_ = params(inner);
+    outer_ = params(outer);
+    products_ = params(products);
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const AccumulateLoops* loops;
+    OP_REQUIRES_OK(context, SelectAccumulateLoops(&loops));
+    const Tensor& a = context->input(0);
+    const Tensor& b = context->input(1);
+    const Tensor& seed_tensor = context->input(2);
+    int64_t batch, m, k, n;
+    OP_REQUIRES_OK(context, MatmulShapes(a, b, &batch, &m, &k, &n));
+    OP_REQUIRES(context, TensorShapeUtils::IsScalar(seed_tensor.shape()),
+                InvalidArgument("seed must be a scalar, got shape ",
+                                seed_tensor.shape().DebugString()));
+    const uint64_t seed = static_cast<uint64_t>(seed_tensor.scalar<int64_t>()());
+    Tensor* c = nullptr;
+    Tensor* swamped_tensor = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({batch, m, n}), &c));
+    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({}), &swamped_tensor));
+    swamped_tensor->scalar<int64_t>()() = 0;
+    if (c->NumElements() == 0) return;
+
+    FloatAccumulation acc;
+    acc.inner = inner_;
+    acc.outer = outer_;
+    acc.products = products_;
+    acc.has_products = has_products_;
+    acc.k = k;
+    acc.chunk = TermsPerChunk(chunk_size_, k);
+    acc.num_chunks = (k + acc.chunk - 1) / acc.chunk;
+    // seed + 1 and seed + 2 as int64 arithmetic wraps.
+    acc.inner_keys = MakeSeedKeys(static_cast<int64_t>(seed));
+    acc.outer_keys = MakeSeedKeys(static_cast<int64_t>(seed + 1));
+    acc.product_keys = MakeSeedKeys(static_cast<int64_t>(seed + 2));
+    const bool fast = rounding_ == Rounding::kNearestEven && NearestEvenFastApplies(inner_) &&
+                      NearestEvenFastApplies(outer_);
+    const FloatTileLoop loop =
+        loops->float_tile[has_products_ ? 1 : 0][fast ? kRoundings : int(rounding_)];
+
+    const Tiling tiling(batch, m, k, n);
+    const float* a_data = a.flat<float>().data();
+    const float* b_data = b.flat<float>().data();
+    float* c_data = c->flat<float>().data();
+    std::atomic<int64_t> swamped{0};
+    // About 8 cycles per rounded addition (Shard's cost unit is about a cycle).
+    const int64_t cost = std::max<int64_t>(k, 1) * kTileRows * kTileCols * 8;
+    ForTiles(context, tiling, cost, [&](int64_t begin, int64_t end) {
+      // TwoSum needs IEEE subnormals; TF's threads flush them to zero.
+      tensorflow::port::ScopedDontFlushDenormal ieee_subnormals;
+      std::vector<float> panel(std::max<int64_t>(k, 1) * kTileCols);
+      int64_t panel_of = -1;  // the (batch, column tile) the panel holds
+      int64_t local = 0;
+      for (int64_t t = begin; t < end; ++t) {
+        int64_t bi, i0, j0;
+        tiling.Locate(t, &bi, &i0, &j0);
+        const int64_t which = bi * tiling.col_tiles + j0 / kTileCols;
+        if (which != panel_of) {
+          PackPanel(b_data + bi * k * n, k, n, j0, panel.data());
+          panel_of = which;
+        }
+        const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m - i0));
+        const int cols = static_cast<int>(std::min<int64_t>(kTileCols, n - j0));
+        const int64_t first = (bi * m + i0) * n + j0;
+        local += loop(a_data + (bi * m + i0) * k, panel.data(), c_data + first, rows, cols, n,
+                      static_cast<uint64_t>(first), acc);
+      }
+      swamped += local;
+    });
+    swamped_tensor->scalar<int64_t>()() = swamped.load();
+  }
+
+ private:
+  FloatParams<float> inner_, outer_, products_;
+  bool has_products_;
+  Rounding rounding_;
+  int64_t chunk_size_;
+};
+
+class Int32MatmulOp : public OpKernel {
+ public:
+  explicit Int32MatmulOp(OpKernelConstruction* context) : OpKernel(context) {
+    std::string overflow;
+    OP_REQUIRES_OK(context, ReadChunkSize(context, &chunk_size_));
+    OP_REQUIRES_OK(context, context->GetAttr("overflow", &overflow));
+    saturate_ = overflow == "saturate";
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const AccumulateLoops* loops;
+    OP_REQUIRES_OK(context, SelectAccumulateLoops(&loops));
+    const Tensor& a = context->input(0);
+    const Tensor& b = context->input(1);
+    int64_t batch, m, k, n;
+    OP_REQUIRES_OK(context, MatmulShapes(a, b, &batch, &m, &k, &n));
+    Tensor* c = nullptr;
+    Tensor* overflow_tensor = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({batch, m, n}), &c));
+    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({}), &overflow_tensor));
+    overflow_tensor->scalar<int64_t>()() = 0;
+    if (c->NumElements() == 0) return;
+
+    Int32Accumulation acc;
+    acc.k = k;
+    acc.chunk = TermsPerChunk(chunk_size_, k);
+    acc.saturate = saturate_;
+    // Words of a row packed in 16-bit pairs, chunk by chunk (a chunk's odd last term is
+    // paired with a zero).
+    int64_t packed_k = 0;
+    for (int64_t begin = 0; begin < k; begin += acc.chunk) {
+      packed_k += (std::min(k - begin, acc.chunk) + 1) / 2;
+    }
+
+    const Tiling tiling(batch, m, k, n);
+    const int32_t* a_data = a.flat<int32_t>().data();
+    const int32_t* b_data = b.flat<int32_t>().data();
+    float* c_data = c->flat<float>().data();
+    std::atomic<int64_t> overflows{0};
+    const int64_t cost = std::max<int64_t>(k, 1) * kTileRows * kTileCols;
+    const Int32TileLoop loop = loops->int32_tile;
+    ForTiles(context, tiling, cost, [&](int64_t begin, int64_t end) {
+      const int64_t rows_k = std::max<int64_t>(k, 1);
+      std::vector<int32_t> panel(rows_k * kTileCols), pairs_panel(rows_k * kTileCols);
+      std::vector<int32_t> pairs_a(kTileRows * std::max<int64_t>(packed_k, 1));
+      int64_t panel_of = -1;
+      bool panel_fits = false;  // every value of the panel in [-32767, 32767]
+      int64_t local = 0;
+      for (int64_t t = begin; t < end; ++t) {
+        int64_t bi, i0, j0;
+        tiling.Locate(t, &bi, &i0, &j0);
+        const int64_t which = bi * tiling.col_tiles + j0 / kTileCols;
+        if (which != panel_of) {
+          PackPanel(b_data + bi * k * n, k, n, j0, panel.data());
+          panel_fits = Fits16(panel.data(), k * kTileCols);
+          if (panel_fits) PackPairs(panel.data(), kTileCols, kTileCols, acc, pairs_panel.data());
+          panel_of = which;
+        }
+        const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m - i0));
+        const int cols = static_cast<int>(std::min<int64_t>(kTileCols, n - j0));
+        const int32_t* a_rows = a_data + (bi * m + i0) * k;
+        Int32Accumulation tile = acc;
+        tile.pairs = panel_fits && Fits16(a_rows, rows * k);
+        const int32_t* a_tile = a_rows;
+        const int32_t* panel_tile = panel.data();
+        if (tile.pairs) {
+          // Transposed view of A's rows as [k][rows]: pack each row as a 1-column panel.
+          std::fill(pairs_a.begin(), pairs_a.end(), 0);
+          for (int r = 0; r < rows; ++r) {
+            PackPairs(a_rows + r * k, 1, 1, acc, pairs_a.data() + r * packed_k);
+          }
+          tile.packed_k = packed_k;
+          a_tile = pairs_a.data();
+          panel_tile = pairs_panel.data();
+        } else {
+          tile.packed_k = k;
+        }
+        local += loop(a_tile, panel_tile, c_data + (bi * m + i0) * n + j0, rows, cols, n, tile);
+      }
+      overflows += local;
+    });
+    overflow_tensor->scalar<int64_t>()() = overflows.load();
+  }
+
+ private:
+  // True if every value of x[0, count) is in [-32767, 32767]: a product then has
+  // |p| < 2^30 and a pair of products fits a 32-bit multiply-add.
+  static bool Fits16(const int32_t* x, int64_t count) {
+    int32_t low = 0, high = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      low = std::min(low, x[i]);
+      high = std::max(high, x[i]);
+    }
+    return low >= -32767 && high <= 32767;
+  }
+
+  // Packs x ([k][stride], `width` columns used) as 16-bit pairs per chunk:
+  // out[w * width + j] = x[k0][j] & 0xFFFF | x[k0 + 1][j] << 16.
+  static void PackPairs(const int32_t* x, int64_t stride, int width, const Int32Accumulation& acc,
+                        int32_t* out) {
+    int64_t w = 0;
+    for (int64_t begin = 0; begin < acc.k; begin += acc.chunk) {
+      const int64_t end = std::min(acc.k, begin + acc.chunk);
+      for (int64_t kk = begin; kk < end; kk += 2, ++w) {
+        for (int j = 0; j < width; ++j) {
+          const uint32_t lo = static_cast<uint16_t>(x[kk * stride + j]);
+          const uint32_t hi =
+              kk + 1 < end ? static_cast<uint16_t>(x[(kk + 1) * stride + j]) : 0u;
+          out[w * width + j] = static_cast<int32_t>(lo | (hi << 16));
+        }
+      }
+    }
+  }
+
+  int64_t chunk_size_;
+  bool saturate_;
+};
+
+REGISTER_KERNEL_BUILDER(Name("Hfp8AccumulatingMatmul").Device(DEVICE_CPU), AccumulatingMatmulOp);
+REGISTER_KERNEL_BUILDER(Name("Hfp8Int32Matmul").Device(DEVICE_CPU), Int32MatmulOp);
+
+}  // namespace tfhfp8

@@ -1,0 +1,390 @@
+// The accumulating-matmul loops of one CPU variant (see accumulate_types.h).
+//
+// tfhfp8/ops/build.py compiles this file once per CPU variant of cpu_dispatch.h, like
+// quantize_loops.cc, and without TensorFlow headers. The rounding to a format is
+// rounding.h's QuantizeFloatElement: the one implementation of the C++ backend.
+//
+// Float accumulators: one output per SIMD lane; the columns of a tile are the lanes
+// (GCC vectorizes the loops over them: the bodies are branch-free), k runs
+// sequentially. One addition is acc <- Q(RO32(acc + p)): TwoSum gives the exact error
+// of the float32 sum, which then becomes its round-to-odd neighbour, rounded once to
+// the format (exact by the round-to-odd theorem for formats of <= 22 bits). The
+// kernel runs with IEEE subnormals (TensorFlow's threads flush them; see
+// accumulate_kernels.cc), which TwoSum needs.
+//
+// INT32: products of 16-bit mantissas added in pairs by one multiply-add instruction
+// (pmaddwd); a block of terms whose running sums all stay in [-2^30, 2^30) cannot have
+// overflowed, even between the two terms of a pair, and is exact; any other block is
+// redone term by term with 64-bit arithmetic, counting the overflows.
+
+#include <algorithm>
+#include <cstring>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+#include "accumulate_types.h"
+#include "cpu_dispatch.h"
+#include "rounding.h"
+
+namespace tfhfp8 {
+inline namespace TFHFP8_VARIANT {
+namespace {
+
+constexpr int kLanes = kTileRows * kTileCols;
+constexpr uint32_t kMagnitude = 0x7FFFFFFFu;
+constexpr uint32_t kInf = 0x7F800000u;
+
+// The float32 round-to-odd of the exact acc + p, as bits. A finite sum beyond
+// float32's range becomes +-FLT_MAX, its odd neighbour, except with kNearest: rounding
+// to nearest overflows every format of <= 22 bits from FLT_MAX as from inf, so the
+// fast path keeps the inf (and saves the test).
+template <bool kNearest>
+inline uint32_t RoundToOddSum(float acc, float p) {
+  const float s = acc + p;
+  const float pp = s - acc;  // TwoSum (Knuth): e = acc + p - s exactly
+  const float e = (acc - (s - pp)) + (p - pp);
+  const uint32_t sb = ToBits(s);
+  // s even and inexact: the neighbour toward the exact sum, whose last bit is odd.
+  // (Selects rather than bool arithmetic, which GCC does not vectorize.)
+  const uint32_t step = ((ToBits(e) ^ sb) >> 31) != 0 ? 0xFFFFFFFFu : 1u;
+  const uint32_t even_step = (sb & 1u) == 0 ? step : 0u;
+  // e is NaN exactly when s is not finite: an ordered test leaves s as it is.
+  const uint32_t odd = sb + (__builtin_islessgreater(e, 0.0f) ? even_step : 0u);
+  if constexpr (kNearest) return odd;
+  const uint32_t acc_abs = ToBits(acc) & kMagnitude, p_abs = ToBits(p) & kMagnitude;
+  const uint32_t terms_abs = acc_abs > p_abs ? acc_abs : p_abs;
+  const uint32_t overflow = (sb & 0x80000000u) | 0x7F7FFFFFu;
+  return (sb & kMagnitude) < kInf ? odd : (terms_abs < kInf ? overflow : sb);
+}
+
+// The rounding of kernels' additions: quantize's, or its fast form for nearest even.
+enum class Mode { kNearestEven, kStochastic, kTowardZero, kNearestEvenFast };
+
+constexpr Rounding RoundingOf(Mode mode) {
+  return mode == Mode::kStochastic    ? Rounding::kStochastic
+         : mode == Mode::kTowardZero ? Rounding::kTowardZero
+                                      : Rounding::kNearestEven;
+}
+
+template <Mode kMode>
+inline float AddRounded(float acc, float p, const FloatParams<float>& format, uint32_t rand) {
+  if constexpr (kMode == Mode::kNearestEvenFast) {
+    return QuantizeFloatNearestEven(FromBits<float>(RoundToOddSum<true>(acc, p)), format);
+  } else {
+    return QuantizeFloatElement<float, RoundingOf(kMode)>(
+        FromBits<float>(RoundToOddSum<false>(acc, p)), format, rand);
+  }
+}
+
+// The random bits of flat index base + k (RandomBits<uint32_t> of rounding.h).
+inline uint32_t RandomAt(uint64_t index, const Keys& keys) {
+  return RandomBits<uint32_t>(index, keys);
+}
+
+template <bool kProducts, Mode kMode>
+int64_t FloatTile(const float* a, const float* panel, float* c, int rows, int cols,
+                  int64_t ldc, uint64_t first_index, const FloatAccumulation& acc) {
+  constexpr Rounding R = RoundingOf(kMode);
+  constexpr bool kStochastic = R == Rounding::kStochastic;
+  const FloatParams<float> inner = acc.inner;
+  const FloatParams<float> outer_format = acc.outer;
+  const FloatParams<float> products = acc.products;
+  const Keys inner_keys = acc.inner_keys, outer_keys = acc.outer_keys,
+             product_keys = acc.product_keys;
+  const int64_t k_total = acc.k;
+  alignas(64) float sum[kLanes];
+  alignas(64) float outer[kLanes];
+  alignas(64) int32_t swamped[kLanes];
+  alignas(64) uint64_t term_base[kLanes];   // o * K: index of term 0 of output o
+  alignas(64) uint64_t chunk_base[kLanes];  // o * num_chunks
+  const float* row[kTileRows];
+  for (int r = 0; r < kTileRows; ++r) row[r] = a + (r < rows ? r : 0) * k_total;
+  for (int l = 0; l < kLanes; ++l) {
+    const uint64_t o = first_index + static_cast<uint64_t>(l / kTileCols) * ldc + l % kTileCols;
+    term_base[l] = o * static_cast<uint64_t>(k_total);
+    chunk_base[l] = o * static_cast<uint64_t>(acc.num_chunks);
+    sum[l] = 0.0f;  // the result of an empty sum (k == 0)
+    outer[l] = 0.0f;
+    swamped[l] = 0;
+  }
+  int64_t chunk_index = 0;
+  for (int64_t begin = 0; begin < k_total; begin += acc.chunk, ++chunk_index) {
+    const int64_t end = std::min(k_total, begin + acc.chunk);
+    for (int l = 0; l < kLanes; ++l) sum[l] = 0.0f;
+    for (int64_t k = begin; k < end; ++k) {
+      const float* __restrict bk = panel + k * kTileCols;
+      for (int r = 0; r < kTileRows; ++r) {
+        const float ar = row[r][k];
+        float* __restrict s = sum + r * kTileCols;
+        int32_t* __restrict w = swamped + r * kTileCols;
+        const uint64_t* __restrict base = term_base + r * kTileCols;
+        for (int j = 0; j < kTileCols; ++j) {
+          float p = ar * bk[j];
+          uint32_t rand = 0;
+          if constexpr (kStochastic) {
+            rand = RandomAt(base[j] + static_cast<uint64_t>(k), inner_keys);
+            if constexpr (kProducts) {
+              p = QuantizeFloatElement<float, R>(
+                  p, products, RandomAt(base[j] + static_cast<uint64_t>(k), product_keys));
+            }
+          } else if constexpr (kProducts) {
+            p = QuantizeFloatElement<float, R>(p, products, 0u);
+          }
+          const float before = s[j];
+          const float after = AddRounded<kMode>(before, p, inner, rand);
+          w[j] += after == before ? (p != 0.0f ? 1 : 0) : 0;
+          s[j] = after;
+        }
+      }
+    }
+    if (acc.num_chunks > 1) {
+      for (int l = 0; l < kLanes; ++l) {
+        const uint32_t rand =
+            kStochastic ? RandomAt(chunk_base[l] + static_cast<uint64_t>(chunk_index), outer_keys)
+                        : 0u;
+        outer[l] = AddRounded<kMode>(outer[l], sum[l], outer_format, rand);
+      }
+    }
+  }
+  const float* result = acc.num_chunks > 1 ? outer : sum;
+  int64_t total_swamped = 0;
+  for (int r = 0; r < rows; ++r) {
+    for (int j = 0; j < cols; ++j) {
+      c[r * ldc + j] = result[r * kTileCols + j];
+      total_swamped += swamped[r * kTileCols + j];
+    }
+  }
+  return total_swamped;
+}
+
+// ---------------------------------------------------------------------------------
+// INT32
+
+// One addition of the INT32 accumulator: returns 1 on overflow.
+inline int Int32Add(int32_t* acc, int64_t product, bool saturate) {
+  const int64_t t = static_cast<int64_t>(*acc) + product;
+  const bool overflow = t < INT32_MIN || t > INT32_MAX;
+  if (!overflow) {
+    *acc = static_cast<int32_t>(t);
+  } else if (saturate) {
+    *acc = t < 0 ? INT32_MIN : INT32_MAX;
+  } else {
+    *acc = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint64_t>(t)));
+  }
+  return overflow ? 1 : 0;
+}
+
+inline float AddChunk(float total, int32_t partial) {
+  return total + static_cast<float>(partial);
+}
+
+// Any |value|: term by term in 64-bit arithmetic.
+int64_t Int32TileExact(const int32_t* a, const int32_t* panel, float* c, int rows, int cols,
+                       int64_t ldc, const Int32Accumulation& acc) {
+  int64_t overflows = 0;
+  for (int r = 0; r < rows; ++r) {
+    const int32_t* ar = a + r * acc.k;
+    for (int j = 0; j < cols; ++j) {
+      int32_t sum = 0;
+      float total = 0.0f;
+      for (int64_t k = 0; k < acc.k; ++k) {
+        overflows += Int32Add(&sum, static_cast<int64_t>(ar[k]) * panel[k * kTileCols + j],
+                              acc.saturate);
+        if (acc.chunk < acc.k && ((k + 1) % acc.chunk == 0 || k + 1 == acc.k)) {
+          total = AddChunk(total, sum);
+          sum = 0;
+        }
+      }
+      c[r * ldc + j] = acc.chunk < acc.k ? total : static_cast<float>(sum);
+    }
+  }
+  return overflows;
+}
+
+// 16-bit pairs: the SIMD primitives of each instruction set.
+#if defined(__AVX512BW__) && defined(__AVX512DQ__)
+struct Simd {
+  using V = __m512i;
+  static constexpr int kWidth = 16;
+  static V Zero() { return _mm512_setzero_si512(); }
+  static V Load(const int32_t* p) { return _mm512_loadu_si512(p); }
+  static void Store(int32_t* p, V v) { _mm512_storeu_si512(p, v); }
+  static V Set1(int32_t x) { return _mm512_set1_epi32(x); }
+  static V PairProducts(V a, V b) { return _mm512_madd_epi16(a, b); }
+  static V Add(V a, V b) { return _mm512_add_epi32(a, b); }
+  // flag | (acc ^ (acc << 1)): sign bit set where acc is outside [-2^30, 2^30).
+  static V Flag(V flag, V acc) {
+    return _mm512_ternarylogic_epi32(flag, acc, _mm512_slli_epi32(acc, 1), 0xF6);
+  }
+  static bool AnySign(V v) { return _mm512_movepi32_mask(v) != 0; }
+};
+#elif defined(__AVX2__)
+struct Simd {
+  using V = __m256i;
+  static constexpr int kWidth = 8;
+  static V Zero() { return _mm256_setzero_si256(); }
+  static V Load(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const V*>(p)); }
+  static void Store(int32_t* p, V v) { _mm256_storeu_si256(reinterpret_cast<V*>(p), v); }
+  static V Set1(int32_t x) { return _mm256_set1_epi32(x); }
+  static V PairProducts(V a, V b) { return _mm256_madd_epi16(a, b); }
+  static V Add(V a, V b) { return _mm256_add_epi32(a, b); }
+  static V Flag(V flag, V acc) {
+    return _mm256_or_si256(flag, _mm256_xor_si256(acc, _mm256_slli_epi32(acc, 1)));
+  }
+  static bool AnySign(V v) { return _mm256_movemask_ps(_mm256_castsi256_ps(v)) != 0; }
+};
+#elif defined(__SSE2__)
+struct Simd {
+  using V = __m128i;
+  static constexpr int kWidth = 4;
+  static V Zero() { return _mm_setzero_si128(); }
+  static V Load(const int32_t* p) { return _mm_loadu_si128(reinterpret_cast<const V*>(p)); }
+  static void Store(int32_t* p, V v) { _mm_storeu_si128(reinterpret_cast<V*>(p), v); }
+  static V Set1(int32_t x) { return _mm_set1_epi32(x); }
+  static V PairProducts(V a, V b) { return _mm_madd_epi16(a, b); }
+  static V Add(V a, V b) { return _mm_add_epi32(a, b); }
+  static V Flag(V flag, V acc) {
+    return _mm_or_si128(flag, _mm_xor_si128(acc, _mm_slli_epi32(acc, 1)));
+  }
+  static bool AnySign(V v) { return _mm_movemask_ps(_mm_castsi128_ps(v)) != 0; }
+};
+#else  // portable: one lane, plain integers (wrapping arithmetic through uint32_t)
+struct Simd {
+  using V = int32_t;
+  static constexpr int kWidth = 1;
+  static V Zero() { return 0; }
+  static V Load(const int32_t* p) { return *p; }
+  static void Store(int32_t* p, V v) { *p = v; }
+  static V Set1(int32_t x) { return x; }
+  static V PairProducts(V a, V b) {
+    const int32_t lo = static_cast<int16_t>(a) * static_cast<int16_t>(b);
+    const int32_t hi = static_cast<int16_t>(a >> 16) * static_cast<int16_t>(b >> 16);
+    return static_cast<int32_t>(static_cast<uint32_t>(lo) + static_cast<uint32_t>(hi));
+  }
+  static V Add(V a, V b) {
+    return static_cast<int32_t>(static_cast<uint32_t>(a) + static_cast<uint32_t>(b));
+  }
+  static V Flag(V flag, V acc) {
+    return flag | (acc ^ static_cast<int32_t>(static_cast<uint32_t>(acc) << 1));
+  }
+  static bool AnySign(V v) { return v < 0; }
+};
+#endif
+
+constexpr int kVectorsPerRow = kTileCols / Simd::kWidth;
+static_assert(kTileCols % Simd::kWidth == 0, "a tile row must be whole vectors");
+// Pair words per block: the unit that is either exact as computed or redone.
+constexpr int64_t kBlockWords = 64;
+
+int64_t Int32TilePairs(const int32_t* a, const int32_t* panel, float* c, int rows, int cols,
+                       int64_t ldc, const Int32Accumulation& acc) {
+  using V = Simd::V;
+  V sum[kTileRows][kVectorsPerRow];
+  alignas(64) int32_t saved[kLanes];
+  alignas(64) int32_t lanes[kLanes];
+  alignas(64) float total[kLanes];
+  for (int l = 0; l < kLanes; ++l) total[l] = 0.0f;
+  const bool chunked = acc.chunk < acc.k;
+  int64_t overflows = 0;
+  int64_t word = 0;  // first packed word of the chunk
+  for (int64_t begin = 0; begin < acc.k; begin += acc.chunk) {
+    const int64_t words = (std::min(acc.k - begin, acc.chunk) + 1) / 2;
+    for (int r = 0; r < kTileRows; ++r) {
+      for (int v = 0; v < kVectorsPerRow; ++v) sum[r][v] = Simd::Zero();
+    }
+    for (int64_t block = word; block < word + words; block += kBlockWords) {
+      const int64_t block_end = std::min(word + words, block + kBlockWords);
+      V flag = Simd::Zero();
+      for (int r = 0; r < kTileRows; ++r) {
+        for (int v = 0; v < kVectorsPerRow; ++v) {
+          Simd::Store(saved + r * kTileCols + v * Simd::kWidth, sum[r][v]);
+          flag = Simd::Flag(flag, sum[r][v]);
+        }
+      }
+      for (int64_t w = block; w < block_end; ++w) {
+        const int32_t* bw = panel + w * kTileCols;
+        V b[kVectorsPerRow];
+        for (int v = 0; v < kVectorsPerRow; ++v) b[v] = Simd::Load(bw + v * Simd::kWidth);
+        for (int r = 0; r < kTileRows; ++r) {
+          const V ar = Simd::Set1(a[r * acc.packed_k + w]);
+          for (int v = 0; v < kVectorsPerRow; ++v) {
+            sum[r][v] = Simd::Add(sum[r][v], Simd::PairProducts(ar, b[v]));
+            flag = Simd::Flag(flag, sum[r][v]);
+          }
+        }
+      }
+      if (!Simd::AnySign(flag)) continue;
+      // Some sum left [-2^30, 2^30): redo the block term by term (valid lanes only).
+      for (int r = 0; r < rows; ++r) {
+        for (int j = 0; j < cols; ++j) {
+          int32_t s = saved[r * kTileCols + j];
+          for (int64_t w = block; w < block_end; ++w) {
+            const int32_t aw = a[r * acc.packed_k + w];
+            const int32_t bw = panel[w * kTileCols + j];
+            overflows += Int32Add(&s, static_cast<int64_t>(static_cast<int16_t>(aw)) *
+                                          static_cast<int16_t>(bw), acc.saturate);
+            overflows += Int32Add(&s, static_cast<int64_t>(static_cast<int16_t>(aw >> 16)) *
+                                          static_cast<int16_t>(bw >> 16), acc.saturate);
+          }
+          saved[r * kTileCols + j] = s;
+        }
+      }
+      for (int r = 0; r < kTileRows; ++r) {
+        for (int v = 0; v < kVectorsPerRow; ++v) {
+          sum[r][v] = Simd::Load(saved + r * kTileCols + v * Simd::kWidth);
+        }
+      }
+    }
+    word += words;
+    if (chunked) {
+      for (int r = 0; r < kTileRows; ++r) {
+        for (int v = 0; v < kVectorsPerRow; ++v) {
+          Simd::Store(lanes + r * kTileCols + v * Simd::kWidth, sum[r][v]);
+        }
+      }
+      for (int l = 0; l < kLanes; ++l) total[l] = AddChunk(total[l], lanes[l]);
+    }
+  }
+  if (!chunked) {
+    for (int r = 0; r < kTileRows; ++r) {
+      for (int v = 0; v < kVectorsPerRow; ++v) {
+        Simd::Store(lanes + r * kTileCols + v * Simd::kWidth, sum[r][v]);
+      }
+    }
+    for (int l = 0; l < kLanes; ++l) total[l] = static_cast<float>(lanes[l]);
+  }
+  for (int r = 0; r < rows; ++r) {
+    for (int j = 0; j < cols; ++j) c[r * ldc + j] = total[r * kTileCols + j];
+  }
+  return overflows;
+}
+
+int64_t Int32Tile(const int32_t* a, const int32_t* panel, float* c, int rows, int cols,
+                  int64_t ldc, const Int32Accumulation& acc) {
+  return acc.pairs ? Int32TilePairs(a, panel, c, rows, cols, ldc, acc)
+                   : Int32TileExact(a, panel, c, rows, cols, ldc, acc);
+}
+
+#define TFHFP8_FLOAT_TILES(P)                                                       \
+  {                                                                                 \
+    FloatTile<P, Mode::kNearestEven>, FloatTile<P, Mode::kStochastic>,              \
+        FloatTile<P, Mode::kTowardZero>, FloatTile<P, Mode::kNearestEvenFast>       \
+  }
+
+}  // namespace
+}  // inline namespace TFHFP8_VARIANT
+
+#define TFHFP8_STRINGIFY2(x) #x
+#define TFHFP8_STRINGIFY(x) TFHFP8_STRINGIFY2(x)
+#define TFHFP8_CONCAT2(a, b) a##b
+#define TFHFP8_CONCAT(a, b) TFHFP8_CONCAT2(a, b)
+
+extern const AccumulateLoops TFHFP8_CONCAT(kAccumulateLoops_, TFHFP8_VARIANT) = {
+    TFHFP8_STRINGIFY(TFHFP8_VARIANT),
+    {TFHFP8_FLOAT_TILES(false), TFHFP8_FLOAT_TILES(true)},
+    Int32Tile,
+};
+
+}  // namespace tfhfp8

@@ -1,0 +1,87 @@
+// The attributes of a FloatFormat and a rounding, read and validated once for every
+// kernel that takes them (as tfhfp8.FloatFormat validates them in Python). Compiled
+// for the baseline only: it includes TensorFlow headers.
+
+#ifndef TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_FORMAT_ATTRS_H_
+#define TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_FORMAT_ATTRS_H_
+
+#include <string>
+
+#include "quantize_types.h"
+#include "tensorflow/core/framework/op_kernel.h"
+
+namespace tfhfp8 {
+
+inline Rounding ParseRounding(const std::string& name) {
+  if (name == "stochastic") return Rounding::kStochastic;
+  if (name == "toward_zero") return Rounding::kTowardZero;
+  return Rounding::kNearestEven;
+}
+
+inline Specials ParseSpecials(const std::string& name) {
+  if (name == "fn") return Specials::kFn;
+  if (name == "fnuz") return Specials::kFnuz;
+  if (name == "finite") return Specials::kFinite;
+  return Specials::kIeee;
+}
+
+// A FloatFormat's attributes `<prefix>exponent_bits`, `<prefix>mantissa_bits`,
+// `<prefix>bias`, `<prefix>specials`, `<prefix>subnormals`.
+struct FloatFormatAttrs {
+  int exponent_bits;
+  int mantissa_bits;
+  int bias;
+  Specials specials;
+  bool subnormals;
+};
+
+// Reads and validates them; `max_mantissa_bits` bounds mantissa_bits (23: any format).
+inline absl::Status ReadFloatFormatAttrs(tensorflow::OpKernelConstruction* context,
+                                         const std::string& prefix, int max_mantissa_bits,
+                                         FloatFormatAttrs* format) {
+  using tensorflow::errors::InvalidArgument;
+  int exponent_bits, mantissa_bits, bias;
+  bool subnormals;
+  std::string specials;
+  TF_RETURN_IF_ERROR(context->GetAttr(prefix + "exponent_bits", &exponent_bits));
+  TF_RETURN_IF_ERROR(context->GetAttr(prefix + "mantissa_bits", &mantissa_bits));
+  TF_RETURN_IF_ERROR(context->GetAttr(prefix + "bias", &bias));
+  TF_RETURN_IF_ERROR(context->GetAttr(prefix + "specials", &specials));
+  TF_RETURN_IF_ERROR(context->GetAttr(prefix + "subnormals", &subnormals));
+  if (exponent_bits < 1 || exponent_bits > 8) {
+    return InvalidArgument(prefix, "exponent_bits must be in [1, 8], got ", exponent_bits);
+  }
+  if (mantissa_bits < 0 || mantissa_bits > max_mantissa_bits) {
+    return InvalidArgument(prefix, "mantissa_bits must be in [0, ", max_mantissa_bits,
+                           "], got ", mantissa_bits);
+  }
+  if (specials == "ieee" && exponent_bits < 2) {
+    return InvalidArgument(prefix, "exponent_bits must be in [2, 8] for specials='ieee', got ",
+                           exponent_bits);
+  }
+  // As tfhfp8.FloatFormat: normal numbers must be float32 normals.
+  const int64_t all_ones = (int64_t{1} << (exponent_bits + mantissa_bits)) - 1;
+  const int64_t max_code =
+      specials == "ieee" ? ((((int64_t{1} << exponent_bits) - 1) << mantissa_bits) - 1)
+      : specials == "fn" ? all_ones - 1
+                         : all_ones;
+  if (max_code < (int64_t{1} << mantissa_bits)) {
+    return InvalidArgument("a format with ", prefix, "exponent_bits=", exponent_bits, ", ",
+                           prefix, "mantissa_bits=", mantissa_bits, " and specials='",
+                           specials, "' has no normal numbers");
+  }
+  const int64_t low = (max_code >> mantissa_bits) - 127;
+  if (low > 127) {
+    return InvalidArgument(prefix, "exponent_bits=", exponent_bits, " with specials='",
+                           specials, "' spans more binades than float32 can hold");
+  }
+  if (bias < low || bias > 127) {
+    return InvalidArgument(prefix, "bias must be in [", low, ", 127], got ", bias);
+  }
+  *format = {exponent_bits, mantissa_bits, bias, ParseSpecials(specials), subnormals};
+  return absl::OkStatus();
+}
+
+}  // namespace tfhfp8
+
+#endif  // TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_FORMAT_ATTRS_H_
