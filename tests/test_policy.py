@@ -333,7 +333,8 @@ def test_inference_policy_drops_backward_roles():
 def test_unknown_name_without_role_keywords_raises_listing_the_presets(name):
     # A misspelt preset used to build a float32 policy that emulates nothing.
     with pytest.raises(ValueError, match=r"not a preset \(float32, bfloat16, fp8, hfp8, "
-                                         r"int16_dfp\)"):
+                                         r"int16_dfp, fp8_delayed, mxfp8, mxfp6, mxfp4, "
+                                         r"nvfp4\)"):
         tfhfp8.Policy(name)
     with pytest.raises(ValueError, match="not a preset"):
         tfhfp8.Policy(name, rounding="stochastic", exempt_first_last=True)

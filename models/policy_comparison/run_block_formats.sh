@@ -6,17 +6,22 @@
 #
 #   models/policy_comparison/run_block_formats.sh [OUTPUT_ROOT]   (default: results/)
 #
-# Sized for a shared 2-core CPU (about 40 minutes with the defaults below); the sizes
-# are environment variables, e.g. RESNET_LIMIT=60000 RESNET_EPOCHS=5 for the full set.
+# Sized for a shared 2-core CPU under heavy load (the defaults below: ResNet-20 on the
+# first 512 Fashion-MNIST training images for 1 epoch, the Transformer on 1,024 reviews
+# for 2 epochs, batch 32, 500 test examples each); the sizes are environment variables,
+# e.g. RESNET_LIMIT=60000 RESNET_EPOCHS=5 TEXT_LIMIT=10201 TEST_LIMIT=10000 for full
+# sets. STUDIES="transformer" or "resnet" runs one of the two.
 seeds="${SEEDS:-0 1 2}"
 set -euo pipefail
 root="${1:-results}"
 tfhfp8="${TFHFP8:-tfhfp8}"
 policies="${POLICIES:-float32,hfp8,mxfp8,mxfp6,mxfp4,nvfp4}"
-resnet_limit="${RESNET_LIMIT:-1000}"
+studies="${STUDIES:-transformer resnet}"
+resnet_limit="${RESNET_LIMIT:-512}"
 resnet_epochs="${RESNET_EPOCHS:-1}"
-text_limit="${TEXT_LIMIT:-2000}"
+text_limit="${TEXT_LIMIT:-1024}"
 text_epochs="${TEXT_EPOCHS:-2}"
+test_limit="${TEST_LIMIT:-500}"
 
 run() {  # run OUTPUT_DIR ARGS...
   local out="$1"; shift
@@ -24,11 +29,16 @@ run() {  # run OUTPUT_DIR ARGS...
 }
 
 for seed in $seeds; do
-  run "$root/transformer_rotten_tomatoes_mx/seed$seed" --model=transformer_classifier \
-    --dataset=rotten_tomatoes --limit="$text_limit" --test_limit=1000 \
-    --epochs="$text_epochs" --batch_size=32 --seed="$seed"
-  run "$root/resnet20_fashion_mnist_mx/seed$seed" --model=resnet20 --dataset=fashion_mnist \
-    --limit="$resnet_limit" --test_limit=1000 --epochs="$resnet_epochs" --batch_size=32 \
-    --seed="$seed"
+  for study in $studies; do
+    if [ "$study" = transformer ]; then
+      run "$root/transformer_rotten_tomatoes_mx/seed$seed" --model=transformer_classifier \
+        --dataset=rotten_tomatoes --limit="$text_limit" --test_limit="$test_limit" \
+        --epochs="$text_epochs" --batch_size=32 --seed="$seed"
+    else
+      run "$root/resnet20_fashion_mnist_mx/seed$seed" --model=resnet20 \
+        --dataset=fashion_mnist --limit="$resnet_limit" --test_limit="$test_limit" \
+        --epochs="$resnet_epochs" --batch_size=32 --seed="$seed"
+    fi
+  done
 done
 python -m models.policy_comparison --root="$root"
