@@ -16,7 +16,7 @@ STAMP := $(VENV)/.tfhfp8-installed-$(shell printf '%s' "$(CURDIR)" | cksum | cut
 $(STAMP): setup.cfg setup.py pyproject.toml $(PINS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]" $(if $(PINS),-r $(PINS))
+	$(PY) -m pip install -q -e ".[test,tfmot]" $(if $(PINS),-r $(PINS))
 	touch $@
 
 install: $(STAMP)

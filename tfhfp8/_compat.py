@@ -224,3 +224,13 @@ class LossScaleHooks:
 
     def after_non_finite_step(self):
         pass
+
+
+# -- tensorflow-model-optimization (tfhfp8.tfmot only; imported on call) ---------------------
+def tfmot_quantize_layer():
+    """tfmot's `QuantizeLayer` (a tf-keras layer applying a tfmot `Quantizer` to its
+    input), which tfhfp8.tfmot's layout transform puts before each GEMM layer for `Q_a`.
+    tfmot uses it in its own default scheme but does not export it."""
+    from tensorflow_model_optimization.python.core.quantization.keras import quantize_layer
+
+    return quantize_layer.QuantizeLayer

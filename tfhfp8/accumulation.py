@@ -121,9 +121,11 @@ class Accumulator:
     >>> acc = tfhfp8.Accumulator("float16", chunk_size=64)
     >>> a = tf.fill([1, 4096], 1.0)
     >>> b = tf.fill([4096, 1], 1.0)
-    >>> float(tfhfp8.matmul(a, b, "float16")[0, 0])  # 2048 + 1 rounds back to 2048
+    >>> float(tfhfp8.matmul(a, b, "float16", a_format="float8_e4m3",
+    ...                     b_format="float8_e4m3")[0, 0])  # 2048 + 1 rounds back to 2048
     2048.0
-    >>> float(tfhfp8.matmul(a, b, acc)[0, 0])  # 64 chunks of 64: exact
+    >>> float(tfhfp8.matmul(a, b, acc, a_format="float8_e4m3",
+    ...                     b_format="float8_e4m3")[0, 0])  # 64 chunks of 64: exact
     4096.0
     """
 

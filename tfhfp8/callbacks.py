@@ -77,12 +77,24 @@ def latest(model):
             for key in ("scale", "underflow", "saturation"):
                 if key in state:
                     values[f"{layer.name}/{gemm}/{key}"] = float(state[key].numpy())
+        for gemm, state in getattr(layer, "accumulation_state", {}).items():
+            for kind in ("forward", "input_gradient", "weight_gradient"):
+                additions = int(state[f"{kind}/additions"].numpy())
+                if additions:  # an emulated sum ran (FP32 sums record nothing)
+                    values[f"{layer.name}/{gemm}/{kind}/swamping"] = (
+                        int(state[f"{kind}/swamped"].numpy()) / additions)
+                    values[f"{layer.name}/{gemm}/{kind}/int32_overflows"] = float(
+                        state[f"{kind}/overflows"].numpy())
     return values
 
 
 class QuantizationStats(keras.callbacks.Callback):
     """Logs, per emulated GEMM and training step, the error scale in use and the
-    fractions of errors that underflowed to zero or saturated in `Q_e`.
+    fractions of errors that underflowed to zero or saturated in `Q_e`; with emulated
+    accumulation (`Policy(accumulation=...)`), per GEMM kind (`forward`,
+    `input_gradient`, `weight_gradient`) the fraction of additions whose non-zero
+    addend was lost entirely (`.../swamping`) and the number of INT32 overflows
+    (`.../int32_overflows`).
 
     Per-step values are kept in `self.steps` (`{key: [value per step]}`); each
     epoch's mean is added to the epoch logs (so to `History`); with `log_dir`, every

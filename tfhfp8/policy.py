@@ -6,6 +6,9 @@ For a GEMM-like layer with input `x`, kernel `W` and output gradient `dy`:
 - backward: `dx = op_input_grad(Q_e(dy), Q_w(W))`,
   `dW = Q_g(op_kernel_grad(Q_a(x), Q_e(dy)))`.
 
+The sums of the three GEMMs are FP32 unless `accumulation=` names how the hardware
+adds them (`tfhfp8.Accumulator`; recipes below).
+
 A `Policy` names the formats of `Q_w` (weights), `Q_a` (activations), `Q_e` (errors)
 and `Q_g` (weight gradients), their roundings, and optionally the format the stored
 (master) weights are rounded to after every optimizer step.
@@ -22,7 +25,7 @@ import functools
 
 import keras
 
-from tfhfp8 import _compat, formats, registry
+from tfhfp8 import _compat, accumulation as accumulation_lib, formats, registry
 from tfhfp8 import loss_scaling as loss_scaling_lib
 from tfhfp8.ops.tf_backend import ROUNDINGS
 
@@ -140,6 +143,25 @@ class Policy(keras.DTypePolicy):
       exempt_of: set on the policy of a layer that another policy exempts (the first
         and last GEMM layers under `fp8` and `hfp8`): that policy's name. Data, so that
         `quantize_model`, `summary` and saved files all read the same thing.
+      accumulation: how the GEMMs sum their products: one `tfhfp8.Accumulator` (or
+        name: `"float32"`, `"float16"`, `"bfloat16"`, `"float16_chunk64"`, `"int32"`)
+        for the forward GEMM and both gradient GEMMs, or a dict `{"forward",
+        "input_gradient", "weight_gradient"}` (missing kinds: FP32). None: FP32 sums,
+        as every preset. A float accumulator needs the GEMM's operands in formats
+        whose products are exact in float32 (FloatFormat with <= 11 mantissa bits,
+        DynamicFixedPoint with <= 13 bits); `"int32"` needs per-tensor
+        DynamicFixedPoint operands; else a ValueError names the role. Exempt layers
+        keep float accumulators and sum in FP32 instead of `"int32"` (their operands
+        are not fixed point). Layers with accumulation: Dense, Conv1D, Conv2D, Conv3D.
+
+    Recipes (`tfhfp8.Policy(preset, accumulation=...)`):
+
+    - Wang et al. 2018: `Policy("fp8", accumulation="float16_chunk64")` (FP8 operands,
+      FP16 sums in chunks of 64); `accumulation="float16"` shows why chunks are needed.
+    - Das et al. 2018: `Policy("int16_dfp", accumulation="int32")` (INT16 mantissas
+      into a 32-bit accumulator; `Accumulator("int32", chunk_size=n)` adds the partial
+      sums into FP32 every n products).
+    - HFP8 with FP16 sums: `Policy("hfp8", accumulation="float16")`.
 
     The policy is a `keras.DTypePolicy` with compute dtype float32, so
     `keras.config.set_dtype_policy(policy)` accepts it; `tfhfp8.layers` built without
@@ -149,7 +171,8 @@ class Policy(keras.DTypePolicy):
     def __init__(self, name="custom", *, weights=None, activations=None, errors=None,
                  weight_gradients=None, master_weights=None, rounding=None,
                  saturate=True, exempt_first_last=None, exempt_format=_PRESET,
-                 loss_scaling=None, exempt_of=None, quantize_attention=None):
+                 loss_scaling=None, exempt_of=None, accumulation=None,
+                 quantize_attention=None):
         if isinstance(name, Policy):
             name = name.name
         if not isinstance(name, str):
@@ -198,6 +221,12 @@ class Policy(keras.DTypePolicy):
         if exempt_of is not None and not isinstance(exempt_of, str):
             raise TypeError(f"exempt_of must be None or a policy name, got {exempt_of!r}")
         self.exempt_of = exempt_of
+        self.accumulation = _accumulation(accumulation, self.formats)
+
+    @property
+    def accumulates(self):
+        """True if any GEMM of this policy emulates its sums (not FP32)."""
+        return any(acc.emulates for acc in self.accumulation.values())
 
     @staticmethod
     def _parse_rounding(rounding):
@@ -231,10 +260,14 @@ class Policy(keras.DTypePolicy):
         """The policy of a layer this policy exempts (first/last GEMM layer)."""
         fmt = self.exempt_format
         errors = fmt if self.errors is not None else None  # inference policies: none
+        # INT32 sums need fixed-point operands: an exempt layer's sums are then FP32.
+        accumulation = {kind: acc for kind, acc in self.accumulation.items()
+                        if acc.kind == "float" and (errors is not None or kind == "forward")}
         return Policy._named(f"{self.name}/exempt", weights=fmt, activations=fmt,
                              errors=errors, rounding=self.rounding, saturate=self.saturate,
                              exempt_format=None, loss_scaling=self.loss_scaling,
                              exempt_of=self.name,
+                             accumulation=accumulation if fmt is not None else None,
                              quantize_attention=self.quantize_attention)
 
     def inference(self):
@@ -244,6 +277,7 @@ class Policy(keras.DTypePolicy):
                              saturate=self.saturate,
                              exempt_first_last=self.exempt_first_last,
                              exempt_format=self.exempt_format,
+                             accumulation={"forward": self.accumulation["forward"]},
                              quantize_attention=self.quantize_attention)
 
     @classmethod
@@ -264,6 +298,9 @@ class Policy(keras.DTypePolicy):
             "exempt_format": formats.serialize(self.exempt_format),
             "loss_scaling": loss_scaling_lib.serialize(self.loss_scaling),
             **({"exempt_of": self.exempt_of} if self.exempt_of is not None else {}),
+            # Only when emulated: configs of FP32-summing policies stay as they were.
+            **({"accumulation": _serialize_accumulation(self.accumulation)}
+               if self.accumulates else {}),
             **({} if self.quantize_attention else {"quantize_attention": False}),
         }
 
@@ -279,8 +316,10 @@ class Policy(keras.DTypePolicy):
             preset.pop("name")
             config = {**preset, **config}
         # Roles explicitly None in a config are FP32, not "take the preset's".
+        accumulation = config.pop("accumulation", None)
         policy = cls._named(name, **{k: v for k, v in config.items() if k not in ROLES})
         policy.formats = {role: _format_or_none(role, config.get(role)) for role in ROLES}
+        policy.accumulation = _accumulation(accumulation, policy.formats)  # checked on them
         return policy
 
     def __eq__(self, other):
@@ -294,7 +333,62 @@ class Policy(keras.DTypePolicy):
             f"{role}={fmt.name or fmt!r}" + (f"/{self.rounding[role]}"
                                              if self.rounding[role] != "nearest_even" else "")
             for role, fmt in self.formats.items() if fmt is not None)
-        return f"<tfhfp8.Policy {self.name!r}: {roles or 'float32'}>"
+        sums = f", accumulation={describe_accumulation(self)}" if self.accumulates else ""
+        return f"<tfhfp8.Policy {self.name!r}: {roles or 'float32'}{sums}>"
+
+
+GEMM_KINDS = ("forward", "input_gradient", "weight_gradient")
+# The roles of the two operands of each GEMM kind.
+_OPERANDS = {"forward": ("activations", "weights"),
+             "input_gradient": ("errors", "weights"),
+             "weight_gradient": ("activations", "errors")}
+
+
+def _accumulation(accumulation, role_formats):
+    """`{kind: Accumulator}` from None, one accumulator or a dict, checked against the
+    formats of each GEMM's operands."""
+    if accumulation is None:
+        accumulation = {}
+    if isinstance(accumulation, dict):
+        unknown = set(accumulation) - set(GEMM_KINDS)
+        if unknown:
+            raise ValueError(f"accumulation: unknown GEMM kinds {sorted(unknown)}; the "
+                             f"kinds are {GEMM_KINDS}")
+        given = accumulation
+    else:
+        given = {kind: accumulation for kind in GEMM_KINDS}
+    result = {}
+    for kind in GEMM_KINDS:
+        try:
+            acc = accumulation_lib.get(given.get(kind))
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"accumulation[{kind!r}]: {error}") from None
+        for role in _OPERANDS[kind] if acc.emulates else ():
+            fmt = role_formats[role]
+            try:
+                if acc.kind == "float":
+                    accumulation_lib.check_operand(role, fmt)
+                elif not (isinstance(fmt, formats.DynamicFixedPoint) and fmt.axis is None
+                          and fmt.block_size is None):
+                    raise ValueError(f"{role}: the 'int32' accumulator needs per-tensor "
+                                     f"DynamicFixedPoint operands, got {fmt!r}")
+            except ValueError as error:
+                raise ValueError(f"accumulation[{kind!r}] = {acc}: {error}") from None
+        result[kind] = acc
+    return result
+
+
+def _serialize_accumulation(accumulation):
+    values = list(accumulation.values())
+    if all(acc == values[0] for acc in values):
+        return accumulation_lib.serialize(values[0])
+    return {kind: accumulation_lib.serialize(acc) for kind, acc in accumulation.items()}
+
+
+def describe_accumulation(policy):
+    """One accumulator's name for all GEMMs, else `forward/input_gradient/weight_gradient`."""
+    values = [str(acc) for acc in policy.accumulation.values()]
+    return values[0] if len(set(values)) == 1 else "/".join(values)
 
 
 REGISTRY = registry.Registry(

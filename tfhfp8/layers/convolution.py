@@ -85,6 +85,18 @@ class _EmulatedConv(EmulatedLayer):
             y = tf.transpose(y, [0, self.rank + 1] + list(range(1, self.rank + 1)))
         return y
 
+    def _accumulating_op(self, name):
+        from tfhfp8 import gemm  # noqa: PLC0415
+        if self.groups != 1:
+            raise NotImplementedError(
+                f"{type(self).__name__}: emulated accumulation with groups={self.groups} "
+                "is not implemented (groups=1 only)")
+        # Conv1D pads causal inputs itself before the convolution.
+        padding = "valid" if self.padding == "causal" else self.padding
+        return functools.partial(gemm.layer_conv, strides=self.strides, padding=padding,
+                                 dilation_rate=self.dilation_rate,
+                                 data_format=self.data_format)
+
 
 @keras.saving.register_keras_serializable(package="tfhfp8")
 class Conv1D(_EmulatedConv, keras.layers.Conv1D):

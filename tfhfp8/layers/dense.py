@@ -19,6 +19,10 @@ class Dense(EmulatedLayer, keras.layers.Dense):
     (2, 4)
     """
 
+    def _accumulating_op(self, name):
+        from tfhfp8 import gemm  # noqa: PLC0415
+        return gemm.layer_matmul
+
     def call(self, inputs, training=None):
         x = self._gemm(ops.matmul, [inputs], [self.kernel], equation="...i,io->...o")
         return self._bias_and_activation(x)

@@ -108,6 +108,7 @@ class EmulatedLayer(_compat.AfterBuild):
                                                       policy_lib.Policy):
             kwargs["dtype"] = "float32"
         super().__init__(*args, **kwargs)
+        self._check_accumulation()
 
     # -- the quantizers -----------------------------------------------------------
     # Stochastic rounding draws its seeds from checkpointed state, not from TF's global
@@ -197,11 +198,17 @@ class EmulatedLayer(_compat.AfterBuild):
         axes (`_gemm_per_axis`)."""
         step = self._rounding_step()
         if equation is not None and self._blocks_per_gemm():
+            if self.policy.accumulates:
+                raise NotImplementedError(
+                    f"{type(self).__name__}: emulated accumulation (accumulation=...) "
+                    "with block-scaled formats is not implemented; use accumulation=None")
             return self._gemm_per_axis(op, equation, inputs, kernels, name, step)
         args = [self._forward(x, "activations", step, name, i) for i, x in enumerate(inputs)]
         weights = [self._forward(self._backward(k, "weight_gradients", step, name, i),
                                  "weights", step, name, i)
                    for i, k in enumerate(kernels)]
+        if self.policy.accumulates:
+            op = self._accumulating(name, step)
         return self._errors(op(*args, *weights), name, weights[0] if weights else None,
                             step)
 
@@ -270,6 +277,37 @@ class EmulatedLayer(_compat.AfterBuild):
             return tf.identity(op(a_f, b_f)), grad
 
         return product(a, b, a_f, b_f)
+
+    # -- emulated accumulation ---------------------------------------------------------
+    # Layers whose GEMMs can sum as `policy.accumulation` says define
+    # `_accumulating_op(name)`: a function (operands already rounded, the formats,
+    # accumulators, seed and statistics as keywords) -> the op's output.
+    _accumulating_op = None
+
+    def _check_accumulation(self):
+        if self.policy.accumulates and self._accumulating_op is None:
+            raise NotImplementedError(
+                f"{type(self).__name__}: the policy {self.policy.name!r} emulates "
+                "accumulation (accumulation=...), which is implemented for Dense, Conv1D, "
+                "Conv2D and Conv3D; use accumulation=None (FP32 sums) for this layer")
+
+    def _accumulating(self, name, step):
+        """The layer's op for GEMM `name` with the policy's accumulators."""
+        from tfhfp8 import gemm  # noqa: PLC0415 (gemm imports the quantizers, as we do)
+        accs = self.policy.accumulation
+        stochastic = any(acc.kind == "float" and acc.rounding == "stochastic"
+                         for acc in accs.values())
+        if not stochastic:
+            seed = tf.zeros([], tf.int64)
+        elif step is None:
+            seed = tf.random.uniform([], tf.int64.min, tf.int64.max, tf.int64)
+        else:
+            seed = _seed(step, self.name, "accumulation", name)
+        stats = gemm.Stats(getattr(self, "accumulation_state", {}).get(name))
+        return functools.partial(
+            self._accumulating_op(name), accumulators=accs,
+            formats=(self.policy.activations, self.policy.weights, self.policy.errors),
+            seed=seed, stats=stats)
 
     def _errors(self, y, name, weights, step=None):
         """Identity forward; `Q_e(s * dy) / s` backward, with optional statistics."""
@@ -371,10 +409,24 @@ class EmulatedLayer(_compat.AfterBuild):
         """Records, per GEMM and backward pass, the fraction of errors that underflowed
         to zero or saturated in `Q_e` (`error_state[gemm]["underflow"|"saturation"]`).
 
+        With emulated accumulation, also per GEMM and GEMM kind the numbers of
+        additions, of swamped additions (a non-zero addend lost entirely) and of INT32
+        overflows of the last pass (`accumulation_state[gemm]["<kind>/<count>"]`).
+
         Called by `tfhfp8.callbacks.QuantizationStats` (inside the model's distribution
         strategy scope); takes effect in functions traced afterwards. Without it, no
         statistic is computed or stored. The statistics are not model weights.
         """
+        if self.policy.accumulates and not hasattr(self, "accumulation_state"):
+            # Per GEMM and kind: swamped additions, all additions, INT32 overflows.
+            self.accumulation_state = {
+                name: {f"{kind}/{key}": tf.Variable(
+                    0, dtype=tf.int64, trainable=False,
+                    name=f"{self.name}_{name}_{kind}_{key}",
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+                    for kind in policy_lib.GEMM_KINDS
+                    for key in ("swamped", "additions", "overflows")}
+                for name in self.GEMMS}
         if self.policy.errors is None or self.collect_stats:
             return
         for name in self.GEMMS:

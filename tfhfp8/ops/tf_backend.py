@@ -110,6 +110,12 @@ def random_bits(shape, seed, c, size=None):
     `size`: the number of elements when known statically (a Python int), else None.
     """
     lo, hi = _flat_index(shape, size)
+    return index_bits(lo, hi, seed, c)
+
+
+def index_bits(lo, hi, seed, c):
+    """`c.width` random bits per element for the flat indices whose 32-bit words are
+    `lo` and `hi` (uint32 tensors; `hi` None means 0): the hash `random_bits` uses."""
     key0, key1 = _keys(seed)
     u32 = lambda v: tf.constant(v, tf.uint32)
     # hi == None means hi == 0, whose products vanish from the xor.
@@ -175,15 +181,18 @@ def _significand(a, c):
     return tf.maximum(exponent, 1), sig
 
 
-def quantize_float(x, fmt, rounding, saturate, seed):
-    """Rounds a float32/float64 tensor to the values of the FloatFormat `fmt`."""
+def quantize_float(x, fmt, rounding, saturate, seed, rand=None):
+    """Rounds a float32/float64 tensor to the values of the FloatFormat `fmt`.
+
+    `rand`: for stochastic rounding, the random bits of each element when the caller
+    indexes them otherwise than by the flat index of `x` (accumulation does).
+    """
     c = CONTAINERS[x.dtype]
     m = fmt.mantissa_bits
     sub_mantissa = m if fmt.subnormals else 0
     emin = 1 - fmt.bias + c.exponent_bias  # biased (container) min normal exponent
     rebias = (emin - 1) << c.mantissa
-    rand = None
-    if rounding == "stochastic":
+    if rounding == "stochastic" and rand is None:
         rand = random_bits(tf.shape(x), seed, c, x.shape.num_elements())
 
     sign, a = _split(x, c)

@@ -1,0 +1,1 @@
+"""Accumulation study (see __main__.py): FP32 vs FP16 (chunked) vs INT32 sums."""

@@ -1,0 +1,430 @@
+"""GEMMs with emulated accumulation: `tfhfp8.matmul` and the convolutions of the layers.
+
+Every product here is one GEMM `C[o] = sum_k A[m, k] B[k, n]` summed as a
+`tfhfp8.Accumulator` says, on the C++ kernels when they are loaded and the TF-ops
+implementation (`tfhfp8.ops.tf_accumulate`, compiled by XLA) otherwise; the
+gradients are GEMMs of their own with their own accumulators:
+`dA = dC @ B^T` (`"input_gradient"`), `dB = A^T @ dC` (`"weight_gradient"`).
+A convolution is the GEMM of its input patches (`K = kernel positions x in_channels`,
+in that order); its input gradient is itself a convolution of the output gradient
+(dilated by the strides) with the flipped kernel, whose reduction runs over
+`kernel positions x out_channels`, and its kernel gradient the GEMM of the patches
+with the output gradient (`K = batch x output positions`).
+"""
+
+import functools
+
+import numpy as np
+import tensorflow as tf
+
+from tfhfp8 import _compat, accumulation, formats, ops
+from tfhfp8.ops import cpp_backend, tf_accumulate, tf_backend
+from tfhfp8.quantization import _seed_tensor, quantize
+
+GEMM_KINDS = ("forward", "input_gradient", "weight_gradient")
+
+
+def accumulators(accumulator):
+    """`{"forward", "input_gradient", "weight_gradient"} -> Accumulator` from one
+    accumulator (used for all three) or a dict of some of them (the others FP32)."""
+    if isinstance(accumulator, dict):
+        unknown = set(accumulator) - set(GEMM_KINDS)
+        if unknown:
+            raise ValueError(f"accumulation: unknown GEMM kinds {sorted(unknown)}; the kinds "
+                             f"are {GEMM_KINDS}")
+        result = {}
+        for kind in GEMM_KINDS:
+            try:
+                result[kind] = accumulation.get(accumulator.get(kind))
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"accumulation[{kind!r}]: {error}") from None
+        return result
+    try:
+        acc = accumulation.get(accumulator)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"accumulation: {error}") from None
+    return {kind: acc for kind in GEMM_KINDS}
+
+
+def check_operands(accumulator, first, second, names):
+    """A ValueError naming the operand whose format `accumulator` cannot take."""
+    if accumulator.kind == "float":
+        for name, fmt in zip(names, (first, second)):
+            accumulation.check_operand(name, fmt)
+    elif accumulator.kind == "int32":
+        for name, fmt in zip(names, (first, second)):
+            if not (isinstance(fmt, formats.DynamicFixedPoint) and fmt.axis is None
+                    and fmt.block_size is None and fmt.bits <= 32):
+                raise ValueError(
+                    f"{name}: the 'int32' accumulator multiplies the integer mantissas of "
+                    f"dynamic fixed point operands with one exponent per tensor "
+                    f"(DynamicFixedPoint(bits, axis=None)); got {fmt!r}")
+
+
+# -- the kernels, on either backend --------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _compiled(function, *static):
+    return tf.function(lambda *args: function(*args[:2], *static, *args[2:]),
+                       jit_compile=True, autograph=False)
+
+
+def _use_cpp():
+    return ops.active_backend() is cpp_backend and hasattr(cpp_backend, "accumulating_matmul")
+
+
+def _float_kernel(a, b, accumulator, seed):
+    if _use_cpp():
+        return cpp_backend.accumulating_matmul(a, b, accumulator, seed)
+    if _compat.in_xla_context():
+        return tf_accumulate.accumulating_matmul(a, b, accumulator, seed)
+    return _compiled(tf_accumulate.accumulating_matmul, accumulator)(a, b, seed)
+
+
+def _int32_kernel(a, b, chunk_size, overflow):
+    if _use_cpp() and hasattr(cpp_backend, "int32_matmul"):
+        return cpp_backend.int32_matmul(a, b, chunk_size, overflow)
+    if _compat.in_xla_context():
+        return tf_accumulate.int32_matmul(a, b, chunk_size, overflow)
+    return _compiled(tf_accumulate.int32_matmul, chunk_size, overflow)(a, b)
+
+
+def _mantissas(x, fmt):
+    """(int32 mantissas, shared exponent) of `x`, already rounded to the per-tensor DFP
+    `fmt`: the exponent the quantizer picks for `x` itself, so every value is exact."""
+    exponent, _ = tf_backend.shared_exponents(x, fmt, "nearest_even")
+    exponent = tf.reshape(exponent, [])
+    scale = tf.pow(tf.constant(2.0, tf.float64), tf.cast(-exponent, tf.float64))
+    return tf.cast(tf.cast(x, tf.float64) * scale, tf.int32), exponent
+
+
+def _as_3d(a, b):
+    """`a`, `b` as `[B, M, K]`, `[B, K, N]` (batch dims broadcast) and the shape of the
+    product. With a 2-D `b`, the batch of `a` folds into M (same output order)."""
+    a_shape, b_shape = tf.shape(a), tf.shape(b)
+    if b.shape.rank == 2:
+        out_shape = tf.concat([a_shape[:-1], b_shape[-1:]], 0)
+        return tf.reshape(a, [1, -1, a_shape[-1]]), b[None], out_shape
+    batch = tf.broadcast_dynamic_shape(a_shape[:-2], b_shape[:-2])
+    a = tf.broadcast_to(a, tf.concat([batch, a_shape[-2:]], 0))
+    b = tf.broadcast_to(b, tf.concat([batch, b_shape[-2:]], 0))
+    out_shape = tf.concat([batch, a_shape[-2:-1], b_shape[-1:]], 0)
+    return (tf.reshape(a, tf.concat([[-1], a_shape[-2:]], 0)),
+            tf.reshape(b, tf.concat([[-1], b_shape[-2:]], 0)), out_shape)
+
+
+def _product(a, b, accumulator, a_fmt, b_fmt, seed):
+    """(a @ b, swamped, overflows, additions) for operands already in their formats;
+    `additions`: the number of inner additions (outputs x K)."""
+    zero = tf.constant(0, tf.int64)
+    if accumulator.kind == "float32":
+        return tf.linalg.matmul(a, b), zero, zero, zero
+    # The kernels have no gradient of their own (custom gradients are around them):
+    # nothing of their loops is recorded.
+    a3, b3, out_shape = _as_3d(tf.stop_gradient(a), tf.stop_gradient(b))
+    additions = tf.cast(tf.size(a3), tf.int64) * tf.cast(tf.shape(b3)[-1], tf.int64)
+    if accumulator.kind == "float":
+        c, swamped = _float_kernel(a3, b3, accumulator, seed)
+        return tf.reshape(c, out_shape), swamped, zero, additions
+    ma, ea = _mantissas(a3, a_fmt)
+    mb, eb = _mantissas(b3, b_fmt)
+    c, overflows = _int32_kernel(ma, mb, accumulator.chunk_size or 0, accumulator.overflow)
+    scale = tf.pow(tf.constant(2.0, tf.float64), tf.cast(ea + eb, tf.float64))
+    c = tf.cast(tf.cast(c, tf.float64) * scale, tf.float32)
+    return tf.reshape(c, out_shape), zero, overflows, additions
+
+
+class Stats:
+    """Where a GEMM's statistics go: int64 counts per GEMM kind, added to variables
+    (`{"swamped", "additions", "overflows"}`) when given."""
+
+    def __init__(self, variables=None):
+        self.variables = variables
+
+    def record(self, kind, swamped, overflows, additions):
+        if not self.variables:
+            return
+        for key, value in (("swamped", swamped), ("overflows", overflows),
+                           ("additions", additions)):
+            variable = self.variables.get(f"{kind}/{key}")
+            if variable is not None:
+                variable.assign(tf.cast(value, variable.dtype))
+
+
+# -- matmul ------------------------------------------------------------------------------
+def matmul(a, b, accumulator="float32", transpose_a=False, transpose_b=False,
+           a_format=None, b_format=None, grad_format=None, seed=None, stats=None):
+    """`a @ b` (batched like `tf.linalg.matmul`) with its sums emulated.
+
+    Args:
+      a, b: float tensors `[..., M, K]` and `[..., K, N]` (after the transposes).
+      accumulator: a `tfhfp8.Accumulator` or its name, used by the forward GEMM and the
+        two gradient GEMMs; or a dict `{"forward", "input_gradient",
+        "weight_gradient"}` (missing kinds: `"float32"`).
+      transpose_a, transpose_b: as in `tf.linalg.matmul`.
+      a_format, b_format: formats the operands are rounded to first (nearest even,
+        saturating). A float accumulator needs formats whose products are exact in
+        float32 (`FloatFormat` with at most 11 mantissa bits, `DynamicFixedPoint` with
+        at most 13 bits); `"int32"` needs per-tensor `DynamicFixedPoint` formats.
+      grad_format: the format the gradient of the output is rounded to before the
+        gradient GEMMs. Without it they sum in FP32 (a dict asking for emulated
+        gradient sums without it is a ValueError).
+      seed: for stochastic accumulators, as in `tfhfp8.quantize` (None: fresh).
+      stats: internal (the layers' statistics).
+
+    Returns:
+      a float32 tensor. The gradient flows to `a` and `b` (straight through their
+      rounding).
+
+    Example:
+
+    >>> import tensorflow as tf, tfhfp8
+    >>> a = tf.fill([1, 4096], 1.0)
+    >>> b = tf.fill([4096, 1], 1.0)
+    >>> float(tfhfp8.matmul(a, b, "float16", a_format="float8_e4m3",
+    ...                     b_format="float8_e4m3")[0, 0])  # 2048 + 1 rounds to 2048
+    2048.0
+    >>> float(tfhfp8.matmul(a, b, "float16_chunk64", a_format="float8_e4m3",
+    ...                     b_format="float8_e4m3")[0, 0])
+    4096.0
+    """
+    accs = accumulators(accumulator)
+    a_format = None if a_format is None else formats.get(a_format)
+    b_format = None if b_format is None else formats.get(b_format)
+    grad_format = None if grad_format is None else formats.get(grad_format)
+    a_given, b_given = a_format, b_format  # None: an operand of unknown format
+    check_operands(accs["forward"], a_given, b_given, ("a_format", "b_format"))
+    accs = _without_unformatted_gradient(accs, accumulator, grad_format)
+    check_operands(accs["input_gradient"], grad_format, b_given,
+                   ("grad_format", "b_format"))
+    check_operands(accs["weight_gradient"], a_given, grad_format,
+                   ("a_format", "grad_format"))
+    a = tf.convert_to_tensor(a, tf.float32)
+    b = tf.convert_to_tensor(b, tf.float32)
+    if transpose_a:
+        a = tf.linalg.matrix_transpose(a)
+    if transpose_b:
+        b = tf.linalg.matrix_transpose(b)
+    if a_format is not None:
+        a = quantize(a, a_format, saturate=True)
+    if b_format is not None:
+        b = quantize(b, b_format, saturate=True)
+    seed = _seed_tensor(seed) if any(acc.kind == "float" and acc.rounding == "stochastic"
+                                     for acc in accs.values()) else tf.zeros([], tf.int64)
+    return _matmul(a, b, accs, a_given, b_given, grad_format, seed, stats or Stats())
+
+
+def _without_unformatted_gradient(accs, accumulator, grad_format):
+    """One accumulator without `grad_format`: the gradient GEMMs sum in FP32 (their
+    operand has no format); asked for by a dict, it is a ValueError."""
+    if grad_format is not None:
+        return accs
+    emulated = [kind for kind in GEMM_KINDS[1:] if accs[kind].emulates]
+    if emulated and isinstance(accumulator, dict):
+        raise ValueError(
+            f"grad_format: the GEMMs {emulated} emulate their sums, so the output "
+            "gradient must be rounded to a format (grad_format) before them")
+    float32 = accumulation.get("float32")
+    return {**accs, **{kind: float32 for kind in emulated}}
+
+
+def _matmul(a, b, accs, a_fmt, b_fmt, grad_fmt, seed, stats, round_grad=True):
+    @tf.custom_gradient
+    def product(a, b):
+        c, swamped, overflows, n_c = _product(a, b, accs["forward"], a_fmt, b_fmt, seed)
+        stats.record("forward", swamped, overflows, n_c)
+
+        def grad(dc):
+            if grad_fmt is not None and round_grad:
+                dc = quantize(dc, grad_fmt, saturate=True)
+            da, s1, o1, n_da = _product(dc, tf.linalg.matrix_transpose(b), accs["input_gradient"],
+                                  grad_fmt, b_fmt, seed + 1)
+            stats.record("input_gradient", s1, o1, n_da)
+            if b.shape.rank == 2 and a.shape.rank > 2:
+                # The batch of `a` folds into the reduction of the kernel gradient.
+                a2 = tf.reshape(a, [-1, tf.shape(a)[-1]])
+                dc2 = tf.reshape(dc, [-1, tf.shape(dc)[-1]])
+                db, s2, o2, n_db = _product(tf.transpose(a2), dc2, accs["weight_gradient"],
+                                      a_fmt, grad_fmt, seed + 2)
+            else:
+                db, s2, o2, n_db = _product(tf.linalg.matrix_transpose(a), dc,
+                                      accs["weight_gradient"], a_fmt, grad_fmt, seed + 2)
+                db = _reduce_to(db, tf.shape(b), b.shape.rank)
+            da = _reduce_to(da, tf.shape(a), a.shape.rank)
+            stats.record("weight_gradient", s2, o2, n_db)
+            return da, db
+
+        return c, grad
+
+    return product(a, b)
+
+
+def _reduce_to(g, shape, rank):
+    """Sums the dimensions that batch broadcasting added or widened back to an
+    operand's shape (a tensor `shape`, `rank` its length)."""
+    extra = g.shape.rank - rank
+    if extra > 0:
+        g = tf.reduce_sum(g, axis=list(range(extra)))
+    g_shape = tf.shape(g)
+    axes = tf.where((shape[:-2] == 1) & (g_shape[:-2] != 1))[:, 0]
+    return tf.reshape(tf.reduce_sum(g, axis=tf.cast(axes, tf.int32), keepdims=True), shape)
+
+
+# -- convolutions ------------------------------------------------------------------------
+def _pads(size, kernel, stride, dilation, padding):
+    """(output size, pad before, pad after) of one spatial dimension, as TF pads."""
+    span = (kernel - 1) * dilation + 1
+    if padding == "valid":
+        out = max((size - span) // stride + 1, 0)
+        return out, 0, 0
+    out = -(-size // stride)
+    total = max((out - 1) * stride + span - size, 0)
+    return out, total // 2, total - total // 2
+
+
+def _patches(x, kernel_size, strides, dilations, pads):
+    """`[N, O..., prod(kernel) * C]` patches of channels-last `x` (K ordered kernel
+    position, then channel), on explicitly padded input."""
+    rank = len(kernel_size)
+    x = tf.pad(x, [[0, 0]] + [list(p) for p in pads] + [[0, 0]])
+    spatial = x.shape[1:1 + rank]
+    outs = [(spatial[i] - (kernel_size[i] - 1) * dilations[i] - 1) // strides[i] + 1
+            for i in range(rank)]
+    slices = []
+    for offset in np.ndindex(*kernel_size):
+        begin = [0] + [offset[i] * dilations[i] for i in range(rank)] + [0]
+        end = [0] + [begin[1 + i] + (outs[i] - 1) * strides[i] + 1 for i in range(rank)] + [0]
+        slices.append(tf.strided_slice(x, begin, end, [1] + list(strides) + [1],
+                                       begin_mask=1 | 1 << (rank + 1),
+                                       end_mask=1 | 1 << (rank + 1)))
+    return tf.concat(slices, axis=-1) if len(slices) > 1 else slices[0], outs
+
+
+def _dilate(x, strides):
+    """`s - 1` zeros inserted between neighbours along each spatial axis of
+    channels-last `x` (static spatial sizes)."""
+    for i, s in enumerate(strides):
+        if s == 1:
+            continue
+        axis, n = 1 + i, x.shape[1 + i]
+        x = tf.expand_dims(x, axis + 1)
+        pad = [[0, 0]] * x.shape.rank
+        pad[axis + 1] = [0, s - 1]
+        shape = tf.shape(x)
+        x = tf.reshape(tf.pad(x, pad), tf.concat([shape[:axis], [n * s], shape[axis + 2:]], 0))
+        size = [-1] * x.shape.rank
+        size[axis] = (n - 1) * s + 1
+        x = tf.slice(x, [0] * x.shape.rank, size)
+    return x
+
+
+def conv(x, kernel, strides=1, padding="valid", dilation_rate=1, accumulator="float32",
+         x_format=None, kernel_format=None, grad_format=None, seed=None, stats=None):
+    """N-d convolution (1, 2 or 3 spatial dims, channels last) as a GEMM of patches,
+    each of its three GEMMs summed by its accumulator (see `matmul` for the arguments).
+    `kernel`: `[*kernel_size, in_channels, out_channels]`; `padding`: `"valid"` or
+    `"same"` (TF's pads)."""
+    accs = accumulators(accumulator)
+    x_given = None if x_format is None else formats.get(x_format)
+    k_given = None if kernel_format is None else formats.get(kernel_format)
+    grad_fmt = None if grad_format is None else formats.get(grad_format)
+    check_operands(accs["forward"], x_given, k_given, ("x_format", "kernel_format"))
+    accs = _without_unformatted_gradient(accs, accumulator, grad_fmt)
+    check_operands(accs["input_gradient"], grad_fmt, k_given, ("grad_format", "kernel_format"))
+    check_operands(accs["weight_gradient"], x_given, grad_fmt, ("x_format", "grad_format"))
+    rank = kernel.shape.rank - 2
+    strides, dilations = _tuple(strides, rank), _tuple(dilation_rate, rank)
+    padding = padding.lower()
+    x = tf.convert_to_tensor(x, tf.float32)
+    if x_given is not None:
+        x = quantize(x, x_given, saturate=True)
+    if k_given is not None:
+        kernel = quantize(kernel, k_given, saturate=True)
+    seed = _seed_tensor(seed) if any(acc.kind == "float" and acc.rounding == "stochastic"
+                                     for acc in accs.values()) else tf.zeros([], tf.int64)
+    return _conv(x, tf.convert_to_tensor(kernel, tf.float32), strides, dilations, padding,
+                 accs, x_given, k_given, grad_fmt, seed, stats or Stats())
+
+
+def _tuple(value, rank):
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * rank
+
+
+def _conv(x, kernel, strides, dilations, padding, accs, x_fmt, k_fmt, grad_fmt, seed, stats,
+          round_grad=True):
+    rank = len(strides)
+    kernel_size = tuple(kernel.shape[:rank])
+    c_in, c_out = kernel.shape[rank], kernel.shape[rank + 1]
+    spatial = x.shape[1:1 + rank]
+    geometry = [_pads(spatial[i], kernel_size[i], strides[i], dilations[i], padding)
+                for i in range(rank)]
+    pads = [(g[1], g[2]) for g in geometry]
+    k_total = int(np.prod(kernel_size)) * c_in
+
+    @tf.custom_gradient
+    def convolution(x, kernel):
+        patches, outs = _patches(x, kernel_size, strides, dilations, pads)
+        rows = tf.reshape(patches, [-1, k_total])
+        y, swamped, overflows, n_y = _product(rows, tf.reshape(kernel, [k_total, c_out]),
+                                         accs["forward"], x_fmt, k_fmt, seed)
+        stats.record("forward", swamped, overflows, n_y)
+        batch = tf.shape(x)[0]
+        y = tf.reshape(y, tf.concat([[batch], outs, [c_out]], 0))
+
+        def grad(dy):
+            if grad_fmt is not None and round_grad:
+                dy = quantize(dy, grad_fmt, saturate=True)
+            dy_rows = tf.reshape(dy, [-1, c_out])
+            # dW: the patches against the output gradient, K = batch x output positions.
+            dw, s2, o2, n_dw = _product(tf.transpose(rows), dy_rows, accs["weight_gradient"],
+                                  x_fmt, grad_fmt, seed + 2)
+            stats.record("weight_gradient", s2, o2, n_dw)
+            # dx: the output gradient, dilated by the strides and padded, convolved with
+            # the flipped kernel (reduction over kernel positions x out_channels).
+            dilated = _dilate(dy, strides)
+            full_pads = []
+            for i in range(rank):
+                reach = (kernel_size[i] - 1) * dilations[i]
+                padded = spatial[i] + pads[i][0] + pads[i][1]
+                right = padded - ((outs[i] - 1) * strides[i] + 1 + reach)
+                full_pads.append((reach, reach + right))
+            flipped = tf.reverse(kernel, list(range(rank)))
+            flipped = tf.transpose(flipped, list(range(rank)) + [rank + 1, rank])
+            dpatches, _ = _patches(dilated, kernel_size, (1,) * rank, dilations, full_pads)
+            k_back = int(np.prod(kernel_size)) * c_out
+            dx, s1, o1, n_dx = _product(tf.reshape(dpatches, [-1, k_back]),
+                                  tf.reshape(flipped, [k_back, c_in]),
+                                  accs["input_gradient"], grad_fmt, k_fmt, seed + 1)
+            stats.record("input_gradient", s1, o1, n_dx)
+            padded_shape = [spatial[i] + pads[i][0] + pads[i][1] for i in range(rank)]
+            dx = tf.reshape(dx, tf.concat([[batch], padded_shape, [c_in]], 0))
+            crop = tuple(slice(pads[i][0], pads[i][0] + spatial[i]) for i in range(rank))
+            dx = dx[(slice(None),) + crop]
+            return dx, tf.reshape(dw, kernel.shape)
+
+        return y, grad
+
+    return convolution(x, kernel)
+
+
+# -- the emulated layers' GEMMs -----------------------------------------------------------
+# Their operands are already rounded by the layer (`Q_a`, `Q_w`), the output gradient
+# by `Q_e` (possibly divided by a power-of-two loss scale: products stay exact), and
+# the policy checked the formats: the GEMMs run on them as they are.
+def layer_matmul(x, kernel, accumulators, formats, seed, stats):
+    a_fmt, w_fmt, e_fmt = formats
+    return _matmul(x, kernel, accumulators, a_fmt, w_fmt, e_fmt, seed, stats,
+                   round_grad=False)
+
+
+def layer_conv(x, kernel, strides, padding, dilation_rate, data_format, accumulators,
+               formats, seed, stats):
+    """A Keras convolution (`data_format` `"channels_last"` or `"channels_first"`)."""
+    a_fmt, w_fmt, e_fmt = formats
+    rank = kernel.shape.rank - 2
+    if data_format == "channels_first":
+        x = tf.transpose(x, [0] + list(range(2, rank + 2)) + [1])
+    y = _conv(x, kernel, _tuple(strides, rank), _tuple(dilation_rate, rank), padding.lower(),
+              accumulators, a_fmt, w_fmt, e_fmt, seed, stats, round_grad=False)
+    if data_format == "channels_first":
+        y = tf.transpose(y, [0, rank + 1] + list(range(1, rank + 1)))
+    return y
