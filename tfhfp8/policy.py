@@ -111,8 +111,8 @@ class Policy(keras.DTypePolicy):
     """A named set of per-role number formats, roundings and exemptions.
 
     Args:
-      name: a preset (`"float32"`, `"bfloat16"`, `"fp8"`, `"hfp8"`, `"int16_dfp"`)
-        whose choices the other arguments override, or any name for a policy built
+      name: a preset (`"float32"`, `"bfloat16"`, `"fp8"`, `"hfp8"`, `"int16_dfp"`,
+        `"fp8_delayed"`, `"mxfp8"`, `"mxfp6"`, `"mxfp4"`, `"nvfp4"`) whose choices the other arguments override, or any name for a policy built
         from keywords (default `"custom"`). Another name without any role keyword is a
         ValueError (a misspelt preset would otherwise emulate nothing).
       weights, activations, errors, weight_gradients: formats of `Q_w`, `Q_a`, `Q_e`,

@@ -7,8 +7,9 @@
 #   models/policy_comparison/run_block_formats.sh [OUTPUT_ROOT]   (default: results/)
 #
 # Sized for a shared 2-core CPU under heavy load (the defaults below: ResNet-20 on the
-# first 512 Fashion-MNIST training images for 1 epoch, the Transformer on 1,024 reviews
-# for 2 epochs, batch 32, 500 test examples each); the sizes are environment variables,
+# first 256 Fashion-MNIST training images, the Transformer on the first 256 reviews, one
+# epoch each, batch 32 (8 steps), 300 test examples each: a smoke-level comparison);
+# the sizes are environment variables,
 # e.g. RESNET_LIMIT=60000 RESNET_EPOCHS=5 TEXT_LIMIT=10201 TEST_LIMIT=10000 for full
 # sets. STUDIES="transformer" or "resnet" runs one of the two.
 seeds="${SEEDS:-0 1 2}"
@@ -17,11 +18,11 @@ root="${1:-results}"
 tfhfp8="${TFHFP8:-tfhfp8}"
 policies="${POLICIES:-float32,hfp8,mxfp8,mxfp6,mxfp4,nvfp4}"
 studies="${STUDIES:-transformer resnet}"
-resnet_limit="${RESNET_LIMIT:-512}"
+resnet_limit="${RESNET_LIMIT:-256}"
 resnet_epochs="${RESNET_EPOCHS:-1}"
-text_limit="${TEXT_LIMIT:-1024}"
-text_epochs="${TEXT_EPOCHS:-2}"
-test_limit="${TEST_LIMIT:-500}"
+text_limit="${TEXT_LIMIT:-256}"
+text_epochs="${TEXT_EPOCHS:-1}"
+test_limit="${TEST_LIMIT:-300}"
 
 run() {  # run OUTPUT_DIR ARGS...
   local out="$1"; shift
