@@ -343,7 +343,9 @@ def test_block_presets_follow_their_recipes():
 def test_block_presets_train_a_small_transformer_block():
     x = RNG.randint(0, 50, (8, 12))
     y = RNG.randint(0, 2, 8)
-    for name in ("mxfp8", "mxfp6", "mxfp4", "nvfp4"):
+    # mxfp8: every GEMM of the block quantized; nvfp4: exempt layers, FP32 attention
+    # products, stochastic errors (mxfp6 and mxfp4 differ from mxfp8 by formats only).
+    for name in ("mxfp8", "nvfp4"):
         keras.utils.set_random_seed(0)
         inputs = keras.Input((12,), dtype="int32")
         h = keras.layers.Embedding(50, 16)(inputs)
@@ -352,5 +354,5 @@ def test_block_presets_train_a_small_transformer_block():
         h = keras.layers.GlobalAveragePooling1D()(h)
         model = tfhfp8.quantize_model(keras.Model(inputs, keras.layers.Dense(2)(h)), name)
         model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        history = model.fit(x, y, epochs=2, verbose=0)
+        history = model.fit(x, y, epochs=1, verbose=0)
         assert np.all(np.isfinite(history.history["loss"])), name
