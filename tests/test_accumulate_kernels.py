@@ -413,3 +413,67 @@ def test_wrappers_reject_other_accumulators():
     with pytest.raises(ValueError, match="float accumulator"):
         cpp_backend.accumulating_matmul(tf.ones([1, 2, 2]), tf.ones([1, 2, 2]), "int32", 0)
     assert math.isfinite(float(ml_dtypes.finfo(ml_dtypes.bfloat16).max))
+
+
+# -- the two backends ----------------------------------------------------------------
+
+def test_cpp_and_tf_ops_backends_agree_bit_for_bit():
+    """The C++ kernels and the TF-ops implementation (tf_accumulate, under XLA as
+    tfhfp8.matmul runs it): same bits, same swamping and overflow counts, stochastic
+    included."""
+    from tfhfp8.ops import tf_accumulate
+
+    rng = np.random.default_rng(17)
+    a = _fp(rng.standard_normal((2, 5, 150)) * 8, "float8_e4m3fn")
+    b = _fp(rng.standard_normal((2, 150, 35)) * 8, "float8_e4m3fn")
+    a[0, 0, :4] = [np.inf, 1.0, -np.inf, np.nan]
+    a[1, 1, :] = 0.0
+    a[1, 2, 1::2] = -a[1, 2, ::2]  # cancellation
+    for acc in [Accumulator("float16"), Accumulator("float16", chunk_size=64),
+                Accumulator("bfloat16", rounding="stochastic", chunk_size=9,
+                            outer_format="float16"),
+                Accumulator(E5M2, rounding="toward_zero", saturate=True),
+                Accumulator("float16", rounding="stochastic", products=E5M2),
+                Accumulator("float8_e4m3fnuz", chunk_size=150)]:
+        fn = tf.function(lambda x, y, seed: tf_accumulate.accumulating_matmul(x, y, acc, seed),
+                         jit_compile=True, autograph=False)
+        for seed in (0, -3):
+            c, swamped = cpp_backend.accumulating_matmul(a, b, acc, seed)
+            c_tf, swamped_tf = fn(tf.constant(a), tf.constant(b), tf.constant(seed, tf.int64))
+            assert_same_bits(c.numpy(), c_tf.numpy(), c_tf.numpy(), f"{acc!r} seed {seed}")
+            assert int(swamped) == int(swamped_tf), acc
+    ia, ib = _int_operands(rng, 3, 400, 35, 32767)
+    for chunk, overflow in [(None, "wrap"), (64, "saturate")]:
+        c, n = cpp_backend.int32_matmul(ia[None], ib[None], chunk, overflow)
+        fn = tf.function(lambda x, y: tf_accumulate.int32_matmul(x, y, chunk, overflow),
+                         jit_compile=True, autograph=False)
+        c_tf, n_tf = fn(tf.constant(ia[None]), tf.constant(ib[None]))
+        assert_same_bits(c.numpy(), c_tf.numpy(), c_tf.numpy(), f"int32 {chunk} {overflow}")
+        assert int(n) == int(n_tf) and int(n) > 0
+
+
+def test_contract_edge_cases_on_both_backends():
+    """A finite bfloat16 sum beyond float32's range rounds from +-FLT_MAX (toward zero:
+    the format's max, stochastic: max or inf); chunk_size >= K is one chunk, with no
+    outer addition (-0 stays -0, the outer format is not applied)."""
+    from tfhfp8.ops import tf_accumulate
+
+    big = float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
+    a = np.array([[[big, big, 0.0], [-big, -big, 0.0], [0.0, 0.0, -2.0**-30],
+                   [1.0, 2.0**-8, 0.0]]], np.float32)
+    b = np.ones((1, 3, 2), np.float32)
+    cases = [(Accumulator("bfloat16", rounding="toward_zero"), None),
+             (Accumulator("bfloat16", rounding="stochastic"), None),
+             (Accumulator("bfloat16", rounding="nearest_even"), None),
+             (Accumulator("float16", chunk_size=3, outer_format=E5M2), 3)]
+    for acc, _ in cases:
+        c, _ = cpp_backend.accumulating_matmul(a, b, acc, 7)
+        want, _ = AR.float_matmul(a[0], b[0], acc, 7)
+        assert_same_bits(c.numpy()[0], want, want, f"reference {acc!r}")
+        c_tf, _ = tf.function(lambda x, y: tf_accumulate.accumulating_matmul(
+            x, y, acc, tf.constant(7, tf.int64)), jit_compile=True, autograph=False)(a, b)
+        assert_same_bits(c.numpy(), c_tf.numpy(), c_tf.numpy(), f"tf-ops {acc!r}")
+    c, _ = cpp_backend.accumulating_matmul(a, b, cases[0][0], 0)
+    assert c.numpy()[0, 0, 0] == big and c.numpy()[0, 1, 0] == -big  # toward zero: max
+    c, _ = cpp_backend.accumulating_matmul(a, b, cases[3][0], 0)
+    assert np.signbit(c.numpy()[0, 2, 0]) and c.numpy()[0, 3, 0] == 1.00390625

@@ -171,12 +171,10 @@ def _kernel(a, b, acc, seed=0):
 
 ACCUMULATORS = [
     tfhfp8.Accumulator("float16"),
-    tfhfp8.Accumulator("float16", chunk_size=7),
     tfhfp8.Accumulator("bfloat16", chunk_size=64),
     tfhfp8.Accumulator("float8_e5m2", outer_format="float16", chunk_size=5),
-    tfhfp8.Accumulator(tfhfp8.FloatFormat(6, 9), rounding="toward_zero"),
+    tfhfp8.Accumulator(tfhfp8.FloatFormat(6, 9), rounding="toward_zero", chunk_size=7),
     tfhfp8.Accumulator("float16", products="float8_e4m3", saturate=True, chunk_size=16),
-    tfhfp8.Accumulator(tfhfp8.FloatFormat(5, 3, specials="fn"), chunk_size=3),
 ]
 
 
@@ -220,8 +218,7 @@ def _adversarial(rng, k=40):
     return a, b
 
 
-@pytest.mark.parametrize("acc", [tfhfp8.Accumulator("float16"),
-                                 tfhfp8.Accumulator("float16", chunk_size=4),
+@pytest.mark.parametrize("acc", [tfhfp8.Accumulator("float16", chunk_size=4),
                                  tfhfp8.Accumulator("float16", saturate=True),
                                  tfhfp8.Accumulator("float16", rounding="toward_zero")],
                          ids=str)
@@ -411,6 +408,46 @@ def test_conv2d_forward_and_gradients_match_reference():
         y, keras.ops.conv(xq, wq, strides=2, padding="same").numpy(), rtol=0.01, atol=0.05)
 
 
+# Integer operands and a 22-bit accumulator: every sum is exact, so each layer's forward,
+# dx and dW must equal Keras' own float32 ones bit for bit whatever the order: this checks
+# the geometry (patches, pads, strides, dilations, flipped kernels, layouts).
+EXACT_SUMS = dict(weights="float8_e4m3", activations="float16", errors="float16",
+                  accumulation=tfhfp8.Accumulator(tfhfp8.FloatFormat(8, 21)))
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda p: tfhfp8.layers.Conv1D(3, 3, padding="causal", dilation_rate=2, policy=p),
+     (2, 9, 2)),
+    (lambda p: tfhfp8.layers.Conv2D(3, (3, 2), strides=(2, 1), padding="same",
+                                    data_format="channels_first", policy=p), (2, 2, 7, 6)),
+    (lambda p: tfhfp8.layers.Conv3D(2, 2, strides=2, policy=p), (1, 5, 4, 4, 2)),
+    (lambda p: tfhfp8.layers.DepthwiseConv2D(3, strides=2, depth_multiplier=2,
+                                             padding="same", policy=p), (2, 7, 6, 3)),
+    (lambda p: tfhfp8.layers.SeparableConv2D(4, 3, dilation_rate=2, depth_multiplier=2,
+                                             policy=p), (1, 7, 7, 2)),
+], ids=["conv1d", "conv2d", "conv3d", "depthwise", "separable"])
+def test_layer_geometry_with_exact_sums(make, shape):
+    rng = np.random.default_rng(31)
+    emulated, plain = make(tfhfp8.Policy(**EXACT_SUMS)), make("float32")
+    x = tf.constant(rng.integers(-4, 5, size=shape).astype("float32"))
+    emulated(x), plain(x)
+    for w_e, w_p in zip(emulated.trainable_weights, plain.trainable_weights):
+        value = rng.integers(-4, 5, size=w_e.shape).astype("float32")
+        w_e.assign(value)
+        w_p.assign(value)
+    results = []
+    for layer in (emulated, plain):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            g = tf.constant(np.random.default_rng(32).integers(-4, 5, size=y.shape), tf.float32)
+            loss = tf.reduce_sum(y * g)
+        grads = tape.gradient(loss, [x] + layer.trainable_weights)
+        results.append([y.numpy()] + [v.numpy() for v in grads])
+    for got, expected in zip(*results):
+        np.testing.assert_array_equal(got, expected)
+
+
 # -- the policy ---------------------------------------------------------------------------
 def test_policy_accumulation_is_checked_saved_and_shown(tmp_path):
     policy = tfhfp8.Policy("fp8", accumulation="float16_chunk64")
@@ -427,8 +464,8 @@ def test_policy_accumulation_is_checked_saved_and_shown(tmp_path):
         tfhfp8.Policy(weights="float8_e5m2", accumulation="float16")
     with pytest.raises(ValueError, match="backward"):
         tfhfp8.Policy("fp8", accumulation={"backward": "float16"})
-    with pytest.raises(NotImplementedError, match="DepthwiseConv2D"):
-        tfhfp8.layers.DepthwiseConv2D(3, policy=policy)
+    with pytest.raises(NotImplementedError, match="Conv2DTranspose"):
+        tfhfp8.layers.Conv2DTranspose(3, 3, policy=policy)
 
     rng = np.random.default_rng(0)
     model = keras.Sequential([keras.Input((6, 6, 1)),
@@ -456,3 +493,51 @@ def test_quantization_stats_record_swamping_and_overflows():
     model.fit(x, rng.normal(size=(4, 2)), epochs=1, verbose=0, callbacks=[stats])
     key = f"{model.layers[0].name}/gemm/forward/int32_overflows"
     assert stats.steps[key][-1] > 0
+
+
+# -- both backends ----------------------------------------------------------------------------
+@pytest.mark.parametrize("acc", [
+    tfhfp8.Accumulator("float16", rounding="stochastic", chunk_size=5, outer_format="bfloat16"),
+    tfhfp8.Accumulator("bfloat16", rounding="stochastic", products="float8_e5m2",
+                       saturate=True),
+    tfhfp8.Accumulator(tfhfp8.FloatFormat(5, 3, specials="fn"), rounding="toward_zero",
+                       chunk_size=3),
+], ids=str)
+def test_tf_ops_and_cpp_kernels_agree(acc):
+    from tfhfp8.ops import cpp_backend
+    rng = np.random.default_rng(21)
+    a, b = _adversarial(rng)
+    a[1, 0, :2] = 3e38  # a finite sum beyond float32's range (RO32: +-FLT_MAX)
+    b[1, :2, 0] = 1.0
+    seed = tf.constant(2**63 - 1, tf.int64)  # seed + 1 and seed + 2 wrap around
+    tf_c, tf_swamped = tf.function(
+        lambda a, b: tf_accumulate.accumulating_matmul(a, b, acc, seed), jit_compile=True)(a, b)
+    cpp_c, cpp_swamped = cpp_backend.accumulating_matmul(a, b, acc, seed)
+    _assert_bits(tf_c.numpy(), cpp_c.numpy())
+    assert int(tf_swamped) == int(cpp_swamped)
+
+
+def test_int32_backends_agree():
+    from tfhfp8.ops import cpp_backend
+    rng = np.random.default_rng(22)
+    a = rng.integers(-2**15 + 1, 2**15, size=(2, 3, 70), dtype=np.int32)
+    b = rng.integers(-2**15 + 1, 2**15, size=(2, 70, 4), dtype=np.int32)
+    for chunk, overflow in ((None, "wrap"), (8, "saturate")):
+        tf_c, tf_n = tf.function(lambda a, b: tf_accumulate.int32_matmul(a, b, chunk, overflow),
+                                 jit_compile=True)(a, b)
+        cpp_c, cpp_n = cpp_backend.int32_matmul(a, b, chunk, overflow)
+        _assert_bits(tf_c.numpy(), cpp_c.numpy())
+        assert int(tf_n) == int(cpp_n) > 0 or chunk
+
+
+def test_matmul_uses_the_active_backend(monkeypatch):
+    rng = np.random.default_rng(23)
+    a, b = _operands(rng, 4, 50, 3, "float8_e4m3")
+    results = {}
+    for backend in ("tf", "cpp"):
+        monkeypatch.setenv("TFHFP8_BACKEND", backend)
+        results[backend] = tfhfp8.matmul(a, b, tfhfp8.Accumulator("float16", chunk_size=8),
+                          a_format="float8_e4m3", b_format="float8_e4m3").numpy()
+    _assert_bits(results["tf"], results["cpp"])
+    _assert_bits(results["tf"], reference_matmul(a, b, tfhfp8.Accumulator("float16",
+                                                                           chunk_size=8)))

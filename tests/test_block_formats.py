@@ -29,6 +29,30 @@ GF_ROUNDING = {"nearest_even": gfloat.RoundMode.TiesToEven,
 F32_MAX = float(np.finfo(np.float32).max)
 
 
+def _bits(a):
+    a = np.asarray(a)
+    return a.view(np.uint64 if a.dtype == np.float64 else np.uint32)
+
+
+def _quantize_all(backend, monkeypatch, x, fmt, **kwargs):
+    """`tfhfp8.quantize(x, fmt, **kwargs)` on `backend`: on cpp once per CPU variant this
+    CPU supports (each runs the block kernel's loops compiled for it), on tf eagerly and
+    XLA-compiled. All must give the same bits; returns them as a NumPy array."""
+    if backend == "tf":
+        compiled = tf.function(lambda t: tfhfp8.quantize(t, fmt, **kwargs), jit_compile=True)
+        results = [tfhfp8.quantize(x, fmt, **kwargs).numpy(),
+                   compiled(tf.constant(x)).numpy()]
+    else:
+        results = []
+        for variant in tfhfp8.ops.backend_info()["cpu_variants_supported"]:
+            monkeypatch.setenv("TFHFP8_CPU_VARIANT", variant)
+            results.append(tfhfp8.quantize(x, fmt, **kwargs).numpy())
+        monkeypatch.delenv("TFHFP8_CPU_VARIANT")
+    for other in results[1:]:
+        np.testing.assert_array_equal(_bits(other), _bits(results[0]))
+    return results[0]
+
+
 # -- the format objects -------------------------------------------------------------
 def test_named_formats_match_the_ocp_and_nvfp4_definitions():
     for name, info in MX.items():
@@ -86,7 +110,7 @@ def test_bad_arguments_name_the_parameter(kwargs, parameter):
         tfhfp8.BlockScaled(**kwargs)
 
 
-def test_axis_out_of_range_for_the_tensor_is_a_clear_error():
+def test_axis_out_of_range_for_the_tensor_is_a_clear_error(backend):
     with pytest.raises(ValueError, match="axis 2 .* rank 2"):
         tfhfp8.quantize(tf.ones([2, 3]), tfhfp8.BlockScaled("float8_e4m3fn", 4, axis=2))
 
@@ -149,31 +173,27 @@ def _adversarial_rows(rng):
 
 @pytest.mark.parametrize("name", list(MX))
 @pytest.mark.parametrize("rounding", list(GF_ROUNDING))
-def test_mx_matches_gfloat_bit_for_bit(backend, name, rounding):
+def test_mx_matches_gfloat_bit_for_bit(backend, monkeypatch, name, rounding):
     rng = np.random.default_rng(sum(map(ord, name + rounding)))
     x = _adversarial_rows(rng)
     reference = _gfloat_blocks(MX[name], x, 32, rounding)
     if name == "mxint8":
         reference = _mxint8_symmetric(reference, x, 32)
-    y = tfhfp8.quantize(x, name, rounding=rounding).numpy()
+    y = _quantize_all(backend, monkeypatch, x, name, rounding=rounding)
     np.testing.assert_array_equal(y.view(np.uint32), reference.astype(np.float32).view(np.uint32))
-    compiled = tf.function(lambda t: tfhfp8.quantize(t, name, rounding=rounding),
-                           jit_compile=True)
-    np.testing.assert_array_equal(compiled(tf.constant(x)).numpy().view(np.uint32),
-                                  y.view(np.uint32))
 
 
-def test_mxint8_differs_from_gfloat_only_at_minus_two():
+def test_mxint8_differs_from_gfloat_only_at_minus_two(backend, monkeypatch):
     """The documented discrepancy, shown: gfloat rounds -1.999 * 2^k to -2 * 2^k."""
     x = np.array([[-1.999, 1.5] + [0.25] * 30], np.float32)
-    ours = tfhfp8.quantize(x, "mxint8").numpy()
+    ours = _quantize_all(backend, monkeypatch, x, "mxint8")
     theirs = _gfloat_blocks(gf.format_info_mxint8, x, 32, "nearest_even")
     assert theirs[0, 0] == -2.0 and ours[0, 0] == -127 / 64
     np.testing.assert_array_equal(ours[0, 1:], theirs[0, 1:])
 
 
 @pytest.mark.parametrize("name", ["mxfp8_e4m3", "mxfp4_e2m1", "mxint8"])
-def test_partial_blocks_and_other_axes_match_gfloat(backend, name):
+def test_partial_blocks_and_other_axes_match_gfloat(backend, monkeypatch, name):
     rng = np.random.default_rng(7)
     x = (rng.standard_normal((70, 3)) * np.exp2(rng.integers(-10, 10, (70, 3)))).astype(
         np.float32)
@@ -186,12 +206,12 @@ def test_partial_blocks_and_other_axes_match_gfloat(backend, name):
             moved = np.moveaxis(x, axis, -1)
             reference = np.moveaxis(_mxint8_symmetric(np.moveaxis(reference, axis, -1),
                                                       moved, size), -1, axis)
-        y = tfhfp8.quantize(x, fmt).numpy()
+        y = _quantize_all(backend, monkeypatch, x, fmt)
         np.testing.assert_array_equal(y.view(np.uint32),
                                       reference.astype(np.float32).view(np.uint32))
     # A 3-D tensor blocked along its middle axis, 5 elements: one partial block of 5.
     x3 = rng.standard_normal((2, 5, 4)).astype(np.float32)
-    y3 = tfhfp8.quantize(x3, tfhfp8.BlockScaled(base.element, 32, axis=1)).numpy()
+    y3 = _quantize_all(backend, monkeypatch, x3, tfhfp8.BlockScaled(base.element, 32, axis=1))
     ref3 = _gfloat_blocks(MX[name], x3, 32, "nearest_even", axis=1)
     if name == "mxint8":
         moved = np.moveaxis(x3, 1, -1)
@@ -199,13 +219,13 @@ def test_partial_blocks_and_other_axes_match_gfloat(backend, name):
     np.testing.assert_array_equal(y3, ref3.astype(np.float32))
 
 
-def test_nan_and_inf_in_a_block(backend):
+def test_nan_and_inf_in_a_block(backend, monkeypatch):
     x = np.ones((3, 64), np.float32)
     x[0, 3] = np.nan
     x[1, 40] = np.inf
     x[2, 0] = -np.inf
     # A NaN poisons its block (as gfloat and microxcaling); the other block is exact.
-    y = tfhfp8.quantize(x, "mxfp8_e4m3").numpy()
+    y = _quantize_all(backend, monkeypatch, x, "mxfp8_e4m3")
     reference = _gfloat_blocks(gf.format_info_mxfp8_e4m3, x[:1], 32, "nearest_even")
     np.testing.assert_array_equal(y[:1], reference.astype(np.float32))
     assert np.isnan(y[0, :32]).all() and (y[0, 32:] == 1).all()
@@ -214,7 +234,7 @@ def test_nan_and_inf_in_a_block(backend):
     assert np.isnan(y[1, 32:]).all() and (y[1, :32] == 1).all()
     assert np.isnan(y[2, :32]).all() and (y[2, 32:] == 1).all()
     # Saturating, an infinity is the largest float32: same as quantizing that value.
-    ys = tfhfp8.quantize(x[1:], "mxfp8_e4m3", saturate=True).numpy()
+    ys = _quantize_all(backend, monkeypatch, x[1:], "mxfp8_e4m3", saturate=True)
     finite = np.nan_to_num(x[1:], posinf=F32_MAX, neginf=-F32_MAX)
     np.testing.assert_array_equal(
         ys, _gfloat_blocks(gf.format_info_mxfp8_e4m3, finite, 32, "nearest_even").astype(
@@ -222,24 +242,24 @@ def test_nan_and_inf_in_a_block(backend):
     assert ys[0, 40] == 448 * 2.0**119
 
 
-def test_float64_scales_beyond_e8m0():
+def test_float64_scales_beyond_e8m0(backend, monkeypatch):
     """float64 blocks past 2^127 * 2^emax: NaN (E8M0 has no inf), or, saturating, the
     scale clamps at 2^127 and the elements saturate, which is what gfloat does."""
     x = np.array([[2.0**200, 1.0, -2.0**140, 3.0**90] + [0.0] * 28], np.float64)
-    assert np.isnan(tfhfp8.quantize(x, "mxfp8_e4m3").numpy()).all()
-    y = tfhfp8.quantize(x, "mxfp8_e4m3", saturate=True).numpy()
+    assert np.isnan(_quantize_all(backend, monkeypatch, x, "mxfp8_e4m3")).all()
+    y = _quantize_all(backend, monkeypatch, x, "mxfp8_e4m3", saturate=True)
     np.testing.assert_array_equal(
         y, _gfloat_blocks(gf.format_info_mxfp8_e4m3, x, 32, "nearest_even"))
     assert y.dtype == np.float64
 
 
-def test_ceil_scale_never_saturates():
+def test_ceil_scale_never_saturates(backend, monkeypatch):
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((16, 32)) * np.exp2(rng.integers(-30, 30, (16, 1)))).astype(
         np.float32)
     x[0, 0] = 480.0  # floor scale 2^0 saturates it to 448; ceil picks 2^1
     fmt = tfhfp8.BlockScaled("float8_e4m3fn", scale_rounding="ceil")
-    y = tfhfp8.quantize(x, fmt).numpy()
+    y = _quantize_all(backend, monkeypatch, x, fmt)
     amax = np.abs(x).max(axis=1, keepdims=True).astype(np.float64)
     k = np.ceil(np.log2(amax / 448.0))
     info = gf.format_info_ocp_e4m3
@@ -250,8 +270,16 @@ def test_ceil_scale_never_saturates():
     assert y[0, 0] == 480.0
 
 
-def test_scalars_and_low_precision_dtypes():
+def test_scalars_empty_tensors_and_low_precision_dtypes(backend):
     assert float(tfhfp8.quantize(tf.constant(1000.0), "mxfp4_e2m1")) == 768.0
+    # A scalar is one block of one element: NVFP4's S = fl32(1000 / 2688) makes it inexact.
+    y = tfhfp8.quantize(tf.constant(-1000.0, tf.float64), "nvfp4")
+    rank1 = tfhfp8.quantize(np.array([-1000.0]), "nvfp4")
+    assert y.shape == [] and float(y) == float(rank1[0]) != -1000
+    for shape, axis in (([0], -1), ([3, 0, 2], 1), ([3, 0, 2], 0)):
+        fmt = tfhfp8.BlockScaled("float8_e4m3fn", 4, axis=axis)
+        assert tfhfp8.quantize(tf.zeros(shape), fmt).shape == shape
+        assert tfhfp8.quantize(tf.zeros(shape), "nvfp4").shape == shape
     for dtype in (tf.float16, tf.bfloat16):
         x = tf.constant([[1.0, 0.1, -3.0, 7.0]], dtype)
         y = tfhfp8.quantize(x, "mxfp4_e2m1")
@@ -261,12 +289,12 @@ def test_scalars_and_low_precision_dtypes():
             tfhfp8.quantize(tf.cast(x, tf.float32), "mxfp4_e2m1").numpy())
 
 
-def test_stochastic_rounding_picks_a_neighbour_reproducibly(backend):
+def test_stochastic_rounding_picks_a_neighbour_reproducibly(backend, monkeypatch):
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((4, 96)) * 10).astype(np.float32)
     fmt = formats.get("mxfp4_e2m1")
     down = tfhfp8.quantize(x, fmt, rounding="toward_zero").numpy()
-    y = tfhfp8.quantize(x, fmt, rounding="stochastic", seed=11).numpy()
+    y = _quantize_all(backend, monkeypatch, x, fmt, rounding="stochastic", seed=11)
     np.testing.assert_array_equal(y, tfhfp8.quantize(x, fmt, rounding="stochastic",
                                                      seed=11).numpy())
     # Each result is the value toward zero or the next one away from zero.
@@ -276,9 +304,6 @@ def test_stochastic_rounding_picks_a_neighbour_reproducibly(backend):
     up = np.sign(x) * grid[np.minimum(np.searchsorted(grid, np.abs(down) / scale) + 1, 7)] * scale
     assert np.all((y == down) | (y == up))
     assert 0 < np.mean(y != down) < 1
-    compiled = tf.function(lambda t: tfhfp8.quantize(t, fmt, rounding="stochastic", seed=11),
-                           jit_compile=True)
-    np.testing.assert_array_equal(compiled(tf.constant(x)).numpy(), y)
 
 
 def test_gradient_is_straight_through():
@@ -366,27 +391,23 @@ def _nvfp4_cases(rng):
                        scale_rounding="floor"),
 ], ids=["nvfp4", "e4m3_scale_no_tensor_scale", "e2m3_floor"])
 @pytest.mark.parametrize("rounding", ["nearest_even", "toward_zero"])
-def test_float_scales_match_the_fractions_reference(backend, fmt, rounding):
+def test_float_scales_match_the_fractions_reference(backend, monkeypatch, fmt, rounding):
     fmt = formats.get(fmt)
     rng = np.random.default_rng(11)
-    compiled = tf.function(lambda t: tfhfp8.quantize(t, fmt, rounding=rounding),
-                           jit_compile=True)
     for x in _nvfp4_cases(rng):
         expected = _nvfp4_reference(x, fmt, rounding)
-        y = tfhfp8.quantize(x, fmt, rounding=rounding).numpy()
+        y = _quantize_all(backend, monkeypatch, x, fmt, rounding=rounding)
         np.testing.assert_array_equal(y.view(np.uint32), expected.view(np.uint32))
-        np.testing.assert_array_equal(compiled(tf.constant(x)).numpy().view(np.uint32),
-                                      expected.view(np.uint32))
 
 
-def test_nvfp4_tie_rounds_to_even():
+def test_nvfp4_tie_rounds_to_even(backend):
     fmt = tfhfp8.BlockScaled("float4_e2m1fn", 16, scale="float8_e4m3fn")
     y = tfhfp8.quantize(np.array([[7.5, 3.125, 0.3125] + [0.0] * 13], np.float32), fmt)
     # scale 7.5 / 6 = 1.25 (exact in E4M3); 2.5 -> 2, 0.25 -> 0 (ties to even).
     np.testing.assert_array_equal(y.numpy()[0, :3], [7.5, 2.5, 0.0])
 
 
-def test_nvfp4_nan_and_inf():
+def test_nvfp4_nan_and_inf(backend):
     x = np.ones((1, 48), np.float32)
     x[0, 1], x[0, 20] = np.nan, np.inf
     y = tfhfp8.quantize(x, "nvfp4").numpy()
@@ -460,7 +481,7 @@ def test_readme_block_formats_example_runs(capsys):
 
 
 @pytest.mark.parametrize("name", ["mxfp8_e4m3", "nvfp4"])
-def test_large_tensors_compiled_outside_xla_give_the_same_bits(name):
+def test_large_tensors_compiled_outside_xla_give_the_same_bits(backend, name):
     """Above 2^16 elements quantize runs the block code compiled by XLA; rows are
     independent (blocks along the last axis, NVFP4's tensor scale aside), so row chunks
     below that size (run op by op) must agree."""
@@ -474,6 +495,101 @@ def test_large_tensors_compiled_outside_xla_give_the_same_bits(name):
         chunk[0, 0] = 1e9
         small = tfhfp8.quantize(chunk, name).numpy()
         np.testing.assert_array_equal(big[start + 1:start + 100], small[1:])
+
+
+# -- the two backends agree bit for bit ------------------------------------------------
+def _hard_blocks(rng, dtype):
+    """19 rows of 70: every row's last block is partial (70 = 2 * 32 + 6 = 4 * 16 + 6),
+    and so is the last block of every column along axis 0 for blocks of 8."""
+    rows = list(_adversarial_rows(rng)[:, :64].astype(dtype))  # 14 rows
+    nan_inf = np.ones(64, dtype)
+    nan_inf[[3, 40]] = np.nan, np.inf
+    rows.append(nan_inf)
+    rows.append(np.where(np.arange(64) % 5 == 0, -np.inf, 0.5).astype(dtype))
+    top = rng.standard_normal(64) * F32_MAX / 4
+    top[0] = F32_MAX  # ceil scales here reach past float32's max
+    rows.append(top)
+    if dtype == np.float64:  # beyond E8M0 and float32; float64 subnormals
+        rows.append(rng.standard_normal(64) * 2.0**300)
+        rows.append(rng.integers(-2**40, 2**40, 64) * 2.0**-1074)
+    else:
+        rows.append(rng.standard_normal(64) * 2.0**-140)
+        rows.append(rng.standard_normal(64) * 2.0**-126)
+    x = np.array(rows, dtype)
+    with np.errstate(over="ignore"):  # the row at the float32 limit overflows to inf
+        return np.concatenate([x, x[:, :6] * dtype(3)], axis=1)
+
+
+@pytest.mark.parametrize("fmt", [
+    "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8", "nvfp4",
+    tfhfp8.BlockScaled("float8_e4m3fn", 8, axis=0, scale_rounding="ceil"),
+    tfhfp8.BlockScaled("float4_e2m1fn", 8, axis=0, scale="float8_e4m3fn", tensor_scale=True,
+                       scale_rounding="floor"),
+    tfhfp8.BlockScaled("float6_e2m3fn", 5, scale="bfloat16"),
+], ids=lambda f: f if isinstance(f, str) else f"{f.element.name}_{f.block_size}_{f.axis}")
+def test_backends_agree_bit_for_bit_on_hard_blocks(fmt, monkeypatch):
+    """The fused C++ kernel (each CPU variant) against the TF-ops code: all zeros, one
+    huge value, subnormal blocks, NaN / inf, scales at the E8M0 and float32 limits,
+    partial blocks; every rounding (stochastic with the same bits), saturating or not,
+    float32 and float64."""
+    rng = np.random.default_rng(13)
+    fmt = formats.get(fmt)
+    for dtype in (np.float32, np.float64):
+        x = _hard_blocks(rng, dtype)
+        for rounding in ("nearest_even", "stochastic", "toward_zero"):
+            for saturate in (False, True):
+                kwargs = dict(rounding=rounding, saturate=saturate, seed=21)
+                monkeypatch.setenv("TFHFP8_BACKEND", "tf")
+                expected = tfhfp8.quantize(x, fmt, **kwargs).numpy()
+                monkeypatch.setenv("TFHFP8_BACKEND", "cpp")
+                got = _quantize_all("cpp", monkeypatch, x, fmt, **kwargs)
+                np.testing.assert_array_equal(_bits(got), _bits(expected),
+                                              f"{dtype.__name__} {rounding} {saturate}")
+
+
+@pytest.mark.parametrize("fmt", [
+    "mxfp8_e4m3", "nvfp4", tfhfp8.BlockScaled("float8_e5m2", 32, axis=0)],
+    ids=["mxfp8_e4m3", "nvfp4", "e5m2_axis0"])
+def test_backends_agree_on_large_tensors_with_stochastic_rounding(fmt, monkeypatch):
+    """Above 2^16 elements: the TF-ops code compiled by XLA, the C++ kernel split over
+    threads (blocks along axis 0: column tiles of 128 and a partial one)."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((260, 300)) * np.exp2(rng.integers(-20, 20, (260, 1)))).astype(
+        np.float32)
+    results = []
+    for backend in ("tf", "cpp"):
+        monkeypatch.setenv("TFHFP8_BACKEND", backend)
+        results.append(tfhfp8.quantize(x, fmt, rounding="stochastic", seed=-5).numpy())
+    np.testing.assert_array_equal(_bits(results[1]), _bits(results[0]))
+    down = tfhfp8.quantize(x, fmt, rounding="toward_zero").numpy()
+    assert 0.01 < np.mean(results[0] != down)
+
+
+@pytest.mark.parametrize("attrs, message", [
+    (dict(block_size=0), "block_size must be in"),
+    (dict(block_size=1 << 17), "block_size must be in"),
+    (dict(axis=2), "axis 2 .* rank 2"),
+    (dict(axis=-3), "axis -3 .* rank 2"),
+    (dict(element_exponent_bits=9), "element_exponent_bits must be in"),
+    (dict(element_bias=300), "element_bias must be in"),
+    (dict(scale_rounding="nearest_even"), "scale_rounding must be 'floor' or 'ceil'"),
+    (dict(tensor_scale=True), "tensor_scale=true needs scale='float'"),
+    (dict(scale="float", scale_rounding="ceil"), "scale_rounding must be 'nearest_even'"),
+    (dict(scale="float", scale_rounding="floor", scale_mantissa_bits=30),
+     "scale_mantissa_bits must be in"),
+])
+def test_the_kernel_rejects_bad_attributes_with_a_clear_error(attrs, message):
+    """Called directly (tfhfp8 itself never passes these): an error, never a crash."""
+    from tfhfp8.ops import cpp_backend
+    base = dict(axis=-1, block_size=32, element_exponent_bits=4, element_mantissa_bits=3,
+                element_bias=7, element_specials="fn", element_subnormals=True, scale="e8m0",
+                scale_rounding="floor", rounding="nearest_even", saturate=False)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=message):
+        cpp_backend.load().hfp8_quantize_block(tf.ones([2, 3]), tf.constant(0, tf.int64),
+                                               **{**base, **attrs})
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="seed"):
+        cpp_backend.load().hfp8_quantize_block(tf.ones([2, 3]), tf.constant([0, 1], tf.int64),
+                                               **base)
 
 
 # -- block floating point (DynamicFixedPoint with block_size) ------------------------

@@ -23,14 +23,14 @@ def test_help_explains_every_flag():
     for flag in ("model", "dataset", "policies", "epochs", "batch_size", "loss_scaling",
                  "seed", "output_dir", "policy", "data", "calibration_steps", "output"):
         assert f"--{flag}" in result.stdout
-    for command in ("train", "demo", "formats", "ptq"):
+    for command in ("train", "demo", "formats", "ptq", "finetune"):
         assert f"tfhfp8 {command}" in result.stdout
 
 
 def test_unknown_command_is_a_usage_error():
     result = _run("fly")
     assert result.returncode != 0
-    assert "Usage: tfhfp8 {train|demo|formats|ptq}" in result.stderr
+    assert "Usage: tfhfp8 {train|demo|formats|ptq|finetune}" in result.stderr
 
 
 def test_formats_table_matches_the_formats_module():
@@ -64,6 +64,16 @@ def test_train_writes_results_and_curves(tmp_path):
         assert len(entry["history"]["val_accuracy"]) == 1
     image = matplotlib.image.imread(output / "curves.png")
     assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_train_with_replicas_and_gradient_communication(tmp_path):
+    result = _run("train", "--model=mlp", "--dataset=digits", "--policies=hfp8",
+                  "--epochs=1", "--batch_size=64", "--replicas=4",
+                  "--gradient_communication=float8_e5m2", f"--output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((tmp_path / "results.json").read_text())["config"]
+    assert config["replicas"] == 4 and config["gradient_communication"] == "float8_e5m2"
+    assert "CPU:3" in result.stderr  # MirroredStrategy over four logical CPUs
 
 
 def test_same_initial_weights_give_identical_float32_runs():
@@ -134,6 +144,8 @@ def test_ptq_prints_the_three_accuracies_and_saves_a_model_that_reloads(tmp_path
     ("--policies=", "--policies must be a comma-separated list of presets"),
     ("--dataset=mnist_6k", "--dataset"),
     ("--loss_scaling=sometimes", "--loss_scaling"),
+    ("--replicas=0", "--replicas must be a positive integer"),
+    ("--gradient_communication=float9", "--gradient_communication must be one of"),
 ])
 def test_bad_train_flags_are_rejected_before_training(flag, message, tmp_path):
     result = _run("train", "--model=small_cnn", "--dataset=digits", "--policies=float32",

@@ -38,11 +38,10 @@ def _cosine(a, b):
     return float(np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-300))
 
 
-def _adaptive_scale_numpy(g, w, fmt, underflow_rate=1e-3, max_scale=2.0**24):
+def _adaptive_scale_numpy(g, w, fmt, n, underflow_rate=1e-3, max_scale=2.0**24):
     """Adaptive loss scaling (Zhao et al. 2019), independently: the power-of-two scale of
-    one layer."""
+    one layer whose backward product sums `n` terms (SPEC section 3)."""
     g, w = g.astype(np.float64), w.astype(np.float64)
-    n = w.shape[0]
     sigma = math.sqrt((g.var() + g.mean() ** 2) * (w.var() + w.mean() ** 2)) * math.sqrt(0.5 * n)
     erfinv = _erfinv(underflow_rate)
     a_low = max(1.0, fmt.min_subnormal / (math.sqrt(2) * erfinv * sigma))
@@ -88,7 +87,7 @@ def test_adaptive_scaling_keeps_tiny_errors(tiny_gradients):
         assert float(state["underflow"].numpy()) <= 1e-2
     # The last layer sees the upstream gradient itself: its scale is the formula's.
     last = emulated.layers[-1]
-    expected = _adaptive_scale_numpy(upstream, last.kernel.numpy(), E5M2)
+    expected = _adaptive_scale_numpy(upstream, last.kernel.numpy(), E5M2, n=last.units)
     assert float(last.error_state["gemm"]["scale"].numpy()) == expected
 
 
@@ -104,9 +103,52 @@ def test_adaptive_scale_never_overflows(magnitude):
     scale = float(model.layers[0].error_state["gemm"]["scale"].numpy())
     assert np.all(np.isfinite(grad))
     assert scale * np.abs(upstream).max() <= E5M2.max
-    assert scale == _adaptive_scale_numpy(upstream, model.layers[0].kernel.numpy(), E5M2)
+    assert scale == _adaptive_scale_numpy(upstream, model.layers[0].kernel.numpy(), E5M2, n=32)
     if magnitude > 1e4:
         assert scale == 1.0
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv2d"])
+def test_adaptive_scale_uses_the_backward_fan_in(kind):
+    # Zhao et al.'s reference code (kumasento/gradient-scaling, AdaLossChainer.get_fan_in)
+    # bounds the scale with the fan-in of the input-gradient product: the units of a
+    # Dense layer, filters * kh * kw of a convolution (not the forward in * kh * kw).
+    rng = np.random.default_rng(3)
+    policy = tfhfp8.Policy(errors="float8_e5m2", loss_scaling="adaptive")
+    keras.utils.set_random_seed(0)
+    if kind == "dense":
+        layer = tfhfp8.layers.Dense(128, policy=policy)
+        x = rng.normal(size=(32, 8)).astype("float32")
+        upstream = (rng.normal(size=(32, 128)) * 1e-7).astype("float32")
+        backward, forward = 128, 8
+    else:
+        layer = tfhfp8.layers.Conv2D(64, (3, 2), policy=policy)
+        x = rng.normal(size=(4, 9, 9, 2)).astype("float32")
+        upstream = (rng.normal(size=(4, 7, 8, 64)) * 1e-7).astype("float32")
+        backward, forward = 64 * 3 * 2, 2 * 3 * 2
+    with tf.GradientTape() as tape:
+        tape.watch(x_tensor := tf.constant(x))
+        y = layer(x_tensor)
+    tape.gradient(y, layer.kernel, output_gradients=upstream)
+    kernel = layer.kernel.numpy()
+    expected = _adaptive_scale_numpy(upstream, kernel, E5M2, n=backward)
+    assert expected != _adaptive_scale_numpy(upstream, kernel, E5M2, n=forward)  # telling
+    assert float(layer.error_state["gemm"]["scale"].numpy()) == expected
+    assert layer.backward_fan_in(layer.kernel) == backward
+
+
+def test_backward_fan_in_of_other_kernels():
+    policy = tfhfp8.Policy(errors="float8_e5m2")
+    transposed = tfhfp8.layers.Conv2DTranspose(6, (3, 2), policy=policy)
+    transposed.build((None, 5, 5, 4))  # kernel (3, 2, 6, 4): dx sums 6 * 3 * 2 terms
+    assert transposed.backward_fan_in(transposed.kernel) == 36
+    einsum = tfhfp8.layers.EinsumDense("abc,cde->abde", output_shape=(None, 3, 5),
+                                       policy=policy)
+    einsum.build((None, 7, 4))  # kernel (c, d, e) = (4, 3, 5): dx sums d * e terms
+    assert einsum.backward_fan_in(einsum.kernel) == 15
+    depthwise = tfhfp8.layers.DepthwiseConv2D(3, depth_multiplier=2, policy=policy)
+    depthwise.build((None, 5, 5, 4))  # kernel (3, 3, 4, 2)
+    assert depthwise.backward_fan_in(depthwise.kernel) == 18
 
 
 def test_every_keeps_the_scale_between_refreshes(tiny_gradients):
@@ -124,7 +166,7 @@ def test_every_keeps_the_scale_between_refreshes(tiny_gradients):
 
 
 def test_absmax_scale_and_history():
-    layer_scale = lambda rule, g: float(rule.compute(tf.constant(g), None, E5M2, state))
+    layer_scale = lambda rule, g: float(rule.compute(tf.constant(g), None, E5M2, state, 1))
     state = {}
     g = np.array([1e-3, -4e-3], "float32")
     expected = 2.0 ** math.floor(math.log2(E5M2.max / 4e-3))

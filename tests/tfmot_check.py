@@ -6,9 +6,11 @@ same weights and inputs. Prints one JSON object of facts; the test asserts on th
 import contextlib
 import io
 import json
+import os
 import pathlib
 import re
 import sys
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -120,7 +122,16 @@ def readme():
     before = [v.numpy() for v in scope["model"].trainable_variables]
     after = {v.name: v.numpy() for v in scope["qat"].trainable_variables}
     kernels = [after[name] for name in after if name.endswith("kernel:0")]
+    # Saved as HDF5 and reloaded (tfmot's models, its default scheme's too, do not reload
+    # from tf-keras' .keras format), the model predicts the same bits.
+    path = os.path.join(tempfile.mkdtemp(), "qat.h5")
+    scope["qat"].save(path)
+    with tfhfp8.tfmot.quantize_scope():
+        reloaded = tk.models.load_model(path)
+    x_test = scope["x_test"]
     return {"loss": loss, "accuracy": accuracy,
+            "reloaded_h5_equal": bits_equal(reloaded.predict(x_test, verbose=0),
+                                            scope["qat"].predict(x_test, verbose=0)),
             "same_variables": [b.shape for b in before] == [a.shape for a in after.values()],
             "changed": {k: bool(np.any(b != a)) for b, (k, a) in zip(before, after.items())},
             "finite": all(bool(np.all(np.isfinite(v))) for v in after.values()),
@@ -138,6 +149,10 @@ def errors():
         tfhfp8.tfmot.Scheme(tfhfp8.Policy("hfp8", loss_scaling="adaptive"))
     except ValueError as error:
         out["loss_scaling"] = str(error)
+    try:
+        tfhfp8.tfmot.QuantizeConfig(tfhfp8.Policy("hfp8", accumulation="float16"))
+    except ValueError as error:
+        out["accumulation"] = str(error)
     try:
         tfhfp8.tfmot.QuantizeConfig("hfp8").get_weights_and_quantizers(
             tk.layers.LSTM(3, name="lstm"))

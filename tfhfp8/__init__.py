@@ -5,10 +5,12 @@
 array([ 1.       ,  0.1015625, 30.       ], dtype=float32)
 """
 
-from tfhfp8 import accumulation, callbacks, datasets, formats, layers, loss_scaling, models, ops
+from tfhfp8 import (accumulation, callbacks, datasets, distribute, formats, layers,
+                    loss_scaling, models, ops, optimizers)
 from tfhfp8.calibration import evaluate_ptq, fold_batchnorm, ptq, recalibrate_batchnorm
 from tfhfp8.conversion import quantize_model, summary
 from tfhfp8.accumulation import Accumulator
+from tfhfp8.fine_tuning import finetune
 from tfhfp8.block_formats import BlockScaled
 from tfhfp8.formats import DynamicFixedPoint, FloatFormat
 from tfhfp8.gemm import matmul

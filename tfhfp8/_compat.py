@@ -226,6 +226,79 @@ class LossScaleHooks:
         pass
 
 
+# -- the gradient all-reduce of Keras' TensorFlow optimizers -----------------------------
+def replace_gradient_all_reduce(optimizer, all_reduce):
+    """Makes `optimizer` sum its gradients across replicas with `all_reduce` (a function
+    of the list of `(gradient, variable)` pairs, called in each replica's context,
+    returning the pairs with the summed gradients) instead of TensorFlow's all-reduce.
+
+    Keras' TensorFlow optimizer all-reduces in `_all_reduce_sum_gradients`, called by
+    `apply` under `tf.distribute` just before the per-variable update; no public
+    argument or hook replaces it (a custom `train_step` could reduce first, but the
+    optimizer would then reduce again). Set on the instance, so the optimizer's class
+    and its saved config stay Keras' own.
+    """
+    if not hasattr(optimizer, "_all_reduce_sum_gradients"):
+        raise TypeError(f"{type(optimizer).__name__} has no TensorFlow gradient "
+                        "all-reduce to replace (the Keras backend must be 'tensorflow')")
+    object.__setattr__(optimizer, "_all_reduce_sum_gradients", all_reduce)
+
+
+def build_from_first_replica(model):
+    """Lets `model.fit` start under `tf.distribute.MultiWorkerMirroredStrategy`.
+
+    Keras 3's TensorFlow trainer builds the model from the first batch in
+    `_maybe_symbolic_build`, which passes the whole (x, y) structure of per-replica
+    values to `strategy.reduce`; across workers that takes a single value only and
+    fails ("Attempt to convert a value (PerReplica ...) to a Tensor",
+    keras-team/keras#20585). This builds from the first local replica's batch instead
+    (the shapes are the same; no collective is run). No public API builds a model
+    before `fit` in its place. Set on the instance; a no-op where Keras has no such
+    method.
+    """
+    original = getattr(model, "_maybe_symbolic_build", None)
+    if original is None:
+        return
+
+    def build(iterator=None, data_batch=None):
+        if iterator is not None and data_batch is None:
+            for _, _, it in iterator:
+                batch = next(it)
+                strategy = model.distribute_strategy
+                data_batch = tf.nest.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0]
+                    if isinstance(v, tf.distribute.DistributedValues) else v, batch)
+                break
+        return original(data_batch=data_batch)
+
+    object.__setattr__(model, "_maybe_symbolic_build", build)
+
+
+def logs_with_replica_axis(model):
+    """Lets `model.fit` / `evaluate` report their logs under
+    `tf.distribute.MultiWorkerMirroredStrategy`.
+
+    Keras 3's TensorFlow trainer averages each step's per-replica logs across workers
+    with `strategy.reduce("MEAN", value, axis=0)`, which fails on scalar logs ("Invalid
+    reduction dimension 0 for input with 0 dimensions", keras-team/keras#20585; the
+    reduction is hard-coded, `distribute_reduction_method` is not read there). The
+    model's `train_step` and `test_step` here return each scalar log with a length-1
+    axis, so that the reduction averages the replicas' values into a scalar. The
+    public alternative, a `train_step` override, needs a model subclass. Set on the
+    instance.
+    """
+    def with_axis(step):
+        def wrapped(data):
+            logs = step(data)
+            return tf.nest.map_structure(
+                lambda v: tf.reshape(v, [1]) if tf.is_tensor(v) and v.shape.rank == 0 else v,
+                logs)
+        return wrapped
+
+    for name in ("train_step", "test_step"):
+        object.__setattr__(model, name, with_axis(getattr(model, name)))
+
+
 # -- tensorflow-model-optimization (tfhfp8.tfmot only; imported on call) ---------------------
 def tfmot_quantize_layer():
     """tfmot's `QuantizeLayer` (a tf-keras layer applying a tfmot `Quantizer` to its

@@ -14,6 +14,12 @@ Commands:
       Post-training quantization with BatchNorm re-calibration; prints accuracy (or,
       without labels, agreement with the FP32 model) before quantization, after it,
       and after re-calibration.
+  tfhfp8 finetune --model=MODEL --dataset=DATA --policy=hfp8 --epochs=1 --output_dir=out
+      From the same pretrained weights: FP32 fine-tuning, PTQ (+ BatchNorm
+      re-calibration) and fine-tuning in the policy; MODEL is a .keras/.h5 file, a
+      keras.applications name or a KerasHub preset (name or directory); DATA a data set
+      name, a folder of images (one subfolder per class) or a CSV of texts (text,label).
+      Writes OUTPUT_DIR/results.json, finetune.png and finetuned_<policy>.keras.
 """
 
 import os
@@ -22,15 +28,19 @@ import zipfile
 
 from absl import app, flags
 
-from tfhfp8 import block_formats, datasets, experiment, formats, models, policy, program
+from tfhfp8 import (block_formats, datasets, distribute, experiment, formats, models, policy,
+                    program)
 
-_COMMANDS = ("train", "demo", "formats", "ptq")
+_COMMANDS = ("train", "demo", "formats", "ptq", "finetune")
 
 _MODEL = flags.DEFINE_string(
     "model", None, "train: a reference model (" + ", ".join(models.names()) + "); "
-    "ptq: the path of a saved FP32 .keras/.h5 model.")
-_DATASET = flags.DEFINE_enum(
-    "dataset", "fashion_mnist", datasets.names(), "train: the data set to train and test on.")
+    "ptq: the path of a saved FP32 .keras/.h5 model; finetune: a .keras/.h5 file, a "
+    "keras.applications name or a KerasHub preset (a name or a local preset directory).")
+_DATASET = flags.DEFINE_string(
+    "dataset", "fashion_mnist", "train: the data set to train and test on (" +
+    ", ".join(datasets.names()) + "); finetune: one of those, a folder of images (one "
+    "subfolder per class) or a .csv file of texts (columns text, label).")
 _POLICIES = flags.DEFINE_list(
     "policies", "float32,bfloat16,fp8,hfp8,int16_dfp",
     "train: comma-separated policy presets to compare (" + ", ".join(policy.presets()) +
@@ -48,8 +58,26 @@ _LIMIT = flags.DEFINE_integer("limit", None, "train: use only the first N traini
 _TEST_LIMIT = flags.DEFINE_integer("test_limit", None,
                                    "train: use only the first N test examples.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "train: Adam learning rate.")
+_REPLICAS = flags.DEFINE_integer(
+    "replicas", 1, "train: data-parallel replicas (tf.distribute.MirroredStrategy over "
+    "that many logical CPU devices); --batch_size is the global batch.")
+_COMMUNICATION = flags.DEFINE_string(
+    "gradient_communication", None,
+    "train: all-reduce the gradients in this format, emulated exactly "
+    "(tfhfp8.distribute: a ring, every partial sum rounded): " +
+    ", ".join(distribute.names()) + " or any float format name; unset: Keras' FP32 "
+    "all-reduce.")
 _POLICY = flags.DEFINE_string("policy", "hfp8", "ptq: the policy preset to quantize to (" +
-                              ", ".join(policy.presets()) + ").")
+                              ", ".join(policy.presets()) + "); finetune: one or a "
+                              "comma-separated list.")
+_SEQUENCE_LENGTH = flags.DEFINE_integer("sequence_length", 64,
+                                        "finetune: tokens per text (KerasHub models).")
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", None, "finetune: resize the images and the model's input to this size "
+    "(default: the model's input size).")
+_IMAGE_SCALE = flags.DEFINE_float(
+    "image_scale", 255.0, "finetune: images are fed as pixels in [0, IMAGE_SCALE] (255: "
+    "raw pixels, as keras.applications models take).")
 _DATA = flags.DEFINE_string(
     "data", None, "ptq: a data set name (" + ", ".join(datasets.names()) + "; calibrates "
     "on its training split, evaluates on its test split) or a .npz file with `x` (and "
@@ -71,18 +99,40 @@ def _at_least_one(name, allow_none=False):
                                                            else ""))
 
 
-for _name in ("epochs", "batch_size", "calibration_steps"):
+for _name in ("epochs", "batch_size", "calibration_steps", "sequence_length", "replicas"):
     _at_least_one(_name)
-for _name in ("limit", "test_limit"):
+for _name in ("limit", "test_limit", "image_size"):
     _at_least_one(_name, allow_none=True)
+flags.register_validator("image_scale", lambda value: 0 < value < float("inf"),
+                         message="--image_scale must be a positive finite number")
 flags.register_validator("learning_rate", lambda value: 0 < value < float("inf"),
                          message="--learning_rate must be a positive finite number")
 flags.register_validator(
     "policies", lambda value: bool(value) and all(p in policy.presets() for p in value),
     message="--policies must be a comma-separated list of presets: " +
     ", ".join(policy.presets()))
-flags.register_validator("policy", lambda value: value in policy.presets(),
-                         message="--policy must be one of " + ", ".join(policy.presets()))
+flags.register_validator(
+    "policy", lambda value: bool(value) and all(p in policy.presets() for p in value.split(",")),
+    message="--policy must be one of (or, for finetune, a comma-separated list of) " +
+    ", ".join(policy.presets()))
+flags.register_validator(
+    "dataset", lambda value: (value.lower().replace("-", "_") in datasets.names()
+                              or os.path.isdir(value) or value.lower().endswith(".csv")),
+    message="--dataset must be one of " + ", ".join(datasets.names()) +
+    ", a folder of images or a .csv file")
+
+
+def _communication_ok(value):
+    try:
+        return value is None or distribute.get(value) is not None
+    except (TypeError, ValueError):
+        return False
+
+
+flags.register_validator(
+    "gradient_communication", _communication_ok,
+    message="--gradient_communication must be one of " + ", ".join(distribute.names()) +
+    " or a float format name (tfhfp8 formats)")
 flags.register_validator(
     "model", lambda value: value is None or bool(value.strip()),
     message="--model must not be empty")
@@ -97,6 +147,7 @@ def _train(**overrides):
                     batch_size=_BATCH_SIZE.value, loss_scaling=_LOSS_SCALING.value,
                     seed=_SEED.value, output_dir=_OUTPUT_DIR.value, limit=_LIMIT.value,
                     test_limit=_TEST_LIMIT.value, learning_rate=_LEARNING_RATE.value,
+                    replicas=_REPLICAS.value, gradient_communication=_COMMUNICATION.value,
                     verbose=1 if sys.stdout.isatty() else 2)  # a log gets one line per epoch
     settings.update(overrides)
     results = experiment.train_policies(**settings)
@@ -164,6 +215,8 @@ def _ptq():
 
     if not _MODEL.value or not _DATA.value:
         raise app.UsageError("ptq needs --model=PATH and --data=NAME_OR_NPZ")
+    if "," in _POLICY.value:
+        raise ValueError(f"ptq takes one --policy, got {_POLICY.value!r}")
     if not os.path.isfile(_MODEL.value):
         raise ValueError(f"--model: no such file {_MODEL.value!r}")
     if not _DATA.value.endswith(".npz") and _DATA.value not in datasets.names():
@@ -196,6 +249,27 @@ def _ptq():
     if _OUTPUT.value:
         quantized.save(_OUTPUT.value)
         print(f"Saved the quantized model to {_OUTPUT.value}")
+
+
+def _finetune():
+    from tfhfp8 import fine_tuning
+
+    if not _MODEL.value:
+        raise app.UsageError("finetune needs --model (a .keras/.h5 file, a keras.applications "
+                             "name or a KerasHub preset)")
+    results = fine_tuning.finetune(
+        _MODEL.value, _DATASET.value, _POLICY.value.split(","), epochs=_EPOCHS.value,
+        learning_rate=_LEARNING_RATE.value if flags.FLAGS["learning_rate"].present else None,
+        batch_size=_BATCH_SIZE.value, output_dir=_OUTPUT_DIR.value,
+        loss_scaling=_LOSS_SCALING.value, seed=_SEED.value, limit=_LIMIT.value,
+        test_limit=_TEST_LIMIT.value, sequence_length=_SEQUENCE_LENGTH.value,
+        image_size=_IMAGE_SIZE.value, image_scale=_IMAGE_SCALE.value,
+        calibration_steps=_CALIBRATION_STEPS.value,
+        verbose=1 if sys.stdout.isatty() else 2)
+    print()
+    print(fine_tuning.table(results))
+    print(f"\nWrote {_OUTPUT_DIR.value}/results.json, {_OUTPUT_DIR.value}/finetune.png and "
+          + ", ".join(row["finetuned"]["saved"] for row in results["policies"].values()))
 
 
 def _load_npz(path):
@@ -231,9 +305,11 @@ def main(argv):
             _train()
         elif command == "demo":
             _demo()
+        elif command == "finetune":
+            _finetune()
         else:
             _ptq()
-    except (datasets.DatasetNotFoundError, ValueError, TypeError, OSError) as error:
+    except (datasets.DatasetNotFoundError, ValueError, TypeError, OSError, ImportError) as error:
         # A user error (a bad flag value, an unreadable file): the message, no traceback.
         sys.exit(f"tfhfp8 {command}: {error}")
 

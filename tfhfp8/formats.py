@@ -266,6 +266,12 @@ _NAMED = {
     fmt.name: fmt for fmt in (
         _named_float("bfloat16", 8, 7),
         _named_float("float16", 5, 10),
+        # Wang et al. 2018 ("Training Deep Neural Networks with 8-bit Floating Point
+        # Numbers"): the 1-6-9 16-bit float of their weight updates and accumulations
+        # (QPyTorch's examples/IBM8 keeps momentum and the weight accumulator in it).
+        # The paper gives the field widths; the IEEE bias 31, subnormals and inf/NaN
+        # in the top binade are assumed (no ml_dtypes type exists).
+        _named_float("float16_e6m9", 6, 9),
         _named_float("float8_e5m2", 5, 2),
         _named_float("float8_e5m2fnuz", 5, 2, bias=16, specials="fnuz"),
         _named_float("float8_e4m3", 4, 3),

@@ -381,12 +381,7 @@ def _conv(x, kernel, strides, dilations, padding, accs, x_fmt, k_fmt, grad_fmt, 
             # dx: the output gradient, dilated by the strides and padded, convolved with
             # the flipped kernel (reduction over kernel positions x out_channels).
             dilated = _dilate(dy, strides)
-            full_pads = []
-            for i in range(rank):
-                reach = (kernel_size[i] - 1) * dilations[i]
-                padded = spatial[i] + pads[i][0] + pads[i][1]
-                right = padded - ((outs[i] - 1) * strides[i] + 1 + reach)
-                full_pads.append((reach, reach + right))
+            full_pads = _backward_pads(spatial, kernel_size, strides, dilations, pads, outs)
             flipped = tf.reverse(kernel, list(range(rank)))
             flipped = tf.transpose(flipped, list(range(rank)) + [rank + 1, rank])
             dpatches, _ = _patches(dilated, kernel_size, (1,) * rank, dilations, full_pads)
@@ -400,6 +395,70 @@ def _conv(x, kernel, strides, dilations, padding, accs, x_fmt, k_fmt, grad_fmt, 
             crop = tuple(slice(pads[i][0], pads[i][0] + spatial[i]) for i in range(rank))
             dx = dx[(slice(None),) + crop]
             return dx, tf.reshape(dw, kernel.shape)
+
+        return y, grad
+
+    return convolution(x, kernel)
+
+
+def _backward_pads(spatial, kernel_size, strides, dilations, pads, outs):
+    """Pads of the stride-dilated output gradient for the input-gradient convolution."""
+    full = []
+    for i in range(len(strides)):
+        reach = (kernel_size[i] - 1) * dilations[i]
+        padded = spatial[i] + pads[i][0] + pads[i][1]
+        right = padded - ((outs[i] - 1) * strides[i] + 1 + reach)
+        full.append((reach, reach + right))
+    return full
+
+
+def _depthwise(x, kernel, strides, dilations, padding, accs, x_fmt, k_fmt, grad_fmt, seed,
+               stats):
+    """Depthwise convolution (`kernel`: `[*kernel_size, channels, multiplier]`, output
+    channel `c * multiplier + m`): one GEMM per channel, batched; K = kernel positions
+    (forward), batch x output positions (kernel gradient), kernel positions x
+    multiplier (input gradient)."""
+    rank = len(strides)
+    kernel_size = tuple(kernel.shape[:rank])
+    channels, mult = kernel.shape[rank], kernel.shape[rank + 1]
+    kpos = int(np.prod(kernel_size))
+    spatial = x.shape[1:1 + rank]
+    geometry = [_pads(spatial[i], kernel_size[i], strides[i], dilations[i], padding)
+                for i in range(rank)]
+    pads = [(g[1], g[2]) for g in geometry]
+
+    @tf.custom_gradient
+    def convolution(x, kernel):
+        patches, outs = _patches(x, kernel_size, strides, dilations, pads)
+        rows = tf.transpose(tf.reshape(patches, [-1, kpos, channels]), [2, 0, 1])
+        kern = tf.transpose(tf.reshape(kernel, [kpos, channels, mult]), [1, 0, 2])
+        y, swamped, overflows, n_y = _product(rows, kern, accs["forward"], x_fmt, k_fmt, seed)
+        stats.record("forward", swamped, overflows, n_y)
+        batch = tf.shape(x)[0]
+        y = tf.reshape(tf.transpose(y, [1, 0, 2]),
+                       tf.concat([[batch], outs, [channels * mult]], 0))
+
+        def grad(dy):
+            dy_c = tf.transpose(tf.reshape(dy, [-1, channels, mult]), [1, 0, 2])
+            dw, s2, o2, n_dw = _product(tf.transpose(rows, [0, 2, 1]), dy_c,
+                                        accs["weight_gradient"], x_fmt, grad_fmt, seed + 2)
+            stats.record("weight_gradient", s2, o2, n_dw)
+            dw = tf.reshape(tf.transpose(dw, [1, 0, 2]), kernel.shape)
+            full = _backward_pads(spatial, kernel_size, strides, dilations, pads, outs)
+            dpatches, _ = _patches(_dilate(dy, strides), kernel_size, (1,) * rank, dilations,
+                                   full)
+            drows = tf.reshape(dpatches, [-1, kpos, channels, mult])
+            drows = tf.reshape(tf.transpose(drows, [2, 0, 1, 3]), [channels, -1, kpos * mult])
+            flipped = tf.reshape(tf.reverse(kernel, list(range(rank))), [kpos, channels, mult])
+            flipped = tf.reshape(tf.transpose(flipped, [1, 0, 2]), [channels, kpos * mult, 1])
+            dx, s1, o1, n_dx = _product(drows, flipped, accs["input_gradient"], grad_fmt,
+                                        k_fmt, seed + 1)
+            stats.record("input_gradient", s1, o1, n_dx)
+            padded_shape = [spatial[i] + pads[i][0] + pads[i][1] for i in range(rank)]
+            dx = tf.reshape(tf.transpose(dx[..., 0], [1, 0]),
+                            tf.concat([[batch], padded_shape, [channels]], 0))
+            crop = tuple(slice(pads[i][0], pads[i][0] + spatial[i]) for i in range(rank))
+            return dx[(slice(None),) + crop], dw
 
         return y, grad
 
@@ -425,6 +484,20 @@ def layer_conv(x, kernel, strides, padding, dilation_rate, data_format, accumula
         x = tf.transpose(x, [0] + list(range(2, rank + 2)) + [1])
     y = _conv(x, kernel, _tuple(strides, rank), _tuple(dilation_rate, rank), padding.lower(),
               accumulators, a_fmt, w_fmt, e_fmt, seed, stats, round_grad=False)
+    if data_format == "channels_first":
+        y = tf.transpose(y, [0, rank + 1] + list(range(1, rank + 1)))
+    return y
+
+
+def layer_depthwise_conv(x, kernel, strides, padding, dilation_rate, data_format,
+                         accumulators, formats, seed, stats):
+    """A Keras depthwise convolution (kernel `[*kernel_size, channels, multiplier]`)."""
+    a_fmt, w_fmt, e_fmt = formats
+    rank = kernel.shape.rank - 2
+    if data_format == "channels_first":
+        x = tf.transpose(x, [0] + list(range(2, rank + 2)) + [1])
+    y = _depthwise(x, kernel, _tuple(strides, rank), _tuple(dilation_rate, rank),
+                   padding.lower(), accumulators, a_fmt, w_fmt, e_fmt, seed, stats)
     if data_format == "channels_first":
         y = tf.transpose(y, [0, rank + 1] + list(range(1, rank + 1)))
     return y

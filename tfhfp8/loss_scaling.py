@@ -24,23 +24,22 @@ from tfhfp8 import _compat, formats, registry
 def _replica_reduce(value, reduce):
     """`reduce` (tf.reduce_min/max) of the scalar `value` over the replicas.
 
-    Computed in a `merge_call` from the replicas' values, with no collective op: the
-    collective instance keys of `tf.distribute` restart with every strategy while TF's
-    collective executor keeps what each key was first used for, so an `all_gather`
-    under a second strategy in the same process collided with the first strategy's
-    gradient all-reduce ("Collective ops is aborted ... expected type 0 and data_type 1
-    but got type 2 and data_type 3"). A merge call has no key: the same answer whatever
-    ran before.
+    On one machine, computed in a `merge_call` from the replicas' values, with no
+    collective op: the collective instance keys of `tf.distribute` restart with every
+    strategy while TF's collective executor keeps what each key was first used for, so
+    an `all_gather` under a second strategy in the same process collided with the first
+    strategy's gradient all-reduce ("Collective ops is aborted ... expected type 0 and
+    data_type 1 but got type 2 and data_type 3"). A merge call has no key: the same
+    answer whatever ran before. Across workers (`MultiWorkerMirroredStrategy`, one
+    strategy per process) a merge call sees only this worker's replicas: there the
+    values come from `ReplicaContext.all_gather` (`tfhfp8.distribute.gather_replicas`).
     """
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return value
+    from tfhfp8.distribute import gather_replicas  # (distribute imports the layers)
 
-    def merge(strategy, per_replica):
-        values = strategy.experimental_local_results(per_replica)
-        return reduce(tf.stack([tf.identity(v) for v in values]), axis=0)
-
-    return context.merge_call(merge, args=(value,))
+    return reduce(gather_replicas(value), axis=0)
 
 
 def _floor_pow2(x):
@@ -57,8 +56,12 @@ def _range(fmt):
 class LossScaling:
     """Base class: a rule giving each emulated GEMM a power-of-two error scale.
 
-    Subclasses implement `compute(dy, weights, fmt, state)` returning a float32
-    power-of-two scalar, and may add state variables in `create_state`.
+    Subclasses implement `compute(dy, weights, fmt, state, fan_in)` returning a float32
+    power-of-two scalar, and may add state variables in `create_state`. `fan_in` is the
+    fan-in of the GEMM's backward (input-gradient) product: how many products of `dy`
+    and `W` each element of the input gradient sums (`units` for a Dense layer,
+    `filters * kh * kw` for a Conv2D layer); the layer computes it
+    (`EmulatedLayer.backward_fan_in`).
     """
 
     def __init__(self, every=1, max_scale=2.0**24):
@@ -76,7 +79,7 @@ class LossScaling:
             initializer=keras.initializers.Constant(value), aggregation="only_first_replica")
         return {"scale": add("loss_scale", "float32", 1.0), "step": add("scale_step", "int64", 0)}
 
-    def scale(self, dy, weights, fmt, state):
+    def scale(self, dy, weights, fmt, state, fan_in=1):
         """The scale for this backward pass, refreshed every `every` steps."""
         if not isinstance(fmt, formats.FloatFormat):
             return tf.constant(1.0)  # dynamic fixed point picks its own exponent
@@ -86,16 +89,17 @@ class LossScaling:
         context = tf.distribute.get_replica_context()
         if context is not None and context.num_replicas_in_sync > 1:
             # Replicas agree on the smallest scale; collectives cannot sit in a cond.
-            computed = _replica_reduce(self.compute(dy, weights, fmt, state), tf.reduce_min)
+            computed = _replica_reduce(self.compute(dy, weights, fmt, state, fan_in),
+                                       tf.reduce_min)
             scale = tf.where(refresh, computed, state["scale"])
         else:
-            scale = tf.cond(refresh, lambda: self.compute(dy, weights, fmt, state),
+            scale = tf.cond(refresh, lambda: self.compute(dy, weights, fmt, state, fan_in),
                             lambda: tf.identity(state["scale"]))
         state["scale"].assign(scale)
         state["step"].assign_add(1)
         return scale
 
-    def compute(self, dy, weights, fmt, state):
+    def compute(self, dy, weights, fmt, state, fan_in):
         raise NotImplementedError
 
     def _bounded(self, scale):
@@ -122,8 +126,8 @@ class LossScaling:
 class Adaptive(LossScaling):
     """Adaptive layer-wise loss scaling (Zhao et al., arXiv 1910.12385).
 
-    For the incoming gradient `g` and the weights `W` (fan-in `N`, the number of
-    kernel elements per output unit) of a GEMM:
+    For the incoming gradient `g` and the weights `W` of a GEMM whose backward product
+    (the input gradient) sums `N` terms per element:
 
         sigma_o = sqrt((var_g + mean_g^2) (var_W + mean_W^2)) sqrt(N / 2)
         a_low = max(1, u_min / (sqrt(2) erfinv(underflow_rate) sigma_o))
@@ -132,8 +136,12 @@ class Adaptive(LossScaling):
 
     so that at most `underflow_rate` of the outputs underflow (under a Gaussian
     assumption) and none overflow; `u_min`, `u_max` are the error format's smallest
-    and largest magnitudes. GEMMs without weights (attention products) use `W = 1`,
-    `N = 1`. Under `tf.distribute`, every replica uses the smallest replica scale.
+    and largest magnitudes. `N` is the fan-in of the BACKWARD product, as in Zhao et
+    al.'s reference implementation (kumasento/gradient-scaling, `ada_loss`,
+    `AdaLossChainer.get_fan_in`): the units of a Dense layer, `filters * kh * kw` for a
+    Conv2D kernel `(kh, kw, in, filters)` -- not the forward fan-in `in * kh * kw`.
+    GEMMs without weights (attention products) use `W = 1`, `N = 1`. Under
+    `tf.distribute`, every replica uses the smallest replica scale.
 
     Args:
       underflow_rate: target fraction of underflowing values (`n_uf`), in (0, 1).
@@ -149,7 +157,7 @@ class Adaptive(LossScaling):
         with tf.init_scope():  # a Python constant, even if built inside a tf.function
             self._erfinv = float(tf.math.erfinv(tf.constant(self.underflow_rate, tf.float64)))
 
-    def compute(self, dy, weights, fmt, state):
+    def compute(self, dy, weights, fmt, state, fan_in):
         u_min, u_max = _range(fmt)
         second_moment = lambda t: tf.math.reduce_variance(t) + tf.square(tf.reduce_mean(t))
         if weights is None:
@@ -157,7 +165,7 @@ class Adaptive(LossScaling):
         else:
             w_moment = second_moment(weights)
             w_max = tf.reduce_max(tf.abs(weights))
-            n = float(max(1, weights.shape.num_elements() // max(1, weights.shape[-1])))
+            n = float(max(1, fan_in))
         sigma = tf.sqrt(second_moment(dy) * w_moment) * math.sqrt(0.5 * n)
         a_low = tf.maximum(1.0, u_min / (math.sqrt(2.0) * self._erfinv * sigma))
         a_up = (u_max / n) / (tf.reduce_max(tf.abs(dy)) * w_max)
@@ -191,7 +199,7 @@ class AbsMax(LossScaling):
                 initializer="zeros", aggregation="only_first_replica")
         return state
 
-    def compute(self, dy, weights, fmt, state):
+    def compute(self, dy, weights, fmt, state, fan_in):
         amax = _replica_reduce(tf.reduce_max(tf.abs(dy)), tf.reduce_max)
         if self.history:
             history = state["amax"]

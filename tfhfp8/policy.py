@@ -11,7 +11,8 @@ adds them (`tfhfp8.Accumulator`; recipes below).
 
 A `Policy` names the formats of `Q_w` (weights), `Q_a` (activations), `Q_e` (errors)
 and `Q_g` (weight gradients), their roundings, and optionally the format the stored
-(master) weights are rounded to after every optimizer step.
+(master) weights are rounded to after every optimizer step and the format of the
+optimizer's state (`tfhfp8.optimizers.LowPrecision`).
 
 >>> import tfhfp8
 >>> policy = tfhfp8.Policy("hfp8")
@@ -29,7 +30,15 @@ from tfhfp8 import _compat, accumulation as accumulation_lib, formats, registry
 from tfhfp8 import loss_scaling as loss_scaling_lib
 from tfhfp8.ops.tf_backend import ROUNDINGS
 
-ROLES = ("weights", "activations", "errors", "weight_gradients", "master_weights")
+ROLES = ("weights", "activations", "errors", "weight_gradients", "master_weights",
+         "optimizer_states")
+# The roles a layer rounds; the optimizer states are the optimizer's
+# (`tfhfp8.optimizers.LowPrecision`).
+LAYER_ROLES = ROLES[:5]
+# Master weights may also use Kahan-compensated summation (Zamirai et al., "Revisiting
+# BFloat16 Training"): a compensation buffer per weight, which
+# `tfhfp8.optimizers.LowPrecision` keeps.
+MASTER_ROUNDINGS = ROUNDINGS + ("kahan",)
 
 _PRESETS = {
     # No emulation.
@@ -126,10 +135,16 @@ class Policy(keras.DTypePolicy):
         Per-tensor FP32 scales (`"e4m3_delayed"`, ...) follow Transformer Engine /
         Keras float8, delayed scaling keeping its amax history in the layer.
       master_weights: if set, the stored weights of emulated layers are rounded to
-        this format after every optimizer step.
+        this format after every optimizer step: `W <- Q_m(W + dW)`.
+      optimizer_states: if set, every slot of the optimizer (momentum, Adam's moments,
+        ...) is rounded to this format after every step, by
+        `tfhfp8.optimizers.LowPrecision(optimizer, policy)` (which also applies
+        `master_weights` to every trainable weight).
       rounding: one rounding for every role, or a dict role -> rounding (missing
         roles: `"nearest_even"`). Roundings: `"nearest_even"`, `"stochastic"`,
-        `"toward_zero"`.
+        `"toward_zero"`; `master_weights` may also be `"kahan"` (Kahan-compensated
+        update with a buffer per weight, Zamirai et al.; needs
+        `tfhfp8.optimizers.LowPrecision`).
       saturate: clamp overflow to the format's max (True, the default for training)
         or follow the format's own overflow semantics.
       exempt_first_last: `quantize_model` keeps the first and last GEMM layers of a
@@ -152,7 +167,8 @@ class Policy(keras.DTypePolicy):
         DynamicFixedPoint with <= 13 bits); `"int32"` needs per-tensor
         DynamicFixedPoint operands; else a ValueError names the role. Exempt layers
         keep float accumulators and sum in FP32 instead of `"int32"` (their operands
-        are not fixed point). Layers with accumulation: Dense, Conv1D, Conv2D, Conv3D.
+        are not fixed point). Layers with accumulation: Dense, Conv1D, Conv2D, Conv3D,
+        DepthwiseConv2D, SeparableConv2D (others: NotImplementedError).
 
     Recipes (`tfhfp8.Policy(preset, accumulation=...)`):
 
@@ -169,8 +185,8 @@ class Policy(keras.DTypePolicy):
     """
 
     def __init__(self, name="custom", *, weights=None, activations=None, errors=None,
-                 weight_gradients=None, master_weights=None, rounding=None,
-                 saturate=True, exempt_first_last=None, exempt_format=_PRESET,
+                 weight_gradients=None, master_weights=None, optimizer_states=None,
+                 rounding=None, saturate=True, exempt_first_last=None, exempt_format=_PRESET,
                  loss_scaling=None, exempt_of=None, accumulation=None,
                  quantize_attention=None):
         if isinstance(name, Policy):
@@ -178,7 +194,8 @@ class Policy(keras.DTypePolicy):
         if not isinstance(name, str):
             raise TypeError(f"name must be a string, got {name!r}")
         given = dict(weights=weights, activations=activations, errors=errors,
-                     weight_gradients=weight_gradients, master_weights=master_weights)
+                     weight_gradients=weight_gradients, master_weights=master_weights,
+                     optimizer_states=optimizer_states)
         if name not in _PRESETS and name != "custom" and all(
                 value is None for value in given.values()):
             # Most likely a typo of a preset, which would silently emulate nothing.
@@ -233,6 +250,9 @@ class Policy(keras.DTypePolicy):
         if rounding is None:
             rounding = {}
         if isinstance(rounding, str):
+            if rounding == "kahan":
+                raise ValueError("rounding='kahan' applies to master_weights only: use "
+                                 "rounding={'master_weights': 'kahan'}")
             rounding = {role: rounding for role in ROLES}
         if not isinstance(rounding, dict):
             raise TypeError(f"rounding must be a string or a dict, got {rounding!r}")
@@ -240,8 +260,9 @@ class Policy(keras.DTypePolicy):
         if unknown:
             raise ValueError(f"rounding: unknown roles {sorted(unknown)}; roles are {ROLES}")
         for role, value in rounding.items():
-            if value not in ROUNDINGS:
-                raise ValueError(f"rounding[{role!r}] must be one of {ROUNDINGS}, got {value!r}")
+            allowed = MASTER_ROUNDINGS if role == "master_weights" else ROUNDINGS
+            if value not in allowed:
+                raise ValueError(f"rounding[{role!r}] must be one of {allowed}, got {value!r}")
         return {role: rounding.get(role, "nearest_even") for role in ROLES}
 
     # -- roles ------------------------------------------------------------------
@@ -250,6 +271,7 @@ class Policy(keras.DTypePolicy):
     errors = property(lambda self: self.formats["errors"])
     weight_gradients = property(lambda self: self.formats["weight_gradients"])
     master_weights = property(lambda self: self.formats["master_weights"])
+    optimizer_states = property(lambda self: self.formats["optimizer_states"])
 
     @property
     def emulates(self):

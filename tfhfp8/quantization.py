@@ -200,9 +200,7 @@ def _round(x, fmt, rounding, saturate, seed, scale=None):
         y = tf_block.quantize_tensor_scaled(xc, fmt, rounding, seed, scale,
                                             backend.quantize_float)
     elif isinstance(fmt, block_formats.BlockScaled):
-        # Both backends run the TF-ops code for now (a fused C++ kernel: issue 17, item 4),
-        # compiled by XLA into few loops (as the tf backend).
-        y = ops.run_fused(tf_block.quantize_block, xc, fmt, rounding, saturate, seed)
+        y = backend.quantize_block(xc, fmt, rounding, saturate, seed)
     elif fmt.block_size is not None:
         # Block floating point: exponents per block here, the rounding on either backend.
         exponent, inner = tf_block.dfp_block_exponents(xc, fmt, rounding)

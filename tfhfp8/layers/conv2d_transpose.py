@@ -18,6 +18,9 @@ class Conv2DTranspose(EmulatedLayer, keras.layers.Conv2DTranspose):
     (1, 7, 7, 8)
     """
 
+    # Keras' transposed kernel is (kh, kw, filters, input channels).
+    KERNEL_INPUT_AXIS = -1
+
     def call(self, inputs):
         op = functools.partial(
             ops.conv_transpose, strides=list(self.strides), padding=self.padding,

@@ -18,6 +18,12 @@ class DepthwiseConv2D(EmulatedLayer, keras.layers.DepthwiseConv2D):
     (1, 3, 3, 4)
     """
 
+    def _accumulating_op(self, name):
+        from tfhfp8 import gemm  # noqa: PLC0415
+        return functools.partial(gemm.layer_depthwise_conv, strides=self.strides,
+                                 padding=self.padding, dilation_rate=self.dilation_rate,
+                                 data_format=self.data_format)
+
     def call(self, inputs):
         op = functools.partial(ops.depthwise_conv, strides=self.strides, padding=self.padding,
                                dilation_rate=self.dilation_rate, data_format=self.data_format)

@@ -3,6 +3,7 @@
 import functools
 
 import keras
+import numpy as np
 from keras import ops
 
 from tfhfp8.layers.emulation import EmulatedLayer
@@ -17,6 +18,13 @@ class EinsumDense(EmulatedLayer, keras.layers.EinsumDense):
     >>> layer(np.ones((2, 3), "float32")).shape
     (2, 4)
     """
+
+    def backward_fan_in(self, kernel):
+        """The product of the kernel dimensions the input gradient sums over: those
+        whose labels are not in the input (`"ab,bc->ac"`: `c`, the units)."""
+        inputs, kernel_labels = self.equation.split("->")[0].split(",")
+        return max(1, int(np.prod([size for label, size in zip(kernel_labels, kernel.shape)
+                                   if label not in inputs])))
 
     def call(self, inputs, training=None):
         x = self._gemm(functools.partial(ops.einsum, self.equation), [inputs], [self.kernel],

@@ -31,6 +31,7 @@ import functools
 import zlib
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -51,6 +52,12 @@ class MasterWeightRounding(keras.constraints.Constraint):
         self.fmt, self.rounding, self.inner, self.seed = fmt, rounding, inner, seed
 
     def __call__(self, w):
+        if self.rounding == "kahan":
+            raise ValueError(
+                "master_weights rounding 'kahan' keeps a compensation buffer per weight, "
+                "which the optimizer holds: compile the model with "
+                "tfhfp8.optimizers.LowPrecision(optimizer, policy), whose policy names "
+                "master_weights")
         if self.inner is not None:
             w = self.inner(w)
         seed = None if self.seed is None or self.rounding != "stochastic" else self.seed()
@@ -98,6 +105,9 @@ class EmulatedLayer(_compat.AfterBuild):
     # Per GEMM: how many activation inputs and kernels it quantizes (delayed scaling
     # keeps an amax history for each).
     OPERANDS = (1, 1)
+    # The kernel axis that meets the GEMM's input channels (Keras' Dense, Conv*D,
+    # DepthwiseConv2D and SeparableConv2D kernels end in (..., input, output)).
+    KERNEL_INPUT_AXIS = -2
     # Set by QuantizationStats: record error statistics in the backward pass.
     collect_stats = False
 
@@ -207,10 +217,18 @@ class EmulatedLayer(_compat.AfterBuild):
         weights = [self._forward(self._backward(k, "weight_gradients", step, name, i),
                                  "weights", step, name, i)
                    for i, k in enumerate(kernels)]
+        fan_in = self.backward_fan_in(kernels[0]) if kernels else 1
         if self.policy.accumulates:
             op = self._accumulating(name, step)
         return self._errors(op(*args, *weights), name, weights[0] if weights else None,
-                            step)
+                            step, fan_in)
+
+    def backward_fan_in(self, kernel):
+        """How many products of the output gradient and `kernel` each element of the
+        input gradient sums: the kernel's size over its input channels (Dense: units;
+        Conv2D: filters * kh * kw). Per-layer loss scaling bounds its scale with it."""
+        shape = tuple(kernel.shape)
+        return max(1, int(np.prod(shape)) // max(1, int(shape[self.KERNEL_INPUT_AXIS])))
 
     def _gemm_per_axis(self, op, equation, inputs, kernels, name, step):
         """The forward and both backward GEMMs of a bilinear `op`, each with its
@@ -234,6 +252,7 @@ class EmulatedLayer(_compat.AfterBuild):
         fmt_e = self.policy.errors
         scaling, state = self.policy.loss_scaling, self.error_state[name]
         collect = self.collect_stats
+        fan_in = self.backward_fan_in(kernels[0]) if kernels else 1
 
         def dependent(role):
             return gemm_axes.axis_dependent(self.policy.formats[role])
@@ -249,7 +268,7 @@ class EmulatedLayer(_compat.AfterBuild):
                 scale = None
                 if fmt_e is not None and scaling is not None:
                     scale = scaling.scale(dy, b_f if role_b == "weights" else None, fmt_e,
-                                          state)
+                                          state, fan_in)
 
                 def errors(axes, *tag, update=True):
                     scaled = dy if scale is None else dy * tf.cast(scale, dy.dtype)
@@ -289,7 +308,8 @@ class EmulatedLayer(_compat.AfterBuild):
             raise NotImplementedError(
                 f"{type(self).__name__}: the policy {self.policy.name!r} emulates "
                 "accumulation (accumulation=...), which is implemented for Dense, Conv1D, "
-                "Conv2D and Conv3D; use accumulation=None (FP32 sums) for this layer")
+                "Conv2D, Conv3D, DepthwiseConv2D and SeparableConv2D; use "
+                "accumulation=None (FP32 sums) for this layer")
 
     def _accumulating(self, name, step):
         """The layer's op for GEMM `name` with the policy's accumulators."""
@@ -309,7 +329,7 @@ class EmulatedLayer(_compat.AfterBuild):
             formats=(self.policy.activations, self.policy.weights, self.policy.errors),
             seed=seed, stats=stats)
 
-    def _errors(self, y, name, weights, step=None):
+    def _errors(self, y, name, weights, step=None, fan_in=1):
         """Identity forward; `Q_e(s * dy) / s` backward, with optional statistics."""
         fmt = self.policy.errors
         if fmt is None:
@@ -322,7 +342,8 @@ class EmulatedLayer(_compat.AfterBuild):
         @tf.custom_gradient
         def _quantize_errors(y):
             def grad(dy):
-                scale = None if scaling is None else scaling.scale(dy, weights, fmt, state)
+                scale = None if scaling is None else scaling.scale(dy, weights, fmt, state,
+                                                                   fan_in)
                 scaled = dy if scale is None else dy * tf.cast(scale, dy.dtype)
                 quantized = quantize(scaled, fmt, rounding=rounding, saturate=saturate,
                                      seed=seed,
@@ -353,8 +374,9 @@ class EmulatedLayer(_compat.AfterBuild):
         self._create_scaling_state()
 
     def _create_rounding_step(self):
-        if any(fmt is not None and self.policy.rounding[role] == "stochastic"
-               for role, fmt in self.policy.formats.items()):
+        if any(self.policy.formats[role] is not None
+               and self.policy.rounding[role] == "stochastic"
+               for role in policy_lib.LAYER_ROLES):
             self._rounding_step_holder = _RoundingStep(self)
 
     def _attach_master_weight_rounding(self):

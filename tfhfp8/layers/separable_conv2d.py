@@ -24,6 +24,15 @@ class SeparableConv2D(EmulatedLayer, keras.layers.SeparableConv2D):
 
     GEMMS = ("depthwise", "pointwise")
 
+    def _accumulating_op(self, name):
+        from tfhfp8 import gemm  # noqa: PLC0415
+        if name == "depthwise":
+            return functools.partial(gemm.layer_depthwise_conv, strides=self.strides,
+                                     padding=self.padding, dilation_rate=self.dilation_rate,
+                                     data_format=self.data_format)
+        return functools.partial(gemm.layer_conv, strides=1, padding="valid",
+                                 dilation_rate=1, data_format=self.data_format)
+
     def call(self, inputs):
         depthwise = functools.partial(
             ops.depthwise_conv, strides=self.strides, padding=self.padding,

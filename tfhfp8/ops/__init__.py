@@ -19,7 +19,7 @@ import warnings
 import tensorflow as tf
 
 from tfhfp8 import _compat
-from tfhfp8.ops import build, cpp_backend, tf_backend
+from tfhfp8.ops import build, cpp_backend, tf_backend, tf_block
 
 _BACKENDS = {"tf": tf_backend, "cpp": cpp_backend}
 _cpp_error = None  # why the C++ library is unavailable, once we know
@@ -91,6 +91,10 @@ class _fused:
     @staticmethod
     def quantize_dfp(x, fmt, rounding, saturate, seed):
         return run_fused(tf_backend.quantize_dfp, x, fmt, rounding, saturate, seed)
+
+    @staticmethod
+    def quantize_block(x, fmt, rounding, saturate, seed):
+        return run_fused(tf_block.quantize_block, x, fmt, rounding, saturate, seed)
 
 
 def active_backend():

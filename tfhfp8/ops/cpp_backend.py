@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from tfhfp8.ops import build, tf_backend
+from tfhfp8.ops import build, tf_backend, tf_block
 
 _library = None
 
@@ -35,6 +35,27 @@ def quantize_dfp(x, fmt, rounding, saturate, seed):
         return y
     exponent, inner = tf_backend.shared_exponents(x, fmt, rounding)
     return quantize_fixed(x, exponent, inner, fmt.bits, rounding, saturate, seed)
+
+
+def quantize_block(x, fmt, rounding, saturate, seed):
+    """Block-scaled rounding (`fmt` a BlockScaled): per block the amax, the scale and the
+    element rounding in one kernel; the same bits as `tf_block.quantize_block`."""
+    tf_block._layout(x, fmt.axis)  # the same errors as the TF-ops path, before the kernel
+    element = fmt.element
+    attrs = dict(
+        axis=fmt.axis, block_size=fmt.block_size,
+        element_exponent_bits=element.exponent_bits,
+        element_mantissa_bits=element.mantissa_bits, element_bias=element.bias,
+        element_specials=element.specials, element_subnormals=bool(element.subnormals),
+        scale="e8m0" if fmt.power_of_two_scale else "float",
+        scale_rounding=fmt.scale_rounding, tensor_scale=fmt.tensor_scale,
+        rounding=rounding, saturate=saturate)
+    if not fmt.power_of_two_scale:
+        attrs.update(scale_exponent_bits=fmt.scale.exponent_bits,
+                     scale_mantissa_bits=fmt.scale.mantissa_bits, scale_bias=fmt.scale.bias,
+                     scale_specials=fmt.scale.specials,
+                     scale_subnormals=bool(fmt.scale.subnormals))
+    return load().hfp8_quantize_block(x, seed, **attrs)
 
 
 def cpu_variant():

@@ -31,7 +31,12 @@ def _ro32(acc, p):
     away = (error > 0) == (s > 0)
     neighbour = tf.where(away, bits + 1, bits - 1)
     inexact = (error != 0) & even & tf.math.is_finite(s)
-    return tf.bitcast(tf.where(inexact, neighbour, bits), tf.float32)
+    bits = tf.where(inexact, neighbour, bits)
+    # A finite sum beyond float32's range: +-FLT_MAX, its odd neighbour (not inf).
+    beyond = tf.math.is_inf(s) & tf.math.is_finite(acc) & tf.math.is_finite(p)
+    sign = bits & tf.constant(0x80000000, tf.uint32)
+    bits = tf.where(beyond, sign | tf.constant(0x7F7FFFFF, tf.uint32), bits)
+    return tf.bitcast(bits, tf.float32)
 
 
 class _Bits:
@@ -117,7 +122,10 @@ def accumulating_matmul(a, b, accumulator, seed):
         return acc, swamped
 
     swamped0 = tf.constant(0, tf.int64)
-    if not accumulator.chunk_size:
+    # One chunk (none asked, or chunk_size >= K): the result is its sum, no outer addition.
+    static_k = a.shape[2]
+    if not accumulator.chunk_size or (static_k is not None
+                                      and accumulator.chunk_size >= static_k):
         return run_chunk(tf.constant(0), k, swamped0)
 
     def outer(c, total, swamped):
@@ -126,10 +134,15 @@ def accumulating_matmul(a, b, accumulator, seed):
         total = add(total, acc, outer_fmt, outer_bits(c) if stochastic else None)
         return c + 1, total, swamped
 
-    _, total, swamped = tf.while_loop(lambda c, total, swamped: c < num_chunks, outer,
-                                      (tf.constant(0), zeros, swamped0),
-                                      parallel_iterations=1, shape_invariants=_INVARIANTS)
-    return total, swamped
+    def chunked():
+        _, total, swamped = tf.while_loop(lambda c, total, swamped: c < num_chunks, outer,
+                                          (tf.constant(0), zeros, swamped0),
+                                          parallel_iterations=1, shape_invariants=_INVARIANTS)
+        return total, swamped
+
+    if static_k is not None:
+        return chunked()
+    return tf.cond(num_chunks > 1, chunked, lambda: run_chunk(tf.constant(0), k, swamped0))
 
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1

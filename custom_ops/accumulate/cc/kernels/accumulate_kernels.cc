@@ -193,8 +193,9 @@ class AccumulatingMatmulOp : public OpKernel {
     acc.product_keys = MakeSeedKeys(static_cast<int64_t>(seed + 2));
     const bool fast = rounding_ == Rounding::kNearestEven && NearestEvenFastApplies(inner_) &&
                       NearestEvenFastApplies(outer_);
-    const FloatTileLoop loop =
-        loops->float_tile[has_products_ ? 1 : 0][fast ? kRoundings : int(rounding_)];
+    const bool plain = fast && PlainNearestEven(inner_) && PlainNearestEven(outer_);
+    const FloatTileLoop loop = loops->float_tile[has_products_ ? 1 : 0][
+        plain ? kRoundings + 1 : fast ? kRoundings : int(rounding_)];
 
     const Tiling tiling(batch, m, k, n);
     const float* a_data = a.flat<float>().data();

@@ -15,7 +15,9 @@
 // INT32: products of 16-bit mantissas added in pairs by one multiply-add instruction
 // (pmaddwd); a block of terms whose running sums all stay in [-2^30, 2^30) cannot have
 // overflowed, even between the two terms of a pair, and is exact; any other block is
-// redone term by term with 64-bit arithmetic, counting the overflows.
+// redone term by term (ExactBlock: a product of 16-bit values fits 32 bits, and an
+// overflow shows in the signs), counting the overflows. Values beyond 16 bits take a
+// plain 64-bit path.
 
 #include <algorithm>
 #include <cstring>
@@ -48,7 +50,7 @@ inline uint32_t RoundToOddSum(float acc, float p) {
   const uint32_t sb = ToBits(s);
   // s even and inexact: the neighbour toward the exact sum, whose last bit is odd.
   // (Selects rather than bool arithmetic, which GCC does not vectorize.)
-  const uint32_t step = ((ToBits(e) ^ sb) >> 31) != 0 ? 0xFFFFFFFFu : 1u;
+  const uint32_t step = 1u | static_cast<uint32_t>(static_cast<int32_t>(ToBits(e) ^ sb) >> 31);
   const uint32_t even_step = (sb & 1u) == 0 ? step : 0u;
   // e is NaN exactly when s is not finite: an ordered test leaves s as it is.
   const uint32_t odd = sb + (__builtin_islessgreater(e, 0.0f) ? even_step : 0u);
@@ -60,7 +62,7 @@ inline uint32_t RoundToOddSum(float acc, float p) {
 }
 
 // The rounding of kernels' additions: quantize's, or its fast form for nearest even.
-enum class Mode { kNearestEven, kStochastic, kTowardZero, kNearestEvenFast };
+enum class Mode { kNearestEven, kStochastic, kTowardZero, kNearestEvenFast, kNearestEvenPlain };
 
 constexpr Rounding RoundingOf(Mode mode) {
   return mode == Mode::kStochastic    ? Rounding::kStochastic
@@ -70,8 +72,9 @@ constexpr Rounding RoundingOf(Mode mode) {
 
 template <Mode kMode>
 inline float AddRounded(float acc, float p, const FloatParams<float>& format, uint32_t rand) {
-  if constexpr (kMode == Mode::kNearestEvenFast) {
-    return QuantizeFloatNearestEven(FromBits<float>(RoundToOddSum<true>(acc, p)), format);
+  if constexpr (kMode == Mode::kNearestEvenFast || kMode == Mode::kNearestEvenPlain) {
+    return QuantizeFloatNearestEven<kMode == Mode::kNearestEvenPlain>(
+        FromBits<float>(RoundToOddSum<true>(acc, p)), format);
   } else {
     return QuantizeFloatElement<float, RoundingOf(kMode)>(
         FromBits<float>(RoundToOddSum<false>(acc, p)), format, rand);
@@ -219,6 +222,12 @@ struct Simd {
     return _mm512_ternarylogic_epi32(flag, acc, _mm512_slli_epi32(acc, 1), 0xF6);
   }
   static bool AnySign(V v) { return _mm512_movepi32_mask(v) != 0; }
+  static V And(V a, V b) { return _mm512_and_si512(a, b); }
+  static V Xor(V a, V b) { return _mm512_xor_si512(a, b); }
+  static V Sub(V a, V b) { return _mm512_sub_epi32(a, b); }
+  static V SignMask(V a) { return _mm512_srai_epi32(a, 31); }
+  // mask ? a : b, mask lanes all ones or all zeros.
+  static V Select(V mask, V a, V b) { return _mm512_ternarylogic_epi32(mask, a, b, 0xCA); }
 };
 #elif defined(__AVX2__)
 struct Simd {
@@ -234,6 +243,11 @@ struct Simd {
     return _mm256_or_si256(flag, _mm256_xor_si256(acc, _mm256_slli_epi32(acc, 1)));
   }
   static bool AnySign(V v) { return _mm256_movemask_ps(_mm256_castsi256_ps(v)) != 0; }
+  static V And(V a, V b) { return _mm256_and_si256(a, b); }
+  static V Xor(V a, V b) { return _mm256_xor_si256(a, b); }
+  static V Sub(V a, V b) { return _mm256_sub_epi32(a, b); }
+  static V SignMask(V a) { return _mm256_srai_epi32(a, 31); }
+  static V Select(V mask, V a, V b) { return _mm256_blendv_epi8(b, a, mask); }
 };
 #elif defined(__SSE2__)
 struct Simd {
@@ -249,6 +263,13 @@ struct Simd {
     return _mm_or_si128(flag, _mm_xor_si128(acc, _mm_slli_epi32(acc, 1)));
   }
   static bool AnySign(V v) { return _mm_movemask_ps(_mm_castsi128_ps(v)) != 0; }
+  static V And(V a, V b) { return _mm_and_si128(a, b); }
+  static V Xor(V a, V b) { return _mm_xor_si128(a, b); }
+  static V Sub(V a, V b) { return _mm_sub_epi32(a, b); }
+  static V SignMask(V a) { return _mm_srai_epi32(a, 31); }
+  static V Select(V mask, V a, V b) {
+    return _mm_or_si128(_mm_and_si128(mask, a), _mm_andnot_si128(mask, b));
+  }
 };
 #else  // portable: one lane, plain integers (wrapping arithmetic through uint32_t)
 struct Simd {
@@ -270,19 +291,77 @@ struct Simd {
     return flag | (acc ^ static_cast<int32_t>(static_cast<uint32_t>(acc) << 1));
   }
   static bool AnySign(V v) { return v < 0; }
+  static V And(V a, V b) { return a & b; }
+  static V Xor(V a, V b) { return a ^ b; }
+  static V Sub(V a, V b) {
+    return static_cast<int32_t>(static_cast<uint32_t>(a) - static_cast<uint32_t>(b));
+  }
+  static V SignMask(V a) { return a < 0 ? -1 : 0; }
+  static V Select(V mask, V a, V b) { return (mask & a) | (~mask & b); }
 };
 #endif
 
 constexpr int kVectorsPerRow = kTileCols / Simd::kWidth;
 static_assert(kTileCols % Simd::kWidth == 0, "a tile row must be whole vectors");
 // Pair words per block: the unit that is either exact as computed or redone.
-constexpr int64_t kBlockWords = 64;
+constexpr int64_t kBlockWords = 32;
+
+// One exact addition in every lane: sum + p (|p| < 2^30) in 32-bit two's complement;
+// an overflow (the operands agree in sign, the result does not) adds 1 to `count` and,
+// when saturating, clamps toward the operands' sign.
+inline void AddExact(Simd::V* sum, Simd::V p, Simd::V* count, bool saturate) {
+  using V = Simd::V;
+  const V s = Simd::Add(*sum, p);
+  const V overflow = Simd::SignMask(Simd::And(Simd::Xor(s, *sum), Simd::Xor(s, p)));
+  *count = Simd::Sub(*count, overflow);
+  if (saturate) {
+    const V clamp = Simd::Xor(Simd::SignMask(*sum), Simd::Set1(INT32_MAX));
+    *sum = Simd::Select(overflow, clamp, s);
+  } else {
+    *sum = s;
+  }
+}
+
+// Words [begin, end) of the packed pairs, term by term with exact overflow handling.
+// Returns the number of overflows (padding lanes add zeros and never overflow).
+int64_t ExactBlock(const int32_t* a, const int32_t* panel, int64_t packed_k, int64_t begin,
+                   int64_t end, bool saturate, Simd::V (*sum)[kVectorsPerRow]) {
+  using V = Simd::V;
+  V count[kTileRows][kVectorsPerRow];
+  for (int r = 0; r < kTileRows; ++r) {
+    for (int v = 0; v < kVectorsPerRow; ++v) count[r][v] = Simd::Zero();
+  }
+  const V low_half = Simd::Set1(0xFFFF);
+  const V high_half = Simd::Set1(static_cast<int32_t>(0xFFFF0000u));
+  for (int64_t w = begin; w < end; ++w) {
+    const int32_t* bw = panel + w * kTileCols;
+    V b[kVectorsPerRow];
+    for (int v = 0; v < kVectorsPerRow; ++v) b[v] = Simd::Load(bw + v * Simd::kWidth);
+    for (int r = 0; r < kTileRows; ++r) {
+      const V ar = Simd::Set1(a[r * packed_k + w]);
+      const V first = Simd::And(ar, low_half), second = Simd::And(ar, high_half);
+      for (int v = 0; v < kVectorsPerRow; ++v) {
+        AddExact(&sum[r][v], Simd::PairProducts(first, b[v]), &count[r][v], saturate);
+        AddExact(&sum[r][v], Simd::PairProducts(second, b[v]), &count[r][v], saturate);
+      }
+    }
+  }
+  alignas(64) int32_t lanes[kLanes];
+  for (int r = 0; r < kTileRows; ++r) {
+    for (int v = 0; v < kVectorsPerRow; ++v) {
+      Simd::Store(lanes + r * kTileCols + v * Simd::kWidth, count[r][v]);
+    }
+  }
+  int64_t total = 0;
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
 
 int64_t Int32TilePairs(const int32_t* a, const int32_t* panel, float* c, int rows, int cols,
                        int64_t ldc, const Int32Accumulation& acc) {
   using V = Simd::V;
   V sum[kTileRows][kVectorsPerRow];
-  alignas(64) int32_t saved[kLanes];
+  V saved[kTileRows][kVectorsPerRow];
   alignas(64) int32_t lanes[kLanes];
   alignas(64) float total[kLanes];
   for (int l = 0; l < kLanes; ++l) total[l] = 0.0f;
@@ -296,45 +375,37 @@ int64_t Int32TilePairs(const int32_t* a, const int32_t* panel, float* c, int row
     }
     for (int64_t block = word; block < word + words; block += kBlockWords) {
       const int64_t block_end = std::min(word + words, block + kBlockWords);
+      // Sums already outside [-2^30, 2^30) (large, or saturated): term by term.
       V flag = Simd::Zero();
       for (int r = 0; r < kTileRows; ++r) {
         for (int v = 0; v < kVectorsPerRow; ++v) {
-          Simd::Store(saved + r * kTileCols + v * Simd::kWidth, sum[r][v]);
+          saved[r][v] = sum[r][v];
           flag = Simd::Flag(flag, sum[r][v]);
         }
       }
-      for (int64_t w = block; w < block_end; ++w) {
-        const int32_t* bw = panel + w * kTileCols;
-        V b[kVectorsPerRow];
-        for (int v = 0; v < kVectorsPerRow; ++v) b[v] = Simd::Load(bw + v * Simd::kWidth);
-        for (int r = 0; r < kTileRows; ++r) {
-          const V ar = Simd::Set1(a[r * acc.packed_k + w]);
-          for (int v = 0; v < kVectorsPerRow; ++v) {
-            sum[r][v] = Simd::Add(sum[r][v], Simd::PairProducts(ar, b[v]));
-            flag = Simd::Flag(flag, sum[r][v]);
+      bool exact = Simd::AnySign(flag);
+      if (!exact) {
+        for (int64_t w = block; w < block_end; ++w) {
+          const int32_t* bw = panel + w * kTileCols;
+          V b[kVectorsPerRow];
+          for (int v = 0; v < kVectorsPerRow; ++v) b[v] = Simd::Load(bw + v * Simd::kWidth);
+          for (int r = 0; r < kTileRows; ++r) {
+            const V ar = Simd::Set1(a[r * acc.packed_k + w]);
+            for (int v = 0; v < kVectorsPerRow; ++v) {
+              sum[r][v] = Simd::Add(sum[r][v], Simd::PairProducts(ar, b[v]));
+              flag = Simd::Flag(flag, sum[r][v]);
+            }
+          }
+        }
+        exact = Simd::AnySign(flag);
+        if (exact) {  // some sum left [-2^30, 2^30): redo the block term by term
+          for (int r = 0; r < kTileRows; ++r) {
+            for (int v = 0; v < kVectorsPerRow; ++v) sum[r][v] = saved[r][v];
           }
         }
       }
-      if (!Simd::AnySign(flag)) continue;
-      // Some sum left [-2^30, 2^30): redo the block term by term (valid lanes only).
-      for (int r = 0; r < rows; ++r) {
-        for (int j = 0; j < cols; ++j) {
-          int32_t s = saved[r * kTileCols + j];
-          for (int64_t w = block; w < block_end; ++w) {
-            const int32_t aw = a[r * acc.packed_k + w];
-            const int32_t bw = panel[w * kTileCols + j];
-            overflows += Int32Add(&s, static_cast<int64_t>(static_cast<int16_t>(aw)) *
-                                          static_cast<int16_t>(bw), acc.saturate);
-            overflows += Int32Add(&s, static_cast<int64_t>(static_cast<int16_t>(aw >> 16)) *
-                                          static_cast<int16_t>(bw >> 16), acc.saturate);
-          }
-          saved[r * kTileCols + j] = s;
-        }
-      }
-      for (int r = 0; r < kTileRows; ++r) {
-        for (int v = 0; v < kVectorsPerRow; ++v) {
-          sum[r][v] = Simd::Load(saved + r * kTileCols + v * Simd::kWidth);
-        }
+      if (exact) {
+        overflows += ExactBlock(a, panel, acc.packed_k, block, block_end, acc.saturate, sum);
       }
     }
     word += words;
@@ -370,7 +441,8 @@ int64_t Int32Tile(const int32_t* a, const int32_t* panel, float* c, int rows, in
 #define TFHFP8_FLOAT_TILES(P)                                                       \
   {                                                                                 \
     FloatTile<P, Mode::kNearestEven>, FloatTile<P, Mode::kStochastic>,              \
-        FloatTile<P, Mode::kTowardZero>, FloatTile<P, Mode::kNearestEvenFast>       \
+        FloatTile<P, Mode::kTowardZero>, FloatTile<P, Mode::kNearestEvenFast>,      \
+        FloatTile<P, Mode::kNearestEvenPlain>                                       \
   }
 
 }  // namespace

@@ -57,9 +57,10 @@ using Int32TileLoop = int64_t (*)(const int32_t* a, const int32_t* panel, float*
 // One CPU variant's loops.
 struct AccumulateLoops {
   const char* name;
-  // [has_products][rounding], and at [..][kRoundings] nearest even through
-  // QuantizeFloatNearestEven (when every format allows it).
-  FloatTileLoop float_tile[2][kRoundings + 1];
+  // [has_products][rounding]; at [..][kRoundings] nearest even through
+  // QuantizeFloatNearestEven (when every format allows it), at [..][kRoundings + 1]
+  // through its plain form (when every format is plain, see PlainNearestEven).
+  FloatTileLoop float_tile[2][kRoundings + 2];
   Int32TileLoop int32_tile;
 };
 

@@ -8,6 +8,7 @@
 
 #include "cpu_dispatch.h"
 #include "format_attrs.h"
+#include "kernel_util.h"
 #include "rounding.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -25,51 +26,6 @@ using tensorflow::TensorShapeUtils;
 using tensorflow::errors::InvalidArgument;
 
 namespace {
-
-// Cost of one element for tensorflow::Shard, in its units (about one cycle): the
-// vectorized loops take a few cycles per element; the value only needs to be large
-// enough that a big tensor is split over every thread while a small one (a few
-// thousand elements) stays on the calling thread.
-constexpr int64_t kCostPerElement = 10;
-
-// Runs body(begin, end) over [0, n) on the intra-op thread pool.
-template <typename Body>
-void ParallelFor(OpKernelContext* context, int64_t n, int64_t cost_per_element, Body body) {
-  const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
-  tensorflow::Shard(workers.num_threads, workers.workers, n, cost_per_element, body);
-}
-
-absl::Status ReadSeed(const Tensor& tensor, int64_t* seed) {
-  if (!TensorShapeUtils::IsScalar(tensor.shape())) {
-    return InvalidArgument("seed must be a scalar, got shape ", tensor.shape().DebugString());
-  }
-  *seed = tensor.scalar<int64_t>()();
-  return absl::OkStatus();
-}
-
-absl::Status SelectLoopsOrError(const Loops** loops) {
-  std::string error;
-  *loops = SelectLoops(&error);
-  return *loops != nullptr ? absl::OkStatus() : InvalidArgument(error);
-}
-
-// The loops of one container type, indexed by rounding.
-template <typename T>
-struct TypedLoops;
-
-template <>
-struct TypedLoops<float> {
-  static FloatLoop<float> Float(const Loops& l, Rounding r) { return l.float32[int(r)]; }
-  static FixedLoop<float> Fixed(const Loops& l, Rounding r) { return l.fixed32[int(r)]; }
-  static MaxAbsLoop<float> MaxAbs(const Loops& l) { return l.max_abs32; }
-};
-
-template <>
-struct TypedLoops<double> {
-  static FloatLoop<double> Float(const Loops& l, Rounding r) { return l.float64[int(r)]; }
-  static FixedLoop<double> Fixed(const Loops& l, Rounding r) { return l.fixed64[int(r)]; }
-  static MaxAbsLoop<double> MaxAbs(const Loops& l) { return l.max_abs64; }
-};
 
 // Shared exponents k lie in [smallest subnormal exponent, largest exponent + 1]; the
 // top one makes the largest magnitudes round to inf, as on the TF-ops backend.

@@ -5,6 +5,7 @@
 // header, so TensorFlow's headers are only ever compiled for the baseline.
 
 #include "cpu_dispatch.h"
+#include "block_rounding.h"
 #include "rounding.h"
 
 namespace tfhfp8 {
@@ -20,6 +21,12 @@ template <typename T, Rounding R>
 void FixedLoopOf(const T* in, T* out, int64_t begin, int64_t end, int k,
                  typename Container<T>::UInt inf_magnitude, const Keys& keys) {
   QuantizeFixedRange<T, R>(in, out, begin, end, k, inf_magnitude, keys);
+}
+
+template <typename T, Rounding R>
+void BlockLoopOf(const T* in, T* out, const BlockShape& shape, int64_t begin, int64_t end,
+                 const BlockParams<T>& params, const Keys& keys) {
+  BlockRange<T, R>(in, out, shape, begin, end, params, keys);
 }
 
 #define TFHFP8_BY_ROUNDING(F, T) \
@@ -40,6 +47,10 @@ extern const Loops TFHFP8_CONCAT(kLoops_, TFHFP8_VARIANT) = {
     TFHFP8_BY_ROUNDING(FixedLoopOf, double),
     MaxAbsBitsRange<float>,
     MaxAbsBitsRange<double>,
+    TFHFP8_BY_ROUNDING(BlockLoopOf, float),
+    TFHFP8_BY_ROUNDING(BlockLoopOf, double),
+    TensorAmaxRange<float>,
+    TensorAmaxRange<double>,
 };
 
 }  // namespace tfhfp8

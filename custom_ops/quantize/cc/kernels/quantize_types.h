@@ -73,6 +73,49 @@ using FixedLoop = void (*)(const T* in, T* out, int64_t begin, int64_t end, int 
 template <typename T>
 using MaxAbsLoop = typename Container<T>::UInt (*)(const T* in, int64_t begin, int64_t end);
 
+// A tensor seen as [outer, n, inner] and cut into blocks of `block_size` along n (the
+// last block of a row may be shorter). Work is split into units: one block when
+// inner == 1, else one block times a tile of at most `tile` consecutive columns.
+struct BlockShape {
+  int64_t outer;
+  int64_t n;
+  int64_t inner;
+  int64_t block_size;
+  int64_t blocks;  // per row along n: ceil(n / block_size)
+  int64_t tile;    // columns per unit (inner == 1: 1)
+  int64_t tiles;   // units per block: ceil(inner / tile)
+};
+
+// Everything a block-scaled rounding (tfhfp8.BlockScaled) needs, precomputed.
+template <typename T>
+struct BlockParams {
+  using UInt = typename Container<T>::UInt;
+  bool power_of_two;  // E8M0 scales; else a FloatFormat scale, computed in float64
+  bool saturate;      // an infinity counts as the largest finite value
+  // E8M0: the element rounding (saturating) in T; scale 2^k from the block's amax.
+  FloatParams<T> element;
+  int emax;           // exponent of the element format's largest value
+  bool ceil;          // "ceil" scale rounding (else OCP's "floor")
+  UInt max_fraction;  // fraction field of the element max in T
+  // Float scales, all in float64.
+  FloatParams<double> element64;  // element rounding, saturating
+  FloatParams<double> scale64;    // block scale rounding, saturating
+  bool scale_toward_zero;         // scale rounding "floor" (else nearest even)
+  FloatParams<double> float32;    // the final rounding of a float32 result
+  double element_max_times_s;     // max_element * S
+  double s;                       // the tensor scale S (1 without one)
+};
+
+// out = in rounded block by block, for the units [begin, end) of `shape`.
+template <typename T>
+using BlockLoop = void (*)(const T* in, T* out, const BlockShape& shape, int64_t begin,
+                           int64_t end, const BlockParams<T>& params, const Keys& keys);
+// The largest magnitude over [begin, end) as its bits, NaN left out; infinities count
+// as the largest finite value when `saturate`, else are left out too (0 if none).
+template <typename T>
+using TensorAmaxLoop = typename Container<T>::UInt (*)(const T* in, int64_t begin, int64_t end,
+                                                       bool saturate);
+
 // One CPU variant's loops, indexed by Rounding.
 struct Loops {
   const char* name;
@@ -82,6 +125,10 @@ struct Loops {
   FixedLoop<double> fixed64[kRoundings];
   MaxAbsLoop<float> max_abs32;
   MaxAbsLoop<double> max_abs64;
+  BlockLoop<float> block32[kRoundings];
+  BlockLoop<double> block64[kRoundings];
+  TensorAmaxLoop<float> tensor_amax32;
+  TensorAmaxLoop<double> tensor_amax64;
 };
 
 }  // namespace tfhfp8

@@ -251,6 +251,13 @@ inline bool NearestEvenFastApplies(const FloatParams<float>& p) {
   return p.quantum_exponent + 23 <= 127;
 }
 
+// kPlain (when PlainNearestEven(p)): the zero-sign rule of fnuz formats is left out and
+// a NaN becomes the default NaN (NaNs' signs and payloads are not kept).
+inline bool PlainNearestEven(const FloatParams<float>& p) {
+  return p.zero_sign_mask == SignBit<float>() && p.nan_xor == QuietNanBits<float>();
+}
+
+template <bool kPlain>
 inline float QuantizeFloatNearestEven(float x, const FloatParams<float>& p) {
   using UInt = uint32_t;
   const UInt bits = ToBits(x);
@@ -265,6 +272,9 @@ inline float QuantizeFloatNearestEven(float x, const FloatParams<float>& p) {
   const UInt sub_bits = ToBits((FromBits<float>(a) + magic) - magic);
   UInt magnitude = a < (static_cast<UInt>(p.emin) << 23) ? sub_bits : normal_bits;
   magnitude = magnitude > p.max_bits ? p.overflow_bits : magnitude;
+  if constexpr (kPlain) {
+    return FromBits<float>(a > InfBits<float>() ? QuietNanBits<float>() : (sign | magnitude));
+  }
   const UInt kept_sign = magnitude == 0 ? (sign & p.zero_sign_mask) : sign;
   return FromBits<float>(a > InfBits<float>() ? (sign ^ p.nan_xor) : (kept_sign | magnitude));
 }
@@ -342,32 +352,43 @@ inline void MapElements(const T* in, T* out, int64_t count, F f) {
   }
 }
 
-// Runs element(x, rand) over in[begin, end) -> out[begin, end), with the random bits
-// of each flat index when R is stochastic.
-template <typename T, Rounding R, typename Element>
-inline void QuantizeRange(const T* in, T* out, int64_t begin, int64_t end, const Keys& keys,
-                          Element element) {
-  using UInt = typename Container<T>::UInt;
+// Runs element(x, rand, j) over in[begin, end) -> out[begin, end), j = index - begin,
+// with the random bits (`Rand`: 32 or 64 of them) of each flat index when R is
+// stochastic.
+template <typename T, Rounding R, typename Rand, typename Element>
+inline void QuantizeRangeIndexed(const T* in, T* out, int64_t begin, int64_t end,
+                                 const Keys& keys, Element element) {
   ForEachIndexWord(begin, end, [&](uint32_t lo, int64_t count, uint32_t hi, int64_t offset) {
     const T* src = in + begin + offset;
     T* dst = out + begin + offset;
     if constexpr (R != Rounding::kStochastic) {
-      MapElements(src, dst, count, [=](T x, int64_t) { return element(x, UInt{0}); });
-    } else if constexpr (sizeof(T) == 4) {
+      MapElements(src, dst, count,
+                  [=](T x, int64_t j) { return element(x, Rand{0}, offset + j); });
+    } else if constexpr (sizeof(Rand) == 4) {
       // RandomBits<uint32_t> with the index's high word folded into `base`.
       const uint32_t base = (hi * 0x85EBCA77u) ^ keys.key0;
       MapElements(src, dst, count, [=](T x, int64_t j) {
         const uint32_t index = lo + static_cast<uint32_t>(j);
-        return element(x, Mix32((index * 0x9E3779B9u) ^ base));
+        return element(x, Mix32((index * 0x9E3779B9u) ^ base), offset + j);
       });
     } else {
       const Keys k = keys;
       const uint64_t first = (static_cast<uint64_t>(hi) << 32) | lo;
       MapElements(src, dst, count, [=](T x, int64_t j) {
-        return element(x, RandomBits<UInt>(first + static_cast<uint64_t>(j), k));
+        return element(x, RandomBits<Rand>(first + static_cast<uint64_t>(j), k), offset + j);
       });
     }
   });
+}
+
+// Runs element(x, rand) over in[begin, end) -> out[begin, end), with the random bits
+// of each flat index (as wide as T) when R is stochastic.
+template <typename T, Rounding R, typename Element>
+inline void QuantizeRange(const T* in, T* out, int64_t begin, int64_t end, const Keys& keys,
+                          Element element) {
+  using UInt = typename Container<T>::UInt;
+  QuantizeRangeIndexed<T, R, UInt>(in, out, begin, end, keys,
+                                   [=](T x, UInt rand, int64_t) { return element(x, rand); });
 }
 
 template <typename T, Rounding R>

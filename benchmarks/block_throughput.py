@@ -1,0 +1,129 @@
+"""Throughput of block-scaled quantization (OCP MX, NVFP4) against the copy floor.
+
+Measures best-of-N elements/s, in one process, for the fused C++ kernel
+(`Hfp8QuantizeBlock`, each CPU variant this machine supports), called directly and
+through `tfhfp8.quantize`, and for the TF-ops code (`tfhfp8.ops.tf_block`, the `tf`
+backend: XLA-compiled into few loops), with blocks along the last axis (and, for
+MXFP8, along axis 0: strided blocks). Each is also given as a ratio to the
+memory-copy floor `x * one` measured in the same run (the faster of a `tf.function`
+and an XLA-compiled one, as in benchmarks/quantize_throughput.py): the machine is
+shared and noisy, so compare ratios from one run, never absolute times across runs.
+
+    PYTHONPATH=. python benchmarks/block_throughput.py [--log2_size 24] [--repeats 7]
+
+Prints one table; asserts nothing.
+"""
+
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+
+import machine  # benchmarks/machine.py
+import tfhfp8
+from tfhfp8 import formats, program
+from tfhfp8.ops import cpp_backend
+
+_LOG2_SIZE = flags.DEFINE_integer("log2_size", 24, "2^this float32 elements, as rows of "
+                                  "1024.", lower_bound=10)
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 7, "Timed rounds over all cases; the best round of each case counts.",
+    lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls of each case first.", lower_bound=0)
+_FILTER = flags.DEFINE_string(
+    "filter", "", "Only the cases whose name contains this (the copy floor always runs).")
+
+_FORMATS = [("mxfp8_e4m3", "nearest_even"), ("mxfp8_e4m3", "stochastic"),
+            ("nvfp4", "nearest_even"), ("mxint8", "nearest_even")]
+_SHORT = {"nearest_even": "RNE", "stochastic": "SR"}
+
+
+def _with_env(fn, **env):
+    """Runs fn with the environment variables `env` set (restored afterwards)."""
+    def wrapped():
+        old = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for name, value in old.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+    return wrapped
+
+
+def _cases(x):
+    seed = tf.constant(1234, tf.int64)
+    one = tf.Variable(1.0, dtype=tf.float32)
+    copy = tf.function(lambda v: v * one, autograph=False)
+    copy_xla = tf.function(lambda v: v * one, autograph=False, jit_compile=True)
+    cases = [("copy floor: x * one (tf.function)", lambda: copy(x)),
+             ("copy floor: x * one (XLA)", lambda: copy_xla(x))]
+
+    # The fused kernel, called directly (eager), in each CPU variant this CPU supports.
+    _, variants = cpp_backend.cpu_variant()
+    for variant in variants:
+        for name, rounding in _FORMATS:
+            cases.append((f"C++ {name} {_SHORT[rounding]} [{variant}]", _with_env(
+                lambda f=formats.get(name), r=rounding: cpp_backend.quantize_block(
+                    x, f, r, True, seed), TFHFP8_CPU_VARIANT=variant)))
+    axis0 = tfhfp8.BlockScaled("float8_e4m3fn", 32, axis=0)
+    cases.append(("C++ mxfp8_e4m3 RNE, blocks along axis 0",
+                  lambda: cpp_backend.quantize_block(x, axis0, "nearest_even", True, seed)))
+
+    # The public API on each backend, eager: cpp runs the kernel, tf the TF-ops code
+    # compiled by XLA (tfhfp8.ops.run_fused).
+    for backend in ("cpp", "tf"):
+        for name, rounding in _FORMATS:
+            cases.append((f"tfhfp8.quantize {backend} {name} {_SHORT[rounding]}", _with_env(
+                lambda n=name, r=rounding: tfhfp8.quantize(x, n, r, True, 1234),
+                TFHFP8_BACKEND=backend)))
+        cases.append((f"tfhfp8.quantize {backend} mxfp8_e4m3 RNE, axis 0", _with_env(
+            lambda: tfhfp8.quantize(x, axis0, "nearest_even", True, 1234),
+            TFHFP8_BACKEND=backend)))
+    return cases
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    n = 1 << _LOG2_SIZE.value
+    print(machine.describe())
+    print(f"{n} float32 elements (2^{_LOG2_SIZE.value}, rows of 1024), best of "
+          f"{_REPEATS.value} interleaved rounds after {_WARMUP.value} warm-up calls\n"
+          f"library {tfhfp8.ops.build.library_path()}, CPU variant "
+          f"{cpp_backend.cpu_variant()[0]} (supported: {' '.join(cpp_backend.cpu_variant()[1])})\n"
+          f"load average before: {machine.load_average()}")
+    cpp_backend.load()
+    rng = np.random.default_rng(0)
+    x_np = (rng.standard_normal(n, dtype=np.float32)
+            * np.exp2(rng.integers(-12, 6, n)).astype(np.float32))
+    x = tf.constant(x_np.reshape(-1, 1024))
+
+    cases = [(name, fn) for name, fn in _cases(x)
+             if not _FILTER.value or _FILTER.value in name or name.startswith("copy floor")]
+    for _, fn in cases:
+        for _ in range(_WARMUP.value):
+            fn()
+    # Interleaved rounds: a slow spell of this shared machine hits all cases alike.
+    best = [float("inf")] * len(cases)
+    for _ in range(_REPEATS.value):
+        for j, (_, fn) in enumerate(cases):
+            start = time.perf_counter()
+            fn()
+            best[j] = min(best[j], time.perf_counter() - start)
+    copy_rate = n / min(best[:2])
+    width = max(len(name) for name, _ in cases)
+    print(f"{'case':{width}s}  {'ms':>8s}  {'G elem/s':>8s}  {'x copy':>6s}")
+    for (name, _), seconds in zip(cases, best):
+        rate = n / seconds
+        print(f"{name:{width}s}  {seconds * 1e3:8.2f}  {rate / 1e9:8.3f}  {rate / copy_rate:6.2f}")
+    print(f"load average after: {machine.load_average()}")
+
+
+if __name__ == "__main__":
+    program.run(main)

@@ -1,0 +1,352 @@
+// Block-scaled rounding (tfhfp8.BlockScaled: OCP MX, NVFP4), fused: per block the
+// absolute maximum, the scale and the element rounding, while the block is in cache.
+//
+// The same algorithm as tfhfp8/ops/tf_block.py, which documents it step by step; the
+// two are tested to agree bit for bit. The element rounding is rounding.h's
+// QuantizeFloatElement, with the same random bits (a hash of the flat index).
+// Compiled once per CPU variant (see cpu_dispatch.h), like rounding.h.
+
+#ifndef TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_BLOCK_ROUNDING_H_
+#define TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_BLOCK_ROUNDING_H_
+
+#include <cstdint>
+
+#include "quantize_types.h"
+#include "rounding.h"
+
+namespace tfhfp8 {
+inline namespace TFHFP8_VARIANT {
+
+// Columns of one unit when the blocks run along a non-last axis (BlockShape::tile).
+constexpr int kBlockTile = 128;
+// E8M0 scales are 2^k for k in [-127, 127].
+constexpr int kE8m0MaxExponent = 127;
+
+// |x|'s bits as a block's element: an infinity becomes the largest finite value.
+// (Without saturation an infinity makes its block NaN and is never rounded.)
+template <typename T>
+inline typename Container<T>::UInt BlockMagnitude(typename Container<T>::UInt bits) {
+  const auto a = bits & ~SignBit<T>();
+  return a == InfBits<T>() ? a - 1 : a;
+}
+
+// x * 2^k on the bits (tf_block._ldexp): exact when representable; results below the
+// container's smallest subnormal are truncated toward zero. Finite x only.
+template <typename T>
+inline typename Container<T>::UInt LdexpBits(typename Container<T>::UInt bits, int k) {
+  using C = Container<T>;
+  using UInt = typename C::UInt;
+  constexpr int kMinExponent = 1 - C::kExponentBias - C::kMantissa;
+  const UInt sign = bits & SignBit<T>();
+  int exponent1;
+  UInt sig;
+  Significand<T>(bits & ~SignBit<T>(), &exponent1, &sig);
+  const int qe = exponent1 - (C::kExponentBias + C::kMantissa) + k;
+  const int raw_shift = kMinExponent - qe;
+  const int shift = raw_shift < 0 ? 0 : (raw_shift > C::kWidth - 1 ? C::kWidth - 1 : raw_shift);
+  const UInt code = sig >> shift;
+  return sign | ScaledBits<T>(code, qe > kMinExponent ? qe : kMinExponent);
+}
+
+// A float32 (or float64) value's bits as a float64, exactly, on the bits: TensorFlow's
+// threads treat subnormal operands of float instructions as zero.
+inline double ToFloat64(uint32_t bits) {
+  const uint32_t a = bits & 0x7FFFFFFFu;
+  const uint64_t exponent = a >> 23;
+  const uint64_t mantissa = a & 0x7FFFFFu;
+  const double normal = FromBits<double>(((exponent + (1023 - 127)) << 52) | (mantissa << 29));
+  // An integer converts exactly, and the product is a float64 normal.
+  const double sub = static_cast<double>(static_cast<int32_t>(mantissa)) * 0x1p-149;
+  const double value = exponent == 0 ? sub : normal;
+  return FromBits<double>(ToBits(value) | (static_cast<uint64_t>(bits >> 31) << 63));
+}
+inline double ToFloat64(uint64_t bits) { return FromBits<double>(bits); }
+
+// A float64 holding a float32 value (subnormals too) as float32 bits
+// (tf_block._float64_to_float32).
+inline uint32_t Float32BitsOf(double y) {
+  const uint64_t bits = ToBits(y);
+  const uint64_t sign = bits & SignBit<double>();
+  const uint64_t a = bits & ~SignBit<double>();
+  const int exponent = static_cast<int>(a >> 52);
+  const uint64_t fraction = a & ((uint64_t{1} << 52) - 1);
+  const uint64_t normal_bits =
+      (static_cast<uint64_t>(exponent - 896 > 0 ? exponent - 896 : 0) << 23) | (fraction >> 29);
+  const uint64_t sig = fraction | (exponent > 0 ? uint64_t{1} << 52 : uint64_t{0});
+  const int raw_shift = 926 - exponent;
+  const int shift = raw_shift < 0 ? 0 : (raw_shift > 63 ? 63 : raw_shift);
+  const uint64_t sub_bits = sig >> shift;
+  const uint64_t out = (exponent >= 897 ? normal_bits : sub_bits) | (sign >> 32);
+  return static_cast<uint32_t>(out);
+}
+
+// ---------------------------------------------------------------------------------
+// Scales. A scaler holds the scale of up to kBlockTile blocks (one per column) and
+// rounds elements with it.
+
+// OCP MX: the scale 2^k of each block, from its amax (tf_block._power_of_two).
+template <typename T>
+struct Pow2Scaler {
+  using UInt = typename Container<T>::UInt;
+  using Rand = UInt;  // the element rounding runs in T
+
+  // Returns true for a NaN block (a NaN, or an infinity without saturation, or a
+  // float64 block beyond 2^127 * 2^emax without saturation).
+  static bool Scale(UInt amax, const BlockParams<T>& p, int* k_out) {
+    using C = Container<T>;
+    constexpr UInt kMask = (UInt{1} << C::kMantissa) - 1;
+    bool bad = amax >= InfBits<T>();
+    if (bad) amax = 0;
+    const UInt v = amax > 1 ? amax : UInt{1};
+    const int field = static_cast<int>(v >> C::kMantissa);
+    int e;
+    UInt fraction;
+    if (field == 0) {
+      // A subnormal's integer mantissa field converts exactly to a float with the same
+      // significand; its exponent gives the position of the top bit.
+      const UInt as_float = ToBits(static_cast<T>(v & kMask));
+      e = static_cast<int>(as_float >> C::kMantissa) - C::kExponentBias +
+          (1 - C::kExponentBias - C::kMantissa);
+      fraction = as_float & kMask;
+    } else {
+      e = field - C::kExponentBias;
+      fraction = v & kMask;
+    }
+    int k = e - p.emax;
+    if (p.ceil && fraction > p.max_fraction) ++k;  // up when amax's significand exceeds max's
+    if (amax == 0) k = -kE8m0MaxExponent;
+    if (!p.saturate && k > kE8m0MaxExponent) bad = true;
+    k = k < -kE8m0MaxExponent ? -kE8m0MaxExponent : (k > kE8m0MaxExponent ? kE8m0MaxExponent : k);
+    *k_out = bad ? 0 : k;
+    return bad;
+  }
+
+  template <Rounding R>
+  static T Element(T x, int k, const FloatParams<T>& element, UInt rand) {
+    const UInt a = BlockMagnitude<T>(ToBits(x));
+    const UInt scaled = LdexpBits<T>((ToBits(x) & SignBit<T>()) | a, -k);
+    const T q = QuantizeFloatElement<T, R>(FromBits<T>(scaled), element, rand);
+    return FromBits<T>(LdexpBits<T>(ToBits(q), k));
+  }
+};
+
+// The per-block scale of a FloatFormat (NVFP4), within the tensor scale S, in float64
+// (tf_block._float_scale).
+template <typename T>
+struct FloatScaler {
+  using UInt = typename Container<T>::UInt;
+  using Rand = uint64_t;  // the element rounding runs in float64
+
+  // d = s_block * S (0: the block becomes signed zeros); true for a NaN block.
+  static bool Scale(UInt amax, const BlockParams<T>& p, double* d_out) {
+    const bool bad = amax >= InfBits<T>();
+    const double amax64 = ToFloat64(bad ? UInt{0} : amax);
+    const double quotient = amax64 / p.element_max_times_s;
+    const double block_scale =
+        p.scale_toward_zero
+            ? QuantizeFloatElement<double, Rounding::kTowardZero>(quotient, p.scale64, 0)
+            : QuantizeFloatElement<double, Rounding::kNearestEven>(quotient, p.scale64, 0);
+    *d_out = block_scale * p.s;  // exact: <= 4 + 24 significant bits
+    return bad;
+  }
+
+  // d != 0 (a zero d is the caller's: signed zeros). `float32`: the final rounding of a
+  // float32 result (unused for float64).
+  template <Rounding R>
+  static T Element(T x, double d, const FloatParams<double>& element,
+                   const FloatParams<double>& float32, uint64_t rand) {
+    const UInt bits = ToBits(x);
+    const double x64 = ToFloat64((bits & SignBit<T>()) | BlockMagnitude<T>(bits));
+    const double q = QuantizeFloatElement<double, R>(x64 / d, element, rand);
+    const double y = q * d;
+    if constexpr (sizeof(T) == 8) {
+      return y;
+    } else {
+      const double y32 = QuantizeFloatElement<double, Rounding::kNearestEven>(y, float32, 0);
+      return FromBits<float>(Float32BitsOf(y32));
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------
+// The loops.
+
+// The largest magnitude of in[begin, end) (see TensorAmaxLoop).
+template <typename T>
+typename Container<T>::UInt TensorAmaxRange(const T* in, int64_t begin, int64_t end,
+                                            bool saturate) {
+  using UInt = typename Container<T>::UInt;
+  constexpr UInt kMagnitude = ~SignBit<T>();
+  constexpr UInt kInf = InfBits<T>();
+  const UInt inf_as = saturate ? kInf - 1 : UInt{0};
+  UInt largest = 0;
+  for (int64_t j = begin; j < end; ++j) {
+    const UInt a = ToBits(in[j]) & kMagnitude;
+    const UInt v = a < kInf ? a : (a == kInf ? inf_as : UInt{0});
+    largest = v > largest ? v : largest;
+  }
+  return largest;
+}
+
+template <typename T>
+inline void FillNan(T* out, int64_t count) {
+  const T nan = FromBits<T>(QuietNanBits<T>());
+  for (int64_t j = 0; j < count; ++j) out[j] = nan;
+}
+
+// The block's amax as bits: the largest of the magnitudes, where an infinity counts as
+// `inf_as` (the largest finite value when saturating, else itself: a NaN block).
+template <typename T>
+inline typename Container<T>::UInt BlockAmax(const T* in, int64_t count,
+                                             typename Container<T>::UInt inf_as) {
+  using UInt = typename Container<T>::UInt;
+  UInt amax = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    const UInt a = ToBits(in[j]) & ~SignBit<T>();
+    const UInt v = a == InfBits<T>() ? inf_as : a;
+    amax = v > amax ? v : amax;
+  }
+  return amax;
+}
+
+template <typename T>
+constexpr typename Container<T>::UInt InfAs(bool saturate) {
+  return saturate ? InfBits<T>() - 1 : InfBits<T>();
+}
+
+// One block of contiguous elements [start, start + count).
+template <typename T, Rounding R>
+inline void Pow2Contiguous(const T* in, T* out, int64_t start, int64_t count,
+                           const BlockParams<T>& p, const Keys& keys) {
+  using UInt = typename Container<T>::UInt;
+  int k;
+  if (Pow2Scaler<T>::Scale(BlockAmax(in + start, count, InfAs<T>(p.saturate)), p, &k)) {
+    FillNan(out + start, count);
+    return;
+  }
+  const FloatParams<T> element = p.element;
+  QuantizeRange<T, R>(in, out, start, start + count, keys, [=](T x, UInt rand) {
+    return Pow2Scaler<T>::template Element<R>(x, k, element, rand);
+  });
+}
+
+template <typename T, Rounding R>
+inline void FloatContiguous(const T* in, T* out, int64_t start, int64_t count,
+                            const BlockParams<T>& p, const Keys& keys) {
+  double d;
+  if (FloatScaler<T>::Scale(BlockAmax(in + start, count, InfAs<T>(p.saturate)), p, &d)) {
+    FillNan(out + start, count);
+    return;
+  }
+  if (d == 0) {  // the scale underflows: signed zeros
+    for (int64_t j = start; j < start + count; ++j) {
+      out[j] = FromBits<T>(ToBits(in[j]) & SignBit<T>());
+    }
+    return;
+  }
+  const FloatParams<double> element = p.element64;
+  const FloatParams<double> float32 = p.float32;
+  QuantizeRangeIndexed<T, R, uint64_t>(in, out, start, start + count, keys,
+                                       [=](T x, uint64_t rand, int64_t) {
+    return FloatScaler<T>::template Element<R>(x, d, element, float32, rand);
+  });
+}
+
+// amax[c] of the columns c < width of `rows` rows (stride `inner`) from `base`.
+template <typename T>
+inline void ColumnAmax(const T* in, int64_t base, int64_t rows, int64_t width, int64_t inner,
+                       typename Container<T>::UInt inf_as, typename Container<T>::UInt* amax) {
+  using UInt = typename Container<T>::UInt;
+  for (int64_t c = 0; c < width; ++c) amax[c] = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = in + base + r * inner;
+    for (int64_t c = 0; c < width; ++c) {
+      const UInt a = ToBits(row[c]) & ~SignBit<T>();
+      const UInt v = a == InfBits<T>() ? inf_as : a;
+      amax[c] = v > amax[c] ? v : amax[c];
+    }
+  }
+}
+
+// Blocks along a non-last axis: a unit is `rows` rows (stride `inner`) of `width`
+// consecutive columns starting at flat index `base`; each column is one block.
+template <typename T, Rounding R>
+inline void Pow2Columns(const T* in, T* out, int64_t base, int64_t rows, int64_t width,
+                        int64_t inner, const BlockParams<T>& p, const Keys& keys) {
+  using UInt = typename Container<T>::UInt;
+  UInt amax[kBlockTile];
+  ColumnAmax(in, base, rows, width, inner, InfAs<T>(p.saturate), amax);
+  int k[kBlockTile];
+  UInt nan_mask[kBlockTile];  // all ones in a NaN block
+  for (int64_t c = 0; c < width; ++c) {
+    nan_mask[c] = Pow2Scaler<T>::Scale(amax[c], p, &k[c]) ? ~UInt{0} : UInt{0};
+  }
+  const FloatParams<T> element = p.element;
+  const UInt nan = QuietNanBits<T>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t start = base + r * inner;
+    QuantizeRangeIndexed<T, R, UInt>(in, out, start, start + width, keys,
+                                     [&](T x, UInt rand, int64_t c) {
+      const UInt y = ToBits(Pow2Scaler<T>::template Element<R>(x, k[c], element, rand));
+      return FromBits<T>((y & ~nan_mask[c]) | (nan & nan_mask[c]));
+    });
+  }
+}
+
+template <typename T, Rounding R>
+inline void FloatColumns(const T* in, T* out, int64_t base, int64_t rows, int64_t width,
+                         int64_t inner, const BlockParams<T>& p, const Keys& keys) {
+  using UInt = typename Container<T>::UInt;
+  UInt amax[kBlockTile];
+  ColumnAmax(in, base, rows, width, inner, InfAs<T>(p.saturate), amax);
+  double d[kBlockTile];
+  bool bad[kBlockTile];
+  for (int64_t c = 0; c < width; ++c) bad[c] = FloatScaler<T>::Scale(amax[c], p, &d[c]);
+  const T nan = FromBits<T>(QuietNanBits<T>());
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t start = base + r * inner;
+    QuantizeRangeIndexed<T, R, uint64_t>(in, out, start, start + width, keys,
+                                         [&](T x, uint64_t rand, int64_t c) {
+      if (bad[c]) return nan;
+      if (d[c] == 0) return FromBits<T>(ToBits(x) & SignBit<T>());
+      return FloatScaler<T>::template Element<R>(x, d[c], p.element64, p.float32, rand);
+    });
+  }
+}
+
+// The units [begin, end) of `shape` (see BlockShape).
+template <typename T, Rounding R>
+void BlockRange(const T* in, T* out, const BlockShape& shape, int64_t begin, int64_t end,
+                const BlockParams<T>& p, const Keys& keys) {
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t tile = unit % shape.tiles;
+    const int64_t block = (unit / shape.tiles) % shape.blocks;
+    const int64_t row = unit / shape.tiles / shape.blocks;
+    const int64_t first = block * shape.block_size;
+    const int64_t rows =
+        shape.n - first < shape.block_size ? shape.n - first : shape.block_size;
+    if (shape.inner == 1) {
+      const int64_t start = row * shape.n + first;
+      if (p.power_of_two) {
+        Pow2Contiguous<T, R>(in, out, start, rows, p, keys);
+      } else {
+        FloatContiguous<T, R>(in, out, start, rows, p, keys);
+      }
+    } else {
+      const int64_t column = tile * shape.tile;
+      const int64_t width =
+          shape.inner - column < shape.tile ? shape.inner - column : shape.tile;
+      const int64_t base = (row * shape.n + first) * shape.inner + column;
+      if (p.power_of_two) {
+        Pow2Columns<T, R>(in, out, base, rows, width, shape.inner, p, keys);
+      } else {
+        FloatColumns<T, R>(in, out, base, rows, width, shape.inner, p, keys);
+      }
+    }
+  }
+}
+
+}  // inline namespace TFHFP8_VARIANT
+}  // namespace tfhfp8
+
+#endif  // TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_BLOCK_ROUNDING_H_

@@ -1,0 +1,76 @@
+// Helpers shared by the TensorFlow kernels of quantize_kernels.cc and block_kernels.cc:
+// the thread pool, the seed, the loops of a container type (attributes: format_attrs.h).
+// Compiled for the baseline only, with TensorFlow's headers.
+
+#ifndef TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_KERNEL_UTIL_H_
+#define TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_KERNEL_UTIL_H_
+
+#include <cstdint>
+#include <string>
+
+#include "cpu_dispatch.h"
+#include "quantize_types.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace tfhfp8 {
+
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShapeUtils;
+using tensorflow::errors::InvalidArgument;
+
+// Cost of one element for tensorflow::Shard, in its units (about one cycle): the
+// vectorized loops take a few cycles per element; the value only needs to be large
+// enough that a big tensor is split over every thread while a small one (a few
+// thousand elements) stays on the calling thread.
+constexpr int64_t kCostPerElement = 10;
+
+// Runs body(begin, end) over [0, n) on the intra-op thread pool.
+template <typename Body>
+inline void ParallelFor(OpKernelContext* context, int64_t n, int64_t cost_per_element, Body body) {
+  const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
+  tensorflow::Shard(workers.num_threads, workers.workers, n, cost_per_element, body);
+}
+
+inline absl::Status ReadSeed(const Tensor& tensor, int64_t* seed) {
+  if (!TensorShapeUtils::IsScalar(tensor.shape())) {
+    return InvalidArgument("seed must be a scalar, got shape ", tensor.shape().DebugString());
+  }
+  *seed = tensor.scalar<int64_t>()();
+  return absl::OkStatus();
+}
+
+inline absl::Status SelectLoopsOrError(const Loops** loops) {
+  std::string error;
+  *loops = SelectLoops(&error);
+  return *loops != nullptr ? absl::OkStatus() : InvalidArgument(error);
+}
+
+// The loops of one container type, indexed by rounding.
+template <typename T>
+struct TypedLoops;
+
+template <>
+struct TypedLoops<float> {
+  static FloatLoop<float> Float(const Loops& l, Rounding r) { return l.float32[int(r)]; }
+  static FixedLoop<float> Fixed(const Loops& l, Rounding r) { return l.fixed32[int(r)]; }
+  static MaxAbsLoop<float> MaxAbs(const Loops& l) { return l.max_abs32; }
+  static BlockLoop<float> Block(const Loops& l, Rounding r) { return l.block32[int(r)]; }
+  static TensorAmaxLoop<float> TensorAmax(const Loops& l) { return l.tensor_amax32; }
+};
+
+template <>
+struct TypedLoops<double> {
+  static FloatLoop<double> Float(const Loops& l, Rounding r) { return l.float64[int(r)]; }
+  static FixedLoop<double> Fixed(const Loops& l, Rounding r) { return l.fixed64[int(r)]; }
+  static MaxAbsLoop<double> MaxAbs(const Loops& l) { return l.max_abs64; }
+  static BlockLoop<double> Block(const Loops& l, Rounding r) { return l.block64[int(r)]; }
+  static TensorAmaxLoop<double> TensorAmax(const Loops& l) { return l.tensor_amax64; }
+};
+
+}  // namespace tfhfp8
+
+#endif  // TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_KERNEL_UTIL_H_
