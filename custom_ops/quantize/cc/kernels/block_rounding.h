@@ -314,10 +314,62 @@ inline void FloatColumns(const T* in, T* out, int64_t base, int64_t rows, int64_
   }
 }
 
+// Elements of one run of short contiguous blocks (Pow2Run).
+constexpr int64_t kRunElements = 4096;
+
+// Consecutive blocks of one row, [start, start + count), the first block starting at
+// `start` (the last may be partial): the scales of all of them first, then one long
+// vectorized loop with each element's exponent (a loop per short block would be mostly
+// overhead), then NaN blocks filled.
+template <typename T, Rounding R>
+inline void Pow2Run(const T* in, T* out, int64_t start, int64_t count, int64_t block_size,
+                    const BlockParams<T>& p, const Keys& keys) {
+  using UInt = typename Container<T>::UInt;
+  int k_of[kRunElements];
+  bool bad[kRunElements];  // per block
+  bool any_bad = false;
+  for (int64_t b = 0, first = 0; first < count; ++b, first += block_size) {
+    const int64_t size = count - first < block_size ? count - first : block_size;
+    int k;
+    bad[b] =
+        Pow2Scaler<T>::Scale(BlockAmax(in + start + first, size, InfAs<T>(p.saturate)), p, &k);
+    any_bad |= bad[b];
+    for (int64_t j = first; j < first + size; ++j) k_of[j] = k;
+  }
+  const FloatParams<T> element = p.element;
+  const int* k_ptr = k_of;
+  QuantizeRangeIndexed<T, R, UInt>(in, out, start, start + count, keys,
+                                   [=](T x, UInt rand, int64_t j) {
+    return Pow2Scaler<T>::template Element<R>(x, k_ptr[j], element, rand);
+  });
+  if (!any_bad) return;
+  for (int64_t b = 0, first = 0; first < count; ++b, first += block_size) {
+    const int64_t size = count - first < block_size ? count - first : block_size;
+    if (bad[b]) FillNan(out + start + first, size);
+  }
+}
+
 // The units [begin, end) of `shape` (see BlockShape).
 template <typename T, Rounding R>
 void BlockRange(const T* in, T* out, const BlockShape& shape, int64_t begin, int64_t end,
                 const BlockParams<T>& p, const Keys& keys) {
+  if (shape.inner == 1 && p.power_of_two && shape.block_size <= kRunElements) {
+    // Runs of whole blocks of one row, at most kRunElements elements each.
+    const int64_t per_run = kRunElements / shape.block_size;
+    for (int64_t unit = begin; unit < end;) {
+      const int64_t row = unit / shape.blocks;
+      const int64_t block = unit % shape.blocks;
+      int64_t stop = unit + per_run;
+      stop = stop < end ? stop : end;
+      stop = stop < (row + 1) * shape.blocks ? stop : (row + 1) * shape.blocks;
+      const int64_t first = block * shape.block_size;
+      const int64_t last = (block + stop - unit) * shape.block_size;
+      const int64_t count = (last < shape.n ? last : shape.n) - first;
+      Pow2Run<T, R>(in, out, row * shape.n + first, count, shape.block_size, p, keys);
+      unit = stop;
+    }
+    return;
+  }
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t tile = unit % shape.tiles;
     const int64_t block = (unit / shape.tiles) % shape.blocks;
