@@ -96,6 +96,12 @@ def test_preset_formats_and_roundings(name):
     assert policy.compute_dtype == "float32" and policy.variable_dtype == "float32"
 
 
+def test_loss_scaling_none_is_no_scaling():
+    assert tfhfp8.Policy("hfp8", loss_scaling="none").loss_scaling is None
+    for name in tfhfp8.policy.presets():  # saved files name presets: no state to add
+        assert tfhfp8.Policy(name).loss_scaling is None
+
+
 def test_preset_format_details():
     hfp8 = tfhfp8.Policy("hfp8")
     assert (hfp8.weights.exponent_bits, hfp8.weights.mantissa_bits, hfp8.weights.bias) == (4, 3, 11)

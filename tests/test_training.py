@@ -175,8 +175,11 @@ def test_mirrored_strategy_two_cpu_replicas():
 # -- tf.function, unknown batch size -------------------------------------------------------------
 @pytest.mark.parametrize("preset", ["hfp8", "int16_dfp"])
 def test_tf_function_with_unknown_batch_size(preset):
-    conv = tfhfp8.quantize_model(conv_model(), preset)
-    attention = tfhfp8.quantize_model(attention_model(), preset)
+    # Round to nearest: stochastic rounding (hfp8's errors) draws new bits at every call,
+    # so the eager and the traced call would not compare.
+    policy = tfhfp8.Policy(preset, rounding="nearest_even")
+    conv = tfhfp8.quantize_model(conv_model(), policy)
+    attention = tfhfp8.quantize_model(attention_model(), policy)
 
     def step(model, x):
         with tf.GradientTape() as tape:

@@ -43,20 +43,41 @@ MASTER_ROUNDINGS = ROUNDINGS + ("kahan",)
 _PRESETS = {
     # No emulation.
     "float32": dict(),
-    # Kalamkar et al. 2019: GEMM inputs in BF16 with RNE, FP32 accumulation and master
-    # weights.
+    # Kalamkar et al. 2019 ("A Study of BFLOAT16 for Deep Learning Training"): the GEMM
+    # inputs (weights, activations, errors) in BF16 with round-to-nearest-even; FP32
+    # accumulation, weight gradients (a GEMM output), master weights and optimizer state;
+    # no layer exempted; no loss scaling (BF16 has FP32's range).
     "bfloat16": dict(weights="bfloat16", activations="bfloat16", errors="bfloat16"),
-    # Wang et al. 2018 / Mellempudi et al. 2019: 1-5-2 everywhere, stochastic rounding
-    # on the backward tensors, FP16 master weights updated with stochastic rounding;
-    # first and last GEMM layers in 16 bits.
+    # Mellempudi et al. 2019 ("Mixed Precision Training With 8-bit Floating Point"), on
+    # Wang et al. 2018: 1-5-2 for weights, activations, errors and weight gradients;
+    # round-to-nearest forward, stochastic rounding of the backward tensors; FP16 master
+    # weights updated with stochastic rounding; first and last GEMM layers kept out of 8
+    # bits (here FP16). Their "enhanced loss scaling" is global, an optimizer's business:
+    # `tfhfp8.loss_scaling.DynamicLossScaleOptimizer(..., min_scale=...)` (`tfhfp8 train
+    # --loss_scaling=enhanced`). Wang et al. keep momentum in 1-6-9 with stochastic
+    # rounding: `Policy("fp8", optimizer_states="float16_e6m9", rounding=...)` with
+    # `tfhfp8.optimizers.LowPrecision`.
     "fp8": dict(
         weights="float8_e5m2", activations="float8_e5m2", errors="float8_e5m2",
         weight_gradients="float8_e5m2", master_weights="float16",
         rounding=dict(errors="stochastic", weight_gradients="stochastic",
                       master_weights="stochastic"),
         exempt_first_last=True),
-    # Sun et al. 2019: 1-4-3 (bias 11) forward, 1-5-2 backward, RNE; weight gradients
-    # and the weight update in 16 bits; first and last GEMM layers in 16 bits.
+    # Sun et al. 2019 (HFP8), as Rodriguez (Deep Learning Systems, ch. 6) summarises it:
+    # "a hybrid (1,4,3) and (1,5,2) approach for the forward and backpropagation,
+    # respectively, using loss-scaling and stochastic rounding, and keeping the input
+    # and last layers at fp16". Here: 1-4-3 (bias 11) weights and activations with
+    # round-to-nearest (Sun et al.); 1-5-2 errors; weight gradients and the weight
+    # update in FP16 (Sun et al.); first and last GEMM layers in FP16 (Rodriguez, Sun et
+    # al.). Not (yet) in the preset, pending the ablation in docs/results.md:
+    # - stochastic rounding, of the errors (as Mellempudi et al. do for the backward
+    #   tensors) and of the FP16 update (Wang et al. 2018, the FP8 work HFP8 extends):
+    #   `Policy("hfp8", rounding={"errors": "stochastic", "master_weights": "stochastic"})`
+    #   (the layers' stochastic-rounding counters are saved in .keras files but not in
+    #   tf.train.Checkpoint, which resumed runs of this preset rely on today);
+    # - loss scaling (its kind is not stated in the sources at hand): `tfhfp8 train` adds
+    #   per-layer adaptive scaling by default, `Policy("hfp8", loss_scaling="adaptive")`
+    #   by hand; in the preset, files saved under the name "hfp8" would lack its state.
     "hfp8": dict(
         weights="float8_e4m3b11fnuz", activations="float8_e4m3b11fnuz",
         errors="float8_e5m2", weight_gradients="float16", master_weights="float16",
@@ -151,8 +172,9 @@ class Policy(keras.DTypePolicy):
         model in `exempt_format` instead of this policy's formats.
       exempt_format: the format of exempt layers (None: FP32); by default the
         preset's (`"bfloat16"` for `nvfp4`), else `"float16"`.
-      loss_scaling: per-GEMM error scaling: None, `"adaptive"`, `"absmax"` or a
-        `tfhfp8.loss_scaling.LossScaling` (see that module).
+      loss_scaling: per-GEMM error scaling: `"adaptive"`, `"absmax"` or a
+        `tfhfp8.loss_scaling.LossScaling` (see that module); `"none"` or None for no
+        scaling.
       quantize_attention: False keeps the two products inside attention (`QK^T`,
         `scores x V`) in FP32 (NVFP4's recipe); their projections follow the policy.
       exempt_of: set on the policy of a layer that another policy exempts (the first
@@ -233,8 +255,11 @@ class Policy(keras.DTypePolicy):
         self.saturate = saturate
         self.exempt_first_last = bool(exempt_first_last)
         self.exempt_format = _format_or_none("exempt_format", exempt_format)
-        self.loss_scaling = loss_scaling_lib.get(
-            settings.get("loss_scaling") if loss_scaling is None else loss_scaling)
+        if loss_scaling is None:
+            loss_scaling = settings.get("loss_scaling")
+        # "none", as the command line spells it, is no scaling.
+        self.loss_scaling = loss_scaling_lib.get(None if loss_scaling == "none"
+                                                 else loss_scaling)
         if exempt_of is not None and not isinstance(exempt_of, str):
             raise TypeError(f"exempt_of must be None or a policy name, got {exempt_of!r}")
         self.exempt_of = exempt_of
