@@ -441,8 +441,11 @@ def test_policy_roles_accept_block_formats():
         y = layer(x)
         loss = tf.reduce_sum(y * y)
     grads = tape.gradient(loss, layer.trainable_variables)
+    # The forward GEMM blocks x along its features and the kernel along its input
+    # axis (axis 0): both along the reduction (tests/test_gemm_scaling.py has the rest).
+    along_inputs = tfhfp8.BlockScaled("float8_e4m3fn", 32, axis=0)
     expected = tf.matmul(tfhfp8.quantize(x, "mxfp8_e4m3"),
-                         tfhfp8.quantize(layer.kernel, "mxfp8_e4m3")) + layer.bias
+                         tfhfp8.quantize(layer.kernel, along_inputs)) + layer.bias
     np.testing.assert_array_equal(y.numpy(), expected.numpy())
     assert all(np.isfinite(g.numpy()).all() for g in grads)
 

@@ -39,6 +39,25 @@ PRESETS = {
     "int16_dfp": dict(weights=("int16_dfp", NE), activations=("int16_dfp", NE),
                       errors=("int16_dfp", NE), weight_gradients=(None, NE),
                       master_weights=(None, NE), exempt_first_last=False),
+    # Transformer Engine DelayedScaling / Keras float8: per-tensor E4M3 forward, E5M2
+    # backward, delayed scaling; FP32 gradients and master weights; nothing exempt.
+    "fp8_delayed": dict(weights=("e4m3_delayed", NE), activations=("e4m3_delayed", NE),
+                        errors=("e5m2_delayed", NE), weight_gradients=(None, NE),
+                        master_weights=(None, NE), exempt_first_last=False),
+    # Rouhani et al. 2023: MX operands in every GEMM, FP32 update; nothing exempt.
+    "mxfp8": dict(weights=("mxfp8_e4m3", NE), activations=("mxfp8_e4m3", NE),
+                  errors=("mxfp8_e5m2", NE), weight_gradients=(None, NE),
+                  master_weights=(None, NE), exempt_first_last=False),
+    "mxfp6": dict(weights=("mxfp6_e3m2", NE), activations=("mxfp6_e3m2", NE),
+                  errors=("mxfp6_e3m2", NE), weight_gradients=(None, NE),
+                  master_weights=(None, NE), exempt_first_last=False),
+    "mxfp4": dict(weights=("mxfp4_e2m1", NE), activations=("mxfp6_e3m2", NE),
+                  errors=("mxfp6_e3m2", NE), weight_gradients=(None, NE),
+                  master_weights=(None, NE), exempt_first_last=False),
+    # NVIDIA's NVFP4 recipe: SR on gradients, last layers in BF16, FP32 update.
+    "nvfp4": dict(weights=("nvfp4", NE), activations=("nvfp4", NE), errors=("nvfp4", SR),
+                  weight_gradients=(None, NE), master_weights=(None, NE),
+                  exempt_first_last=True, exempt_format="bfloat16"),
 }
 
 
@@ -70,7 +89,7 @@ def test_preset_formats_and_roundings(name):
         assert policy.rounding[role] == rounding, role
     assert policy.exempt_first_last is expected["exempt_first_last"]
     assert policy.saturate is True
-    assert format_name(policy.exempt_format) == "float16"
+    assert format_name(policy.exempt_format) == expected.get("exempt_format", "float16")
     assert policy.emulates is (name != "float32")
     # Keras' side: a float32 DTypePolicy.
     assert isinstance(policy, keras.DTypePolicy)
@@ -321,7 +340,8 @@ def test_inference_policy_drops_backward_roles():
 def test_unknown_name_without_role_keywords_raises_listing_the_presets(name):
     # A misspelt preset used to build a float32 policy that emulates nothing.
     with pytest.raises(ValueError, match=r"not a preset \(float32, bfloat16, fp8, hfp8, "
-                                         r"int16_dfp\)"):
+                                         r"int16_dfp, fp8_delayed, mxfp8, mxfp6, mxfp4, "
+                                         r"nvfp4\)"):
         tfhfp8.Policy(name)
     with pytest.raises(ValueError, match="not a preset"):
         tfhfp8.Policy(name, rounding="stochastic", exempt_first_last=True)

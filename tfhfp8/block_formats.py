@@ -30,6 +30,22 @@ from `amax / (max_element * S)` and the value of an element is `q * s_block * S`
 rounded `S_enc / s_block`; here every quotient is exact before the one rounding that
 defines each result, see `tfhfp8.ops.tf_block`.)
 
+Per-tensor scaling (`block_size=None`, `scale="float32"`): the whole tensor is one block
+with an FP32 scale, the recipe of NVIDIA's Transformer Engine (`DelayedScaling`) and of
+Keras 3's float8 training (`keras.quantizers.compute_float8_scale`,
+`quantize_and_dequantize`), in float32 arithmetic step by step as they compute it:
+`s = 1 / fl32(fl32(max_element / amax) / 2^margin)` (`s = 1` when `amax` is 0 or not
+finite), elements `round(fl32(x / s))` (saturating), values `fl32(q * s)`. The scale
+is not a power of two, so `x / s` and `q * s` are float32 roundings of their own, as
+on the hardware these recipes target (its FP32 multiply before the FP8 cast); they are
+part of the format's definition. `amax_history=0` is current scaling (the amax of the
+tensor being quantized); `amax_history=H > 0` is delayed scaling: an emulated layer
+keeps, per GEMM operand, the last `H` amaxes and the scale in its state (saved with
+the model) and quantizes with the scale computed from that history *before* this step
+(Keras' order: the scale used at step `t` comes from the amaxes of steps `< t - 1`),
+then records this step's amax. Outside a layer, `quantize(x, fmt, scale=s)` takes the
+scale to use; without it the current amax is used.
+
 Special values: a block holding a NaN, or an infinity with `saturate=False`, has a
 NaN scale (E8M0's 0xFF): all its elements are NaN (as in Microsoft's microxcaling, the
 reference code of the MX authors). With `saturate=True` an infinity counts as the
@@ -51,7 +67,9 @@ import keras
 from tfhfp8 import formats
 
 E8M0 = "float8_e8m0fnu"
-SCALE_ROUNDINGS = {"power_of_two": ("floor", "ceil"), "float": ("nearest_even", "floor")}
+FLOAT32 = "float32"  # the per-tensor scale of Transformer Engine / Keras float8
+SCALE_ROUNDINGS = {"power_of_two": ("floor", "ceil"), "float": ("nearest_even", "floor"),
+                   "tensor": ("nearest_even",)}
 
 # MXINT8's element (OCP MX v1.0): an 8-bit integer with an implicit scale 2^-6, used
 # symmetrically (+-127/64, as Microsoft's microxcaling; gfloat also allows -128/64).
@@ -83,18 +101,25 @@ class BlockScaled:
       element: the element format: a `FloatFormat` or its name (`"float8_e4m3fn"`,
         `"float4_e2m1fn"`, ...), or `"int8"` (MXINT8's elements, `k / 64` for
         `|k| <= 127`).
-      block_size: elements per block, 1..65536 (OCP MX: 32, NVFP4: 16).
-      scale: `"float8_e8m0fnu"` (power-of-two scales, OCP MX) or a `FloatFormat` or
-        name (NVFP4: `"float8_e4m3fn"`).
-      axis: the axis the blocks run along. In a `Policy`, blocks run along the
-        last axis of every tensor for now (blocking each GEMM operand along that
-        GEMM's reduction axis is item 3 of issue 17, not done yet).
+      block_size: elements per block, 1..65536 (OCP MX: 32, NVFP4: 16), or None for
+        per-tensor scaling (the whole tensor one block; needs `scale="float32"`).
+      scale: `"float8_e8m0fnu"` (power-of-two scales, OCP MX), a `FloatFormat` or
+        name (NVFP4: `"float8_e4m3fn"`), or `"float32"` (per tensor, Transformer
+        Engine / Keras float8; only with `block_size=None`).
+      axis: the axis the blocks run along when quantizing a tensor directly. In the
+        GEMMs of emulated layers (`Dense`, `EinsumDense`, the convolutions,
+        attention), each operand is blocked along that GEMM's own reduction axis
+        instead (see `tfhfp8.layers.gemm_axes`).
       tensor_scale: a per-tensor FP32 scale above the block scales (NVFP4); only
         with a `FloatFormat` scale.
       scale_rounding: how `amax` becomes a scale: `"floor"` or `"ceil"` for
         `"float8_e8m0fnu"`, `"nearest_even"` or `"floor"` for a float scale format;
         None: `"floor"` (OCP MX) or `"nearest_even"` (NVFP4). See the module
         docstring for the exact definitions.
+      margin: per-tensor scaling only: the scale leaves `2^margin` of headroom
+        (Transformer Engine's `margin`), 0..64.
+      amax_history: per-tensor scaling only: 0 for current scaling, else the length
+        of the amax history of delayed scaling (Keras and Transformer Engine: 1024).
       name: optional display name.
 
     Example:
@@ -115,14 +140,29 @@ class BlockScaled:
     tensor_scale: bool = False
     scale_rounding: Optional[str] = None
     name: Optional[str] = dataclasses.field(default=None, compare=False)
+    margin: int = 0
+    amax_history: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "element", _element(self.element))
-        object.__setattr__(self, "block_size",
-                           formats._check_int("block_size", self.block_size, 1, 1 << 16))
+        per_tensor = self.block_size is None
+        if not per_tensor:
+            object.__setattr__(self, "block_size",
+                               formats._check_int("block_size", self.block_size, 1, 1 << 16))
         object.__setattr__(self, "axis", formats._check_int("axis", self.axis, -32, 31))
+        object.__setattr__(self, "margin", formats._check_int("margin", self.margin, 0, 64))
+        object.__setattr__(self, "amax_history", formats._check_int(
+            "amax_history", self.amax_history, 0, 1 << 20))
+        if per_tensor != (self.scale == FLOAT32):
+            raise ValueError(
+                f"block_size=None (per-tensor scaling) goes with scale={FLOAT32!r} and "
+                f"scale={FLOAT32!r} with block_size=None; got block_size="
+                f"{self.block_size!r}, scale={self.scale!r}")
+        if not per_tensor and (self.margin or self.amax_history):
+            raise ValueError("margin and amax_history are for per-tensor scaling "
+                             "(block_size=None) only")
         scale = self.scale
-        if scale != E8M0:
+        if scale not in (E8M0, FLOAT32):
             try:
                 scale = formats.get(scale)
             except (TypeError, ValueError) as error:
@@ -130,7 +170,7 @@ class BlockScaled:
             if not isinstance(scale, formats.FloatFormat):
                 raise ValueError(f"scale must be {E8M0!r} or a FloatFormat, got {scale!r}")
             object.__setattr__(self, "scale", scale)
-        kind = "power_of_two" if scale == E8M0 else "float"
+        kind = {E8M0: "power_of_two", FLOAT32: "tensor"}.get(scale, "float")
         rounding = self.scale_rounding
         if rounding is None:
             rounding = SCALE_ROUNDINGS[kind][0]
@@ -141,9 +181,9 @@ class BlockScaled:
         object.__setattr__(self, "scale_rounding", rounding)
         if not isinstance(self.tensor_scale, bool):
             raise ValueError(f"tensor_scale must be True or False, got {self.tensor_scale!r}")
-        if self.tensor_scale and kind == "power_of_two":
+        if self.tensor_scale and kind != "float":
             raise ValueError(f"tensor_scale=True needs a float scale format (e.g. "
-                             f"'float8_e4m3fn'), not scale={E8M0!r}")
+                             f"'float8_e4m3fn'), not scale={scale!r}")
 
     @property
     def scale_name(self):
@@ -155,6 +195,16 @@ class BlockScaled:
         return self.scale == E8M0
 
     @property
+    def per_tensor(self) -> bool:
+        """True for per-tensor scaling (one FP32 scale, `block_size=None`)."""
+        return self.block_size is None
+
+    @property
+    def delayed(self) -> bool:
+        """True for delayed per-tensor scaling (an amax history kept by the layer)."""
+        return self.amax_history > 0
+
+    @property
     def emax_element(self) -> int:
         """The exponent of the element format's largest value (OCP's `emax_elem`)."""
         return (self.element.max_code >> self.element.mantissa_bits) - self.element.bias
@@ -162,15 +212,20 @@ class BlockScaled:
     @property
     def bits(self) -> float:
         """Average storage bits per element (element bits plus the shared scale)."""
+        if self.per_tensor:
+            return self.element.bits  # one float32 per tensor
         scale_bits = 8 if self.power_of_two_scale else self.scale.bits
         return self.element.bits + scale_bits / self.block_size
 
     def get_config(self) -> dict:
         element = formats.serialize(self.element) if self.element != INT8_ELEMENT else "int8"
-        scale = self.scale if self.power_of_two_scale else formats.serialize(self.scale)
-        return {"element": element, "block_size": self.block_size, "scale": scale,
-                "axis": self.axis, "tensor_scale": self.tensor_scale,
-                "scale_rounding": self.scale_rounding, "name": self.name}
+        scale = self.scale if isinstance(self.scale, str) else formats.serialize(self.scale)
+        config = {"element": element, "block_size": self.block_size, "scale": scale,
+                  "axis": self.axis, "tensor_scale": self.tensor_scale,
+                  "scale_rounding": self.scale_rounding, "name": self.name}
+        if self.per_tensor:  # block formats' configs stay as they were
+            config.update(margin=self.margin, amax_history=self.amax_history)
+        return config
 
     @classmethod
     def from_config(cls, config: dict) -> "BlockScaled":
@@ -180,6 +235,11 @@ class BlockScaled:
         title = f"{self.name!r}, " if self.name else ""
         element = self.element.name or repr(self.element)
         extra = ", with a tensor scale" if self.tensor_scale else ""
+        if self.per_tensor:
+            how = (f"delayed, amax history {self.amax_history}" if self.delayed
+                   else "current")
+            return (f"BlockScaled({title}{element} per tensor, float32 scale, margin "
+                    f"{self.margin}, {how})")
         return (f"BlockScaled({title}{element} x {self.block_size} along axis {self.axis}, "
                 f"scale {self.scale_name}/{self.scale_rounding}{extra})")
 
@@ -196,4 +256,10 @@ NAMED = [
     _named("mxfp4_e2m1", "float4_e2m1fn"),
     _named("mxint8", "int8"),
     _named("nvfp4", "float4_e2m1fn", 16, scale="float8_e4m3fn", tensor_scale=True),
+    # Per-tensor FP32 scales (Transformer Engine / Keras float8): current scaling, and
+    # delayed scaling with the default history of both (1024 steps) and margin 0.
+    _named("e4m3_current", "float8_e4m3fn", None, scale=FLOAT32),
+    _named("e5m2_current", "float8_e5m2", None, scale=FLOAT32),
+    _named("e4m3_delayed", "float8_e4m3fn", None, scale=FLOAT32, amax_history=1024),
+    _named("e5m2_delayed", "float8_e5m2", None, scale=FLOAT32, amax_history=1024),
 ]

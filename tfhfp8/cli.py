@@ -188,10 +188,15 @@ def formats_table():
                 e_m, bias = "int8", ""
             else:
                 e_m, bias = f"{element.exponent_bits}-{element.mantissa_bits}", element.bias
+            if fmt.per_tensor:
+                how = (f"delayed, amax history {fmt.amax_history}" if fmt.delayed
+                       else "current")
+                blocks = f"one float32 scale per tensor ({how}, margin {fmt.margin})"
+            else:
+                blocks = f"blocks of {fmt.block_size} x {fmt.scale_name} scale{tensor}"
             lines.append(
                 f"{name:<20} {fmt.bits:>4g} {e_m:<5} {bias:>4} {element.max:>11.6g} {'':>11} "
-                f"{'':>11} {'':>9}  blocks of {fmt.block_size} x {fmt.scale_name} "
-                f"scale{tensor}; element {element.name}")
+                f"{'':>11} {'':>9}  {blocks}; element {element.name}")
             continue
         specials = ", ".join(s for s, on in (("inf", fmt.has_inf), ("NaN", fmt.has_nan),
                                                ("-0", fmt.has_negative_zero)) if on) or "none"

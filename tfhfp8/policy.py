@@ -85,7 +85,41 @@ _PRESETS = {
     # Das et al. 2018: INT16 dynamic fixed point (one shared exponent per tensor) for
     # the GEMM inputs, FP32 accumulation, weight gradients and master weights.
     "int16_dfp": dict(weights="int16_dfp", activations="int16_dfp", errors="int16_dfp"),
+    # NVIDIA Transformer Engine's DelayedScaling (HYBRID) and Keras 3's float8 training
+    # (`layer.quantize("float8")`): E4M3 weights and activations, E5M2 errors, each
+    # with a per-tensor FP32 scale from a 1024-step amax history, margin 0; FP32 weight
+    # gradients and master weights; no layer exempt (Keras quantizes every Dense and
+    # EinsumDense).
+    "fp8_delayed": dict(weights="e4m3_delayed", activations="e4m3_delayed",
+                        errors="e5m2_delayed"),
+    # OCP MX (Rouhani et al. 2023, "Microscaling data formats for deep learning", §6):
+    # every GEMM operand of the forward and both backward GEMMs in an MX format, each
+    # blocked along that GEMM's reduction axis (blocks of 32, E8M0 scales, nearest
+    # rounding); weight gradients, weight update, master weights and the non-GEMM ops
+    # (softmax, normalization, activations) in FP32; no layer exempt ("no modifications
+    # to the training recipe"). MXFP8: E4M3 forward, E5M2 backward.
+    "mxfp8": dict(weights="mxfp8_e4m3", activations="mxfp8_e4m3", errors="mxfp8_e5m2"),
+    # MXFP6: E3M2 for weights, activations and errors, the paper's sub-8-bit
+    # generative-training result.
+    "mxfp6": dict(weights="mxfp6_e3m2", activations="mxfp6_e3m2", errors="mxfp6_e3m2"),
+    # MXFP4: the paper trains with MXFP4 weights and MXFP6 (E3M2) activations and
+    # errors; FP4 for every operand is not one of its recipes.
+    "mxfp4": dict(weights="mxfp4_e2m1", activations="mxfp6_e3m2", errors="mxfp6_e3m2"),
+    # NVIDIA, "Pretraining large language models with NVFP4" (2025): NVFP4 (E2M1 in
+    # blocks of 16, E4M3 block scales, FP32 tensor scale) for the GEMM operands of the
+    # linear layers; round to nearest even for weights and activations, stochastic
+    # rounding for the gradients (errors); the last layers kept in higher precision
+    # (here the first and last GEMM layers, in BF16); the attention products
+    # (QK^T, scores x V) in high precision; FP32 weight gradients, master weights and
+    # optimizer. Not emulated: the 16x16 two-dimensional weight blocks and the random
+    # Hadamard transform of the weight-gradient GEMM's inputs.
+    "nvfp4": dict(weights="nvfp4", activations="nvfp4", errors="nvfp4",
+                  rounding=dict(errors="stochastic"), exempt_first_last=True,
+                  exempt_format="bfloat16", quantize_attention=False),
 }
+
+
+_PRESET = object()  # an argument left to the preset
 
 
 def presets():
@@ -107,18 +141,20 @@ class Policy(keras.DTypePolicy):
     """A named set of per-role number formats, roundings and exemptions.
 
     Args:
-      name: a preset (`"float32"`, `"bfloat16"`, `"fp8"`, `"hfp8"`, `"int16_dfp"`)
-        whose choices the other arguments override, or any name for a policy built
+      name: a preset (`"float32"`, `"bfloat16"`, `"fp8"`, `"hfp8"`, `"int16_dfp"`,
+        `"fp8_delayed"`, `"mxfp8"`, `"mxfp6"`, `"mxfp4"`, `"nvfp4"`) whose choices the other arguments override, or any name for a policy built
         from keywords (default `"custom"`). Another name without any role keyword is a
         ValueError (a misspelt preset would otherwise emulate nothing).
       weights, activations, errors, weight_gradients: formats of `Q_w`, `Q_a`, `Q_e`,
         `Q_g` (a name, `FloatFormat`, `DynamicFixedPoint` or `BlockScaled`). None keeps
         the preset's choice (FP32 for a policy built from keywords); `"float32"` forces
-        FP32. Block-scaled formats (`"mxfp8_e4m3"`, `"nvfp4"`, ...) block every tensor
-        along its last axis for now (for a Dense layer: the input's reduction axis, but
-        the kernel's output axis); blocking each GEMM operand along that GEMM's own
-        reduction axis, in the forward and both backward GEMMs, is item 3 of issue 17
-        and not done yet.
+        FP32. Block-scaled formats (`"mxfp8_e4m3"`, `"nvfp4"`, ...) block each GEMM
+        operand along that GEMM's own reduction axis, in the forward and both
+        backward GEMMs, in Dense, EinsumDense, Conv1D/2D/3D and attention
+        (`tfhfp8.layers.gemm_axes`); DepthwiseConv2D, SeparableConv2D,
+        Conv2DTranspose and Embedding block along each tensor's last axis.
+        Per-tensor FP32 scales (`"e4m3_delayed"`, ...) follow Transformer Engine /
+        Keras float8, delayed scaling keeping its amax history in the layer.
       master_weights: if set, the stored weights of emulated layers are rounded to
         this format after every optimizer step: `W <- Q_m(W + dW)`.
       optimizer_states: if set, every slot of the optimizer (momentum, Adam's moments,
@@ -134,10 +170,13 @@ class Policy(keras.DTypePolicy):
         or follow the format's own overflow semantics.
       exempt_first_last: `quantize_model` keeps the first and last GEMM layers of a
         model in `exempt_format` instead of this policy's formats.
-      exempt_format: the format of exempt layers (None: FP32).
+      exempt_format: the format of exempt layers (None: FP32); by default the
+        preset's (`"bfloat16"` for `nvfp4`), else `"float16"`.
       loss_scaling: per-GEMM error scaling: `"adaptive"`, `"absmax"` or a
         `tfhfp8.loss_scaling.LossScaling` (see that module); `"none"` or None for no
         scaling.
+      quantize_attention: False keeps the two products inside attention (`QK^T`,
+        `scores x V`) in FP32 (NVFP4's recipe); their projections follow the policy.
       exempt_of: set on the policy of a layer that another policy exempts (the first
         and last GEMM layers under `fp8` and `hfp8`): that policy's name. Data, so that
         `quantize_model`, `summary` and saved files all read the same thing.
@@ -169,8 +208,9 @@ class Policy(keras.DTypePolicy):
 
     def __init__(self, name="custom", *, weights=None, activations=None, errors=None,
                  weight_gradients=None, master_weights=None, optimizer_states=None,
-                 rounding=None, saturate=True, exempt_first_last=None, exempt_format="float16",
-                 loss_scaling=None, exempt_of=None, accumulation=None):
+                 rounding=None, saturate=True, exempt_first_last=None, exempt_format=_PRESET,
+                 loss_scaling=None, exempt_of=None, accumulation=None,
+                 quantize_attention=None):
         if isinstance(name, Policy):
             name = name.name
         if not isinstance(name, str):
@@ -190,6 +230,14 @@ class Policy(keras.DTypePolicy):
         settings.update({role: value for role, value in given.items() if value is not None})
         if name in _PRESETS and rounding is None:
             rounding = settings.get("rounding")
+        if exempt_format is _PRESET:
+            exempt_format = settings.get("exempt_format", "float16")
+        if quantize_attention is None:
+            quantize_attention = settings.get("quantize_attention", True)
+        if not isinstance(quantize_attention, bool):
+            raise ValueError(f"quantize_attention must be True or False, got "
+                             f"{quantize_attention!r}")
+        self.quantize_attention = quantize_attention
         if exempt_first_last is None:
             exempt_first_last = settings.get("exempt_first_last", False)
         if not isinstance(exempt_first_last, bool):
@@ -266,7 +314,8 @@ class Policy(keras.DTypePolicy):
                              errors=errors, rounding=self.rounding, saturate=self.saturate,
                              exempt_format=None, loss_scaling=self.loss_scaling,
                              exempt_of=self.name,
-                             accumulation=accumulation if fmt is not None else None)
+                             accumulation=accumulation if fmt is not None else None,
+                             quantize_attention=self.quantize_attention)
 
     def inference(self):
         """This policy with only the forward roles (weights and activations)."""
@@ -275,7 +324,8 @@ class Policy(keras.DTypePolicy):
                              saturate=self.saturate,
                              exempt_first_last=self.exempt_first_last,
                              exempt_format=self.exempt_format,
-                             accumulation={"forward": self.accumulation["forward"]})
+                             accumulation={"forward": self.accumulation["forward"]},
+                             quantize_attention=self.quantize_attention)
 
     @classmethod
     def _named(cls, name, **kwargs):
@@ -298,6 +348,7 @@ class Policy(keras.DTypePolicy):
             # Only when emulated: configs of FP32-summing policies stay as they were.
             **({"accumulation": _serialize_accumulation(self.accumulation)}
                if self.accumulates else {}),
+            **({} if self.quantize_attention else {"quantize_attention": False}),
         }
 
     @classmethod

@@ -15,7 +15,7 @@ _DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
 
 def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
-             gradient="straight_through"):
+             gradient="straight_through", scale=None):
     """Returns `x` rounded to the nearest values of `fmt`, same shape and dtype.
 
     Args:
@@ -37,6 +37,9 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
         fresh seed from TF's random state at every call (works in `tf.function`).
       gradient: `"straight_through"` passes the gradient unchanged;
         `"zero_overflow"` zeroes it where `|x|` exceeds the format's max.
+      scale: per-tensor scaled formats only (`BlockScaled(..., block_size=None)`):
+        the float32 scale to use (delayed scaling: the one computed from an amax
+        history); None uses the scale of `x`'s own amax (current scaling).
 
     Example:
 
@@ -49,6 +52,13 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
     x = _as_float_tensor(x)
+    if scale is not None:
+        if not (isinstance(fmt, block_formats.BlockScaled) and fmt.per_tensor):
+            raise ValueError(f"scale is for per-tensor scaled formats (BlockScaled with "
+                             f"block_size=None) only, not {fmt!r}")
+        scale = tf.convert_to_tensor(scale, tf.float32)
+        if scale.shape.rank is not None and scale.shape.rank != 0:
+            raise ValueError(f"scale must be a scalar, got shape {scale.shape}")
     if rounding == "stochastic":
         seed = _seed_tensor(seed)
     else:  # checked all the same: a bad seed is a bug wherever it is passed
@@ -69,7 +79,7 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
         # the straight-through tangent here, before tf.custom_gradient passes it on (in a
         # traced function, an accumulator ignores the custom gradient and keeps the
         # first tangent it computes for a tensor).
-        y = _round(tf.stop_gradient(x), fmt, rounding, saturate, seed)
+        y = _round(tf.stop_gradient(x), fmt, rounding, saturate, seed, scale)
         _compat.record_forward_gradient("Hfp8Quantize", [y], [x], lambda dy: [grad(dy)])
         return y, grad
 
@@ -159,7 +169,7 @@ def _seed_tensor(seed):
 _MAX_RANK = 8
 
 
-def _round(x, fmt, rounding, saturate, seed):
+def _round(x, fmt, rounding, saturate, seed, scale=None):
     rank = x.shape.rank
     if rank is not None and rank > _MAX_RANK:
         # Rounding is element-wise (a slice or a block shares one exponent): a rank-1
@@ -178,13 +188,17 @@ def _round(x, fmt, rounding, saturate, seed):
             fmt = dataclasses.replace(fmt, axis=1)
         else:
             view = [-1]
-        y = _round(tf.reshape(x, tf.stack(view)), fmt, rounding, saturate, seed)
+        y = _round(tf.reshape(x, tf.stack(view)), fmt, rounding, saturate, seed, scale)
         return tf.reshape(y, shape)
     container = tf.float64 if x.dtype == tf.float64 else tf.float32
     xc = tf.cast(x, container)
     backend = ops.active_backend()
     if isinstance(fmt, formats.FloatFormat):
         y = backend.quantize_float(xc, fmt, rounding, saturate, seed)
+    elif isinstance(fmt, block_formats.BlockScaled) and fmt.per_tensor:
+        # One FP32 scale (TE / Keras float8): plain float32 ops and the element rounding.
+        y = tf_block.quantize_tensor_scaled(xc, fmt, rounding, seed, scale,
+                                            backend.quantize_float)
     elif isinstance(fmt, block_formats.BlockScaled):
         y = backend.quantize_block(xc, fmt, rounding, saturate, seed)
     elif fmt.block_size is not None:

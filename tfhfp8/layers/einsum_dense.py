@@ -27,5 +27,6 @@ class EinsumDense(EmulatedLayer, keras.layers.EinsumDense):
                                    if label not in inputs])))
 
     def call(self, inputs, training=None):
-        x = self._gemm(functools.partial(ops.einsum, self.equation), [inputs], [self.kernel])
+        x = self._gemm(functools.partial(ops.einsum, self.equation), [inputs], [self.kernel],
+                       equation=self.equation)
         return self._bias_and_activation(x)

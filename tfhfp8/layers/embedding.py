@@ -18,6 +18,8 @@ class Embedding(EmulatedLayer, keras.layers.Embedding):
     (1, 3, 8)
     """
 
+    OPERANDS = (0, 1)
+
     def call(self, inputs):
         if inputs.dtype not in ("int32", "int64"):
             inputs = ops.cast(inputs, "int32")

@@ -11,11 +11,22 @@ back. Differentiating `op` itself then gives exactly
 `dx = op_input_grad(Q_e(dy), Q_w(W))` and `dW = Q_g(op_kernel_grad(Q_a(x), Q_e(dy)))`.
 
 With loss scaling on the policy, `Q_e(dy)` becomes `Q_e(s * dy) / s` with a per-GEMM
-power-of-two `s` kept in a state variable. When statistics are switched on
+power-of-two `s` kept in a state variable.
+
+Block-scaled formats depend on the axis their blocks run along. When a role of the
+policy has one and the layer describes its product by an einsum equation
+(`_gemm(..., equation=...)`), each GEMM quantizes its own operands along its own
+reduction axis (`tfhfp8.layers.gemm_axes`): `x` and `W` along the forward reduction,
+`dy` and `W` again along the `dx` GEMM's, `x` and `dy` again along the `dW` GEMM's.
+
+Per-tensor scaled formats with delayed scaling (`BlockScaled(..., block_size=None,
+amax_history=H)`) keep, per GEMM operand, an amax history and the scale in the
+layer's state (saved with the model), updated as Keras' float8 layers update theirs. When statistics are switched on
 (`tfhfp8.callbacks.QuantizationStats`), each GEMM also records the fraction of its
 errors that underflowed to zero or saturated in `Q_e`.
 """
 
+import dataclasses
 import functools
 import zlib
 
@@ -26,6 +37,8 @@ from keras import ops
 
 from tfhfp8 import _compat
 from tfhfp8 import policy as policy_lib
+from tfhfp8.layers import gemm_axes
+from tfhfp8.ops import tf_block
 from tfhfp8.quantization import quantize, quantize_gradient
 
 
@@ -89,6 +102,9 @@ class EmulatedLayer(_compat.AfterBuild):
 
     # Names of the layer's GEMMs (each gets its own error scale and statistics).
     GEMMS = ("gemm",)
+    # Per GEMM: how many activation inputs and kernels it quantizes (delayed scaling
+    # keeps an amax history for each).
+    OPERANDS = (1, 1)
     # The kernel axis that meets the GEMM's input channels (Keras' Dense, Conv*D,
     # DepthwiseConv2D and SeparableConv2D kernels end in (..., input, output)).
     KERNEL_INPUT_AXIS = -2
@@ -114,7 +130,42 @@ class EmulatedLayer(_compat.AfterBuild):
         if fmt is None:
             return x
         return quantize(x, fmt, rounding=self.policy.rounding[role],
-                        saturate=self.policy.saturate, seed=self._role_seed(step, role, *key))
+                        saturate=self.policy.saturate, seed=self._role_seed(step, role, *key),
+                        scale=self._delayed_scale(x, role, *key[:2]))
+
+    def _delayed_scale(self, x, role, gemm="gemm", index=0, update=True):
+        """The scale of a delayed per-tensor format (None for any other format): the
+        one in the layer's state; when `update` and this is a training pass (or a
+        backward one), the state then takes the next scale and `x`'s amax, as Keras'
+        float8 layers do (`compute_float8_scale` from the history before this step,
+        `compute_float8_amax_history`)."""
+        state = getattr(self, "scaling_state", {}).get((gemm, role, index))
+        if state is None:
+            return None
+        fmt = self.policy.formats[role]
+        scale = tf.convert_to_tensor(state["scale"].value)
+        if update and (role == "errors" or _compat.gradients_may_be_recorded()):
+            history = tf.convert_to_tensor(state["amax_history"].value)
+            state["scale"].assign(tf_block.tensor_scale(tf.reduce_max(history), fmt, scale))
+            state["amax_history"].assign(
+                tf_block.next_amax_history(history, tf_block.tensor_amax(x)))
+        return scale
+
+    def _quantize_along(self, x, role, step, axes, key, update=True):
+        """`x` in `role`'s format with blocks along `axes` (a GEMM's reduction axes);
+        `key`: (gemm, operand index, ...) for the seed and the scaling state."""
+        fmt = self.policy.formats[role]
+        if fmt is None:
+            return x
+        seed = self._role_seed(step, role, *key)
+        scale = self._delayed_scale(x, role, *key[:2], update=update)
+        if not gemm_axes.axis_dependent(fmt):
+            return quantize(x, fmt, rounding=self.policy.rounding[role],
+                            saturate=self.policy.saturate, seed=seed, scale=scale)
+        along = dataclasses.replace(fmt, axis=-1)
+        return gemm_axes.quantize_along(x, axes, lambda t: quantize(
+            t, along, rounding=self.policy.rounding[role], saturate=self.policy.saturate,
+            seed=seed))
 
     def _backward(self, x, role, step=None, *key):
         fmt = self.policy.formats[role]
@@ -144,9 +195,24 @@ class EmulatedLayer(_compat.AfterBuild):
             return None
         return holder.advance()
 
-    def _gemm(self, op, inputs, kernels=(), name="gemm"):
-        """`op(*inputs, *kernels)` with activations, weights and errors quantized."""
+    def _blocks_per_gemm(self):
+        """True when a GEMM role's format depends on the axis its blocks run along."""
+        return any(gemm_axes.axis_dependent(self.policy.formats[role])
+                   for role in ("activations", "weights", "errors"))
+
+    def _gemm(self, op, inputs, kernels=(), name="gemm", equation=None):
+        """`op(*inputs, *kernels)` with activations, weights and errors quantized.
+
+        `equation`: the einsum equation `op` computes (two operands), if any; with a
+        block-scaled role, each GEMM then blocks its operands along its own reduction
+        axes (`_gemm_per_axis`)."""
         step = self._rounding_step()
+        if equation is not None and self._blocks_per_gemm():
+            if self.policy.accumulates:
+                raise NotImplementedError(
+                    f"{type(self).__name__}: emulated accumulation (accumulation=...) "
+                    "with block-scaled formats is not implemented; use accumulation=None")
+            return self._gemm_per_axis(op, equation, inputs, kernels, name, step)
         args = [self._forward(x, "activations", step, name, i) for i, x in enumerate(inputs)]
         weights = [self._forward(self._backward(k, "weight_gradients", step, name, i),
                                  "weights", step, name, i)
@@ -163,6 +229,73 @@ class EmulatedLayer(_compat.AfterBuild):
         Conv2D: filters * kh * kw). Per-layer loss scaling bounds its scale with it."""
         shape = tuple(kernel.shape)
         return max(1, int(np.prod(shape)) // max(1, int(shape[self.KERNEL_INPUT_AXIS])))
+
+    def _gemm_per_axis(self, op, equation, inputs, kernels, name, step):
+        """The forward and both backward GEMMs of a bilinear `op`, each with its
+        operands quantized along its own reduction axes (see `gemm_axes`).
+
+        Forward: `y = op(Q_a(A), Q_w(B))` along the forward reduction; backward, with
+        `dy` scaled and quantized as `Q_e`: `dA = einsum(Q_e(dy), Q(B))` and
+        `dB = Q_g(einsum(Q(A), Q_e(dy)))`, each operand quantized again along that
+        GEMM's reduction axes. Stochastic rounding draws a separate seed for each.
+        """
+        roles = ["activations"] * len(inputs) + ["weights"] * len(kernels)
+        keys = [(name, i) for i in range(len(inputs))] + [(name, i) for i in range(len(kernels))]
+        operands = [tf.convert_to_tensor(x) for x in inputs] + [
+            tf.convert_to_tensor(self._backward(k, "weight_gradients", step, name, i))
+            for i, k in enumerate(kernels)]
+        if len(operands) != 2:
+            raise ValueError(f"a per-axis GEMM has two operands, got {len(operands)}")
+        a, b = operands
+        spec = gemm_axes.GemmAxes(equation, a.shape.rank, b.shape.rank)
+        (role_a, role_b), (key_a, key_b) = roles, keys
+        fmt_e = self.policy.errors
+        scaling, state = self.policy.loss_scaling, self.error_state[name]
+        collect = self.collect_stats
+        fan_in = self.backward_fan_in(kernels[0]) if kernels else 1
+
+        def dependent(role):
+            return gemm_axes.axis_dependent(self.policy.formats[role])
+
+        # The forward operands are quantized outside the custom gradient (which must
+        # not read the scaling state's variables); their own gradients are not used.
+        a_f = self._quantize_along(a, role_a, step, spec.forward[0], key_a)
+        b_f = self._quantize_along(b, role_b, step, spec.forward[1], key_b)
+
+        @tf.custom_gradient
+        def product(a, b, a_f, b_f):
+            def grad(dy):
+                scale = None
+                if fmt_e is not None and scaling is not None:
+                    scale = scaling.scale(dy, b_f if role_b == "weights" else None, fmt_e,
+                                          state, fan_in)
+
+                def errors(axes, *tag, update=True):
+                    scaled = dy if scale is None else dy * tf.cast(scale, dy.dtype)
+                    q = self._quantize_along(scaled, "errors", step, axes, (name, 0) + tag,
+                                             update=update)
+                    return scaled, q
+
+                scaled, dy_a = errors(spec.input_grad[0])
+                if collect and fmt_e is not None:
+                    _record_stats(state, scaled, dy_a, fmt_e)
+                dy_b = (errors(spec.kernel_grad[1], "dW", update=False)[1]
+                        if dependent("errors") else dy_a)
+                if scale is not None:
+                    dy_a, dy_b = (t / tf.cast(scale, dy.dtype) for t in (dy_a, dy_b))
+                b_a = (self._quantize_along(b, role_b, step, spec.input_grad[1],
+                                            key_b + ("dx",), update=False)
+                       if dependent(role_b) else b_f)
+                a_b = (self._quantize_along(a, role_a, step, spec.kernel_grad[0],
+                                            key_a + ("dW",), update=False)
+                       if dependent(role_a) else a_f)
+                da = tf.einsum(spec.input_grad_equation, dy_a, b_a)
+                db = tf.einsum(spec.kernel_grad_equation, a_b, dy_b)
+                return da, db, None, None
+
+            return tf.identity(op(a_f, b_f)), grad
+
+        return product(a, b, a_f, b_f)
 
     # -- emulated accumulation ---------------------------------------------------------
     # Layers whose GEMMs can sum as `policy.accumulation` says define
@@ -213,7 +346,8 @@ class EmulatedLayer(_compat.AfterBuild):
                                                                    fan_in)
                 scaled = dy if scale is None else dy * tf.cast(scale, dy.dtype)
                 quantized = quantize(scaled, fmt, rounding=rounding, saturate=saturate,
-                                     seed=seed)
+                                     seed=seed,
+                                     scale=self._delayed_scale(scaled, "errors", name))
                 if collect:
                     _record_stats(state, scaled, quantized, fmt)
                 return quantized if scale is None else quantized / tf.cast(scale, dy.dtype)
@@ -237,6 +371,7 @@ class EmulatedLayer(_compat.AfterBuild):
         self._create_rounding_step()
         self._attach_master_weight_rounding()
         self._create_error_state()
+        self._create_scaling_state()
 
     def _create_rounding_step(self):
         if any(self.policy.formats[role] is not None
@@ -268,6 +403,29 @@ class EmulatedLayer(_compat.AfterBuild):
                 for key, variable in self.error_state[name].items():
                     # Attributes, so that tf.train.Checkpoint tracks them too.
                     setattr(self, f"_{name}_{key}", variable)
+
+    def _create_scaling_state(self):
+        """Per GEMM operand in a delayed per-tensor format: its amax history and scale
+        (Keras' float8 layers: `inputs_amax_history`, `inputs_scale`, ...)."""
+        self.scaling_state = {}
+        inputs, kernels = self.OPERANDS
+        operands = ([("activations", i) for i in range(inputs)]
+                    + [("weights", i) for i in range(kernels)] + [("errors", 0)])
+        for gemm in self.GEMMS:
+            for role, index in operands:
+                fmt = self.policy.formats[role]
+                if not getattr(fmt, "delayed", False):
+                    continue
+                tag = f"{gemm}_{role}{index}"
+                add = lambda suffix, shape, value: self.add_weight(
+                    name=f"{tag}_{suffix}", shape=shape, dtype="float32", trainable=False,
+                    initializer=keras.initializers.Constant(value),
+                    aggregation="only_first_replica")
+                state = {"scale": add("scale", (), 1.0),
+                         "amax_history": add("amax_history", (fmt.amax_history,), 0.0)}
+                self.scaling_state[(gemm, role, index)] = state
+                for key, variable in state.items():
+                    setattr(self, f"_{tag}_{key}", variable)  # tracked by tf.train.Checkpoint
 
     def enable_error_stats(self):
         """Records, per GEMM and backward pass, the fraction of errors that underflowed
@@ -301,9 +459,12 @@ class EmulatedLayer(_compat.AfterBuild):
         self.collect_stats = True
 
     def emulation_variables(self):
-        """The layer's loss-scaling state: saved with the model, not copied as weights."""
+        """The layer's loss-scaling and delayed-scaling state: saved with the model,
+        not copied as weights."""
         return [v for state in getattr(self, "error_state", {}).values()
-                for key, v in state.items() if key not in ("underflow", "saturation")]
+                for key, v in state.items() if key not in ("underflow", "saturation")] + [
+            v for state in getattr(self, "scaling_state", {}).values()
+            for v in (state["scale"], state["amax_history"])]
 
     # Keras' Dense, EinsumDense, convolution and Embedding layers save only their
     # kernel and bias: the loss-scaling state is appended after them (other layers,

@@ -27,6 +27,7 @@ class MultiHeadAttention(_compat.AttentionHooks, EmulatedLayer, keras.layers.Mul
     """
 
     GEMMS = ("scores", "context")
+    OPERANDS = (2, 0)  # both products multiply two activations
 
     def build(self, query_shape, value_shape, key_shape=None):
         # The projections are built as tfhfp8 EinsumDense layers with this policy.
@@ -39,10 +40,13 @@ class MultiHeadAttention(_compat.AttentionHooks, EmulatedLayer, keras.layers.Mul
         `(batch, ..., heads, dim)`): `(output, scores)`, with both products emulated."""
         spec = self.attention_spec()
         query = ops.multiply(query, ops.cast(spec.scale, query.dtype))
-        scores = self._gemm(functools.partial(ops.einsum, spec.scores_equation),
-                            [key, query], name="scores")
+        # quantize_attention=False (NVFP4's recipe): both products in FP32.
+        gemm = self._gemm if self.policy.quantize_attention else (
+            lambda op, operands, name, equation: op(*operands))
+        scores = gemm(functools.partial(ops.einsum, spec.scores_equation),
+                      [key, query], name="scores", equation=spec.scores_equation)
         scores = spec.masked_softmax(scores, attention_mask)
         dropped = spec.dropout(scores, training)
-        output = self._gemm(functools.partial(ops.einsum, spec.combine_equation),
-                            [dropped, value], name="context")
+        output = gemm(functools.partial(ops.einsum, spec.combine_equation),
+                      [dropped, value], name="context", equation=spec.combine_equation)
         return output, scores

@@ -247,3 +247,42 @@ def dfp_block_exponents(x, fmt, rounding):
     per_block = tf.reshape(exponent, tf.concat([tf.shape(moved)[:-1], [-1]], 0))
     per_element = blocks.expand(per_block)
     return tf.reshape(per_element, [-1]), tf.constant(1, tf.int64)
+
+
+# -- per-tensor FP32 scales (Transformer Engine / Keras float8) ------------------------
+def tensor_amax(x):
+    """The largest magnitude of `x`, as a float32 scalar (Keras: `max(abs(x))`)."""
+    return tf.cast(tf.reduce_max(tf.abs(x)), tf.float32)
+
+
+def tensor_scale(amax, fmt, previous=None):
+    """The per-tensor scale `s` of `fmt` for `amax` (float32 scalars), as Keras'
+    `compute_float8_scale` computes it, operation by operation: the reciprocal
+    `max_element / amax / 2^margin`, whose own reciprocal is `s`; where `amax` is 0
+    or not finite, the previous scale (through the same two reciprocals), 1 if none.
+    """
+    previous = tf.constant(1.0) if previous is None else tf.cast(previous, tf.float32)
+    amax = tf.cast(amax, tf.float32)
+    factor = tf.constant(float(fmt.element.max), tf.float32) / amax / (2.0 ** fmt.margin)
+    kept = tf.math.reciprocal(previous)
+    factor = tf.where(amax > 0.0, factor, kept)
+    factor = tf.where(tf.math.is_finite(amax), factor, kept)
+    return tf.math.reciprocal(factor)
+
+
+def next_amax_history(history, amax):
+    """Keras' `compute_float8_amax_history`: rolled by one, `amax` written first (the
+    window holds the last `len(history)` amaxes; only their maximum is used)."""
+    return tf.tensor_scatter_nd_update(tf.roll(history, shift=-1, axis=0), [[0]],
+                                       tf.reshape(tf.cast(amax, history.dtype), [1]))
+
+
+def quantize_tensor_scaled(x, fmt, rounding, seed, scale, quantize_float):
+    """Per-tensor FP32 scale: `fl(q * s)`, `q` = `fl(x / s)` rounded to the element
+    (saturating). `scale` None: the current amax's scale. `quantize_float(y, element,
+    rounding, saturate, seed)` is the backend's element rounding."""
+    if scale is None:
+        scale = tensor_scale(tensor_amax(x), fmt)
+    s = tf.cast(scale, x.dtype)
+    q = quantize_float(x / s, fmt.element, rounding, True, seed)
+    return q * s

@@ -1,0 +1,153 @@
+"""Which axes each operand of a GEMM is blocked along, in the forward and both
+backward GEMMs.
+
+A block-scaled operand is only useful to a matrix unit when its blocks run along the
+axis the GEMM reduces over: each dot product then multiplies blocks whose scales can
+be applied once per block. A layer's forward GEMM and its two backward GEMMs reduce
+over different axes (for a Dense layer `y = x W`, `x` of shape `(tokens, in)`):
+
+| GEMM | operands, blocked along |
+|---|---|
+| forward `y = x W` | `x` along `in`, `W` along `in` (its axis 0) |
+| input gradient `dx = dy W^T` | `dy` along `out`, `W` along `out` (its axis 1) |
+| weight gradient `dW = x^T dy` | `x` along `tokens`, `dy` along `tokens` |
+
+So `x`, `W` and `dy` are each quantized twice, once per GEMM that reads them, as
+block-scaled hardware does (OCP MX v1.0 §6, Rouhani et al. 2023 §3; the question of
+triton-lang/triton#8839). Every bilinear GEMM of an emulated layer is described by an
+einsum equation `A,B->C`; for an operand, the reduction axes of a GEMM are the letters
+it shares with the GEMM's other operand and that the GEMM's result lacks:
+
+- forward `C = A.B`: letters in `A` and `B`, not in `C`;
+- `dA = einsum(C, B -> A)`: letters in `C` and `B`, not in `A`;
+- `dB = einsum(A, C -> B)`: letters in `A` and `C`, not in `B` (the batch axes).
+
+When there are several (an EinsumDense over two axes, the batch and time axes of a
+weight gradient), they are merged, in the operand's order, into one axis that the
+blocks run along (`quantize_along`). Convolutions become such GEMMs through their
+patches (`tfhfp8.layers.convolution`): the forward and `dx` GEMMs reduce over
+input channels x kernel window, in `(window, channels)` order (TensorFlow's kernel
+layout), and `dW` over batch x output positions.
+
+>>> spec = GemmAxes("...i,io->...o", 3, 2)
+>>> spec.forward, spec.input_grad, spec.kernel_grad
+(((2,), (0,)), ((2,), (1,)), ((0, 1), (0, 1)))
+"""
+
+import dataclasses
+import string
+
+import tensorflow as tf
+
+from tfhfp8 import block_formats, formats
+
+
+def axis_dependent(fmt):
+    """True for formats whose result depends on the axis blocks run along."""
+    if isinstance(fmt, block_formats.BlockScaled):
+        return not fmt.per_tensor
+    return isinstance(fmt, formats.DynamicFixedPoint) and fmt.block_size is not None
+
+
+def _expand(equation, rank_a, rank_b):
+    """The equation with `...` replaced by explicit letters (same letters in every
+    term, aligned on the right as einsum broadcasts)."""
+    inputs, output = equation.replace(" ", "").split("->")
+    a, b = inputs.split(",")
+    used = set(equation)
+    free = [c for c in string.ascii_letters if c not in used]
+
+    def ellipsis_rank(term, rank):
+        return rank - (len(term) - 3) if "..." in term else 0
+
+    n = max(ellipsis_rank(a, rank_a), ellipsis_rank(b, rank_b))
+    letters = "".join(free[:n])
+
+    def fill(term, rank):
+        if "..." not in term:
+            return term
+        k = rank - (len(term) - 3)
+        return term.replace("...", letters[n - k:])
+
+    a, b = fill(a, rank_a), fill(b, rank_b)
+    if "..." in output:
+        output = output.replace("...", letters)
+    return a, b, output
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmAxes:
+    """The reduction axes of both operands in each of a bilinear op's three GEMMs.
+
+    `forward`, `input_grad`, `kernel_grad`: pairs of axis tuples. In `forward`, the
+    axes of `(A, B)`; in `input_grad` (`dA = dC . B`), those of `(dC, B)`; in
+    `kernel_grad` (`dB = A . dC`), those of `(A, dC)`. `input_grad_equation` and
+    `kernel_grad_equation` compute the two backward GEMMs with `tf.einsum`.
+    """
+
+    equation: str
+    rank_a: int
+    rank_b: int
+
+    def __post_init__(self):
+        if "->" not in self.equation or self.equation.count(",") != 1:
+            raise ValueError(f"GemmAxes needs an equation 'A,B->C', got {self.equation!r}")
+        a, b, c = _expand(self.equation, self.rank_a, self.rank_b)
+        if len(a) != self.rank_a or len(b) != self.rank_b:
+            raise ValueError(f"equation {self.equation!r} does not match operands of rank "
+                             f"{self.rank_a} and {self.rank_b}")
+        object.__setattr__(self, "terms", (a, b, c))
+
+    @staticmethod
+    def _axes(term, letters):
+        return tuple(i for i, ch in enumerate(term) if ch in letters)
+
+    @property
+    def forward(self):
+        a, b, c = self.terms
+        k = set(a) & set(b) - set(c)
+        return self._axes(a, k), self._axes(b, k)
+
+    @property
+    def input_grad(self):
+        a, b, c = self.terms
+        k = set(c) & set(b) - set(a)
+        return self._axes(c, k), self._axes(b, k)
+
+    @property
+    def kernel_grad(self):
+        a, b, c = self.terms
+        k = set(a) & set(c) - set(b)
+        return self._axes(a, k), self._axes(c, k)
+
+    @property
+    def input_grad_equation(self):
+        a, b, c = self.terms
+        return f"{c},{b}->{a}"
+
+    @property
+    def kernel_grad_equation(self):
+        a, b, c = self.terms
+        return f"{a},{c}->{b}"
+
+
+def quantize_along(x, axes, quantize_last):
+    """`quantize_last(t)` (blocks along t's last axis) applied with `axes` of `x`
+    merged, in order, into that last axis; the result in `x`'s layout.
+
+    With no axis (an operand the GEMM does not reduce, e.g. an outer product), every
+    element is its own block.
+    """
+    rank = x.shape.rank
+    axes = tuple(a % rank for a in axes)
+    if not axes:
+        return tf.squeeze(quantize_last(x[..., None]), -1)
+    perm = [i for i in range(rank) if i not in axes] + list(axes)
+    moved = tf.transpose(x, perm) if perm != list(range(rank)) else x
+    shape = tf.shape(moved)
+    lead = rank - len(axes)
+    merged = tf.reshape(moved, tf.concat([shape[:lead], [-1]], 0))
+    y = tf.reshape(quantize_last(merged), shape)
+    if perm != list(range(rank)):
+        y = tf.transpose(y, [perm.index(i) for i in range(rank)])
+    return y
