@@ -262,8 +262,10 @@ def build_from_first_replica(model):
 
     def build(iterator=None, data_batch=None):
         if iterator is not None and data_batch is None:
-            for _, _, it in iterator:
-                batch = next(it)
+            # Keras >= 3.10's epoch iterator yields (begin, end, iterator), older ones
+            # (step, iterator): the iterator is last in both.
+            for item in iterator:
+                batch = next(item[-1])
                 strategy = model.distribute_strategy
                 data_batch = tf.nest.map_structure(
                     lambda v: strategy.experimental_local_results(v)[0]
