@@ -85,6 +85,7 @@ import tensorflow as tf
 
 from tfhfp8 import _compat, formats, registry
 from tfhfp8.layers.emulation import _seed
+from tfhfp8.optimizers import WrappedOptimizer
 from tfhfp8.ops import tf_backend, tf_block
 from tfhfp8.ops.tf_backend import ROUNDINGS
 from tfhfp8.quantization import quantize
@@ -413,7 +414,7 @@ def _innermost(optimizer):
 
 
 @keras.saving.register_keras_serializable(package="tfhfp8")
-class GradientCommunicationOptimizer(keras.optimizers.Optimizer):
+class GradientCommunicationOptimizer(WrappedOptimizer):
     """Wraps a Keras optimizer so that its gradient all-reduce under `tf.distribute` is
     the emulated `communication` instead of the real FP32 sum.
 
@@ -483,24 +484,6 @@ class GradientCommunicationOptimizer(keras.optimizers.Optimizer):
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         raise NotImplementedError("GradientCommunicationOptimizer runs on the TensorFlow "
                                   "backend (tf.distribute) only")
-
-    @property
-    def learning_rate(self):
-        return self.inner_optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, learning_rate):
-        self.inner_optimizer.learning_rate = learning_rate
-
-    @property
-    def iterations(self):
-        return self.inner_optimizer.iterations
-
-    def scale_loss(self, loss):
-        return self.inner_optimizer.scale_loss(loss)
-
-    def finalize_variable_values(self, var_list):
-        self.inner_optimizer.finalize_variable_values(var_list)
 
     def get_config(self):
         return {"name": self.name,

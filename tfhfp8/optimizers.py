@@ -44,8 +44,31 @@ _FORWARDED = ("weight_decay", "clipnorm", "global_clipnorm", "clipvalue", "use_e
               "loss_scale_factor", "gradient_accumulation_steps")
 
 
+class WrappedOptimizer(keras.optimizers.Optimizer):
+    """What an optimizer that wraps another (`inner_optimizer`) shows of it: its
+    learning rate, step counter, loss scaling and final variable values."""
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+
 @keras.saving.register_keras_serializable(package="tfhfp8")
-class LowPrecision(keras.optimizers.Optimizer):
+class LowPrecision(WrappedOptimizer):
     """Keeps `optimizer`'s state and the weights it updates in the formats of `policy`.
 
     Args:
@@ -95,24 +118,6 @@ class LowPrecision(keras.optimizers.Optimizer):
         self.inner_optimizer = optimizer
         self.policy = policy
 
-    # -- the wrapped optimizer's face ----------------------------------------------------
-    @property
-    def learning_rate(self):
-        return self.inner_optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, learning_rate):
-        self.inner_optimizer.learning_rate = learning_rate
-
-    @property
-    def iterations(self):
-        return self.inner_optimizer.iterations
-
-    def scale_loss(self, loss):
-        return self.inner_optimizer.scale_loss(loss)
-
-    def finalize_variable_values(self, var_list):
-        self.inner_optimizer.finalize_variable_values(var_list)
 
     @property
     def variables(self):
