@@ -189,8 +189,11 @@ class Policy(keras.DTypePolicy):
         DynamicFixedPoint with <= 13 bits); `"int32"` needs per-tensor
         DynamicFixedPoint operands; else a ValueError names the role. Exempt layers
         keep float accumulators and sum in FP32 instead of `"int32"` (their operands
-        are not fixed point). Layers with accumulation: Dense, Conv1D, Conv2D, Conv3D,
-        DepthwiseConv2D, SeparableConv2D (others: NotImplementedError).
+        are not fixed point). Layers with accumulation: Dense, EinsumDense, Conv1D,
+        Conv2D, Conv3D (grouped too), DepthwiseConv2D, SeparableConv2D,
+        Conv2DTranspose, MultiHeadAttention (projections and both attention
+        products); Embedding sums nothing. Not with block-scaled roles
+        (NotImplementedError).
 
     Recipes (`tfhfp8.Policy(preset, accumulation=...)`):
 

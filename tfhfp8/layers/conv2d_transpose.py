@@ -21,6 +21,13 @@ class Conv2DTranspose(EmulatedLayer, keras.layers.Conv2DTranspose):
     # Keras' transposed kernel is (kh, kw, filters, input channels).
     KERNEL_INPUT_AXIS = -1
 
+    def _accumulating_op(self, name):
+        from tfhfp8 import gemm  # noqa: PLC0415
+        return functools.partial(
+            gemm.layer_conv_transpose, strides=self.strides, padding=self.padding,
+            output_padding=self.output_padding, dilation_rate=self.dilation_rate,
+            data_format=self.data_format)
+
     def call(self, inputs):
         op = functools.partial(
             ops.conv_transpose, strides=list(self.strides), padding=self.padding,
