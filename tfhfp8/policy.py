@@ -150,9 +150,9 @@ class Policy(keras.DTypePolicy):
         the preset's choice (FP32 for a policy built from keywords); `"float32"` forces
         FP32. Block-scaled formats (`"mxfp8_e4m3"`, `"nvfp4"`, ...) block each GEMM
         operand along that GEMM's own reduction axis, in the forward and both
-        backward GEMMs, in Dense, EinsumDense, Conv1D/2D/3D and attention
-        (`tfhfp8.layers.gemm_axes`); DepthwiseConv2D, SeparableConv2D,
-        Conv2DTranspose and Embedding block along each tensor's last axis.
+        backward GEMMs, in Dense, EinsumDense, the convolutions (Conv1D/2D/3D,
+        DepthwiseConv2D, SeparableConv2D, Conv2DTranspose) and attention
+        (`tfhfp8.layers.gemm_axes`); Embedding blocks along its last axis.
         Per-tensor FP32 scales (`"e4m3_delayed"`, ...) follow Transformer Engine /
         Keras float8, delayed scaling keeping its amax history in the layer.
       master_weights: if set, the stored weights of emulated layers are rounded to
