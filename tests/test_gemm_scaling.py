@@ -52,14 +52,15 @@ def far(actual, expected):
     assert np.abs(np.asarray(actual) - expected).max() > 1e-3 * np.abs(expected).max()
 
 
-def run(layer, x, dy, call=None):
+def run(layer, x, dy, call=None, grads="all"):
+    """y, dx and the gradient of each trainable variable (`grads="kernel"`: the first)."""
     x = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(x)
         y = layer(x) if call is None else call(x)
-    dx, dw = tape.gradient(y, [x, layer.trainable_variables[0]],
-                           output_gradients=tf.constant(dy))
-    return y.numpy(), dx.numpy(), dw.numpy()
+    variables = layer.trainable_variables[:1 if grads == "kernel" else None]
+    dx_dw = tape.gradient(y, [x] + variables, output_gradients=tf.constant(dy))
+    return [y.numpy()] + [t.numpy() for t in dx_dw]
 
 
 RNG = np.random.RandomState(17)
@@ -71,7 +72,7 @@ def test_dense_blocks_each_gemm_along_its_reduction_axis():
     layer = tfhfp8.layers.Dense(6, use_bias=False, policy=POLICY)
     layer.build(x.shape)
     w = layer.kernel.numpy()
-    y, dx, dw = run(layer, x, dy)
+    y, dx, dw = run(layer, x, dy, grads="kernel")
     x2, dy2 = x.reshape(10, 10), dy.reshape(10, 6)
     close(y.reshape(10, 6), q(x2, A, -1) @ q(w, W, 0))          # y = x W: over `in`
     close(dx.reshape(10, 10), q(dy2, E, -1) @ q(w, W, 1).T)     # dx = dy W^T: over `out`
@@ -87,7 +88,7 @@ def test_einsum_dense_merges_several_reduction_axes():
     layer = tfhfp8.layers.EinsumDense("abc,bcd->ad", output_shape=5, policy=POLICY)
     layer.build(x.shape)
     w = layer.kernel.numpy()
-    y, dx, dw = run(layer, x, dy)
+    y, dx, dw = run(layer, x, dy, grads="kernel")
     close(y, np.einsum("abc,bcd->ad", q_merged(x, A, [1, 2]), q_merged(w, W, [0, 1])))
     close(dx, np.einsum("ad,bcd->abc", q(dy, E, 1), q(w, W, 2)))
     close(dw, np.einsum("abc,ad->bcd", q(x, A, 0), q(dy, E, 0)))
@@ -121,13 +122,88 @@ def test_conv2d_blocks_channels_x_window_and_batch_x_positions():
     layer = tfhfp8.layers.Conv2D(5, 3, padding="same", use_bias=False, policy=POLICY)
     layer.build(x.shape)
     wm = layer.kernel.numpy().reshape(27, 5)  # (kh, kw, c) x filters
-    y, dx, dw = run(layer, x, dy)
+    y, dx, dw = run(layer, x, dy, grads="kernel")
     cols = _im2col(x, 3, 1).reshape(24, 27)
     dy2 = dy.reshape(24, 5)
     close(y.reshape(24, 5), q(cols, A, -1) @ q(wm, W, 0))
     close(dx, _col2im(q(dy2, E, -1) @ q(wm, W, 1).T, x.shape, 3, 1))
     close(dw.reshape(27, 5), q(cols, A, 0).T @ q(dy2, E, 0))
     far(y.reshape(24, 5), _im2col(q(x, A, -1), 3, 1).reshape(24, 27) @ q(wm, W, 0))
+
+
+def _depthwise_reference(x, wd, dy):
+    """A depthwise convolution (3x3, stride 1, "same") as the per-channel GEMM of its
+    patches: y[p, c, m] = sum_w cols[p, w, c] W[w, c, m]. Forward blocks along the
+    window w, dx along the multiplier m, dW along batch x positions."""
+    n, h, w_, c = x.shape
+    m = wd.shape[-1]
+    cols = _im2col(x, 3, 1).reshape(n * h * w_, 9, c)
+    wm = wd.reshape(9, c, m)
+    dy3 = dy.reshape(n * h * w_, c, m)
+    y = np.einsum("pwc,wcm->pcm", q(cols, A, 1), q(wm, W, 0))
+    dcols = np.einsum("pcm,wcm->pwc", q(dy3, E, 2), q(wm, W, 2))
+    dx = _col2im(dcols.reshape(n, h, w_, 9 * c), x.shape, 3, 1)
+    dw = np.einsum("pwc,pcm->wcm", q(cols, A, 0), q(dy3, E, 0)).reshape(wd.shape)
+    return y.reshape(n, h, w_, c * m), dx, dw
+
+
+def test_depthwise_conv2d_blocks_the_window_per_channel():
+    x = RNG.randn(2, 4, 3, 3).astype(np.float32)
+    dy = RNG.randn(2, 4, 3, 6).astype(np.float32)
+    layer = tfhfp8.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same",
+                                          use_bias=False, policy=POLICY)
+    layer.build(x.shape)
+    wd = layer.kernel.numpy()
+    y, dx, dw = run(layer, x, dy)
+    for actual, expected in zip((y, dx, dw), _depthwise_reference(x, wd, dy)):
+        close(actual, expected)
+    # Last-axis blocking (channels for x, channels x multiplier for dy and W) differs.
+    last = _depthwise_reference(q(x, A, -1), q(wd, W, -1), q(dy, E, -1))
+    far(y, np.einsum("pwc,wcm->pcm", _im2col(q(x, A, -1), 3, 1).reshape(24, 9, 3),
+                     q(wd, W, -1).reshape(9, 3, 2)).reshape(y.shape))
+    far(dw, last[2])
+    far(dx, _col2im(np.einsum("pcm,wcm->pwc", q(dy, E, -1).reshape(24, 3, 2),
+                              q(wd, W, -1).reshape(9, 3, 2)).reshape(2, 4, 3, 27),
+                    x.shape, 3, 1))
+
+
+def test_separable_conv2d_blocks_both_products():
+    x = RNG.randn(2, 4, 3, 3).astype(np.float32)
+    dy = RNG.randn(2, 4, 3, 5).astype(np.float32)
+    layer = tfhfp8.layers.SeparableConv2D(5, 3, depth_multiplier=2, padding="same",
+                                          use_bias=False, policy=POLICY)
+    layer.build(x.shape)
+    wd, wp = layer.depthwise_kernel.numpy(), layer.pointwise_kernel.numpy().reshape(6, 5)
+    y, dx, dwd, dwp = run(layer, x, dy)
+    mid = _depthwise_reference(x, wd, np.zeros((2, 4, 3, 6), np.float32))[0].reshape(24, 6)
+    dy2 = dy.reshape(24, 5)
+    # The pointwise product is a Dense layer over the channels.
+    close(y.reshape(24, 5), q(mid, A, -1) @ q(wp, W, 0))
+    close(dwp.reshape(6, 5), q(mid, A, 0).T @ q(dy2, E, 0))
+    dmid = (q(dy2, E, -1) @ q(wp, W, 1).T).astype(np.float32).reshape(2, 4, 3, 6)
+    _, dx_ref, dwd_ref = _depthwise_reference(x, wd, dmid)
+    close(dx, dx_ref)
+    close(dwd, dwd_ref)
+    far(dwp.reshape(6, 5), q(mid, A, -1).T @ q(dy2, E, -1))
+
+
+def test_conv2d_transpose_swaps_the_reductions_of_a_convolution():
+    # y = col2im(x W^T): forward over input channels; dx = patches(dy) W over window x
+    # filters; dW = patches(dy)^T x over batch x positions.
+    x = RNG.randn(2, 4, 3, 6).astype(np.float32)
+    dy = RNG.randn(2, 4, 3, 3).astype(np.float32)
+    layer = tfhfp8.layers.Conv2DTranspose(3, 3, padding="same", use_bias=False, policy=POLICY)
+    layer.build(x.shape)
+    wm = layer.kernel.numpy().reshape(27, 6)  # (kh, kw, filters) x input channels
+    y, dx, dw = run(layer, x, dy)
+    x2 = x.reshape(24, 6)
+    cols = _im2col(dy, 3, 1).reshape(24, 27)
+    close(y, _col2im(q(x2, A, -1) @ q(wm, W, 1).T, dy.shape, 3, 1))
+    close(dx.reshape(24, 6), q(cols, E, -1) @ q(wm, W, 0))
+    close(dw.reshape(27, 6), q(cols, E, 0).T @ q(x2, A, 0))
+    far(dx.reshape(24, 6), _im2col(q(dy, E, -1), 3, 1).reshape(24, 27) @ q(wm, W, 0))
+    far(y, _col2im(q(x2, A, -1) @ q(wm, W, 0).T, dy.shape, 3, 1))
+    far(dw.reshape(27, 6), q(cols, E, -1).T @ q(x2, A, -1))
 
 
 def test_conv_patches_equal_the_convolution():
@@ -141,16 +217,32 @@ def test_conv_patches_equal_the_convolution():
              (tfhfp8.layers.Conv3D, (1, 4, 5, 4, 2), dict(kernel_size=2, strides=(1, 2, 1),
                                                           padding="same")),
              (tfhfp8.layers.Conv2D, (1, 3, 5, 6), dict(kernel_size=3, padding="same",
-                                                       data_format="channels_first"))]
+                                                       data_format="channels_first")),
+             (tfhfp8.layers.DepthwiseConv2D, (2, 7, 6, 3),
+              dict(kernel_size=3, depth_multiplier=2, strides=2, padding="same")),
+             (tfhfp8.layers.DepthwiseConv2D, (1, 3, 7, 6),
+              dict(kernel_size=(2, 3), dilation_rate=2, data_format="channels_first")),
+             (tfhfp8.layers.SeparableConv2D, (1, 3, 6, 5),
+              dict(filters=4, kernel_size=2, strides=2, depth_multiplier=2,
+                   data_format="channels_first")),
+             (tfhfp8.layers.Conv2DTranspose, (2, 4, 3, 3),
+              dict(filters=4, kernel_size=3, strides=2, padding="same")),
+             (tfhfp8.layers.Conv2DTranspose, (1, 4, 4, 2),
+              dict(filters=3, kernel_size=3, strides=2, output_padding=1)),
+             (tfhfp8.layers.Conv2DTranspose, (1, 2, 4, 5),
+              dict(filters=3, kernel_size=(2, 3), dilation_rate=2, padding="same",
+                   data_format="channels_first"))]
     for cls, shape, kwargs in cases:
+        kwargs = {"filters": 4, **kwargs} if cls is not tfhfp8.layers.DepthwiseConv2D else kwargs
         x = RNG.randn(*shape).astype(np.float32)
-        ours = cls(4, policy=policy, **kwargs)
+        ours = cls(policy=policy, **kwargs)
         ours.build(shape)
-        plain = getattr(keras.layers, cls.__name__)(4, **kwargs)
+        plain = getattr(keras.layers, cls.__name__)(**kwargs)
         plain.build(shape)
-        plain.set_weights(ours.get_weights())
+        plain.set_weights([RNG.randn(*w.shape).astype(np.float32) for w in ours.get_weights()])
+        ours.set_weights(plain.get_weights())
         dy = RNG.randn(*ours.compute_output_shape(shape)).astype(np.float32)
-        for a, b in zip(run(ours, x, dy), run(plain, x, dy)):
+        for a, b in zip(run(ours, x, dy), run(plain, x, dy, grads="all")):
             close(a, b)
 
 

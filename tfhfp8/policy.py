@@ -150,9 +150,9 @@ class Policy(keras.DTypePolicy):
         the preset's choice (FP32 for a policy built from keywords); `"float32"` forces
         FP32. Block-scaled formats (`"mxfp8_e4m3"`, `"nvfp4"`, ...) block each GEMM
         operand along that GEMM's own reduction axis, in the forward and both
-        backward GEMMs, in Dense, EinsumDense, Conv1D/2D/3D and attention
-        (`tfhfp8.layers.gemm_axes`); DepthwiseConv2D, SeparableConv2D,
-        Conv2DTranspose and Embedding block along each tensor's last axis.
+        backward GEMMs, in Dense, EinsumDense, the convolutions (Conv1D/2D/3D,
+        DepthwiseConv2D, SeparableConv2D, Conv2DTranspose) and attention
+        (`tfhfp8.layers.gemm_axes`); Embedding blocks along its last axis.
         Per-tensor FP32 scales (`"e4m3_delayed"`, ...) follow Transformer Engine /
         Keras float8, delayed scaling keeping its amax history in the layer.
       master_weights: if set, the stored weights of emulated layers are rounded to
@@ -189,8 +189,11 @@ class Policy(keras.DTypePolicy):
         DynamicFixedPoint with <= 13 bits); `"int32"` needs per-tensor
         DynamicFixedPoint operands; else a ValueError names the role. Exempt layers
         keep float accumulators and sum in FP32 instead of `"int32"` (their operands
-        are not fixed point). Layers with accumulation: Dense, Conv1D, Conv2D, Conv3D,
-        DepthwiseConv2D, SeparableConv2D (others: NotImplementedError).
+        are not fixed point). Layers with accumulation: Dense, EinsumDense, Conv1D,
+        Conv2D, Conv3D (grouped too), DepthwiseConv2D, SeparableConv2D,
+        Conv2DTranspose, MultiHeadAttention (projections and both attention
+        products); Embedding sums nothing. Not with block-scaled roles
+        (NotImplementedError).
 
     Recipes (`tfhfp8.Policy(preset, accumulation=...)`):
 

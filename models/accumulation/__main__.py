@@ -10,7 +10,16 @@ training images, from the same initial weights per seed, under:
 - `float32`: no emulation (reference);
 - `fp8` (Wang et al.'s formats, `tfhfp8.Policy("fp8")`) with FP32 sums, FP16 sums
   (`accumulation="float16"`) and FP16 sums in chunks of 64 (`"float16_chunk64"`);
-- `int16_dfp` (Das et al.) with FP32 sums and INT32 sums (`"int32"`).
+- `int16_dfp` (Das et al.) with FP32 sums, INT32 sums (`"int32"`) and Das et al.'s
+  remedy for INT32 overflow, INT32 partial sums of 64 products flushed into an FP32
+  sum (`tfhfp8.Accumulator("int32", chunk_size=64)`; not in the default `--runs`,
+  select it by name).
+
+Why 64: an INT16 mantissa product is below 2^30 in magnitude and INT32 holds 2^31, so
+no chunk length rules overflow out (two worst-case products already overflow);
+chunks bound the damage to a partial sum of n products instead of a running sum of
+K. 64 is Wang et al.'s chunk length for FP16 sums, which keeps the FP32 flushes to
+one per 64 multiply-adds, and it is the run's `--int32_chunk` flag.
 
 Every GEMM of training (forward, input gradient, weight gradient) sums as the
 policy says, exempt first and last layers included (in FP16 formats; an `int32`
@@ -42,8 +51,15 @@ RUNS = {
     "int16_dfp + fp32 sums": ("int16_dfp", None),
     "int16_dfp + int32 sums": ("int16_dfp", "int32"),
 }
+# Das et al.'s remedy; run it by name (`--runs "int16_dfp + int32 chunks"`).
+INT32_CHUNKS = "int16_dfp + int32 chunks"
+EXTRA_RUNS = (INT32_CHUNKS,)
 
-_RUNS = flags.DEFINE_list("runs", ",".join(RUNS), "Which runs (names as in the table).")
+_RUNS = flags.DEFINE_list("runs", ",".join(RUNS),
+                          f"Which runs (names as in the table; also {list(EXTRA_RUNS)}).")
+_INT32_CHUNK = flags.DEFINE_integer(
+    "int32_chunk", 64, f"{INT32_CHUNKS!r}: products per INT32 partial sum before it is "
+    "flushed into the FP32 sum.")
 _SEEDS = flags.DEFINE_list("seeds", "0,1,2", "Seeds (initial weights, shuffling).")
 _LIMIT = flags.DEFINE_integer("limit", 60000, "Fashion-MNIST training examples (first N).")
 _TEST_LIMIT = flags.DEFINE_integer("test_limit", 10000, "Test examples (the first N).")
@@ -53,7 +69,9 @@ _LEARNING_RATE = flags.DEFINE_float("learning_rate", 2e-3, "Adam's learning rate
 _DOWNSAMPLE = flags.DEFINE_integer("downsample", 2,
                                    "Average-pool the 28x28 images by this factor first.")
 _JSON = flags.DEFINE_string("json", None, "Write the per-seed results here.")
-_FROM_JSON = flags.DEFINE_string("from_json", None, "Print the table of a results file.")
+_FROM_JSON = flags.DEFINE_list("from_json", None,
+                               "Print the table of results files (their runs together, "
+                               "e.g. the main study and a run added later).")
 
 
 def build_model(input_shape, num_classes, downsample):
@@ -71,8 +89,15 @@ def build_model(input_shape, num_classes, downsample):
     return keras.Model(inputs, outputs, name="accumulation_cnn")
 
 
+def run_setting(name):
+    """(preset, accumulation) of the run `name`."""
+    if name == INT32_CHUNKS:
+        return "int16_dfp", tfhfp8.Accumulator("int32", chunk_size=_INT32_CHUNK.value)
+    return RUNS[name]
+
+
 def run(name, seed, data):
-    preset, accumulation = RUNS[name]
+    preset, accumulation = run_setting(name)
     (x_train, y_train), (x_test, y_test) = data
     keras.utils.set_random_seed(seed)
     base = build_model(x_train.shape[1:], 10, _DOWNSAMPLE.value)
@@ -101,6 +126,8 @@ def run(name, seed, data):
                   seconds=seconds, steps=len(history.history["loss"]) * -(-len(x_train) //
                                                     _BATCH_SIZE.value),
                   step_seconds=step_seconds)
+    if isinstance(accumulation, tfhfp8.Accumulator):
+        result["accumulation"] = str(accumulation)
     if stats:
         steps_per_epoch = -(-len(x_train) // _BATCH_SIZE.value)
         last = {key: values[-steps_per_epoch:] for key, values in stats.steps.items()}
@@ -123,7 +150,7 @@ def table(results):
         rows = [r for r in results["runs"] if r["run"] == name]
         acc = np.array([100 * r["test_accuracy"] for r in rows])
         swamp = "–"
-        if rows[0].get("swamping_forward") is not None and RUNS.get(name, ("", ""))[1] != "int32":
+        if rows[0].get("swamping_forward") is not None and "int32" not in name:
             swamp = " / ".join(f"{100 * np.mean([r[f'swamping_{k}'] for r in rows]):.3f}%"
                                for k in ("forward", "input_gradient", "weight_gradient"))
         overflows = "–"
@@ -138,17 +165,21 @@ def table(results):
 def main(argv):
     del argv
     if _FROM_JSON.value:
-        with open(_FROM_JSON.value) as file:
-            print(table(json.load(file)))
+        runs = []
+        for path in _FROM_JSON.value:
+            with open(path) as file:
+                runs += json.load(file)["runs"]
+        print(table({"runs": runs}))
         return
-    unknown = set(_RUNS.value) - set(RUNS)
+    unknown = set(_RUNS.value) - set(RUNS) - set(EXTRA_RUNS)
     if unknown:
-        raise app.UsageError(f"--runs: unknown {sorted(unknown)}; known: {list(RUNS)}")
+        raise app.UsageError(f"--runs: unknown {sorted(unknown)}; known: "
+                             f"{list(RUNS) + list(EXTRA_RUNS)}")
     (x_train, y_train), (x_test, y_test) = datasets.load(
         "fashion_mnist", limit=_LIMIT.value, test_limit=_TEST_LIMIT.value)[:2]
     config = dict(limit=len(x_train), test_limit=len(x_test), epochs=_EPOCHS.value,
                   batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value,
-                  downsample=_DOWNSAMPLE.value, seeds=[int(s) for s in _SEEDS.value],
+                  downsample=_DOWNSAMPLE.value, int32_chunk=_INT32_CHUNK.value, seeds=[int(s) for s in _SEEDS.value],
                   backend=tfhfp8.ops.backend_info()["backend"],
                   accumulation_backend="cpp" if gemm._use_cpp() else "tf")
     results = {"config": config, "runs": []}

@@ -5,12 +5,18 @@ import functools
 import keras
 from keras import ops
 
+from tfhfp8.layers import convolution
 from tfhfp8.layers.emulation import EmulatedLayer
 
 
 @keras.saving.register_keras_serializable(package="tfhfp8")
 class DepthwiseConv2D(EmulatedLayer, keras.layers.DepthwiseConv2D):
     """`keras.layers.DepthwiseConv2D` whose convolution runs in the formats of `policy`.
+
+    With a block-scaled role in the policy, the convolution runs as the per-channel
+    GEMM of its patches (`tfhfp8.layers.convolution.depthwise_as_gemm`): blocks along
+    the kernel window forward, the depth multiplier for `dx`, batch x output positions
+    for `dW`.
 
     >>> import numpy as np, tfhfp8
     >>> layer = tfhfp8.layers.DepthwiseConv2D(3, policy="hfp8")
@@ -25,6 +31,12 @@ class DepthwiseConv2D(EmulatedLayer, keras.layers.DepthwiseConv2D):
                                  data_format=self.data_format)
 
     def call(self, inputs):
+        if self._blocks_per_gemm():
+            x = convolution.channels_last(ops.convert_to_tensor(inputs), self.data_format)
+            y = convolution.depthwise_as_gemm(self, x, self.kernel)
+            if y is not None:
+                y = convolution.channels_back(y, self.data_format)
+                return self._bias_and_activation(y)
         op = functools.partial(ops.depthwise_conv, strides=self.strides, padding=self.padding,
                                dilation_rate=self.dilation_rate, data_format=self.data_format)
         return self._bias_and_activation(self._gemm(op, [inputs], [self.kernel]))

@@ -314,9 +314,10 @@ class EmulatedLayer(_compat.AfterBuild):
         if self.policy.accumulates and self._accumulating_op is None:
             raise NotImplementedError(
                 f"{type(self).__name__}: the policy {self.policy.name!r} emulates "
-                "accumulation (accumulation=...), which is implemented for Dense, Conv1D, "
-                "Conv2D, Conv3D, DepthwiseConv2D and SeparableConv2D; use "
-                "accumulation=None (FP32 sums) for this layer")
+                "accumulation (accumulation=...), which is implemented for Dense, "
+                "EinsumDense, Conv1D, Conv2D, Conv3D, DepthwiseConv2D, SeparableConv2D, "
+                "Conv2DTranspose and MultiHeadAttention; use accumulation=None (FP32 "
+                "sums) for this layer")
 
     def _accumulating(self, name, step):
         """The layer's op for GEMM `name` with the policy's accumulators."""

@@ -25,9 +25,14 @@ it shares with the GEMM's other operand and that the GEMM's result lacks:
 When there are several (an EinsumDense over two axes, the batch and time axes of a
 weight gradient), they are merged, in the operand's order, into one axis that the
 blocks run along (`quantize_along`). Convolutions become such GEMMs through their
-patches (`tfhfp8.layers.convolution`): the forward and `dx` GEMMs reduce over
-input channels x kernel window, in `(window, channels)` order (TensorFlow's kernel
-layout), and `dW` over batch x output positions.
+patches (`tfhfp8.layers.convolution`; the `dx` GEMM's result, the patches'
+gradient, is summed back into the input positions in FP32): a convolution's forward
+GEMM reduces over kernel window x input channels, in `(window, channels)` order
+(TensorFlow's kernel layout), its `dx` GEMM over output channels and its `dW` GEMM
+over batch x output positions; a depthwise convolution's forward GEMM over the window
+of each channel and its `dx` GEMM over the depth multiplier; a transposed
+convolution, a convolution's input gradient, swaps them (forward over input
+channels, `dx` over the output gradient's patches, window x filters).
 
 >>> spec = GemmAxes("...i,io->...o", 3, 2)
 >>> spec.forward, spec.input_grad, spec.kernel_grad

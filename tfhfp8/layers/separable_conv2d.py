@@ -5,6 +5,7 @@ import functools
 import keras
 from keras import ops
 
+from tfhfp8.layers import convolution
 from tfhfp8.layers.emulation import EmulatedLayer
 
 
@@ -14,7 +15,10 @@ class SeparableConv2D(EmulatedLayer, keras.layers.SeparableConv2D):
 
     A separable convolution is a depthwise convolution followed by a 1x1 convolution;
     each is a GEMM with its own quantized inputs, weights and errors (the
-    intermediate tensor is an activation of the pointwise product).
+    intermediate tensor is an activation of the pointwise product). With a
+    block-scaled role in the policy, the depthwise product blocks as
+    `tfhfp8.layers.DepthwiseConv2D` does, and the pointwise one as a Dense layer over
+    the channels (forward: input channels, `dx`: filters, `dW`: batch x positions).
 
     >>> import numpy as np, tfhfp8
     >>> layer = tfhfp8.layers.SeparableConv2D(8, 3, policy="hfp8")
@@ -34,6 +38,16 @@ class SeparableConv2D(EmulatedLayer, keras.layers.SeparableConv2D):
                                  dilation_rate=1, data_format=self.data_format)
 
     def call(self, inputs):
+        if self._blocks_per_gemm():
+            x = convolution.channels_last(ops.convert_to_tensor(inputs), self.data_format)
+            x = convolution.depthwise_as_gemm(self, x, self.depthwise_kernel, "depthwise")
+            if x is not None:
+                kernel = self.pointwise_kernel
+                matrix = ops.reshape(kernel, tuple(kernel.shape[-2:]))
+                y = self._gemm(ops.matmul, [x], [matrix], name="pointwise",
+                               equation="...k,ko->...o")
+                return self._bias_and_activation(
+                    convolution.channels_back(y, self.data_format))
         depthwise = functools.partial(
             ops.depthwise_conv, strides=self.strides, padding=self.padding,
             dilation_rate=self.dilation_rate, data_format=self.data_format)
