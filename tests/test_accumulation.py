@@ -462,11 +462,13 @@ def test_layer_geometry_with_exact_sums(make, shape):
         np.testing.assert_array_equal(got, expected)
 
 
-def test_multi_head_attention_geometry_with_exact_sums():
+@pytest.mark.parametrize("fmt", ["float8_e4m3", "mxfp8_e4m3"])
+def test_multi_head_attention_geometry_with_exact_sums(fmt):
     # FP8 operands (and small integers): every sum of every GEMM (projections, QK^T,
     # attention x V, their gradients) is exact in 22 bits, so the emulated sums equal
-    # the same policy's FP32 sums bit for bit.
-    formats = dict(weights="float8_e4m3", activations="float8_e4m3", errors="float8_e4m3")
+    # the same policy's FP32 sums bit for bit. MXFP8: each GEMM blocks its operands
+    # along its own reduction, with or without emulated sums.
+    formats = dict(weights=fmt, activations=fmt, errors=fmt)
     make = lambda p: tfhfp8.layers.MultiHeadAttention(num_heads=2, key_dim=3, policy=p)
     emulated = make(tfhfp8.Policy(**formats, accumulation=EXACT_SUMS["accumulation"]))
     plain = make(tfhfp8.Policy(**formats))
@@ -601,6 +603,52 @@ def test_attention_products_match_reference(backend, monkeypatch):
                     _assert_bits(da[i, n], reference_matmul(d, value.T, accs["input_gradient"]))
                     _assert_bits(db[i, :, n], reference_matmul(att.T, d,
                                                                accs["weight_gradient"]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dense_with_block_scaled_formats_matches_reference(backend, monkeypatch):
+    # Each GEMM blocks its operands along its own reduction axis (OCP MX), then sums
+    # them with its accumulator: forward x (along in) . W (along in), dx dy (along out)
+    # . W^T (along out), dW x^T (along tokens) . dy (along tokens).
+    import dataclasses
+    monkeypatch.setenv("TFHFP8_BACKEND", backend)
+    policy = tfhfp8.Policy(**{**LAYER_POLICY, "weights": "mxfp8_e4m3",
+                              "activations": "mxfp8_e4m3", "errors": "mxfp8_e5m2"})
+    rng = np.random.default_rng(17)
+    layer = tfhfp8.layers.Dense(3, use_bias=False, policy=policy)
+    x = tf.constant(rng.normal(size=(40, 37)).astype("float32"))
+    y = layer(x)
+    g = rng.normal(size=y.shape).astype("float32")
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(y * g)
+    dx, dw = tape.gradient(loss, [x, layer.kernel])
+    w = layer.kernel.numpy()
+
+    def along(t, fmt, axis):
+        return tfhfp8.quantize(t, dataclasses.replace(tfhfp8.formats.get(fmt), axis=axis)).numpy()
+
+    accs = policy.accumulation
+    _assert_bits(y, reference_matmul(along(x, "mxfp8_e4m3", 1), along(w, "mxfp8_e4m3", 0),
+                                     accs["forward"]))
+    _assert_bits(dx, reference_matmul(along(g, "mxfp8_e5m2", 1),
+                                      along(w, "mxfp8_e4m3", 1).T, accs["input_gradient"]))
+    _assert_bits(dw, reference_matmul(along(x, "mxfp8_e4m3", 0).T,
+                                      along(g, "mxfp8_e5m2", 0), accs["weight_gradient"]))
+
+
+def test_block_scaled_accumulation_is_checked():
+    # An FP32 scale (NVFP4's tensor scale, per-tensor scaling) makes products inexact.
+    for fmt in ("nvfp4", "e4m3_current"):
+        with pytest.raises(ValueError, match="block-scaled"):
+            tfhfp8.Policy(weights=fmt, activations=fmt, errors="float8_e5m2",
+                          accumulation="float16")
+    # A blocked convolution sums its kernel window in FP32: a clear error.
+    policy = tfhfp8.Policy(weights="mxfp8_e4m3", activations="mxfp8_e4m3",
+                           errors="mxfp8_e5m2", accumulation="float16")
+    with pytest.raises(NotImplementedError, match="block-scaled"):
+        tfhfp8.layers.Conv2D(2, 3, policy=policy)
 
 
 # -- the policy ---------------------------------------------------------------------------

@@ -192,8 +192,11 @@ class Policy(keras.DTypePolicy):
         are not fixed point). Layers with accumulation: Dense, EinsumDense, Conv1D,
         Conv2D, Conv3D (grouped too), DepthwiseConv2D, SeparableConv2D,
         Conv2DTranspose, MultiHeadAttention (projections and both attention
-        products); Embedding sums nothing. Not with block-scaled roles
-        (NotImplementedError).
+        products); Embedding sums nothing. With block-scaled roles (element times a
+        power-of-two or small float block scale, no FP32 scale: MXFP8/6/4, MXINT8),
+        in Dense, EinsumDense and MultiHeadAttention, each GEMM blocks along its own
+        reduction and then sums with its accumulator; blocked convolutions raise
+        NotImplementedError (their kernel window is summed in FP32).
 
     Recipes (`tfhfp8.Policy(preset, accumulation=...)`):
 

@@ -29,6 +29,8 @@ class MultiHeadAttention(_compat.AttentionHooks, EmulatedLayer, keras.layers.Mul
     GEMMS = ("scores", "context")
     OPERANDS = (2, 0)  # both products multiply two activations
 
+    _BLOCKED_GEMMS_ACCUMULATE = True
+
     def _accumulating_op(self, name):
         from tfhfp8 import gemm  # noqa: PLC0415
         spec = self.attention_spec()
