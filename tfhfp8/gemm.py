@@ -561,15 +561,16 @@ def _transpose_length(size, kernel, stride, dilation, padding, output_padding):
 
 
 def _conv_transpose(x, kernel, strides, dilations, padding, output_padding, accs, x_fmt,
-                    k_fmt, grad_fmt, seed, stats):
+                    k_fmt, grad_fmt, seed, stats, spatial=None):
     """The transposed convolution of channels-last `x` with a Keras transposed kernel
     `[*kernel_size, filters, C_in]`: the input gradient of the convolution `C` (from
     `filters` to `C_in` channels, of the output's size) applied to `x` (forward, K =
     kernel positions x C_in); its input gradient is `C` of the output gradient (K =
     kernel positions x filters), its kernel gradient `C`'s with the output gradient as
-    `C`'s input and `x` as its output gradient (K = batch x input positions)."""
+    `C`'s input and `x` as its output gradient (K = batch x input positions).
+    `spatial`: the output's spatial size (None: Keras' formula)."""
     rank = len(strides)
-    spatial = [_transpose_length(x.shape[1 + i], kernel.shape[i], strides[i], dilations[i],
+    spatial = list(spatial) if spatial is not None else [_transpose_length(x.shape[1 + i], kernel.shape[i], strides[i], dilations[i],
                                  padding, None if output_padding is None else
                                  output_padding[i]) for i in range(rank)]
     geo = _Geometry(spatial, kernel.shape[:rank], strides, dilations, padding)
@@ -702,8 +703,10 @@ def layer_depthwise_conv(x, kernel, strides, padding, dilation_rate, data_format
 
 
 def layer_conv_transpose(x, kernel, strides, padding, output_padding, dilation_rate,
-                         data_format, accumulators, formats, seed, stats):
-    """A Keras transposed convolution (kernel `[*kernel_size, filters, in_channels]`)."""
+                         data_format, accumulators, formats, seed, stats, spatial=None):
+    """A Keras transposed convolution (kernel `[*kernel_size, filters, in_channels]`;
+    `spatial`: the output's spatial size, e.g. from the layer's
+    `compute_output_shape`)."""
     a_fmt, w_fmt, e_fmt = formats
     rank = kernel.shape.rank - 2
     if data_format == "channels_first":
@@ -711,7 +714,7 @@ def layer_conv_transpose(x, kernel, strides, padding, output_padding, dilation_r
     y = _conv_transpose(tf.convert_to_tensor(x), tf.convert_to_tensor(kernel),
                         _tuple(strides, rank), _tuple(dilation_rate, rank), padding.lower(),
                         None if output_padding is None else _tuple(output_padding, rank),
-                        accumulators, a_fmt, w_fmt, e_fmt, seed, stats)
+                        accumulators, a_fmt, w_fmt, e_fmt, seed, stats, spatial)
     if data_format == "channels_first":
         y = tf.transpose(y, [0, rank + 1] + list(range(1, rank + 1)))
     return y
