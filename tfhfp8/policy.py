@@ -73,8 +73,8 @@ _PRESETS = {
     # - stochastic rounding, of the errors (as Mellempudi et al. do for the backward
     #   tensors) and of the FP16 update (Wang et al. 2018, the FP8 work HFP8 extends):
     #   `Policy("hfp8", rounding={"errors": "stochastic", "master_weights": "stochastic"})`
-    #   (the layers' stochastic-rounding counters are saved in .keras files but not in
-    #   tf.train.Checkpoint, which resumed runs of this preset rely on today);
+    #   (the layers' stochastic-rounding counters are saved in .keras and .weights.h5
+    #   files and tracked by tf.train.Checkpoint: resumed runs round as uninterrupted ones);
     # - loss scaling (its kind is not stated in the sources at hand): `tfhfp8 train` adds
     #   per-layer adaptive scaling by default, `Policy("hfp8", loss_scaling="adaptive")`
     #   by hand; in the preset, files saved under the name "hfp8" would lack its state.

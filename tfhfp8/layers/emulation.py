@@ -64,14 +64,18 @@ class MasterWeightRounding(keras.constraints.Constraint):
         return quantize(w, self.fmt, rounding=self.rounding, saturate=True, seed=seed)
 
 
-class _RoundingStep:
+class _RoundingStep(tf.Module):
     """Holds the layer's stochastic-rounding step counter out of Keras' tracking, so that
     it is not one of the layer's weights (`get_weights`, `set_weights` and weight copies
-    stay as in Keras); `EmulatedLayer` saves and loads it itself."""
+    stay as in Keras); `EmulatedLayer` saves and loads it itself in `.keras` and
+    `.weights.h5` files. A `tf.Module`, so that TensorFlow's tracking, which Keras'
+    ignores, sees it: `tf.train.Checkpoint(model=...)` saves and restores the counter
+    (as `<layer>/_rounding_step_holder/variable`)."""
 
     KEY = "rounding_step"  # its key in the layer's saved variables
 
     def __init__(self, layer):
+        super().__init__(name=None)
         self.variable = keras.Variable(
             0, dtype="int64", trainable=False, aggregation="only_first_replica",
             name=f"{layer.name}_{self.KEY}")
@@ -122,9 +126,10 @@ class EmulatedLayer(_compat.AfterBuild):
 
     # -- the quantizers -----------------------------------------------------------
     # Stochastic rounding draws its seeds from checkpointed state, not from TF's global
-    # random state: a per-layer step counter (saved with the layer) advanced at every
-    # GEMM, mixed with a constant per layer, GEMM, role and operand. A run resumed from
-    # a saved model therefore rounds exactly as the uninterrupted run would have.
+    # random state: a per-layer step counter (saved with the layer, tracked by
+    # tf.train.Checkpoint) advanced at every GEMM, mixed with a constant per layer (its
+    # name), GEMM, role and operand. A run resumed from a saved model or a checkpoint
+    # therefore rounds exactly as the uninterrupted run would have.
     def _forward(self, x, role, step=None, *key):
         fmt = self.policy.formats[role]
         if fmt is None:
@@ -182,15 +187,17 @@ class EmulatedLayer(_compat.AfterBuild):
 
     def _rounding_step(self):
         """The next step of the counter (an int64 tensor) when this pass rounds
-        stochastically: a forward role does, or a backward role may (gradients are
-        being recorded: a training step). None otherwise, so inference (`predict`,
-        `evaluate`) leaves the counter, hence the rounding of later training, alone."""
+        stochastically: a forward role or a stochastic accumulator does, or a backward
+        role may (gradients are being recorded: a training step). None otherwise, so
+        inference (`predict`, `evaluate`) leaves the counter, hence the rounding of later
+        training, alone."""
         holder = getattr(self, "_rounding_step_holder", None)
         if holder is None:
             return None
-        forward = any(self.policy.formats[role] is not None
-                      and self.policy.rounding[role] == "stochastic"
-                      for role in ("activations", "weights"))
+        forward = self._sums_stochastically() or any(
+            self.policy.formats[role] is not None
+            and self.policy.rounding[role] == "stochastic"
+            for role in ("activations", "weights"))
         if not (forward or _compat.gradients_may_be_recorded()):
             return None
         return holder.advance()
@@ -332,14 +339,10 @@ class EmulatedLayer(_compat.AfterBuild):
         """(accumulators, seed, statistics) of GEMM `name`."""
         from tfhfp8 import gemm  # noqa: PLC0415 (gemm imports the quantizers, as we do)
         accs = self.policy.accumulation
-        stochastic = any(acc.kind == "float" and acc.rounding == "stochastic"
-                         for acc in accs.values())
-        if not stochastic:
-            seed = tf.zeros([], tf.int64)
-        elif step is None:
-            seed = tf.random.uniform([], tf.int64.min, tf.int64.max, tf.int64)
-        else:
+        if self._sums_stochastically():  # the layer's counter (see _rounding_step)
             seed = _seed(step, self.name, "accumulation", name)
+        else:
+            seed = tf.zeros([], tf.int64)
         return accs, seed, gemm.Stats(getattr(self, "accumulation_state", {}).get(name))
 
     def _accumulating(self, name, step):
@@ -415,10 +418,17 @@ class EmulatedLayer(_compat.AfterBuild):
         self._create_scaling_state()
 
     def _create_rounding_step(self):
-        if any(self.policy.formats[role] is not None
-               and self.policy.rounding[role] == "stochastic"
-               for role in policy_lib.LAYER_ROLES):
+        if self._sums_stochastically() or any(
+                self.policy.formats[role] is not None
+                and self.policy.rounding[role] == "stochastic"
+                for role in policy_lib.LAYER_ROLES):
             self._rounding_step_holder = _RoundingStep(self)
+
+    def _sums_stochastically(self):
+        """True when an emulated accumulator of the policy rounds stochastically."""
+        return self.policy.accumulates and any(
+            acc.kind == "float" and acc.rounding == "stochastic"
+            for acc in self.policy.accumulation.values())
 
     def _attach_master_weight_rounding(self):
         fmt = self.policy.master_weights
