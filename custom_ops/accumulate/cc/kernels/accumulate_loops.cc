@@ -374,6 +374,7 @@ struct Simd {
   static V Flag(V flag, V acc) {
     return _mm512_ternarylogic_epi32(flag, acc, _mm512_slli_epi32(acc, 1), 0xF6);
   }
+  static V Or3(V a, V b, V c) { return _mm512_ternarylogic_epi32(a, b, c, 0xFE); }
   static bool AnySign(V v) { return _mm512_movepi32_mask(v) != 0; }
   static V And(V a, V b) { return _mm512_and_si512(a, b); }
   static V Xor(V a, V b) { return _mm512_xor_si512(a, b); }
@@ -395,6 +396,7 @@ struct Simd {
   static V Flag(V flag, V acc) {
     return _mm256_or_si256(flag, _mm256_xor_si256(acc, _mm256_slli_epi32(acc, 1)));
   }
+  static V Or3(V a, V b, V c) { return _mm256_or_si256(a, _mm256_or_si256(b, c)); }
   static bool AnySign(V v) { return _mm256_movemask_ps(_mm256_castsi256_ps(v)) != 0; }
   static V And(V a, V b) { return _mm256_and_si256(a, b); }
   static V Xor(V a, V b) { return _mm256_xor_si256(a, b); }
@@ -415,6 +417,7 @@ struct Simd {
   static V Flag(V flag, V acc) {
     return _mm_or_si128(flag, _mm_xor_si128(acc, _mm_slli_epi32(acc, 1)));
   }
+  static V Or3(V a, V b, V c) { return _mm_or_si128(a, _mm_or_si128(b, c)); }
   static bool AnySign(V v) { return _mm_movemask_ps(_mm_castsi128_ps(v)) != 0; }
   static V And(V a, V b) { return _mm_and_si128(a, b); }
   static V Xor(V a, V b) { return _mm_xor_si128(a, b); }
@@ -443,6 +446,7 @@ struct Simd {
   static V Flag(V flag, V acc) {
     return flag | (acc ^ static_cast<int32_t>(static_cast<uint32_t>(acc) << 1));
   }
+  static V Or3(V a, V b, V c) { return a | b | c; }
   static bool AnySign(V v) { return v < 0; }
   static V And(V a, V b) { return a & b; }
   static V Xor(V a, V b) { return a ^ b; }
@@ -456,6 +460,7 @@ struct Simd {
 
 constexpr int kVectorsPerRow = kTileCols / Simd::kWidth;
 static_assert(kTileCols % Simd::kWidth == 0, "a tile row must be whole vectors");
+static_assert(kVectorsPerRow % 2 == 0, "the bound check takes the vectors in pairs");
 // Pair words per block: the unit that is either exact as computed or redone.
 constexpr int64_t kBlockWords = 32;
 
@@ -538,17 +543,28 @@ int64_t Int32TilePairs(const int32_t* a, const int32_t* panel, float* c, int row
       }
       bool exact = Simd::AnySign(flag);
       if (!exact) {
+        // The sums biased by 2^30 (the same wrapping additions): sum in [-2^30, 2^30)
+        // exactly when sum + 2^30 has a clear sign bit, so the bound check is an OR,
+        // one ternary-logic instruction for two sums.
+        const V bias = Simd::Set1(1 << 30);
+        for (int r = 0; r < kTileRows; ++r) {
+          for (int v = 0; v < kVectorsPerRow; ++v) sum[r][v] = Simd::Add(sum[r][v], bias);
+        }
         for (int64_t w = block; w < block_end; ++w) {
           const int32_t* bw = panel + w * kTileCols;
           V b[kVectorsPerRow];
           for (int v = 0; v < kVectorsPerRow; ++v) b[v] = Simd::Load(bw + v * Simd::kWidth);
           for (int r = 0; r < kTileRows; ++r) {
             const V ar = Simd::Set1(a[r * acc.packed_k + w]);
-            for (int v = 0; v < kVectorsPerRow; ++v) {
+            for (int v = 0; v < kVectorsPerRow; v += 2) {
               sum[r][v] = Simd::Add(sum[r][v], Simd::PairProducts(ar, b[v]));
-              flag = Simd::Flag(flag, sum[r][v]);
+              sum[r][v + 1] = Simd::Add(sum[r][v + 1], Simd::PairProducts(ar, b[v + 1]));
+              flag = Simd::Or3(flag, sum[r][v], sum[r][v + 1]);
             }
           }
+        }
+        for (int r = 0; r < kTileRows; ++r) {
+          for (int v = 0; v < kVectorsPerRow; ++v) sum[r][v] = Simd::Sub(sum[r][v], bias);
         }
         exact = Simd::AnySign(flag);
         if (exact) {  // some sum left [-2^30, 2^30): redo the block term by term
