@@ -291,10 +291,30 @@ class Int32MatmulOp : public OpKernel {
     std::atomic<int64_t> overflows{0};
     const int64_t cost = std::max<int64_t>(k, 1) * kTileRows * kTileCols;
     const Int32TileLoop loop = loops->int32_tile;
+    // A's row tiles packed in pairs once (not once per column tile): [row tile][kTileRows]
+    // [packed_k], zero rows past m; a_fits[row tile]: every value fits 16 bits.
+    const int64_t tile_words = kTileRows * std::max<int64_t>(packed_k, 1);
+    const Tiling row_tiling(batch, m, k, 1);
+    std::vector<int32_t> pairs_a(row_tiling.count() * tile_words);
+    std::vector<char> a_fits(row_tiling.count());
+    ForTiles(context, row_tiling, std::max<int64_t>(k, 1) * kTileRows * 4,
+             [&](int64_t begin, int64_t end) {
+               for (int64_t t = begin; t < end; ++t) {
+                 int64_t bi, i0, j0;
+                 row_tiling.Locate(t, &bi, &i0, &j0);
+                 const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m - i0));
+                 const int32_t* a_rows = a_data + (bi * m + i0) * k;
+                 a_fits[t] = Fits16(a_rows, rows * k);
+                 if (!a_fits[t]) continue;
+                 int32_t* out = pairs_a.data() + t * tile_words;
+                 for (int r = 0; r < rows; ++r) {
+                   PackPairs(a_rows + r * k, 1, 1, acc, out + r * packed_k);
+                 }
+               }
+             });
     ForTiles(context, tiling, cost, [&](int64_t begin, int64_t end) {
       const int64_t rows_k = std::max<int64_t>(k, 1);
       std::vector<int32_t> panel(rows_k * kTileCols), pairs_panel(rows_k * kTileCols);
-      std::vector<int32_t> pairs_a(kTileRows * std::max<int64_t>(packed_k, 1));
       int64_t panel_of = -1;
       bool panel_fits = false;  // every value of the panel in [-32767, 32767]
       int64_t local = 0;
@@ -312,17 +332,13 @@ class Int32MatmulOp : public OpKernel {
         const int cols = static_cast<int>(std::min<int64_t>(kTileCols, n - j0));
         const int32_t* a_rows = a_data + (bi * m + i0) * k;
         Int32Accumulation tile = acc;
-        tile.pairs = panel_fits && Fits16(a_rows, rows * k);
+        const int64_t row_tile = bi * tiling.row_tiles + i0 / kTileRows;
+        tile.pairs = panel_fits && a_fits[row_tile];
         const int32_t* a_tile = a_rows;
         const int32_t* panel_tile = panel.data();
         if (tile.pairs) {
-          // Transposed view of A's rows as [k][rows]: pack each row as a 1-column panel.
-          std::fill(pairs_a.begin(), pairs_a.end(), 0);
-          for (int r = 0; r < rows; ++r) {
-            PackPairs(a_rows + r * k, 1, 1, acc, pairs_a.data() + r * packed_k);
-          }
           tile.packed_k = packed_k;
-          a_tile = pairs_a.data();
+          a_tile = pairs_a.data() + row_tile * tile_words;
           panel_tile = pairs_panel.data();
         } else {
           tile.packed_k = k;
