@@ -19,12 +19,17 @@ What limits each (printed after the table):
   multiply-add of 16 outputs is about 38 vector instructions: the product, TwoSum
   (6), the step to the round-to-odd neighbour (6), the rounding to the format (about
   15: normal and subnormal ranges, overflow, NaN), the swamping count, and the sum's
-  load and store. The order of k is part of the definition, so nothing can be
+  load and store. IEEE FP16 to nearest (not saturating, products exact) rounds with
+  the F16C conversion instead (vcvtps2ph and back, x86-64-v3 and v4): about 20, the
+  sums held in registers. The order of k is part of the definition, so nothing can be
   reassociated or blocked as a GEMM is; AVX2 has half the lanes, the SSE2 baseline a
-  quarter. Stochastic rounding adds two 64-bit hash evaluations per addition and the
-  general rounding path.
+  quarter (and no F16C). Stochastic rounding adds two 64-bit hash evaluations per
+  addition and the general rounding path.
 - INT32: pmaddwd computes two 16-bit products and their sum in one instruction; with
-  the add and the overflow-bound check that is 4 instructions per 32 multiply-adds.
+  the add and the overflow-bound check (an OR of the sums biased by 2^30, one
+  ternary-logic instruction for two sums with AVX-512) that is 2.5 instructions per
+  32 multiply-adds with AVX-512 (AVX-512 VNNI's vpdpwssd would fuse the first two, but
+  it is not in x86-64-v4).
   A block of terms whose sums leave [-2^30, 2^30) (full-scale 16-bit mantissas reach
   it within a few hundred terms) is done term by term with exact overflow detection,
   about 4 times slower: chunks of 64 keep the partial sums small and avoid it.

@@ -14,9 +14,6 @@ shared and noisy, so compare ratios from one run, never absolute times across ru
 Prints one table; asserts nothing.
 """
 
-import os
-import time
-
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
@@ -40,35 +37,16 @@ _FORMATS = [("mxfp8_e4m3", "nearest_even"), ("mxfp8_e4m3", "stochastic"),
 _SHORT = {"nearest_even": "RNE", "stochastic": "SR"}
 
 
-def _with_env(fn, **env):
-    """Runs fn with the environment variables `env` set (restored afterwards)."""
-    def wrapped():
-        old = {name: os.environ.get(name) for name in env}
-        os.environ.update(env)
-        try:
-            return fn()
-        finally:
-            for name, value in old.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-    return wrapped
-
 
 def _cases(x):
     seed = tf.constant(1234, tf.int64)
-    one = tf.Variable(1.0, dtype=tf.float32)
-    copy = tf.function(lambda v: v * one, autograph=False)
-    copy_xla = tf.function(lambda v: v * one, autograph=False, jit_compile=True)
-    cases = [("copy floor: x * one (tf.function)", lambda: copy(x)),
-             ("copy floor: x * one (XLA)", lambda: copy_xla(x))]
+    cases = machine.copy_floor_cases(x)
 
     # The fused kernel, called directly (eager), in each CPU variant this CPU supports.
     _, variants = cpp_backend.cpu_variant()
     for variant in variants:
         for name, rounding in _FORMATS:
-            cases.append((f"C++ {name} {_SHORT[rounding]} [{variant}]", _with_env(
+            cases.append((f"C++ {name} {_SHORT[rounding]} [{variant}]", machine.with_env(
                 lambda f=formats.get(name), r=rounding: cpp_backend.quantize_block(
                     x, f, r, True, seed), TFHFP8_CPU_VARIANT=variant)))
     axis0 = tfhfp8.BlockScaled("float8_e4m3fn", 32, axis=0)
@@ -79,10 +57,10 @@ def _cases(x):
     # compiled by XLA (tfhfp8.ops.run_fused).
     for backend in ("cpp", "tf"):
         for name, rounding in _FORMATS:
-            cases.append((f"tfhfp8.quantize {backend} {name} {_SHORT[rounding]}", _with_env(
+            cases.append((f"tfhfp8.quantize {backend} {name} {_SHORT[rounding]}", machine.with_env(
                 lambda n=name, r=rounding: tfhfp8.quantize(x, n, r, True, 1234),
                 TFHFP8_BACKEND=backend)))
-        cases.append((f"tfhfp8.quantize {backend} mxfp8_e4m3 RNE, axis 0", _with_env(
+        cases.append((f"tfhfp8.quantize {backend} mxfp8_e4m3 RNE, axis 0", machine.with_env(
             lambda: tfhfp8.quantize(x, axis0, "nearest_even", True, 1234),
             TFHFP8_BACKEND=backend)))
     return cases
@@ -106,23 +84,7 @@ def main(argv):
 
     cases = [(name, fn) for name, fn in _cases(x)
              if not _FILTER.value or _FILTER.value in name or name.startswith("copy floor")]
-    for _, fn in cases:
-        for _ in range(_WARMUP.value):
-            fn()
-    # Interleaved rounds: a slow spell of this shared machine hits all cases alike.
-    best = [float("inf")] * len(cases)
-    for _ in range(_REPEATS.value):
-        for j, (_, fn) in enumerate(cases):
-            start = time.perf_counter()
-            fn()
-            best[j] = min(best[j], time.perf_counter() - start)
-    copy_rate = n / min(best[:2])
-    width = max(len(name) for name, _ in cases)
-    print(f"{'case':{width}s}  {'ms':>8s}  {'G elem/s':>8s}  {'x copy':>6s}")
-    for (name, _), seconds in zip(cases, best):
-        rate = n / seconds
-        print(f"{name:{width}s}  {seconds * 1e3:8.2f}  {rate / 1e9:8.3f}  {rate / copy_rate:6.2f}")
-    print(f"load average after: {machine.load_average()}")
+    machine.print_throughput(cases, n, _REPEATS.value, _WARMUP.value)
 
 
 if __name__ == "__main__":

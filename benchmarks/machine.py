@@ -1,8 +1,10 @@
-"""What a benchmark ran on: the CPU, the library versions and the load average."""
+"""What a benchmark ran on (the CPU, the library versions, the load average), and the
+throughput timing the quantization benchmarks share."""
 
 import os
 import pathlib
 import platform
+import time
 
 import keras
 import ml_dtypes
@@ -35,3 +37,53 @@ def load_average():
         return ", ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
         return "unknown"
+
+
+def with_env(fn, **env):
+    """fn, run with the environment variables `env` set (restored afterwards)."""
+    def wrapped():
+        old = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for name, value in old.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+    return wrapped
+
+
+def copy_floor_cases(x):
+    """The memory-copy floor `x * one` as two cases, a tf.function and an XLA-compiled
+    one: which is faster varies by machine, and the faster is the floor."""
+    one = tf.Variable(1.0, dtype=tf.float32)
+    copy = tf.function(lambda v: v * one, autograph=False)
+    copy_xla = tf.function(lambda v: v * one, autograph=False, jit_compile=True)
+    return [("copy floor: x * one (tf.function)", lambda: copy(x)),
+            ("copy floor: x * one (XLA)", lambda: copy_xla(x))]
+
+
+def print_throughput(cases, n, repeats, warmup):
+    """Times `cases` ([(name, fn)], the two copy-floor cases first) on n elements and
+    prints ms, elements/s and the ratio to the copy floor per case.
+
+    Interleaved rounds: each round times every case once, so a slow spell of a shared
+    machine hits all cases alike; the best round of each case counts."""
+    for _, fn in cases:
+        for _ in range(warmup):
+            fn()
+    best = [float("inf")] * len(cases)
+    for _ in range(repeats):
+        for j, (_, fn) in enumerate(cases):
+            start = time.perf_counter()
+            fn()
+            best[j] = min(best[j], time.perf_counter() - start)
+    copy_rate = n / min(best[:2])
+    width = max(len(name) for name, _ in cases)
+    print(f"{'case':{width}s}  {'ms':>8s}  {'G elem/s':>8s}  {'x copy':>6s}")
+    for (name, _), seconds in zip(cases, best):
+        rate = n / seconds
+        print(f"{name:{width}s}  {seconds * 1e3:8.2f}  {rate / 1e9:8.3f}  {rate / copy_rate:6.2f}")
+    print(f"load average after: {load_average()}")

@@ -48,24 +48,9 @@ _MEMORY_CASES = ["cpp hfp8_fwd RNE", "cpp DFP16 RNE", "tf hfp8_fwd RNE", "tf hfp
                  "tf DFP16 RNE"]
 
 
-def _with_env(fn, **env):
-    """Runs fn with the environment variables `env` set (restored afterwards)."""
-    def wrapped():
-        old = {name: os.environ.get(name) for name in env}
-        os.environ.update(env)
-        try:
-            return fn()
-        finally:
-            for name, value in old.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-    return wrapped
-
 
 def _env_backend(name, fn):
-    return _with_env(fn, TFHFP8_BACKEND=name)
+    return machine.with_env(fn, TFHFP8_BACKEND=name)
 
 
 def _cases(x, x_np):
@@ -73,19 +58,14 @@ def _cases(x, x_np):
     e5m2 = tfhfp8.formats.get("float8_e5m2")
     dfp16 = tfhfp8.DynamicFixedPoint(16)
     seed = tf.constant(1234, tf.int64)
-    one = tf.Variable(1.0, dtype=tf.float32)
-
-    copy = tf.function(lambda v: v * one, autograph=False)
-    copy_xla = tf.function(lambda v: v * one, autograph=False, jit_compile=True)
-    cases = [("copy floor: x * one (tf.function)", lambda: copy(x)),
-             ("copy floor: x * one (XLA)", lambda: copy_xla(x))]
+    cases = machine.copy_floor_cases(x)
 
     # C++ kernels, called directly (eager), in each CPU variant this CPU supports.
     _, variants = cpp_backend.cpu_variant()
     for variant in variants:
         for fmt, label in [(fwd, "hfp8_fwd"), (e5m2, "e5m2")]:
             for rounding, short in [("nearest_even", "RNE"), ("stochastic", "SR")]:
-                cases.append((f"C++ {label} {short} [{variant}]", _with_env(
+                cases.append((f"C++ {label} {short} [{variant}]", machine.with_env(
                     lambda f=fmt, r=rounding: cpp_backend.quantize_float(x, f, r, True, seed),
                     TFHFP8_CPU_VARIANT=variant)))
 
@@ -211,26 +191,7 @@ def main(argv):
 
     cases = [(name, fn) for name, fn in _cases(x, x_np)
              if not _FILTER.value or _FILTER.value in name or name.startswith("copy floor")]
-    for _, fn in cases:
-        for _ in range(_WARMUP.value):
-            fn()
-    # Interleaved rounds: each round times every case once, so a slow spell of this
-    # shared machine hits all cases alike; the best round of each case counts.
-    best = [float("inf")] * len(cases)
-    for _ in range(_REPEATS.value):
-        for j, (_, fn) in enumerate(cases):
-            start = time.perf_counter()
-            fn()
-            best[j] = min(best[j], time.perf_counter() - start)
-    # The floor is the faster of the two copies (which one wins varies by machine).
-    copy_rate = n / min(best[:2])
-    results = [(name, seconds, n / seconds) for (name, _), seconds in zip(cases, best)]
-
-    width = max(len(name) for name, _, _ in results)
-    print(f"{'case':{width}s}  {'ms':>8s}  {'G elem/s':>8s}  {'x copy':>6s}")
-    for name, seconds, rate in results:
-        print(f"{name:{width}s}  {seconds * 1e3:8.2f}  {rate / 1e9:8.3f}  {rate / copy_rate:6.2f}")
-    print(f"load average after: {machine.load_average()}")
+    machine.print_throughput(cases, n, _REPEATS.value, _WARMUP.value)
     _memory_table()
 
 

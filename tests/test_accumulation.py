@@ -425,7 +425,21 @@ EXACT_SUMS = dict(weights="float8_e4m3", activations="float16", errors="float16"
                                              padding="same", policy=p), (2, 7, 6, 3)),
     (lambda p: tfhfp8.layers.SeparableConv2D(4, 3, dilation_rate=2, depth_multiplier=2,
                                              policy=p), (1, 7, 7, 2)),
-], ids=["conv1d", "conv2d", "conv3d", "depthwise", "separable"])
+    (lambda p: tfhfp8.layers.Conv2D(4, 3, groups=2, strides=2, padding="same", policy=p),
+     (2, 6, 5, 4)),
+    (lambda p: tfhfp8.layers.Conv1D(6, 2, groups=3, padding="causal", policy=p), (2, 6, 3)),
+    (lambda p: tfhfp8.layers.Conv2DTranspose(3, 3, strides=2, padding="same", policy=p),
+     (2, 4, 5, 2)),
+    (lambda p: tfhfp8.layers.Conv2DTranspose(2, (3, 2), strides=(2, 3), output_padding=(1, 2),
+                                             data_format="channels_first", policy=p),
+     (1, 2, 3, 4)),
+    (lambda p: tfhfp8.layers.Conv2DTranspose(2, 3, dilation_rate=2, padding="same",
+                                             policy=p), (1, 5, 5, 2)),
+    (lambda p: tfhfp8.layers.EinsumDense("abc,cde->abde", output_shape=(None, 2, 3),
+                                         policy=p), (2, 3, 4)),
+], ids=["conv1d", "conv2d", "conv3d", "depthwise", "separable", "grouped_conv2d",
+        "grouped_conv1d", "conv2d_transpose", "conv2d_transpose_valid",
+        "conv2d_transpose_dilated", "einsum_dense"])
 def test_layer_geometry_with_exact_sums(make, shape):
     rng = np.random.default_rng(31)
     emulated, plain = make(tfhfp8.Policy(**EXACT_SUMS)), make("float32")
@@ -448,6 +462,195 @@ def test_layer_geometry_with_exact_sums(make, shape):
         np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("fmt", ["float8_e4m3", "mxfp8_e4m3"])
+def test_multi_head_attention_geometry_with_exact_sums(fmt):
+    # FP8 operands (and small integers): every sum of every GEMM (projections, QK^T,
+    # attention x V, their gradients) is exact in 22 bits, so the emulated sums equal
+    # the same policy's FP32 sums bit for bit. MXFP8: each GEMM blocks its operands
+    # along its own reduction, with or without emulated sums.
+    formats = dict(weights=fmt, activations=fmt, errors=fmt)
+    make = lambda p: tfhfp8.layers.MultiHeadAttention(num_heads=2, key_dim=3, policy=p)
+    emulated = make(tfhfp8.Policy(**formats, accumulation=EXACT_SUMS["accumulation"]))
+    plain = make(tfhfp8.Policy(**formats))
+    rng = np.random.default_rng(3)
+    q = tf.constant(rng.integers(-3, 4, size=(2, 4, 5)).astype("float32"))
+    v = tf.constant(rng.integers(-3, 4, size=(2, 3, 5)).astype("float32"))
+    emulated(q, v), plain(q, v)
+    for w_e, w_p in zip(emulated.trainable_weights, plain.trainable_weights):
+        value = rng.integers(-2, 3, size=w_e.shape).astype("float32") / 4
+        w_e.assign(value)
+        w_p.assign(value)
+    results = []
+    for layer in (emulated, plain):
+        with tf.GradientTape() as tape:
+            tape.watch([q, v])
+            y = layer(q, v)
+            g = tf.constant(np.random.default_rng(4).integers(-4, 5, size=y.shape) / 8,
+                            tf.float32)
+            loss = tf.reduce_sum(y * g)
+        grads = tape.gradient(loss, [q, v] + layer.trainable_weights)
+        results.append([y.numpy()] + [t.numpy() for t in grads])
+    for got, expected in zip(*results):
+        np.testing.assert_array_equal(got, expected)
+    # The projections are emulated EinsumDense layers with the same accumulators.
+    assert emulated._query_dense.policy.accumulates
+
+
+BACKENDS = ["tf", "cpp"]
+
+
+def _remapped(accs, **kinds):
+    return {kind: accs[kinds.get(kind, kind)] for kind in accs}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv2d_transpose_matches_reference(backend, monkeypatch):
+    # A transposed convolution is the input gradient of the convolution C it transposes:
+    # its forward, dx and dW are C's dx, forward and dW (the reference's orders).
+    monkeypatch.setenv("TFHFP8_BACKEND", backend)
+    rng = np.random.default_rng(13)
+    policy = tfhfp8.Policy(**LAYER_POLICY)
+    layer = tfhfp8.layers.Conv2DTranspose(3, 3, strides=2, padding="same", use_bias=False,
+                                          policy=policy)
+    x = rng.normal(size=(2, 3, 3, 2)).astype("float32")
+    y, dx, dw, g = _layer_gradients(layer, x, rng)
+    xq = tfhfp8.quantize(x, "float8_e4m3").numpy()
+    wq = tfhfp8.quantize(layer.kernel, "float8_e4m3").numpy()
+    accs = _remapped(policy.accumulation, forward="input_gradient", input_gradient="forward")
+    dx_ref, y_ref, dw_ref = _conv_reference(g, wq, xq, 2, accs)
+    _assert_bits(y, y_ref)
+    _assert_bits(dx, dx_ref)
+    _assert_bits(dw, dw_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_conv2d_matches_reference(backend, monkeypatch):
+    monkeypatch.setenv("TFHFP8_BACKEND", backend)
+    rng = np.random.default_rng(14)
+    policy = tfhfp8.Policy(**LAYER_POLICY)
+    layer = tfhfp8.layers.Conv2D(4, 3, strides=2, padding="same", groups=2, use_bias=False,
+                                 policy=policy)
+    x = rng.normal(size=(1, 5, 5, 4)).astype("float32")
+    y, dx, dw, g = _layer_gradients(layer, x, rng)
+    xq = tfhfp8.quantize(x, "float8_e4m3").numpy()
+    wq = tfhfp8.quantize(layer.kernel, "float8_e4m3").numpy()
+    # Each group is a convolution of its own channels (input 2, output 2 per group).
+    parts = [_conv_reference(xq[..., 2 * i:2 * i + 2], wq[..., 2 * i:2 * i + 2],
+                             g[..., 2 * i:2 * i + 2], 2, policy.accumulation)
+             for i in range(2)]
+    _assert_bits(y, np.concatenate([p[0] for p in parts], -1))
+    _assert_bits(dx, np.concatenate([p[1] for p in parts], -1))
+    _assert_bits(dw, np.concatenate([p[2] for p in parts], -1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_einsum_dense_matches_reference(backend, monkeypatch):
+    # K runs over the contracted labels in the first operand's order: forward over c,
+    # dx (einsum "abde,cde->abc") over (d, e), dW ("abc,abde->cde") over (a, b).
+    monkeypatch.setenv("TFHFP8_BACKEND", backend)
+    rng = np.random.default_rng(15)
+    policy = tfhfp8.Policy(**LAYER_POLICY)
+    layer = tfhfp8.layers.EinsumDense("abc,cde->abde", output_shape=(None, 2, 3),
+                                      policy=policy)
+    x = rng.normal(size=(2, 3, 19)).astype("float32")
+    y, dx, dw, g = _layer_gradients(layer, x, rng)
+    xq = tfhfp8.quantize(x, "float8_e4m3").numpy().reshape(6, 19)
+    wq = tfhfp8.quantize(layer.kernel, "float8_e4m3").numpy().reshape(19, 6)
+    g = g.reshape(6, 6)
+    accs = policy.accumulation
+    _assert_bits(y.reshape(6, 6), reference_matmul(xq, wq, accs["forward"]))
+    _assert_bits(dx.reshape(6, 19), reference_matmul(g, wq.T, accs["input_gradient"]))
+    _assert_bits(dw.reshape(19, 6), reference_matmul(xq.T, g, accs["weight_gradient"]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_products_match_reference(backend, monkeypatch):
+    # MultiHeadAttention's two products (its own equations) with their gradients:
+    # scores[b, n, t, s] = sum_h query[b, t, n, h] key[b, s, n, h] and
+    # context[b, t, n, h] = sum_s attention[b, n, t, s] value[b, s, n, h].
+    from tfhfp8 import gemm
+    monkeypatch.setenv("TFHFP8_BACKEND", backend)
+    layer = tfhfp8.layers.MultiHeadAttention(num_heads=2, key_dim=9, policy="fp8")
+    layer(np.ones((1, 2, 4), "float32"), np.ones((1, 3, 4), "float32"))
+    spec = layer.attention_spec()
+    accs = tfhfp8.Policy(**LAYER_POLICY).accumulation
+    rng = np.random.default_rng(16)
+    q8 = lambda *shape: tfhfp8.quantize(rng.normal(size=shape).astype("float32") * 4,
+                                        "float8_e4m3").numpy()
+    b_, t_, s_, n_, h_ = 2, 5, 6, 2, 9
+    for equation, first, second, out in [
+            (spec.scores_equation, q8(b_, s_, n_, h_), q8(b_, t_, n_, h_), (b_, n_, t_, s_)),
+            (spec.combine_equation, q8(b_, n_, t_, s_), q8(b_, s_, n_, h_), (b_, t_, n_, h_))]:
+        a, b = tf.constant(first), tf.constant(second)
+        dc = q8(*out)
+        with tf.GradientTape() as tape:
+            tape.watch([a, b])
+            c = gemm.layer_einsum(a, b, equation, accs, (None, None, None),
+                                  tf.zeros([], tf.int64), gemm.Stats())
+            loss = tf.reduce_sum(c * dc)
+        da, db = tape.gradient(loss, [a, b])
+        for i in range(b_):
+            for n in range(n_):
+                if equation == spec.scores_equation:  # key, query -> scores
+                    key, query, d = first[i, :, n], second[i, :, n], dc[i, n]
+                    _assert_bits(c[i, n], reference_matmul(query, key.T, accs["forward"]))
+                    _assert_bits(da[i, :, n], reference_matmul(d.T, query,
+                                                               accs["input_gradient"]))
+                    _assert_bits(db[i, :, n], reference_matmul(d, key, accs["weight_gradient"]))
+                else:  # attention, value -> context
+                    att, value, d = first[i, n], second[i, :, n], dc[i, :, n]
+                    _assert_bits(c[i, :, n], reference_matmul(att, value, accs["forward"]))
+                    _assert_bits(da[i, n], reference_matmul(d, value.T, accs["input_gradient"]))
+                    _assert_bits(db[i, :, n], reference_matmul(att.T, d,
+                                                               accs["weight_gradient"]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dense_with_block_scaled_formats_matches_reference(backend, monkeypatch):
+    # Each GEMM blocks its operands along its own reduction axis (OCP MX), then sums
+    # them with its accumulator: forward x (along in) . W (along in), dx dy (along out)
+    # . W^T (along out), dW x^T (along tokens) . dy (along tokens).
+    import dataclasses
+    monkeypatch.setenv("TFHFP8_BACKEND", backend)
+    policy = tfhfp8.Policy(**{**LAYER_POLICY, "weights": "mxfp8_e4m3",
+                              "activations": "mxfp8_e4m3", "errors": "mxfp8_e5m2"})
+    rng = np.random.default_rng(17)
+    layer = tfhfp8.layers.Dense(3, use_bias=False, policy=policy)
+    x = tf.constant(rng.normal(size=(40, 37)).astype("float32"))
+    y = layer(x)
+    g = rng.normal(size=y.shape).astype("float32")
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(y * g)
+    dx, dw = tape.gradient(loss, [x, layer.kernel])
+    w = layer.kernel.numpy()
+
+    def along(t, fmt, axis):
+        return tfhfp8.quantize(t, dataclasses.replace(tfhfp8.formats.get(fmt), axis=axis)).numpy()
+
+    accs = policy.accumulation
+    _assert_bits(y, reference_matmul(along(x, "mxfp8_e4m3", 1), along(w, "mxfp8_e4m3", 0),
+                                     accs["forward"]))
+    _assert_bits(dx, reference_matmul(along(g, "mxfp8_e5m2", 1),
+                                      along(w, "mxfp8_e4m3", 1).T, accs["input_gradient"]))
+    _assert_bits(dw, reference_matmul(along(x, "mxfp8_e4m3", 0).T,
+                                      along(g, "mxfp8_e5m2", 0), accs["weight_gradient"]))
+
+
+def test_block_scaled_accumulation_is_checked():
+    # An FP32 scale (NVFP4's tensor scale, per-tensor scaling) makes products inexact.
+    for fmt in ("nvfp4", "e4m3_current"):
+        with pytest.raises(ValueError, match="block-scaled"):
+            tfhfp8.Policy(weights=fmt, activations=fmt, errors="float8_e5m2",
+                          accumulation="float16")
+    # A blocked convolution sums its kernel window in FP32: a clear error.
+    policy = tfhfp8.Policy(weights="mxfp8_e4m3", activations="mxfp8_e4m3",
+                           errors="mxfp8_e5m2", accumulation="float16")
+    with pytest.raises(NotImplementedError, match="block-scaled"):
+        tfhfp8.layers.Conv2D(2, 3, policy=policy)
+
+
 # -- the policy ---------------------------------------------------------------------------
 def test_policy_accumulation_is_checked_saved_and_shown(tmp_path):
     policy = tfhfp8.Policy("fp8", accumulation="float16_chunk64")
@@ -464,8 +667,11 @@ def test_policy_accumulation_is_checked_saved_and_shown(tmp_path):
         tfhfp8.Policy(weights="float8_e5m2", accumulation="float16")
     with pytest.raises(ValueError, match="backward"):
         tfhfp8.Policy("fp8", accumulation={"backward": "float16"})
-    with pytest.raises(NotImplementedError, match="Conv2DTranspose"):
-        tfhfp8.layers.Conv2DTranspose(3, 3, policy=policy)
+    # A lookup sums nothing: Embedding takes the policy and reads its table as without it.
+    ids = np.array([[1, 2, 3]])
+    embeddings = [tfhfp8.layers.Embedding(10, 3, policy=p, embeddings_initializer="ones")
+                  for p in (policy, tfhfp8.Policy("fp8"))]
+    np.testing.assert_array_equal(embeddings[0](ids), embeddings[1](ids))
 
     rng = np.random.default_rng(0)
     model = keras.Sequential([keras.Input((6, 6, 1)),

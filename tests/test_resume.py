@@ -16,6 +16,7 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tfhfp8
 
@@ -112,3 +113,114 @@ def test_stochastic_seeds_differ_between_steps_and_layers(layer):
     first, second = a(x).numpy(), a(x).numpy()
     assert not np.array_equal(first, second)  # a new step, new rounding
     assert not np.array_equal(b(x).numpy(), first)  # another layer, other seeds
+
+
+# -- tf.train.Checkpoint and BackupAndRestore -------------------------------------------
+# The hfp8 recipe with every piece of stochastic-rounding state at work: the layers'
+# counters (stochastic errors and master weights), the per-layer adaptive loss scales and
+# LowPrecision's stochastic optimizer-state rounding (seeded by the optimizer's steps).
+_RECIPE = tfhfp8.Policy("hfp8", loss_scaling="adaptive", rounding={
+    "errors": "stochastic", "master_weights": "stochastic"})
+_STATES = tfhfp8.Policy(optimizer_states="float16", rounding={"optimizer_states": "stochastic"})
+
+
+def _recipe_model(seed):
+    keras.utils.set_random_seed(seed)
+    # Named: the seeds hash the layer's name (a second model of the same process would
+    # otherwise get "dense_3", ..., as a new process would not).
+    model = tfhfp8.quantize_model(keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Flatten(),
+        keras.layers.Dense(16, activation="relu", name="first"),
+        keras.layers.Dense(16, activation="relu", name="hidden"),
+        keras.layers.Dense(10, name="last")]), _RECIPE)
+    model.compile(tfhfp8.optimizers.LowPrecision(keras.optimizers.SGD(0.1, momentum=0.9),
+                                                 _STATES),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def _recipe_data():
+    (x, y), _ = tfhfp8.datasets.digits()
+    return x[:96], y[:96]  # 3 steps of 32 an epoch
+
+
+def _counters(model):
+    return [int(layer._rounding_step_holder.variable.numpy()) for layer in model.layers
+            if hasattr(layer, "_rounding_step_holder")]
+
+
+def _state_of(model):
+    """Weights, optimizer variables, rounding counters and loss-scaling state."""
+    layers = [layer for layer in model.layers if hasattr(layer, "emulation_variables")]
+    return ([v.numpy() for v in model.weights + model.optimizer.variables]
+            + [np.array(c) for c in _counters(model)]
+            + [v.numpy() for layer in layers for v in layer.emulation_variables()])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    """The state after 2 epochs (6 steps) in one go."""
+    x, y = _recipe_data()
+    whole = _recipe_model(seed=1)
+    whole.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+    assert _counters(whole) == [6, 6, 6]  # every layer rounds stochastically
+    return _state_of(whole)
+
+
+def test_tf_train_checkpoint_resumes_stochastic_rounding_bit_for_bit(tmp_path,
+                                                                      uninterrupted):
+    x, y = _recipe_data()
+
+    first = _recipe_model(seed=1)
+    first.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    path = tf.train.Checkpoint(model=first, optimizer=first.optimizer).write(
+        str(tmp_path / "ckpt"))
+    resumed = _recipe_model(seed=7)  # other initial weights: all must come from the file
+    tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).read(
+        path).assert_consumed()
+    assert _counters(resumed) == [3, 3, 3]
+    resumed.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(uninterrupted, _state_of(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            raise RuntimeError("interrupted")
+
+
+def test_backup_and_restore_resumes_stochastic_rounding_bit_for_bit(tmp_path,
+                                                                    uninterrupted):
+    # BackupAndRestore saves .weights.h5 files, which hold the counters (as .keras do).
+    x, y = _recipe_data()
+
+    backup = str(tmp_path / "backup")
+    interrupted = _recipe_model(seed=1)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        interrupted.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0,
+                        callbacks=[keras.callbacks.BackupAndRestore(backup), _Interrupt()])
+    resumed = _recipe_model(seed=7)
+    resumed.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0,
+                callbacks=[keras.callbacks.BackupAndRestore(backup)])
+    assert int(resumed.optimizer.iterations.numpy()) == 6
+    for a, b in zip(uninterrupted, _state_of(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_stochastic_accumulation_rounds_from_the_checkpointed_counter(tmp_path):
+    # Only the sums round stochastically: the layer still keeps a counter (not TF's
+    # random state), so a restored layer sums as the original one does.
+    policy = tfhfp8.Policy("bfloat16", accumulation=tfhfp8.Accumulator(
+        "bfloat16", rounding="stochastic"))
+    x = np.random.default_rng(3).normal(size=(4, 64)).astype("float32")
+    a = tfhfp8.layers.Dense(8, policy=policy, name="summing")
+    first = a(x).numpy()
+    assert not np.array_equal(a(x).numpy(), first)  # a new step, new rounding
+    path = tf.train.Checkpoint(layer=a).write(str(tmp_path / "ckpt"))
+    b = tfhfp8.layers.Dense(8, policy=policy, name="summing")
+    b(x)
+    tf.train.Checkpoint(layer=b).read(path).assert_consumed()
+    assert int(b._rounding_step_holder.variable.numpy()) == 2
+    np.testing.assert_array_equal(b(x).numpy(), a(x).numpy())

@@ -293,10 +293,24 @@ def check_operand(parameter, fmt):
     exact in float32 (what a float accumulator needs)."""
     ok = ((isinstance(fmt, formats.FloatFormat)
            and fmt.mantissa_bits <= MAX_OPERAND_MANTISSA_BITS)
-          or (isinstance(fmt, formats.DynamicFixedPoint) and fmt.bits <= MAX_OPERAND_DFP_BITS))
+          or (isinstance(fmt, formats.DynamicFixedPoint) and fmt.bits <= MAX_OPERAND_DFP_BITS)
+          or _block_scaled_significand_bits(fmt) <= MAX_OPERAND_MANTISSA_BITS + 1)
     if not ok:
         raise ValueError(
             f"{parameter}: an emulated float accumulator needs operands whose products are "
             f"exact in float32: a FloatFormat with mantissa_bits <= "
-            f"{MAX_OPERAND_MANTISSA_BITS} or a DynamicFixedPoint with bits <= "
-            f"{MAX_OPERAND_DFP_BITS}; got {fmt!r}")
+            f"{MAX_OPERAND_MANTISSA_BITS}, a DynamicFixedPoint with bits <= "
+            f"{MAX_OPERAND_DFP_BITS} or a block-scaled format whose element times block "
+            f"scale has at most {MAX_OPERAND_MANTISSA_BITS + 1} significant bits (no FP32 "
+            f"tensor scale: not NVFP4's, not per-tensor scaling); got {fmt!r}")
+
+
+def _block_scaled_significand_bits(fmt):
+    """The significant bits of a value of block-scaled `fmt` (element times block scale;
+    a power-of-two scale adds none), or infinity when an FP32 scale can make it any
+    float32 (per-tensor scaling, a tensor scale)."""
+    block_scaled = isinstance(fmt, formats.block_formats.BlockScaled)
+    if not block_scaled or fmt.per_tensor or fmt.tensor_scale:
+        return float("inf")
+    scale_bits = 0 if fmt.power_of_two_scale else fmt.scale.mantissa_bits + 1
+    return fmt.element.mantissa_bits + 1 + scale_bits

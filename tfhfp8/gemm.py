@@ -9,7 +9,12 @@ A convolution is the GEMM of its input patches (`K = kernel positions x in_chann
 in that order); its input gradient is itself a convolution of the output gradient
 (dilated by the strides) with the flipped kernel, whose reduction runs over
 `kernel positions x out_channels`, and its kernel gradient the GEMM of the patches
-with the output gradient (`K = batch x output positions`).
+with the output gradient (`K = batch x output positions`). A transposed convolution
+is the input gradient of the convolution it transposes (forward), that convolution
+itself (its input gradient) and the same kernel-gradient GEMM with the roles of input
+and output swapped. A two-operand einsum is a batched GEMM over its contracted labels,
+`K` running over them in the order of the first operand's subscripts (the gradient
+einsums `dC,B->A` and `A,dC->B` likewise).
 """
 
 import functools
@@ -269,6 +274,73 @@ def _reduce_to(g, shape, rank):
     return tf.reshape(tf.reduce_sum(g, axis=tf.cast(axes, tf.int32), keepdims=True), shape)
 
 
+# -- einsum ------------------------------------------------------------------------------
+def einsum_terms(equation, rank_a, rank_b):
+    """`(a, b, c)`: the subscripts of `equation` (`"A,B->C"`, `...` spelled out for
+    operands of these ranks). A ValueError for equations that are not one GEMM: a
+    label repeated within a term or summed within one operand alone."""
+    from tfhfp8.layers import gemm_axes  # noqa: PLC0415 (layers import this module)
+    a, b, c = gemm_axes.GemmAxes(equation, rank_a, rank_b).terms
+    for term in (a, b, c):
+        if len(set(term)) != len(term):
+            raise ValueError(f"equation {equation!r}: a label repeated in {term!r} (a trace "
+                             "or diagonal) is not a GEMM")
+    alone = (set(a) ^ set(b)) - set(c)
+    if alone or set(c) - set(a) - set(b):
+        raise ValueError(f"equation {equation!r}: labels {sorted(alone or set(c))} are summed "
+                         "within one operand or come from none; emulated sums need one "
+                         "GEMM 'A,B->C'")
+    return a, b, c
+
+
+def _einsum_product(a, b, terms, accumulator, a_fmt, b_fmt, seed):
+    """`einsum(a, b)` as one batched GEMM (see `_product`): batch labels (in all three
+    terms), M (a and c), K (a and b, in a's order), N (b and c)."""
+    ta, tb, tc = terms
+    batch = [x for x in tc if x in ta and x in tb]
+    m = [x for x in ta if x in tc and x not in tb]
+    k = [x for x in ta if x in tb and x not in tc]
+    n = [x for x in tb if x in tc and x not in ta]
+    sa, sb = tf.shape(a), tf.shape(b)
+    size = {x: sa[ta.index(x)] for x in ta}
+    size.update({x: sb[tb.index(x)] for x in tb if x not in size})
+
+    def prod(labels):
+        return tf.reduce_prod(tf.stack([size[x] for x in labels])) if labels else 1
+
+    a3 = tf.reshape(tf.transpose(a, [ta.index(x) for x in batch + m + k]),
+                    [-1, prod(m), prod(k)])
+    b3 = tf.reshape(tf.transpose(b, [tb.index(x) for x in batch + k + n]),
+                    [-1, prod(k), prod(n)])
+    c, swamped, overflows, additions = _product(a3, b3, accumulator, a_fmt, b_fmt, seed)
+    order = batch + m + n
+    c = tf.reshape(c, tf.stack([size[x] for x in order]) if order else [])
+    return tf.transpose(c, [order.index(x) for x in tc]), swamped, overflows, additions
+
+
+def _einsum(a, b, terms, accs, a_fmt, b_fmt, grad_fmt, seed, stats):
+    ta, tb, tc = terms
+
+    @tf.custom_gradient
+    def product(a, b):
+        c, swamped, overflows, n_c = _einsum_product(a, b, terms, accs["forward"], a_fmt,
+                                                     b_fmt, seed)
+        stats.record("forward", swamped, overflows, n_c)
+
+        def grad(dc):
+            da, s1, o1, n_da = _einsum_product(dc, b, (tc, tb, ta), accs["input_gradient"],
+                                               grad_fmt, b_fmt, seed + 1)
+            stats.record("input_gradient", s1, o1, n_da)
+            db, s2, o2, n_db = _einsum_product(a, dc, (ta, tc, tb), accs["weight_gradient"],
+                                               a_fmt, grad_fmt, seed + 2)
+            stats.record("weight_gradient", s2, o2, n_db)
+            return da, db
+
+        return c, grad
+
+    return product(a, b)
+
+
 # -- convolutions ------------------------------------------------------------------------
 def _pads(size, kernel, stride, dilation, padding):
     """(output size, pad before, pad after) of one spatial dimension, as TF pads."""
@@ -349,52 +421,179 @@ def _tuple(value, rank):
     return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * rank
 
 
+class _Geometry:
+    """A convolution's geometry: channels-last input of `spatial` size, `kernel_size`,
+    `strides`, `dilations`, TF's `pads` and the output size `outs`; `groups` input
+    and output channel groups (channel `c` of group `c // (channels / groups)`)."""
+
+    def __init__(self, spatial, kernel_size, strides, dilations, padding, groups=1):
+        rank = len(strides)
+        self.spatial, self.kernel_size = list(spatial), tuple(kernel_size)
+        self.strides, self.dilations, self.groups = strides, dilations, groups
+        geometry = [_pads(spatial[i], kernel_size[i], strides[i], dilations[i], padding)
+                    for i in range(rank)]
+        self.pads = [(g[1], g[2]) for g in geometry]
+        self.outs = [g[0] for g in geometry]
+        self.kpos = int(np.prod(kernel_size))
+
+    def split(self, rows, per_position):
+        """`[R, kpos * C]` rows (C channels per kernel position) -> `[G, R, kpos * C/G]`
+        (K: kernel position, then channel within the group); `[R, K]` when G = 1."""
+        if self.groups == 1:
+            return rows
+        g = self.groups
+        rows = tf.reshape(rows, [-1, self.kpos, g, per_position // g])
+        return tf.reshape(tf.transpose(rows, [2, 0, 1, 3]),
+                          [g, -1, self.kpos * (per_position // g)])
+
+    def split_kernel(self, kernel):
+        """`[*kernel_size, C_in/G, C_out]` -> `[G, kpos * C_in/G, C_out/G]`."""
+        c_in, c_out, g = kernel.shape[-2], kernel.shape[-1], self.groups
+        if g == 1:
+            return tf.reshape(kernel, [self.kpos * c_in, c_out])
+        kernel = tf.reshape(kernel, [self.kpos, c_in, g, c_out // g])
+        return tf.reshape(tf.transpose(kernel, [2, 0, 1, 3]), [g, self.kpos * c_in, c_out // g])
+
+    def join(self, y):
+        """`[G, R, C/G]` -> `[R, C]` (channel `g * C/G + c`); `[R, C]` unchanged."""
+        if self.groups == 1:
+            return y
+        return tf.reshape(tf.transpose(y, [1, 0, 2]), [tf.shape(y)[1], -1])
+
+
+def _conv_forward(x, kernel, geo, accumulator, x_fmt, k_fmt, seed):
+    """The convolution of channels-last `x` with `kernel` `[*kernel_size, C_in/G,
+    C_out]`: the GEMM of its patches, K = kernel positions x input channels (of the
+    group). Returns (y, patch rows `[R, kpos * C_in]`, swamped, overflows, additions)."""
+    c_in = kernel.shape[-2] * geo.groups
+    patches, _ = _patches(x, geo.kernel_size, geo.strides, geo.dilations, geo.pads)
+    rows = tf.reshape(patches, [-1, geo.kpos * c_in])
+    y, swamped, overflows, additions = _product(
+        geo.split(rows, c_in), geo.split_kernel(kernel), accumulator, x_fmt, k_fmt, seed)
+    y = tf.reshape(geo.join(y), tf.concat([[tf.shape(x)[0]], geo.outs, [-1]], 0))
+    return y, rows, swamped, overflows, additions
+
+
+def _conv_input_grad(dy, kernel, geo, accumulator, dy_fmt, k_fmt, seed):
+    """The gradient of the convolution's input: the output gradient, dilated by the
+    strides and padded, convolved with the flipped kernel (K = kernel positions x
+    output channels of the group); `[N, *spatial, C_in]`."""
+    rank = len(geo.strides)
+    c_in_g, c_out = kernel.shape[-2], kernel.shape[-1]
+    g = geo.groups
+    full_pads = _backward_pads(geo.spatial, geo.kernel_size, geo.strides, geo.dilations,
+                               geo.pads, geo.outs)
+    dpatches, _ = _patches(_dilate(dy, geo.strides), geo.kernel_size, (1,) * rank,
+                           geo.dilations, full_pads)
+    flipped = tf.reverse(kernel, list(range(rank)))  # [*k, C_in/G, C_out]
+    flipped = tf.reshape(flipped, [geo.kpos, c_in_g, g, c_out // g])
+    flipped = tf.transpose(flipped, [2, 0, 3, 1])  # [G, kpos, C_out/G, C_in/G]
+    flipped = tf.reshape(flipped, [g, geo.kpos * (c_out // g), c_in_g])
+    if g == 1:
+        flipped = flipped[0]
+    drows = geo.split(tf.reshape(dpatches, [-1, geo.kpos * c_out]), c_out)
+    dx, swamped, overflows, additions = _product(drows, flipped, accumulator, dy_fmt, k_fmt,
+                                                 seed)
+    padded_shape = [geo.spatial[i] + geo.pads[i][0] + geo.pads[i][1] for i in range(rank)]
+    dx = tf.reshape(geo.join(dx), tf.concat([[tf.shape(dy)[0]], padded_shape, [-1]], 0))
+    crop = tuple(slice(geo.pads[i][0], geo.pads[i][0] + geo.spatial[i]) for i in range(rank))
+    return dx[(slice(None),) + crop], swamped, overflows, additions
+
+
+def _conv_kernel_grad(rows, dy, kernel_shape, geo, accumulator, x_fmt, dy_fmt, seed):
+    """The gradient of the kernel: the patch rows against the output gradient, K = batch
+    x output positions; `kernel_shape`."""
+    c_out = kernel_shape[-1]
+    c_in = kernel_shape[-2] * geo.groups
+    dy_rows = tf.reshape(dy, [-1, c_out])
+    g = geo.groups
+    if g == 1:
+        a, b = tf.transpose(rows), dy_rows
+    else:
+        a = tf.transpose(geo.split(rows, c_in), [0, 2, 1])
+        b = tf.transpose(tf.reshape(dy_rows, [-1, g, c_out // g]), [1, 0, 2])
+    dw, swamped, overflows, additions = _product(a, b, accumulator, x_fmt, dy_fmt, seed)
+    if g > 1:  # [G, kpos * C_in/G, C_out/G] -> [kpos, C_in/G, C_out]
+        dw = tf.reshape(dw, [g, geo.kpos, c_in // g, c_out // g])
+        dw = tf.reshape(tf.transpose(dw, [1, 2, 0, 3]), [geo.kpos, c_in // g, c_out])
+    return tf.reshape(dw, kernel_shape), swamped, overflows, additions
+
+
 def _conv(x, kernel, strides, dilations, padding, accs, x_fmt, k_fmt, grad_fmt, seed, stats,
-          round_grad=True):
+          round_grad=True, groups=1):
     rank = len(strides)
-    kernel_size = tuple(kernel.shape[:rank])
-    c_in, c_out = kernel.shape[rank], kernel.shape[rank + 1]
-    spatial = x.shape[1:1 + rank]
-    geometry = [_pads(spatial[i], kernel_size[i], strides[i], dilations[i], padding)
-                for i in range(rank)]
-    pads = [(g[1], g[2]) for g in geometry]
-    k_total = int(np.prod(kernel_size)) * c_in
+    geo = _Geometry(x.shape[1:1 + rank], kernel.shape[:rank], strides, dilations, padding,
+                    groups)
 
     @tf.custom_gradient
     def convolution(x, kernel):
-        patches, outs = _patches(x, kernel_size, strides, dilations, pads)
-        rows = tf.reshape(patches, [-1, k_total])
-        y, swamped, overflows, n_y = _product(rows, tf.reshape(kernel, [k_total, c_out]),
-                                         accs["forward"], x_fmt, k_fmt, seed)
+        y, rows, swamped, overflows, n_y = _conv_forward(x, kernel, geo, accs["forward"],
+                                                         x_fmt, k_fmt, seed)
         stats.record("forward", swamped, overflows, n_y)
-        batch = tf.shape(x)[0]
-        y = tf.reshape(y, tf.concat([[batch], outs, [c_out]], 0))
 
         def grad(dy):
             if grad_fmt is not None and round_grad:
                 dy = quantize(dy, grad_fmt, saturate=True)
-            dy_rows = tf.reshape(dy, [-1, c_out])
-            # dW: the patches against the output gradient, K = batch x output positions.
-            dw, s2, o2, n_dw = _product(tf.transpose(rows), dy_rows, accs["weight_gradient"],
-                                  x_fmt, grad_fmt, seed + 2)
+            dw, s2, o2, n_dw = _conv_kernel_grad(rows, dy, kernel.shape, geo,
+                                                 accs["weight_gradient"], x_fmt, grad_fmt,
+                                                 seed + 2)
             stats.record("weight_gradient", s2, o2, n_dw)
-            # dx: the output gradient, dilated by the strides and padded, convolved with
-            # the flipped kernel (reduction over kernel positions x out_channels).
-            dilated = _dilate(dy, strides)
-            full_pads = _backward_pads(spatial, kernel_size, strides, dilations, pads, outs)
-            flipped = tf.reverse(kernel, list(range(rank)))
-            flipped = tf.transpose(flipped, list(range(rank)) + [rank + 1, rank])
-            dpatches, _ = _patches(dilated, kernel_size, (1,) * rank, dilations, full_pads)
-            k_back = int(np.prod(kernel_size)) * c_out
-            dx, s1, o1, n_dx = _product(tf.reshape(dpatches, [-1, k_back]),
-                                  tf.reshape(flipped, [k_back, c_in]),
-                                  accs["input_gradient"], grad_fmt, k_fmt, seed + 1)
+            dx, s1, o1, n_dx = _conv_input_grad(dy, kernel, geo, accs["input_gradient"],
+                                                grad_fmt, k_fmt, seed + 1)
             stats.record("input_gradient", s1, o1, n_dx)
-            padded_shape = [spatial[i] + pads[i][0] + pads[i][1] for i in range(rank)]
-            dx = tf.reshape(dx, tf.concat([[batch], padded_shape, [c_in]], 0))
-            crop = tuple(slice(pads[i][0], pads[i][0] + spatial[i]) for i in range(rank))
-            dx = dx[(slice(None),) + crop]
-            return dx, tf.reshape(dw, kernel.shape)
+            return dx, dw
+
+        return y, grad
+
+    return convolution(x, kernel)
+
+
+def _transpose_length(size, kernel, stride, dilation, padding, output_padding):
+    """Keras' output size of a transposed convolution (its TF backend's
+    `compute_conv_transpose_output_shape`)."""
+    span = (kernel - 1) * dilation + 1
+    if padding == "valid":
+        extra = max(span, stride) - span if output_padding is None else output_padding
+        return (size - 1) * stride + span + extra
+    if output_padding is None:
+        return size * stride
+    return (size - 1) * stride + span % 2 + output_padding
+
+
+def _conv_transpose(x, kernel, strides, dilations, padding, output_padding, accs, x_fmt,
+                    k_fmt, grad_fmt, seed, stats, spatial=None):
+    """The transposed convolution of channels-last `x` with a Keras transposed kernel
+    `[*kernel_size, filters, C_in]`: the input gradient of the convolution `C` (from
+    `filters` to `C_in` channels, of the output's size) applied to `x` (forward, K =
+    kernel positions x C_in); its input gradient is `C` of the output gradient (K =
+    kernel positions x filters), its kernel gradient `C`'s with the output gradient as
+    `C`'s input and `x` as its output gradient (K = batch x input positions).
+    `spatial`: the output's spatial size (None: Keras' formula)."""
+    rank = len(strides)
+    spatial = list(spatial) if spatial is not None else [_transpose_length(x.shape[1 + i], kernel.shape[i], strides[i], dilations[i],
+                                 padding, None if output_padding is None else
+                                 output_padding[i]) for i in range(rank)]
+    geo = _Geometry(spatial, kernel.shape[:rank], strides, dilations, padding)
+    if list(geo.outs) != list(x.shape[1:1 + rank]):
+        raise ValueError(f"transposed convolution: an output of size {spatial} does not "
+                         f"convolve back to the input's {list(x.shape[1:1 + rank])} (strides "
+                         f"{strides}, padding {padding!r}, output_padding {output_padding})")
+
+    @tf.custom_gradient
+    def convolution(x, kernel):
+        y, swamped, overflows, n_y = _conv_input_grad(x, kernel, geo, accs["forward"], x_fmt,
+                                                      k_fmt, seed)
+        stats.record("forward", swamped, overflows, n_y)
+
+        def grad(dy):
+            dx, rows, s1, o1, n_dx = _conv_forward(dy, kernel, geo, accs["input_gradient"],
+                                                   grad_fmt, k_fmt, seed + 1)
+            stats.record("input_gradient", s1, o1, n_dx)
+            dw, s2, o2, n_dw = _conv_kernel_grad(rows, x, kernel.shape, geo,
+                                                 accs["weight_gradient"], grad_fmt, x_fmt,
+                                                 seed + 2)
+            stats.record("weight_gradient", s2, o2, n_dw)
+            return dx, dw
 
         return y, grad
 
@@ -476,14 +675,14 @@ def layer_matmul(x, kernel, accumulators, formats, seed, stats):
 
 
 def layer_conv(x, kernel, strides, padding, dilation_rate, data_format, accumulators,
-               formats, seed, stats):
+               formats, seed, stats, groups=1):
     """A Keras convolution (`data_format` `"channels_last"` or `"channels_first"`)."""
     a_fmt, w_fmt, e_fmt = formats
     rank = kernel.shape.rank - 2
     if data_format == "channels_first":
         x = tf.transpose(x, [0] + list(range(2, rank + 2)) + [1])
     y = _conv(x, kernel, _tuple(strides, rank), _tuple(dilation_rate, rank), padding.lower(),
-              accumulators, a_fmt, w_fmt, e_fmt, seed, stats, round_grad=False)
+              accumulators, a_fmt, w_fmt, e_fmt, seed, stats, round_grad=False, groups=groups)
     if data_format == "channels_first":
         y = tf.transpose(y, [0, rank + 1] + list(range(1, rank + 1)))
     return y
@@ -501,3 +700,30 @@ def layer_depthwise_conv(x, kernel, strides, padding, dilation_rate, data_format
     if data_format == "channels_first":
         y = tf.transpose(y, [0, rank + 1] + list(range(1, rank + 1)))
     return y
+
+
+def layer_conv_transpose(x, kernel, strides, padding, output_padding, dilation_rate,
+                         data_format, accumulators, formats, seed, stats, spatial=None):
+    """A Keras transposed convolution (kernel `[*kernel_size, filters, in_channels]`;
+    `spatial`: the output's spatial size, e.g. from the layer's
+    `compute_output_shape`)."""
+    a_fmt, w_fmt, e_fmt = formats
+    rank = kernel.shape.rank - 2
+    if data_format == "channels_first":
+        x = tf.transpose(x, [0] + list(range(2, rank + 2)) + [1])
+    y = _conv_transpose(tf.convert_to_tensor(x), tf.convert_to_tensor(kernel),
+                        _tuple(strides, rank), _tuple(dilation_rate, rank), padding.lower(),
+                        None if output_padding is None else _tuple(output_padding, rank),
+                        accumulators, a_fmt, w_fmt, e_fmt, seed, stats, spatial)
+    if data_format == "channels_first":
+        y = tf.transpose(y, [0, rank + 1] + list(range(1, rank + 1)))
+    return y
+
+
+def layer_einsum(a, b, equation, accumulators, formats, seed, stats):
+    """A two-operand einsum of a layer (EinsumDense, attention's products); `formats`:
+    those of `a`, `b` and the output gradient."""
+    a, b = tf.convert_to_tensor(a), tf.convert_to_tensor(b)
+    a_fmt, b_fmt, e_fmt = formats
+    return _einsum(a, b, einsum_terms(equation, a.shape.rank, b.shape.rank), accumulators,
+                   a_fmt, b_fmt, e_fmt, seed, stats)

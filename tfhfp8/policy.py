@@ -73,8 +73,8 @@ _PRESETS = {
     # - stochastic rounding, of the errors (as Mellempudi et al. do for the backward
     #   tensors) and of the FP16 update (Wang et al. 2018, the FP8 work HFP8 extends):
     #   `Policy("hfp8", rounding={"errors": "stochastic", "master_weights": "stochastic"})`
-    #   (the layers' stochastic-rounding counters are saved in .keras files but not in
-    #   tf.train.Checkpoint, which resumed runs of this preset rely on today);
+    #   (the layers' stochastic-rounding counters are saved in .keras and .weights.h5
+    #   files and tracked by tf.train.Checkpoint: resumed runs round as uninterrupted ones);
     # - loss scaling (its kind is not stated in the sources at hand): `tfhfp8 train` adds
     #   per-layer adaptive scaling by default, `Policy("hfp8", loss_scaling="adaptive")`
     #   by hand; in the preset, files saved under the name "hfp8" would lack its state.
@@ -189,8 +189,14 @@ class Policy(keras.DTypePolicy):
         DynamicFixedPoint with <= 13 bits); `"int32"` needs per-tensor
         DynamicFixedPoint operands; else a ValueError names the role. Exempt layers
         keep float accumulators and sum in FP32 instead of `"int32"` (their operands
-        are not fixed point). Layers with accumulation: Dense, Conv1D, Conv2D, Conv3D,
-        DepthwiseConv2D, SeparableConv2D (others: NotImplementedError).
+        are not fixed point). Layers with accumulation: Dense, EinsumDense, Conv1D,
+        Conv2D, Conv3D (grouped too), DepthwiseConv2D, SeparableConv2D,
+        Conv2DTranspose, MultiHeadAttention (projections and both attention
+        products); Embedding sums nothing. With block-scaled roles (element times a
+        power-of-two or small float block scale, no FP32 scale: MXFP8/6/4, MXINT8),
+        in Dense, EinsumDense and MultiHeadAttention, each GEMM blocks along its own
+        reduction and then sums with its accumulator; blocked convolutions raise
+        NotImplementedError (their kernel window is summed in FP32).
 
     Recipes (`tfhfp8.Policy(preset, accumulation=...)`):
 

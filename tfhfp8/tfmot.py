@@ -190,7 +190,34 @@ class ErrorsBiasActivation:
 
 
 @_register
-class QuantizeConfig(_keras.QuantizeConfig):
+class NoOpQuantizeConfig(_keras.QuantizeConfig):
+    """Layers other than GEMMs stay FP32, as under `tfhfp8.quantize_model`.
+
+    Also the base of `QuantizeConfig`: tfhfp8 quantizes a GEMM's inputs and errors in
+    layers of its own (`Scheme`'s `QuantizeLayer`, `ErrorsBiasActivation`), never
+    through tfmot's activation or output quantizers."""
+
+    def get_weights_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        pass
+
+    def get_activations_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        pass
+
+    def get_output_quantizers(self, layer):
+        return []
+
+    def get_config(self):
+        return {}
+
+
+@_register
+class QuantizeConfig(NoOpQuantizeConfig):
     """The tfmot `QuantizeConfig` of one GEMM layer (Dense, Conv1D/2D/3D) under a tfhfp8
     policy (a preset name, a `tfhfp8.Policy` or its config): its kernel through
     `Q_w(Q_g(.))`, and `Q_e` on the gradient of its GEMM output (see
@@ -228,15 +255,6 @@ class QuantizeConfig(_keras.QuantizeConfig):
         hook.original_activation = activation
         layer.activation = hook
 
-    def get_activations_and_quantizers(self, layer):
-        return []
-
-    def set_quantize_activations(self, layer, quantize_activations):
-        pass
-
-    def get_output_quantizers(self, layer):
-        return []
-
     def input_quantizer(self):
         """The quantizer of the layer's inputs (`Q_a`)."""
         return self._activations
@@ -267,29 +285,6 @@ def _bias_shape(layer):
         return [1, -1] + [1] * rank if channels_first else [1] * (rank + 1) + [-1]
     # tfhfp8's Dense and Conv1D (EmulatedLayer._bias_and_activation)
     return [1, -1] + [1] * rank if channels_first else None
-
-
-@_register
-class NoOpQuantizeConfig(_keras.QuantizeConfig):
-    """Layers other than GEMMs stay FP32, as under `tfhfp8.quantize_model`."""
-
-    def get_weights_and_quantizers(self, layer):
-        return []
-
-    def set_quantize_weights(self, layer, quantize_weights):
-        pass
-
-    def get_activations_and_quantizers(self, layer):
-        return []
-
-    def set_quantize_activations(self, layer, quantize_activations):
-        pass
-
-    def get_output_quantizers(self, layer):
-        return []
-
-    def get_config(self):
-        return {}
 
 
 @_register

@@ -179,7 +179,8 @@ def main(argv):
         "fashion_mnist", limit=_LIMIT.value, test_limit=_TEST_LIMIT.value)[:2]
     config = dict(limit=len(x_train), test_limit=len(x_test), epochs=_EPOCHS.value,
                   batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value,
-                  downsample=_DOWNSAMPLE.value, int32_chunk=_INT32_CHUNK.value, seeds=[int(s) for s in _SEEDS.value],
+                  downsample=_DOWNSAMPLE.value, int32_chunk=_INT32_CHUNK.value,
+                  seeds=[int(s) for s in _SEEDS.value],
                   backend=tfhfp8.ops.backend_info()["backend"],
                   accumulation_backend="cpp" if gemm._use_cpp() else "tf")
     results = {"config": config, "runs": []}

@@ -27,6 +27,20 @@ class Conv2DTranspose(EmulatedLayer, keras.layers.Conv2DTranspose):
     # Keras' transposed kernel is (kh, kw, filters, input channels).
     KERNEL_INPUT_AXIS = -1
 
+    def _accumulating_op(self, name):
+        from tfhfp8 import gemm  # noqa: PLC0415
+
+        def op(x, kernel, **kwargs):
+            # The output size as Keras computes it (the version's own formula).
+            shape = self.compute_output_shape(tuple(x.shape))
+            spatial = shape[2:] if self.data_format == "channels_first" else shape[1:-1]
+            return gemm.layer_conv_transpose(
+                x, kernel, strides=self.strides, padding=self.padding,
+                output_padding=self.output_padding, dilation_rate=self.dilation_rate,
+                data_format=self.data_format, spatial=spatial, **kwargs)
+
+        return op
+
     def call(self, inputs):
         if self._blocks_per_gemm():
             x = ops.convert_to_tensor(inputs)

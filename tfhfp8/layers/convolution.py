@@ -139,15 +139,11 @@ class _EmulatedConv(EmulatedLayer):
 
     def _accumulating_op(self, name):
         from tfhfp8 import gemm  # noqa: PLC0415
-        if self.groups != 1:
-            raise NotImplementedError(
-                f"{type(self).__name__}: emulated accumulation with groups={self.groups} "
-                "is not implemented (groups=1 only)")
         # Conv1D pads causal inputs itself before the convolution.
         padding = "valid" if self.padding == "causal" else self.padding
         return functools.partial(gemm.layer_conv, strides=self.strides, padding=padding,
                                  dilation_rate=self.dilation_rate,
-                                 data_format=self.data_format)
+                                 data_format=self.data_format, groups=self.groups)
 
 
 @keras.saving.register_keras_serializable(package="tfhfp8")

@@ -19,6 +19,8 @@ class Dense(EmulatedLayer, keras.layers.Dense):
     (2, 4)
     """
 
+    _BLOCKED_GEMMS_ACCUMULATE = True
+
     def _accumulating_op(self, name):
         from tfhfp8 import gemm  # noqa: PLC0415
         return gemm.layer_matmul

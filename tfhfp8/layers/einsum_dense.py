@@ -26,6 +26,12 @@ class EinsumDense(EmulatedLayer, keras.layers.EinsumDense):
         return max(1, int(np.prod([size for label, size in zip(kernel_labels, kernel.shape)
                                    if label not in inputs])))
 
+    _BLOCKED_GEMMS_ACCUMULATE = True
+
+    def _accumulating_op(self, name):
+        from tfhfp8 import gemm  # noqa: PLC0415
+        return functools.partial(gemm.layer_einsum, equation=self.equation)
+
     def call(self, inputs, training=None):
         x = self._gemm(functools.partial(ops.einsum, self.equation), [inputs], [self.kernel],
                        equation=self.equation)

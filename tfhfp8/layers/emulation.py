@@ -64,14 +64,18 @@ class MasterWeightRounding(keras.constraints.Constraint):
         return quantize(w, self.fmt, rounding=self.rounding, saturate=True, seed=seed)
 
 
-class _RoundingStep:
+class _RoundingStep(tf.Module):
     """Holds the layer's stochastic-rounding step counter out of Keras' tracking, so that
     it is not one of the layer's weights (`get_weights`, `set_weights` and weight copies
-    stay as in Keras); `EmulatedLayer` saves and loads it itself."""
+    stay as in Keras); `EmulatedLayer` saves and loads it itself in `.keras` and
+    `.weights.h5` files. A `tf.Module`, so that TensorFlow's tracking, which Keras'
+    ignores, sees it: `tf.train.Checkpoint(model=...)` saves and restores the counter
+    (as `<layer>/_rounding_step_holder/variable`)."""
 
     KEY = "rounding_step"  # its key in the layer's saved variables
 
     def __init__(self, layer):
+        super().__init__(name=None)
         self.variable = keras.Variable(
             0, dtype="int64", trainable=False, aggregation="only_first_replica",
             name=f"{layer.name}_{self.KEY}")
@@ -122,9 +126,10 @@ class EmulatedLayer(_compat.AfterBuild):
 
     # -- the quantizers -----------------------------------------------------------
     # Stochastic rounding draws its seeds from checkpointed state, not from TF's global
-    # random state: a per-layer step counter (saved with the layer) advanced at every
-    # GEMM, mixed with a constant per layer, GEMM, role and operand. A run resumed from
-    # a saved model therefore rounds exactly as the uninterrupted run would have.
+    # random state: a per-layer step counter (saved with the layer, tracked by
+    # tf.train.Checkpoint) advanced at every GEMM, mixed with a constant per layer (its
+    # name), GEMM, role and operand. A run resumed from a saved model or a checkpoint
+    # therefore rounds exactly as the uninterrupted run would have.
     def _forward(self, x, role, step=None, *key):
         fmt = self.policy.formats[role]
         if fmt is None:
@@ -182,15 +187,17 @@ class EmulatedLayer(_compat.AfterBuild):
 
     def _rounding_step(self):
         """The next step of the counter (an int64 tensor) when this pass rounds
-        stochastically: a forward role does, or a backward role may (gradients are
-        being recorded: a training step). None otherwise, so inference (`predict`,
-        `evaluate`) leaves the counter, hence the rounding of later training, alone."""
+        stochastically: a forward role or a stochastic accumulator does, or a backward
+        role may (gradients are being recorded: a training step). None otherwise, so
+        inference (`predict`, `evaluate`) leaves the counter, hence the rounding of later
+        training, alone."""
         holder = getattr(self, "_rounding_step_holder", None)
         if holder is None:
             return None
-        forward = any(self.policy.formats[role] is not None
-                      and self.policy.rounding[role] == "stochastic"
-                      for role in ("activations", "weights"))
+        forward = self._sums_stochastically() or any(
+            self.policy.formats[role] is not None
+            and self.policy.rounding[role] == "stochastic"
+            for role in ("activations", "weights"))
         if not (forward or _compat.gradients_may_be_recorded()):
             return None
         return holder.advance()
@@ -208,10 +215,6 @@ class EmulatedLayer(_compat.AfterBuild):
         axes (`_gemm_per_axis`)."""
         step = self._rounding_step()
         if equation is not None and self._blocks_per_gemm():
-            if self.policy.accumulates:
-                raise NotImplementedError(
-                    f"{type(self).__name__}: emulated accumulation (accumulation=...) "
-                    "with block-scaled formats is not implemented; use accumulation=None")
             return self._gemm_per_axis(op, equation, inputs, kernels, name, step)
         args = [self._forward(x, "activations", step, name, i) for i, x in enumerate(inputs)]
         weights = [self._forward(self._backward(k, "weight_gradients", step, name, i),
@@ -261,6 +264,12 @@ class EmulatedLayer(_compat.AfterBuild):
         # not read the scaling state's variables); their own gradients are not used.
         a_f = self._quantize_along(a, role_a, step, spec.forward[0], key_a)
         b_f = self._quantize_along(b, role_b, step, spec.forward[1], key_b)
+        forward_op, input_grad, kernel_grad = (
+            op, functools.partial(tf.einsum, spec.input_grad_equation),
+            functools.partial(tf.einsum, spec.kernel_grad_equation))
+        if self.policy.accumulates:
+            forward_op, input_grad, kernel_grad = self._accumulating_per_axis(
+                spec, name, step, (self.policy.formats[role_a], self.policy.formats[role_b]))
 
         @tf.custom_gradient
         def product(a, b, a_f, b_f):
@@ -289,11 +298,11 @@ class EmulatedLayer(_compat.AfterBuild):
                 a_b = (self._quantize_along(a, role_a, step, spec.kernel_grad[0],
                                             key_a + ("dW",), update=False)
                        if dependent(role_a) else a_f)
-                da = tf.einsum(spec.input_grad_equation, dy_a, b_a)
-                db = tf.einsum(spec.kernel_grad_equation, a_b, dy_b)
+                da = input_grad(dy_a, b_a)
+                db = kernel_grad(a_b, dy_b)
                 return da, db, None, None
 
-            return tf.identity(op(a_f, b_f)), grad
+            return tf.identity(forward_op(a_f, b_f)), grad
 
         return product(a, b, a_f, b_f)
 
@@ -302,32 +311,67 @@ class EmulatedLayer(_compat.AfterBuild):
     # `_accumulating_op(name)`: a function (operands already rounded, the formats,
     # accumulators, seed and statistics as keywords) -> the op's output.
     _accumulating_op = None
+    # With block-scaled roles, each GEMM is one einsum whose operands are blocked along
+    # its reduction (`_gemm_per_axis`): true of Dense, EinsumDense and attention. A
+    # convolution's blocked GEMMs leave part of a dot product (the kernel window of
+    # `dx`, of a transposed convolution) to an FP32 scatter-add, so they cannot
+    # emulate its sums.
+    _BLOCKED_GEMMS_ACCUMULATE = False
 
     def _check_accumulation(self):
-        if self.policy.accumulates and self._accumulating_op is None:
+        if not self.policy.accumulates:
+            return
+        if self._accumulating_op is None:
             raise NotImplementedError(
                 f"{type(self).__name__}: the policy {self.policy.name!r} emulates "
-                "accumulation (accumulation=...), which is implemented for Dense, Conv1D, "
-                "Conv2D, Conv3D, DepthwiseConv2D and SeparableConv2D; use "
-                "accumulation=None (FP32 sums) for this layer")
+                "accumulation (accumulation=...), which is implemented for Dense, "
+                "EinsumDense, Conv1D, Conv2D, Conv3D, DepthwiseConv2D, SeparableConv2D, "
+                "Conv2DTranspose and MultiHeadAttention; use accumulation=None (FP32 "
+                "sums) for this layer")
+        if self._blocks_per_gemm() and not self._BLOCKED_GEMMS_ACCUMULATE:
+            raise NotImplementedError(
+                f"{type(self).__name__}: emulated accumulation (accumulation=...) with "
+                "block-scaled formats is implemented for Dense, EinsumDense and "
+                "MultiHeadAttention only (a blocked convolution sums part of its dot "
+                "products in FP32); use accumulation=None or a format without blocks")
+
+    def _accumulation_setup(self, name, step):
+        """(accumulators, seed, statistics) of GEMM `name`."""
+        from tfhfp8 import gemm  # noqa: PLC0415 (gemm imports the quantizers, as we do)
+        accs = self.policy.accumulation
+        if self._sums_stochastically():  # the layer's counter (see _rounding_step)
+            seed = _seed(step, self.name, "accumulation", name)
+        else:
+            seed = tf.zeros([], tf.int64)
+        return accs, seed, gemm.Stats(getattr(self, "accumulation_state", {}).get(name))
 
     def _accumulating(self, name, step):
         """The layer's op for GEMM `name` with the policy's accumulators."""
-        from tfhfp8 import gemm  # noqa: PLC0415 (gemm imports the quantizers, as we do)
-        accs = self.policy.accumulation
-        stochastic = any(acc.kind == "float" and acc.rounding == "stochastic"
-                         for acc in accs.values())
-        if not stochastic:
-            seed = tf.zeros([], tf.int64)
-        elif step is None:
-            seed = tf.random.uniform([], tf.int64.min, tf.int64.max, tf.int64)
-        else:
-            seed = _seed(step, self.name, "accumulation", name)
-        stats = gemm.Stats(getattr(self, "accumulation_state", {}).get(name))
+        accs, seed, stats = self._accumulation_setup(name, step)
         return functools.partial(
             self._accumulating_op(name), accumulators=accs,
             formats=(self.policy.activations, self.policy.weights, self.policy.errors),
             seed=seed, stats=stats)
+
+    def _accumulating_per_axis(self, spec, name, step, operand_formats):
+        """The forward, input-gradient and kernel-gradient einsums of `spec` (a
+        `GemmAxes`) with the policy's accumulators, for `_gemm_per_axis`."""
+        from tfhfp8 import gemm  # noqa: PLC0415
+        accs, seed, stats = self._accumulation_setup(name, step)
+        fmt_a, fmt_b = operand_formats
+        ta, tb, tc = spec.terms
+
+        def einsum(kind, terms, fmts, offset):
+            def product(x, y):
+                c, swamped, overflows, additions = gemm._einsum_product(
+                    x, y, terms, accs[kind], *fmts, seed + offset)
+                stats.record(kind, swamped, overflows, additions)
+                return c
+            return product
+
+        return (einsum("forward", (ta, tb, tc), (fmt_a, fmt_b), 0),
+                einsum("input_gradient", (tc, tb, ta), (self.policy.errors, fmt_b), 1),
+                einsum("weight_gradient", (ta, tc, tb), (fmt_a, self.policy.errors), 2))
 
     def _errors(self, y, name, weights, step=None, fan_in=1):
         """Identity forward; `Q_e(s * dy) / s` backward, with optional statistics."""
@@ -374,10 +418,17 @@ class EmulatedLayer(_compat.AfterBuild):
         self._create_scaling_state()
 
     def _create_rounding_step(self):
-        if any(self.policy.formats[role] is not None
-               and self.policy.rounding[role] == "stochastic"
-               for role in policy_lib.LAYER_ROLES):
+        if self._sums_stochastically() or any(
+                self.policy.formats[role] is not None
+                and self.policy.rounding[role] == "stochastic"
+                for role in policy_lib.LAYER_ROLES):
             self._rounding_step_holder = _RoundingStep(self)
+
+    def _sums_stochastically(self):
+        """True when an emulated accumulator of the policy rounds stochastically."""
+        return self.policy.accumulates and any(
+            acc.kind == "float" and acc.rounding == "stochastic"
+            for acc in self.policy.accumulation.values())
 
     def _attach_master_weight_rounding(self):
         fmt = self.policy.master_weights

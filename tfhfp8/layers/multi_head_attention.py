@@ -29,6 +29,39 @@ class MultiHeadAttention(_compat.AttentionHooks, EmulatedLayer, keras.layers.Mul
     GEMMS = ("scores", "context")
     OPERANDS = (2, 0)  # both products multiply two activations
 
+    _BLOCKED_GEMMS_ACCUMULATE = True
+
+    def _accumulating_op(self, name):
+        from tfhfp8 import gemm  # noqa: PLC0415
+        spec = self.attention_spec()
+        equation = spec.scores_equation if name == "scores" else spec.combine_equation
+
+        def product(a, b, formats, **kwargs):
+            # Both operands are activations (the policy passes activations, weights,
+            # errors).
+            activations, _, errors = formats
+            return gemm.layer_einsum(a, b, equation, formats=(activations, activations, errors),
+                                     **kwargs)
+
+        return product
+
+    def _check_accumulation(self):
+        super()._check_accumulation()
+        # The policy checked activations x weights, errors x weights and activations x
+        # errors; both attention products multiply two activations, and their input
+        # gradient errors x activations.
+        from tfhfp8 import gemm  # noqa: PLC0415
+        if not self.policy.quantize_attention:
+            return
+        policy, accs = self.policy, self.policy.accumulation
+        try:
+            gemm.check_operands(accs["forward"], policy.activations, policy.activations,
+                                ("activations", "activations"))
+            gemm.check_operands(accs["input_gradient"], policy.errors, policy.activations,
+                                ("errors", "activations"))
+        except ValueError as error:
+            raise ValueError(f"MultiHeadAttention's attention products: {error}") from None
+
     def build(self, query_shape, value_shape, key_shape=None):
         # The projections are built as tfhfp8 EinsumDense layers with this policy.
         projection = functools.partial(EinsumDense, policy=self.policy)

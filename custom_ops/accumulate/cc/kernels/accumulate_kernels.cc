@@ -54,6 +54,19 @@ absl::Status SelectAccumulateLoops(const AccumulateLoops** loops) {
   return InvalidArgument("no accumulation loops for the CPU variant ", quantize->name);
 }
 
+// Whether p is IEEE binary16 rounded to nearest without saturation: the format whose
+// rounding the hardware conversion (vcvtps2ph) does.
+bool IsHalf(const FloatParams<float>& p) {
+  static const FloatParams<float> half =
+      MakeFloatParams<float>(5, 10, 15, Specials::kIeee, true, false);
+  return p.emin == half.emin && p.d == half.d && p.sub_mantissa == half.sub_mantissa &&
+         p.rebias == half.rebias && p.half_minus_one == half.half_minus_one &&
+         p.lsb == half.lsb && p.max_code == half.max_code && p.max_bits == half.max_bits &&
+         p.overflow_bits == half.overflow_bits && p.nan_xor == half.nan_xor &&
+         p.zero_sign_mask == half.zero_sign_mask &&
+         p.quantum_exponent == half.quantum_exponent;
+}
+
 // a: [B, M, K], b: [B, K, N] -> (B, M, K, N), or an error naming the operand.
 absl::Status MatmulShapes(const Tensor& a, const Tensor& b, int64_t* batch, int64_t* m,
                           int64_t* k, int64_t* n) {
@@ -194,8 +207,9 @@ class AccumulatingMatmulOp : public OpKernel {
     const bool fast = rounding_ == Rounding::kNearestEven && NearestEvenFastApplies(inner_) &&
                       NearestEvenFastApplies(outer_);
     const bool plain = fast && PlainNearestEven(inner_) && PlainNearestEven(outer_);
+    const bool half = plain && !has_products_ && IsHalf(inner_) && IsHalf(outer_);
     const FloatTileLoop loop = loops->float_tile[has_products_ ? 1 : 0][
-        plain ? kRoundings + 1 : fast ? kRoundings : int(rounding_)];
+        half ? kRoundings + 2 : plain ? kRoundings + 1 : fast ? kRoundings : int(rounding_)];
 
     const Tiling tiling(batch, m, k, n);
     const float* a_data = a.flat<float>().data();

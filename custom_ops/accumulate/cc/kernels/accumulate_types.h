@@ -59,8 +59,10 @@ struct AccumulateLoops {
   const char* name;
   // [has_products][rounding]; at [..][kRoundings] nearest even through
   // QuantizeFloatNearestEven (when every format allows it), at [..][kRoundings + 1]
-  // through its plain form (when every format is plain, see PlainNearestEven).
-  FloatTileLoop float_tile[2][kRoundings + 2];
+  // through its plain form (when every format is plain, see PlainNearestEven), at
+  // [0][kRoundings + 2] the same for IEEE binary16 without saturation (HalfFormat):
+  // the hardware conversion where the variant has F16C.
+  FloatTileLoop float_tile[2][kRoundings + 3];
   Int32TileLoop int32_tile;
 };
 
