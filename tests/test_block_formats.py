@@ -380,8 +380,22 @@ def _nvfp4_cases(rng):
         # Exact ties: block amax 7.5 -> scale 1.25; 3.125 / 1.25 = 2.5 lies between 2 and 3.
         np.array([[7.5, 3.125, -3.125, 0.625, 1.875, 4.375, 0.3125] + [0.0] * 9]),
         rng.standard_normal((2, 16)) * 1e35,
+        _mixed_tiny_blocks(rng),
     ]
     return [np.asarray(c, F) for c in cases]
+
+
+def _mixed_tiny_blocks(rng):
+    """One row of NVFP4 blocks whose results are float32 normals (block 0, holding
+    subnormal elements too, and block 2) and subnormals (block 1: scale * tensor scale
+    below 2^-125) and a zero-scale block 3: the C++ kernel rounds these blocks with
+    different code, in one run."""
+    x = np.concatenate([rng.standard_normal(16) * 2.0**-115,
+                        rng.standard_normal(16) * 2.0**-124,
+                        rng.standard_normal(16) * 2.0**-116,
+                        rng.standard_normal(16) * 2.0**-140])
+    x[[3, 36]] = 2.0**-140, -(2.0**-147)
+    return x.reshape(1, -1)
 
 
 @pytest.mark.parametrize("fmt", [
@@ -545,6 +559,23 @@ def test_backends_agree_bit_for_bit_on_hard_blocks(fmt, monkeypatch):
                 got = _quantize_all("cpp", monkeypatch, x, fmt, **kwargs)
                 np.testing.assert_array_equal(_bits(got), _bits(expected),
                                               f"{dtype.__name__} {rounding} {saturate}")
+
+
+def test_nvfp4_blocks_of_normal_subnormal_and_zero_results_agree(monkeypatch):
+    """The C++ kernel's fast and general NVFP4 blocks side by side in one row, every
+    rounding (stochastic with the same random bits): the TF-ops code's bits."""
+    x = np.concatenate([_mixed_tiny_blocks(np.random.default_rng(5))] * 3).astype(np.float32)
+    x[1] *= -1.0
+    for rounding in ("nearest_even", "stochastic", "toward_zero"):
+        monkeypatch.setenv("TFHFP8_BACKEND", "tf")
+        expected = tfhfp8.quantize(x, "nvfp4", rounding=rounding, seed=4).numpy()
+        monkeypatch.setenv("TFHFP8_BACKEND", "cpp")
+        got = _quantize_all("cpp", monkeypatch, x, "nvfp4", rounding=rounding, seed=4)
+        np.testing.assert_array_equal(_bits(got), _bits(expected), rounding)
+        tiny = got[:, 16:32]
+        assert np.any((tiny != 0) & (np.abs(tiny) < 2.0**-126)), "no subnormal result"
+        head = got[:, :16]
+        assert not np.any(got[:, 48:]) and np.all((head == 0) | (np.abs(head) >= 2.0**-126))
 
 
 @pytest.mark.parametrize("fmt", [

@@ -45,6 +45,13 @@ BlockParams<T> MakeBlockParams(const FloatFormatAttrs& element, const FloatForma
   p.float32 = MakeFloatParams<double>(8, 23, 127, Specials::kIeee, true, true);
   p.s = 1.0;
   p.element_max_times_s = FromBits<double>(p.element64.max_bits);
+  p.element_rounds_in_float32 = element.mantissa_bits <= 21 &&
+                                p.element64.quantum_exponent > -125 &&
+                                FromBits<double>(p.element64.max_bits) < 0x1p128;
+  p.scale_rounds_in_float32 = scale != nullptr && scale->mantissa_bits <= 21 &&
+                              p.scale64.quantum_exponent > -125 &&
+                              FromBits<double>(p.scale64.max_bits) < 0x1p128;
+  if (p.scale_rounds_in_float32) p.scale32 = Saturating<float>(*scale);
   return p;
 }
 

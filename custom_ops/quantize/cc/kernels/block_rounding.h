@@ -49,14 +49,15 @@ inline typename Container<T>::UInt LdexpBits(typename Container<T>::UInt bits, i
 }
 
 // A float32 (or float64) value's bits as a float64, exactly, on the bits: TensorFlow's
-// threads treat subnormal operands of float instructions as zero.
+// threads treat subnormal operands of float instructions as zero. All in 64-bit lanes
+// (no int-to-float conversion), so that float32 loops calling it vectorize.
 inline double ToFloat64(uint32_t bits) {
-  const uint32_t a = bits & 0x7FFFFFFFu;
+  const uint64_t a = bits & 0x7FFFFFFFu;
   const uint64_t exponent = a >> 23;
-  const uint64_t mantissa = a & 0x7FFFFFu;
-  const double normal = FromBits<double>(((exponent + (1023 - 127)) << 52) | (mantissa << 29));
-  // An integer converts exactly, and the product is a float64 normal.
-  const double sub = static_cast<double>(static_cast<int32_t>(mantissa)) * 0x1p-149;
+  const uint64_t fraction = (a & 0x7FFFFFu) << 29;
+  const double normal = FromBits<double>(((exponent + (1023 - 127)) << 52) | fraction);
+  // A subnormal: (1 + m 2^-23) - 1 = m 2^-23 exactly, times 2^-126 (float64 normals).
+  const double sub = (FromBits<double>(uint64_t{1023} << 52 | fraction) - 1.0) * 0x1p-126;
   const double value = exponent == 0 ? sub : normal;
   return FromBits<double>(ToBits(value) | (static_cast<uint64_t>(bits >> 31) << 63));
 }
@@ -148,6 +149,44 @@ struct FloatScaler {
             : QuantizeFloatElement<double, Rounding::kNearestEven>(quotient, p.scale64, 0);
     *d_out = block_scale * p.s;  // exact: <= 4 + 24 significant bits
     return bad;
+  }
+
+  // A float64 quotient v rounded to odd in float32 (toward zero, the last bit set when
+  // inexact): rounding that to nearest even or toward zero at precision p gives v's own
+  // rounding when p <= 22 (Boldo & Melquiond, "Emulation of FMA and correctly rounded
+  // sums: proved algorithms using rounding to odd", 2008), and so the exact quotient's
+  // (a float64 quotient of a float32 by a 28-bit d is never closer to a midpoint of
+  // the element than 2^-32 relatively, unless on it). Below 2^-126 a tiny odd value
+  // and beyond float32 its largest (odd) value stand in: they round like v when the
+  // element's quantum exceeds 2^-125 and it saturates (BlockParams::element_rounds_in_float32).
+  static float OddQuotient(double v) {
+    const uint64_t bits = ToBits(v);
+    const uint64_t a = bits & ~SignBit<double>();
+    const uint64_t truncated = (a >> 29) - (uint64_t{1023 - 127} << 23);
+    const uint64_t sticky = (a & ((uint64_t{1} << 29) - 1)) != 0 ? 1 : 0;
+    uint64_t f = truncated | sticky;
+    f = a < (uint64_t{1023 - 126} << 52) ? uint64_t{1} : f;
+    f = a >= (uint64_t{1023 + 128} << 52) ? uint64_t{0x7F7FFFFF} : f;
+    return FromBits<float>(static_cast<uint32_t>(f | (bits >> 32 & SignBit<float>())));
+  }
+
+  // Scale for blocks [0, n) from their amax: the same as Scale, the quotient rounded to
+  // odd in float32 and then to the scale format in float32 (R: its rounding), as
+  // OddQuotient argues (BlockParams::scale_rounds_in_float32).
+  template <Rounding R>
+  static void OddScales(const UInt* amax, int64_t n, const BlockParams<T>& p, double* d,
+                        bool* bad) {
+    const FloatParams<float> scale = p.scale32;
+    const double divisor = p.element_max_times_s;
+    const double s = p.s;
+    for (int64_t b = 0; b < n; ++b) {
+      const bool is_bad = amax[b] >= InfBits<T>();
+      const double amax64 = ToFloat64(is_bad ? UInt{0} : amax[b]);
+      const float block_scale =
+          QuantizeFloatElement<float, R>(OddQuotient(amax64 / divisor), scale, 0);
+      d[b] = static_cast<double>(block_scale) * s;
+      bad[b] = is_bad;
+    }
   }
 
   // d != 0 (a zero d is the caller's: signed zeros). `float32`: the final rounding of a
@@ -349,11 +388,109 @@ inline void Pow2Run(const T* in, T* out, int64_t start, int64_t count, int64_t b
   }
 }
 
+// FloatRun's per-block cases.
+enum class FloatBlock : uint8_t { kFast, kNan, kZero, kGeneral };
+
+// Consecutive float32 blocks of one row with a FloatFormat scale (NVFP4), as Pow2Run:
+// the scale d of every block first, then one long vectorized loop. The loop is
+// FloatScaler::Element with its last step, the rounding of q * d to float32, done by
+// the FPU's conversion, which is the same round-to-nearest-even when no result is
+// below float32's smallest normal (the thread flushes those to zero) or above its
+// largest: the blocks where some might be (a tiny or a huge d) are rounded again
+// afterwards with FloatScaler::Element itself, as are NaN and zero-scale blocks.
+template <typename T, Rounding R>
+inline void FloatRun(const T* in, T* out, int64_t start, int64_t count, int64_t block_size,
+                     const BlockParams<T>& p, const Keys& keys) {
+  static_assert(sizeof(T) == 4, "FloatRun rounds float32 results");
+  using UInt = typename Container<T>::UInt;
+  double d_of[kRunElements];
+  FloatBlock kind[kRunElements];  // per block
+  bool any_general = false;
+  // |q * d| for the smallest non-zero and the largest element q.
+  const double smallest_q = FromBits<double>(
+      p.element64.quantum_exponent >= -1022
+          ? static_cast<uint64_t>(p.element64.quantum_exponent + 1023) << 52
+          : uint64_t{1});
+  const double largest_q = FromBits<double>(p.element64.max_bits);
+  constexpr double kMinNormal = 0x1p-126;
+  constexpr double kMax = 0x1.fffffep127;
+  // Per block: amax, then scale d (one loop over the blocks, vectorized when the scale
+  // rounds in float32 too), then its case.
+  const int64_t blocks = (count + block_size - 1) / block_size;
+  UInt amax[kRunElements];
+  double d_block[kRunElements];
+  bool bad[kRunElements];
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t first = b * block_size;
+    const int64_t size = count - first < block_size ? count - first : block_size;
+    amax[b] = BlockAmax(in + start + first, size, InfAs<T>(p.saturate));
+  }
+  if (p.scale_rounds_in_float32) {
+    if (p.scale_toward_zero) {
+      FloatScaler<T>::template OddScales<Rounding::kTowardZero>(amax, blocks, p, d_block, bad);
+    } else {
+      FloatScaler<T>::template OddScales<Rounding::kNearestEven>(amax, blocks, p, d_block, bad);
+    }
+  } else {
+    for (int64_t b = 0; b < blocks; ++b) bad[b] = FloatScaler<T>::Scale(amax[b], p, &d_block[b]);
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    const double d = d_block[b];
+    const bool fast = !bad[b] && d > 0 && smallest_q * d >= kMinNormal && largest_q * d <= kMax;
+    kind[b] = bad[b] ? FloatBlock::kNan
+                     : (d == 0 ? FloatBlock::kZero
+                               : (fast ? FloatBlock::kFast : FloatBlock::kGeneral));
+    any_general |= !fast;
+    // A placeholder for the other blocks' loop (their results are overwritten).
+    d_block[b] = fast ? d : 1.0;
+  }
+  if (block_size == 16) {  // NVFP4's blocks: a constant trip count
+    for (int64_t j = 0; j < count; ++j) d_of[j] = d_block[j / 16];
+  } else {
+    for (int64_t j = 0; j < count; ++j) d_of[j] = d_block[j / block_size];
+  }
+  const double* d_ptr = d_of;
+  if (R != Rounding::kStochastic && p.element_rounds_in_float32) {
+    // Round to nearest even or toward zero: the quotient rounded to odd in float32,
+    // then rounded to the element in float32 (FloatScaler::OddQuotient).
+    const FloatParams<float> element = p.element;
+    QuantizeRangeIndexed<T, R, UInt>(in, out, start, start + count, keys,
+                                     [=](T x, UInt, int64_t j) {
+      const UInt bits = ToBits(x);
+      const double d = d_ptr[j];
+      const double x64 = ToFloat64((bits & SignBit<T>()) | BlockMagnitude<T>(bits));
+      const float v = FloatScaler<T>::OddQuotient(x64 / d);
+      const float q = QuantizeFloatElement<float, R>(v, element, 0);
+      return static_cast<T>(static_cast<double>(q) * d);
+    });
+  } else {
+    const FloatParams<double> element = p.element64;
+    QuantizeRangeIndexed<T, R, uint64_t>(in, out, start, start + count, keys,
+                                         [=](T x, uint64_t rand, int64_t j) {
+      const UInt bits = ToBits(x);
+      const double d = d_ptr[j];
+      const double x64 = ToFloat64((bits & SignBit<T>()) | BlockMagnitude<T>(bits));
+      const double q = QuantizeFloatElement<double, R>(x64 / d, element, rand);
+      return static_cast<T>(q * d);
+    });
+  }
+  if (!any_general) return;
+  for (int64_t b = 0, first = 0; first < count; ++b, first += block_size) {
+    const int64_t size = count - first < block_size ? count - first : block_size;
+    if (kind[b] == FloatBlock::kNan) {
+      FillNan(out + start + first, size);
+    } else if (kind[b] != FloatBlock::kFast) {
+      FloatContiguous<T, R>(in, out, start + first, size, p, keys);
+    }
+  }
+}
+
 // The units [begin, end) of `shape` (see BlockShape).
 template <typename T, Rounding R>
 void BlockRange(const T* in, T* out, const BlockShape& shape, int64_t begin, int64_t end,
                 const BlockParams<T>& p, const Keys& keys) {
-  if (shape.inner == 1 && p.power_of_two && shape.block_size <= kRunElements) {
+  constexpr bool kFloatRuns = sizeof(T) == 4;
+  if (shape.inner == 1 && (p.power_of_two || kFloatRuns) && shape.block_size <= kRunElements) {
     // Runs of whole blocks of one row, at most kRunElements elements each.
     const int64_t per_run = kRunElements / shape.block_size;
     for (int64_t unit = begin; unit < end;) {
@@ -365,7 +502,11 @@ void BlockRange(const T* in, T* out, const BlockShape& shape, int64_t begin, int
       const int64_t first = block * shape.block_size;
       const int64_t last = (block + stop - unit) * shape.block_size;
       const int64_t count = (last < shape.n ? last : shape.n) - first;
-      Pow2Run<T, R>(in, out, row * shape.n + first, count, shape.block_size, p, keys);
+      if (p.power_of_two) {
+        Pow2Run<T, R>(in, out, row * shape.n + first, count, shape.block_size, p, keys);
+      } else if constexpr (kFloatRuns) {
+        FloatRun<T, R>(in, out, row * shape.n + first, count, shape.block_size, p, keys);
+      }
       unit = stop;
     }
     return;

@@ -104,6 +104,13 @@ struct BlockParams {
   FloatParams<double> float32;    // the final rounding of a float32 result
   double element_max_times_s;     // max_element * S
   double s;                       // the tensor scale S (1 without one)
+  // The element's round-to-nearest-even and toward-zero roundings may run in float32
+  // on a quotient rounded to odd (FloatScaler::OddQuotient): at most 21 mantissa
+  // bits, a quantum above 2^-125, a largest value below 2^128.
+  bool element_rounds_in_float32;
+  // The same for the scale format (and its rounding, in float32: scale32).
+  bool scale_rounds_in_float32;
+  FloatParams<float> scale32;
 };
 
 // out = in rounded block by block, for the units [begin, end) of `shape`.

@@ -207,8 +207,11 @@ inline FloatParams<T> ComputeFloatParams(int exponent_bits, int mantissa_bits, i
   return p;
 }
 
+// Always inlined: a loop that calls it (block_rounding.h's float64 element rounding
+// in a float32 loop) vectorizes only then, and GCC's heuristics do not always do it.
 template <typename T, Rounding R>
-inline T QuantizeFloatElement(T x, const FloatParams<T>& p, typename Container<T>::UInt rand) {
+__attribute__((always_inline)) inline T QuantizeFloatElement(
+    T x, const FloatParams<T>& p, typename Container<T>::UInt rand) {
   using C = Container<T>;
   using UInt = typename C::UInt;
   const UInt bits = ToBits(x);
