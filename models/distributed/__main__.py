@@ -121,7 +121,7 @@ def gradient_error(model, strategy, communication, x, y):
 def table(results):
     runs = results["runs"]
     reference = np.mean([r["test_accuracy"] for r in runs.get("float32", {}).values()] or [0])
-    lines = [f"{'communication':<20} {'test acc (mean)':>15} {'vs float32':>11} "
+    lines = [f"{'communication':<20} {'test acc (mean ± sd)':>20} {'vs float32':>11} "
              f"{'per seed':>24} {'train loss':>10} {'grad rel err':>12} {'zeroed':>8}"]
     for name, per_seed in runs.items():
         acc = [r["test_accuracy"] for r in per_seed.values()]
@@ -129,7 +129,8 @@ def table(results):
         seeds = " ".join(f"{100 * a:.2f}" for a in acc)
         error = np.mean([r["gradient_relative_error"] for r in per_seed.values()])
         zeroed = np.mean([r["gradient_zeroed"] for r in per_seed.values()])
-        lines.append(f"{name:<20} {100 * np.mean(acc):>14.2f}% "
+        spread = 100 * np.std(acc, ddof=1) if len(acc) > 1 else 0.0
+        lines.append(f"{name:<20} {100 * np.mean(acc):>11.2f} ± {spread:4.2f}% "
                      f"{100 * (np.mean(acc) - reference):>+8.2f} pt {seeds:>24} {loss:>10.4f} "
                      f"{error:>12.2e} {100 * zeroed:>7.2f}%")
     return "\n".join(lines)
