@@ -238,7 +238,11 @@ def transposed_as_gemm(layer, inputs, kernel, spatial):
     if outs != list(inputs.shape[1:-1]) or layer.padding not in ("same", "valid"):
         return None
     matrix = ops.reshape(kernel, (-1, kernel.shape[-1]))
-    columns = layer._gemm(functools.partial(tf.einsum, "...c,kc->...k"), [inputs], [matrix],
-                          equation="...c,kc->...k")
+    # Rows are batch x input positions (TF 2.18's einsum "...c,kc->...k" mixes up the
+    # batch entries of a 4-D operand, so the GEMM is written on matrices).
+    rows = tf.reshape(inputs, [-1, inputs.shape[-1]])
+    columns = layer._gemm(functools.partial(tf.einsum, "nc,kc->nk"), [rows], [matrix],
+                          equation="nc,kc->nk")
+    columns = tf.reshape(columns, tf.concat([tf.shape(inputs)[:-1], [matrix.shape[0]]], 0))
     return unpatches(columns, spatial, layer.kernel_size, layer.strides, layer.padding,
                      layer.dilation_rate)
