@@ -570,9 +570,12 @@ def _conv_transpose(x, kernel, strides, dilations, padding, output_padding, accs
     `C`'s input and `x` as its output gradient (K = batch x input positions).
     `spatial`: the output's spatial size (None: Keras' formula)."""
     rank = len(strides)
-    spatial = list(spatial) if spatial is not None else [_transpose_length(x.shape[1 + i], kernel.shape[i], strides[i], dilations[i],
-                                 padding, None if output_padding is None else
-                                 output_padding[i]) for i in range(rank)]
+    if spatial is None:
+        spatial = [_transpose_length(x.shape[1 + i], kernel.shape[i], strides[i], dilations[i],
+                                     padding, None if output_padding is None
+                                     else output_padding[i])
+                   for i in range(rank)]
+    spatial = list(spatial)
     geo = _Geometry(spatial, kernel.shape[:rank], strides, dilations, padding)
     if list(geo.outs) != list(x.shape[1:1 + rank]):
         raise ValueError(f"transposed convolution: an output of size {spatial} does not "
