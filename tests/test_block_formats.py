@@ -529,6 +529,15 @@ def _hard_blocks(rng, dtype):
     else:
         rows.append(rng.standard_normal(64) * 2.0**-140)
         rows.append(rng.standard_normal(64) * 2.0**-126)
+        signs = np.where(rng.random(64) < 0.5, -1.0, 1.0)
+        # Elements from float32's smallest subnormal up to the block's amax: some scaled
+        # below 2^-126; and amaxes 2^t, 2^(t+1) around the smallest scales at which
+        # the C++ kernel's round-to-nearest loop shifts exponent fields.
+        rows.append(signs * np.exp2(rng.uniform(-149, 100, 64)))
+        for t in range(-120, -96, 2):
+            row = signs * np.exp2(rng.uniform(-149, t, 64))
+            row[[7, 40]] = 2.0**t, -(2.0**(t + 1))
+            rows.append(row)
     x = np.array(rows, dtype)
     with np.errstate(over="ignore"):  # the row at the float32 limit overflows to inf
         return np.concatenate([x, x[:, :6] * dtype(3)], axis=1)

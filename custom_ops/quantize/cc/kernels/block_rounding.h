@@ -353,6 +353,43 @@ inline void FloatColumns(const T* in, T* out, int64_t base, int64_t rows, int64_
   }
 }
 
+// Pow2Run's element loop for float32 and round-to-nearest-even, when every scale 2^k
+// of the run is large enough (k >= -125 - quantum exponent of the element) that what
+// the scaling would make a float32 subnormal rounds to a signed zero: then scaling is
+// an exponent-field shift, and the element rounding QuantizeFloatNearestEven (its FPU
+// step sees normal operands only, so TF's flush-to-zero does not matter). The same
+// bits as Pow2Scaler::Element; returns false, doing nothing, when it does not apply.
+template <typename T, Rounding R>
+inline bool Pow2NearestEvenFast(const T* in, T* out, int64_t start, int64_t count,
+                                const int* k_of, const FloatParams<T>& element) {
+  if constexpr (sizeof(T) != 4 || R != Rounding::kNearestEven) {
+    return false;
+  } else {
+    const FloatParams<float> e = element;
+    if (!NearestEvenFastApplies(e) || e.quantum_exponent < -125) return false;
+    int min_k = kE8m0MaxExponent;
+    for (int64_t j = 0; j < count; ++j) min_k = k_of[j] < min_k ? k_of[j] : min_k;
+    if (min_k < -125 - e.quantum_exponent) return false;
+    const uint32_t zero_sign_mask = e.zero_sign_mask;
+    // kPlain: the operand is never negative nor NaN (NaN blocks are filled afterwards).
+    MapElements(in + start, out + start, count, [=](float x, int64_t j) {
+      const int k = k_of[j];
+      const uint32_t bits = ToBits(x);
+      const uint32_t sign = bits & SignBit<float>();
+      const uint32_t a = BlockMagnitude<float>(bits);
+      // |x| 2^-k below 2^-126 (x subnormal, or its exponent field <= k): rounds to
+      // zero. (One comparison: GCC does not vectorize a select between two conditions.)
+      const int exponent = static_cast<int>(a >> 23);
+      const bool tiny = exponent <= (k > 0 ? k : 0);
+      const uint32_t shift = static_cast<uint32_t>(k) << 23;
+      const float scaled = FromBits<float>(tiny ? 0u : a - shift);
+      const uint32_t q = ToBits(QuantizeFloatNearestEven<true>(scaled, e));
+      return FromBits<float>(q == 0 ? (sign & zero_sign_mask) : (sign | (q + shift)));
+    });
+    return true;
+  }
+}
+
 // Elements of one run of short contiguous blocks (Pow2Run).
 constexpr int64_t kRunElements = 4096;
 
@@ -377,10 +414,12 @@ inline void Pow2Run(const T* in, T* out, int64_t start, int64_t count, int64_t b
   }
   const FloatParams<T> element = p.element;
   const int* k_ptr = k_of;
-  QuantizeRangeIndexed<T, R, UInt>(in, out, start, start + count, keys,
-                                   [=](T x, UInt rand, int64_t j) {
-    return Pow2Scaler<T>::template Element<R>(x, k_ptr[j], element, rand);
-  });
+  if (!Pow2NearestEvenFast<T, R>(in, out, start, count, k_ptr, element)) {
+    QuantizeRangeIndexed<T, R, UInt>(in, out, start, start + count, keys,
+                                     [=](T x, UInt rand, int64_t j) {
+      return Pow2Scaler<T>::template Element<R>(x, k_ptr[j], element, rand);
+    });
+  }
   if (!any_bad) return;
   for (int64_t b = 0, first = 0; first < count; ++b, first += block_size) {
     const int64_t size = count - first < block_size ? count - first : block_size;
