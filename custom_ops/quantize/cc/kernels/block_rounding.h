@@ -359,16 +359,15 @@ inline void FloatColumns(const T* in, T* out, int64_t base, int64_t rows, int64_
 // an exponent-field shift, and the element rounding QuantizeFloatNearestEven (its FPU
 // step sees normal operands only, so TF's flush-to-zero does not matter). The same
 // bits as Pow2Scaler::Element; returns false, doing nothing, when it does not apply.
+// `min_k`: the smallest k of the run.
 template <typename T, Rounding R>
 inline bool Pow2NearestEvenFast(const T* in, T* out, int64_t start, int64_t count,
-                                const int* k_of, const FloatParams<T>& element) {
+                                const int* k_of, int min_k, const FloatParams<T>& element) {
   if constexpr (sizeof(T) != 4 || R != Rounding::kNearestEven) {
     return false;
   } else {
     const FloatParams<float> e = element;
     if (!NearestEvenFastApplies(e) || e.quantum_exponent < -125) return false;
-    int min_k = kE8m0MaxExponent;
-    for (int64_t j = 0; j < count; ++j) min_k = k_of[j] < min_k ? k_of[j] : min_k;
     if (min_k < -125 - e.quantum_exponent) return false;
     const uint32_t zero_sign_mask = e.zero_sign_mask;
     // kPlain: the operand is never negative nor NaN (NaN blocks are filled afterwards).
@@ -404,17 +403,19 @@ inline void Pow2Run(const T* in, T* out, int64_t start, int64_t count, int64_t b
   int k_of[kRunElements];
   bool bad[kRunElements];  // per block
   bool any_bad = false;
+  int min_k = kE8m0MaxExponent;
   for (int64_t b = 0, first = 0; first < count; ++b, first += block_size) {
     const int64_t size = count - first < block_size ? count - first : block_size;
     int k;
     bad[b] =
         Pow2Scaler<T>::Scale(BlockAmax(in + start + first, size, InfAs<T>(p.saturate)), p, &k);
     any_bad |= bad[b];
+    min_k = k < min_k ? k : min_k;
     for (int64_t j = first; j < first + size; ++j) k_of[j] = k;
   }
   const FloatParams<T> element = p.element;
   const int* k_ptr = k_of;
-  if (!Pow2NearestEvenFast<T, R>(in, out, start, count, k_ptr, element)) {
+  if (!Pow2NearestEvenFast<T, R>(in, out, start, count, k_ptr, min_k, element)) {
     QuantizeRangeIndexed<T, R, UInt>(in, out, start, start + count, keys,
                                      [=](T x, UInt rand, int64_t j) {
       return Pow2Scaler<T>::template Element<R>(x, k_ptr[j], element, rand);
