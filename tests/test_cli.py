@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import matplotlib.image
+import keras
 import pytest
 
 import tfhfp8
@@ -145,6 +146,7 @@ def test_ptq_prints_the_three_accuracies_and_saves_a_model_that_reloads(tmp_path
     ("--dataset=mnist_6k", "--dataset"),
     ("--loss_scaling=sometimes", "--loss_scaling"),
     ("--replicas=0", "--replicas must be a positive integer"),
+    ("--learning_rate_schedule=linear", "--learning_rate_schedule"),
     ("--gradient_communication=float9", "--gradient_communication must be one of"),
 ])
 def test_bad_train_flags_are_rejected_before_training(flag, message, tmp_path):
@@ -213,6 +215,7 @@ def test_bad_ptq_inputs_are_clear_errors(case, tmp_path):
     (dict(limit=0), ValueError, "limit must be a positive integer or None"),
     (dict(test_limit=0), ValueError, "test_limit must be a positive integer or None"),
     (dict(learning_rate=-1.0), ValueError, "learning_rate must be a positive"),
+    (dict(learning_rate_schedule="linear"), ValueError, "learning_rate_schedule must be one"),
     (dict(seed=1.5), TypeError, "seed must be an integer"),
     (dict(policies=[]), ValueError, "policies is empty"),
     (dict(policies=["hfp9"]), ValueError, "hfp9"),
@@ -225,6 +228,25 @@ def test_train_policies_checks_every_argument_first(kwargs, error, message):
     arguments.update(kwargs)
     with pytest.raises(error, match=message):
         experiment.train_policies(**arguments)
+
+
+def test_cosine_schedule_decays_the_rate_to_zero(monkeypatch):
+    rates = []
+    fit = keras.Model.fit
+
+    def fit_and_record(model, *args, **kwargs):
+        history = fit(model, *args, **kwargs)
+        rates.append(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
+        return history
+
+    monkeypatch.setattr(keras.Model, "fit", fit_and_record)
+    arguments = dict(model="small_cnn", dataset="digits", policies=["float32"], epochs=2,
+                     limit=256, test_limit=64, output_dir=None, verbose=0)
+    cosine = experiment.train_policies(**arguments, learning_rate_schedule="cosine")
+    constant = experiment.train_policies(**arguments)
+    assert cosine["config"]["learning_rate_schedule"] == "cosine"
+    assert "learning_rate_schedule" not in constant["config"]
+    assert rates == [0.0, pytest.approx(1e-3)]
 
 
 def test_train_policies_checks_the_output_dir_first(tmp_path):

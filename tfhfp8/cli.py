@@ -58,6 +58,9 @@ _LIMIT = flags.DEFINE_integer("limit", None, "train: use only the first N traini
 _TEST_LIMIT = flags.DEFINE_integer("test_limit", None,
                                    "train: use only the first N test examples.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "train: Adam learning rate.")
+_SCHEDULE = flags.DEFINE_enum(
+    "learning_rate_schedule", "constant", experiment.LEARNING_RATE_SCHEDULES,
+    "train: keep the learning rate constant, or decay it to 0 over the run (cosine).")
 _REPLICAS = flags.DEFINE_integer(
     "replicas", 1, "train: data-parallel replicas (tf.distribute.MirroredStrategy over "
     "that many logical CPU devices); --batch_size is the global batch.")
@@ -147,7 +150,7 @@ def _train(**overrides):
                     batch_size=_BATCH_SIZE.value, loss_scaling=_LOSS_SCALING.value,
                     seed=_SEED.value, output_dir=_OUTPUT_DIR.value, limit=_LIMIT.value,
                     test_limit=_TEST_LIMIT.value, learning_rate=_LEARNING_RATE.value,
-                    replicas=_REPLICAS.value, gradient_communication=_COMMUNICATION.value,
+                    learning_rate_schedule=_SCHEDULE.value, replicas=_REPLICAS.value, gradient_communication=_COMMUNICATION.value,
                     verbose=1 if sys.stdout.isatty() else 2)  # a log gets one line per epoch
     settings.update(overrides)
     results = experiment.train_policies(**settings)

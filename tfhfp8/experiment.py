@@ -23,6 +23,7 @@ from tfhfp8.loss_scaling import DynamicLossScaleOptimizer
 
 # Per-layer rules (tfhfp8.loss_scaling) and whole-model dynamic scaling (optimizers).
 LOSS_SCALINGS = ("none", *loss_scaling_lib.names(), "dynamic", "enhanced")
+LEARNING_RATE_SCHEDULES = ("constant", "cosine")
 
 
 def _check_positive_int(name, value, none=False):
@@ -137,7 +138,8 @@ def _no_scope():
 
 def train_policies(model, dataset, policies, epochs=1, batch_size=128, loss_scaling="adaptive",
                    seed=0, output_dir=None, limit=None, test_limit=None, learning_rate=1e-3,
-                   verbose=1, replicas=1, gradient_communication=None):
+                   verbose=1, replicas=1, gradient_communication=None,
+                   learning_rate_schedule="constant"):
     """Trains `model` on `dataset` once per policy, from the same initial weights.
 
     Args:
@@ -150,6 +152,9 @@ def train_policies(model, dataset, policies, epochs=1, batch_size=128, loss_scal
       seed: seeds the initial weights, the shuffling and the data split.
       output_dir: where `results.json` and `curves.png` go (None: nowhere).
       limit, test_limit: use only the first examples of each split (positive).
+      learning_rate_schedule: `"constant"`, or `"cosine"` (decays to 0 over the run;
+        `keras.optimizers.schedules.CosineDecay`): the last epoch's accuracy then
+        settles instead of swinging with every step of a constant rate.
       replicas: data-parallel replicas (`tf.distribute.MirroredStrategy` over that
         many logical CPU devices, `logical_cpus`); `batch_size` is the global batch.
       gradient_communication: None (Keras' FP32 all-reduce), or the format (a
@@ -175,6 +180,9 @@ def train_policies(model, dataset, policies, epochs=1, batch_size=128, loss_scal
         raise ValueError(f"learning_rate must be a positive finite number, got "
                          f"{learning_rate!r}")
     _check_positive_int("replicas", replicas)
+    if learning_rate_schedule not in LEARNING_RATE_SCHEDULES:
+        raise ValueError(f"learning_rate_schedule must be one of {LEARNING_RATE_SCHEDULES}, "
+                         f"got {learning_rate_schedule!r}")
     if gradient_communication is not None:
         from tfhfp8 import distribute
 
@@ -200,6 +208,9 @@ def train_policies(model, dataset, policies, epochs=1, batch_size=128, loss_scal
                   loss_scaling=loss_scaling, seed=seed, learning_rate=learning_rate,
                   train_examples=int(len(x_train)), test_examples=int(len(x_test)),
                   parameters=int(base.count_params()), replicas=replicas)
+    if learning_rate_schedule != "constant":  # configs of constant-rate runs stay as they were
+        config["learning_rate_schedule"] = learning_rate_schedule
+        steps = epochs * math.ceil(len(x_train) / batch_size)
     if gradient_communication is not None:
         from tfhfp8 import distribute
 
@@ -210,7 +221,9 @@ def train_policies(model, dataset, policies, epochs=1, batch_size=128, loss_scal
             print(f"\n== {policy.name}: {model} on {dataset}, {epochs} epoch(s)", flush=True)
         with strategy.scope() if strategy is not None else _no_scope():
             emulated = quantize_model(base, _with_loss_scaling(policy, loss_scaling))
-            emulated.compile(compile_args(_optimizer(learning_rate, loss_scaling, policy),
+            rate = (learning_rate if learning_rate_schedule == "constant" else
+                    keras.optimizers.schedules.CosineDecay(learning_rate, steps))
+            emulated.compile(compile_args(_optimizer(rate, loss_scaling, policy),
                                           gradient_communication),
                              "sparse_categorical_crossentropy", metrics=["accuracy"])
         keras.utils.set_random_seed(seed)

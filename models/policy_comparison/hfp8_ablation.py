@@ -79,6 +79,9 @@ _EPOCHS = flags.DEFINE_integer("epochs", 15, "Training epochs per variant.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Batch size.")
 _LIMIT = flags.DEFINE_integer("limit", None, "Training images (default: all 60,000).")
 _TEST_LIMIT = flags.DEFINE_integer("test_limit", None, "Test images (default: all 10,000).")
+_SCHEDULE = flags.DEFINE_enum("learning_rate_schedule", "constant",
+                              experiment.LEARNING_RATE_SCHEDULES,
+                              "Constant learning rate, or cosine decay to 0 over the run.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (initial weights, data order).")
 _VARIANTS = flags.DEFINE_list("variants", DEFAULT, "Variants to train, in this order.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/hfp8_ablation",
@@ -176,7 +179,7 @@ def main(argv):
         return
     results = run(_OUTPUT_DIR.value, _VARIANTS.value, [int(s) for s in _SEEDS.value],
                   epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value, limit=_LIMIT.value,
-                  test_limit=_TEST_LIMIT.value)
+                  test_limit=_TEST_LIMIT.value, learning_rate_schedule=_SCHEDULE.value)
     print()
     print(markdown(summary(results)))
 
