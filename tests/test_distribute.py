@@ -162,8 +162,12 @@ _COMMON = textwrap.dedent("""
 
     def build(communication, rounding="nearest_even"):
         keras.utils.set_random_seed(1)
-        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
-                                  keras.layers.Dense(8), keras.layers.Dense(2)])
+        # Named: stochastic-rounding seeds hash the layer's name, and a model rebuilt in
+        # the same process would otherwise get new names.
+        model = keras.Sequential([keras.Input((6,)),
+                                  keras.layers.Dense(8, activation="relu", name="first"),
+                                  keras.layers.Dense(8, name="hidden"),
+                                  keras.layers.Dense(2, name="last")])
         model = tfhfp8.quantize_model(model, tfhfp8.Policy(
             "hfp8", loss_scaling="adaptive", exempt_first_last=False))
         comm = tfhfp8.distribute.GradientCommunication(communication, rounding=rounding,

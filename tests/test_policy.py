@@ -30,10 +30,11 @@ PRESETS = {
     "fp8": dict(weights=(E5M2, NE), activations=(E5M2, NE), errors=(E5M2, SR),
                 weight_gradients=(E5M2, SR), master_weights=("float16", SR),
                 exempt_first_last=True),
-    # Sun et al.: 1-4-3 (bias 11) forward, 1-5-2 backward, RNE; weight gradients and
-    # the update in 16 bits; first and last layers in 16 bits.
-    "hfp8": dict(weights=(E4M3B11, NE), activations=(E4M3B11, NE), errors=(E5M2, NE),
-                 weight_gradients=("float16", NE), master_weights=("float16", NE),
+    # Sun et al.: 1-4-3 (bias 11) forward with RNE, 1-5-2 backward; weight gradients and
+    # the update in 16 bits; SR of the errors and the update (Rodriguez, Wang et al.);
+    # first and last layers in 16 bits.
+    "hfp8": dict(weights=(E4M3B11, NE), activations=(E4M3B11, NE), errors=(E5M2, SR),
+                 weight_gradients=("float16", NE), master_weights=("float16", SR),
                  exempt_first_last=True),
     # Das et al.: INT16 DFP GEMM inputs; FP32 accumulation, gradients, master weights.
     "int16_dfp": dict(weights=("int16_dfp", NE), activations=("int16_dfp", NE),

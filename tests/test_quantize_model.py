@@ -286,7 +286,7 @@ def test_preset_first_last_exemption(preset):
     rows = {row["layer"]: row for row in tfhfp8.summary(converted, print_fn=lambda *_: None)}
     # The exempt layer keeps the preset's roundings (fp8: stochastic errors).
     assert rows["stem"]["formats"] == "W:float16 A:float16 E:float16" + (
-        "/sr" if preset == "fp8" else "")
+        "/sr" if preset in ("fp8", "hfp8") else "")
     assert rows["classifier"]["note"] == "first/last GEMM layer: 16 bits"
 
 

@@ -67,20 +67,22 @@ _PRESETS = {
     # "a hybrid (1,4,3) and (1,5,2) approach for the forward and backpropagation,
     # respectively, using loss-scaling and stochastic rounding, and keeping the input
     # and last layers at fp16". Here: 1-4-3 (bias 11) weights and activations with
-    # round-to-nearest (Sun et al.); 1-5-2 errors; weight gradients and the weight
-    # update in FP16 (Sun et al.); first and last GEMM layers in FP16 (Rodriguez, Sun et
-    # al.). Not (yet) in the preset, pending the ablation in docs/results.md:
-    # - stochastic rounding, of the errors (as Mellempudi et al. do for the backward
-    #   tensors) and of the FP16 update (Wang et al. 2018, the FP8 work HFP8 extends):
-    #   `Policy("hfp8", rounding={"errors": "stochastic", "master_weights": "stochastic"})`
-    #   (the layers' stochastic-rounding counters are saved in .keras and .weights.h5
-    #   files and tracked by tf.train.Checkpoint: resumed runs round as uninterrupted ones);
-    # - loss scaling (its kind is not stated in the sources at hand): `tfhfp8 train` adds
-    #   per-layer adaptive scaling by default, `Policy("hfp8", loss_scaling="adaptive")`
-    #   by hand; in the preset, files saved under the name "hfp8" would lack its state.
+    # round-to-nearest (Sun et al.); 1-5-2 errors with stochastic rounding (Rodriguez;
+    # as Mellempudi et al. round the backward tensors); weight gradients and master
+    # weights in FP16 (Sun et al.), the update `W <- Q(W + dW)` rounded stochastically
+    # (Wang et al. 2018, the FP8 work HFP8 extends: with round-to-nearest an FP16 weight
+    # of 1.0 loses every update below 2^-11); first and last GEMM layers in FP16
+    # (Rodriguez, Sun et al.). The stochastic-rounding counters are saved in .keras and
+    # .weights.h5 files and tracked by tf.train.Checkpoint, so resumed runs round as
+    # uninterrupted ones. Loss scaling, whose kind the sources at hand do not state, is
+    # the training's: `tfhfp8 train` adds per-layer adaptive scaling by default,
+    # `Policy("hfp8", loss_scaling="adaptive")` by hand (in the preset, files saved under
+    # the name "hfp8" would lack its state). The ablation behind these choices:
+    # docs/results.md, "The HFP8 recipe".
     "hfp8": dict(
         weights="float8_e4m3b11fnuz", activations="float8_e4m3b11fnuz",
         errors="float8_e5m2", weight_gradients="float16", master_weights="float16",
+        rounding=dict(errors="stochastic", master_weights="stochastic"),
         exempt_first_last=True),
     # Das et al. 2018: INT16 dynamic fixed point (one shared exponent per tensor) for
     # the GEMM inputs, FP32 accumulation, weight gradients and master weights.
