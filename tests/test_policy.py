@@ -1,6 +1,7 @@
 """tfhfp8.Policy: presets, keyword construction, overrides, validation, serialization
 and the global policy."""
 
+import inspect
 import json
 
 import keras
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 import tfhfp8
-from tfhfp8 import layers as tl
+from tfhfp8 import experiment, layers as tl
 from tfhfp8.policy import ROLES
 
 E4M3B11 = "float8_e4m3b11fnuz"
@@ -351,3 +352,15 @@ def test_unknown_name_without_role_keywords_raises_listing_the_presets(name):
     assert not tfhfp8.Policy().emulates
     assert tfhfp8.Policy("float32").inference().name == "float32/inference"
     assert tfhfp8.Policy("hfp8", exempt_format=None).for_exempt_layer().weights is None
+
+
+def test_hfp8_preset_is_what_the_ablation_measured_as_the_sources_recipe():
+    # docs/results.md justifies the preset with the ablation's `hfp8_sources` runs.
+    from models.policy_comparison import hfp8_ablation
+
+    sources, loss_scaling = hfp8_ablation._variants()["hfp8_sources"]
+    preset, measured = tfhfp8.Policy("hfp8").get_config(), sources.get_config()
+    preset.pop("name"), measured.pop("name")
+    assert preset == measured
+    assert loss_scaling == inspect.signature(
+        experiment.train_policies).parameters["loss_scaling"].default

@@ -1,7 +1,7 @@
 """Which parts of the HFP8 training recipe matter? One change at a time, same initial weights.
 
     python -m models.policy_comparison.hfp8_ablation --output_dir=results/hfp8_ablation \\
-        --limit=1500 --test_limit=1000 --epochs=5 --batch_size=32 --seeds=0
+        --limit=10000 --test_limit=10000 --epochs=8 --learning_rate_schedule=cosine --seeds=0
 
 Trains ResNet-20 on Fashion-MNIST (the full data set unless --limit/--test_limit) once
 per variant and seed. Every variant of one seed starts from the same initial weights and
@@ -14,7 +14,7 @@ stay what they were when the `hfp8` preset changes:
   errors, FP16 weight gradients and master weights, all round-to-nearest, first and
   last GEMM layers in FP16, no loss scaling.
 - `hfp8_adaptive`: plus per-layer adaptive loss scaling (Zhao et al., backward fan-in):
-  what `tfhfp8 train` runs by default, i.e. the `hfp8` rows of docs/results.md.
+  what `tfhfp8 train` ran for `hfp8` before the preset took stochastic rounding.
 - `hfp8_dynamic`: `hfp8` plus Keras' global dynamic loss scaling instead.
 - `hfp8_adaptive_sr_errors`, `hfp8_adaptive_sr_master`: `hfp8_adaptive` with stochastic
   rounding of the errors, or of the master-weight update.
@@ -22,7 +22,8 @@ stay what they were when the `hfp8` preset changes:
   weight (BatchNorm's and the exempt layers' too) stored in FP16
   (`tfhfp8.optimizers.LowPrecision`): pure 16-bit weight update.
 - `hfp8_sources`: loss scaling plus stochastic rounding of the errors and of the
-  master-weight update (Rodriguez's summary of Sun et al.; Wang et al.'s SR update).
+  master-weight update (Rodriguez's summary of Sun et al.; Wang et al.'s SR update):
+  the `hfp8` preset as `tfhfp8 train` runs it (adaptive loss scaling by default).
 
 Results go to OUTPUT_DIR/seed<N>/<variant>/results.json (a run whose file exists is
 skipped) and, all together, OUTPUT_DIR/ablation.json; the table of mean and standard
