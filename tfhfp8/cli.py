@@ -150,7 +150,8 @@ def _train(**overrides):
                     batch_size=_BATCH_SIZE.value, loss_scaling=_LOSS_SCALING.value,
                     seed=_SEED.value, output_dir=_OUTPUT_DIR.value, limit=_LIMIT.value,
                     test_limit=_TEST_LIMIT.value, learning_rate=_LEARNING_RATE.value,
-                    learning_rate_schedule=_SCHEDULE.value, replicas=_REPLICAS.value, gradient_communication=_COMMUNICATION.value,
+                    learning_rate_schedule=_SCHEDULE.value, replicas=_REPLICAS.value,
+                    gradient_communication=_COMMUNICATION.value,
                     verbose=1 if sys.stdout.isatty() else 2)  # a log gets one line per epoch
     settings.update(overrides)
     results = experiment.train_policies(**settings)
