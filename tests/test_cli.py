@@ -240,13 +240,14 @@ def test_cosine_schedule_decays_the_rate_to_zero(monkeypatch):
         return history
 
     monkeypatch.setattr(keras.Model, "fit", fit_and_record)
-    arguments = dict(model="small_cnn", dataset="digits", policies=["float32"], epochs=2,
-                     limit=256, test_limit=64, output_dir=None, verbose=0)
+    # Two policies: each run's optimizer decays the rate over its own steps.
+    arguments = dict(model="small_cnn", dataset="digits", policies=["float32", "bfloat16"],
+                     epochs=2, limit=256, test_limit=64, output_dir=None, verbose=0)
     cosine = experiment.train_policies(**arguments, learning_rate_schedule="cosine")
     constant = experiment.train_policies(**arguments)
     assert cosine["config"]["learning_rate_schedule"] == "cosine"
     assert "learning_rate_schedule" not in constant["config"]
-    assert rates == [0.0, pytest.approx(1e-3)]
+    assert rates == [0.0, 0.0, pytest.approx(1e-3), pytest.approx(1e-3)]
 
 
 def test_train_policies_checks_the_output_dir_first(tmp_path):

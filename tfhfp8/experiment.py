@@ -208,9 +208,12 @@ def train_policies(model, dataset, policies, epochs=1, batch_size=128, loss_scal
                   loss_scaling=loss_scaling, seed=seed, learning_rate=learning_rate,
                   train_examples=int(len(x_train)), test_examples=int(len(x_test)),
                   parameters=int(base.count_params()), replicas=replicas)
+    rate = learning_rate
     if learning_rate_schedule != "constant":  # configs of constant-rate runs stay as they were
         config["learning_rate_schedule"] = learning_rate_schedule
-        steps = epochs * math.ceil(len(x_train) / batch_size)
+        # A schedule is stateless (a function of the optimizer's step): one serves every run.
+        rate = keras.optimizers.schedules.CosineDecay(
+            learning_rate, epochs * math.ceil(len(x_train) / batch_size))
     if gradient_communication is not None:
         from tfhfp8 import distribute
 
@@ -221,8 +224,6 @@ def train_policies(model, dataset, policies, epochs=1, batch_size=128, loss_scal
             print(f"\n== {policy.name}: {model} on {dataset}, {epochs} epoch(s)", flush=True)
         with strategy.scope() if strategy is not None else _no_scope():
             emulated = quantize_model(base, _with_loss_scaling(policy, loss_scaling))
-            rate = (learning_rate if learning_rate_schedule == "constant" else
-                    keras.optimizers.schedules.CosineDecay(learning_rate, steps))
             emulated.compile(compile_args(_optimizer(rate, loss_scaling, policy),
                                           gradient_communication),
                              "sparse_categorical_crossentropy", metrics=["accuracy"])
