@@ -237,13 +237,30 @@ def test_conv_patches_equal_the_convolution():
         x = RNG.randn(*shape).astype(np.float32)
         ours = cls(policy=policy, **kwargs)
         ours.build(shape)
-        plain = getattr(keras.layers, cls.__name__)(**kwargs)
-        plain.build(shape)
-        plain.set_weights([RNG.randn(*w.shape).astype(np.float32) for w in ours.get_weights()])
-        ours.set_weights(plain.get_weights())
+        ours.set_weights([RNG.randn(*w.shape).astype(np.float32) for w in ours.get_weights()])
         dy = RNG.randn(*ours.compute_output_shape(shape)).astype(np.float32)
-        for a, b in zip(run(ours, x, dy), run(plain, x, dy, grads="all")):
+        for a, b in zip(run(ours, x, dy), _reference_convolution(ours, kwargs, x, dy)):
             close(a, b)
+
+
+def _reference_convolution(layer, kwargs, x, dy):
+    """y, dx, dW... of `layer`'s convolution by Keras' own layer, channels-last (the
+    layout every TensorFlow CPU kernel set runs); a dilated transposed convolution, which
+    TF's Eigen kernels reject, by tfhfp8's FP32 layer (its route is checked against
+    independent references in test_portable_conv.py)."""
+    first = kwargs.get("data_format") == "channels_first"
+    dilated = any(d > 1 for d in np.atleast_1d(kwargs.get("dilation_rate", 1)))
+    kwargs = {**kwargs, "data_format": "channels_last"}
+    if isinstance(layer, tfhfp8.layers.Conv2DTranspose) and dilated:
+        plain = type(layer)(policy="float32", **kwargs)
+    else:
+        plain = getattr(keras.layers, type(layer).__name__)(**kwargs)
+    to_last = (lambda t: np.moveaxis(t, 1, -1)) if first else (lambda t: t)
+    to_first = (lambda t: np.moveaxis(t, -1, 1)) if first else (lambda t: t)
+    plain.build(to_last(x).shape)
+    plain.set_weights(layer.get_weights())
+    y, dx, *dw = run(plain, to_last(x), to_last(dy), grads="all")
+    return [to_first(y), to_first(dx)] + dw
 
 
 def test_attention_products_block_along_their_own_axes():

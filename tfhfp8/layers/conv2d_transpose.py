@@ -5,6 +5,7 @@ import functools
 import keras
 from keras import ops
 
+from tfhfp8 import portable_conv
 from tfhfp8.layers import convolution
 from tfhfp8.layers.emulation import EmulatedLayer
 
@@ -47,11 +48,12 @@ class Conv2DTranspose(EmulatedLayer, keras.layers.Conv2DTranspose):
             shape = self.compute_output_shape(tuple(x.shape))
             spatial = shape[2:] if self.data_format == "channels_first" else shape[1:-1]
             y = convolution.transposed_as_gemm(
-                self, convolution.channels_last(x, self.data_format), self.kernel, spatial)
+                self, portable_conv.to_channels_last(x, self.data_format), self.kernel, spatial)
             if y is not None:
-                return self._bias_and_activation(convolution.channels_back(y, self.data_format))
+                return self._bias_and_activation(
+                    portable_conv.to_channels_first(y, self.data_format))
         op = functools.partial(
-            ops.conv_transpose, strides=list(self.strides), padding=self.padding,
+            portable_conv.conv_transpose, strides=list(self.strides), padding=self.padding,
             output_padding=self.output_padding, dilation_rate=self.dilation_rate,
             data_format=self.data_format)
         return self._bias_and_activation(self._gemm(op, [inputs], [self.kernel]))

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from tfhfp8 import portable_conv
 from tfhfp8.layers.emulation import EmulatedLayer
 
 
@@ -111,11 +112,16 @@ class _EmulatedConv(EmulatedLayer):
     def convolution_op(self, inputs, kernel):
         return self._conv(inputs, kernel, self.padding)
 
+    # Keras' BaseConv.call adds the bias with `keras.ops.add`, along the wrong axis for
+    # some channels-first shapes (see `_bias_and_activation`).
+    def call(self, inputs):
+        return self._bias_and_activation(self.convolution_op(inputs, self.kernel))
+
     def _conv(self, inputs, kernel, padding):
         y = self._conv_as_gemm(inputs, kernel, padding)
         if y is not None:
             return y
-        op = functools.partial(ops.conv, strides=list(self.strides), padding=padding,
+        op = functools.partial(portable_conv.conv, strides=list(self.strides), padding=padding,
                                dilation_rate=self.dilation_rate, data_format=self.data_format)
         return self._gemm(op, [inputs], [kernel])
 
@@ -124,18 +130,13 @@ class _EmulatedConv(EmulatedLayer):
             return None
         if self.rank == 3 and tuple(self.dilation_rate) != (1, 1, 1):
             return None
-        x = ops.convert_to_tensor(inputs)
-        first = self.data_format == "channels_first"
-        if first:
-            x = tf.transpose(x, [0] + list(range(2, self.rank + 2)) + [1])
+        x = portable_conv.to_channels_last(ops.convert_to_tensor(inputs), self.data_format)
         columns = patches(x, self.kernel_size, self.strides, padding, self.dilation_rate)
         if columns is None:
             return None
         matrix = ops.reshape(kernel, (-1, kernel.shape[-1]))
         y = self._gemm(ops.matmul, [columns], [matrix], equation="...k,ko->...o")
-        if first:
-            y = tf.transpose(y, [0, self.rank + 1] + list(range(1, self.rank + 1)))
-        return y
+        return portable_conv.to_channels_first(y, self.data_format)
 
     def _accumulating_op(self, name):
         from tfhfp8 import gemm  # noqa: PLC0415
@@ -184,22 +185,6 @@ class Conv2D(_EmulatedConv, keras.layers.Conv2D):
 @keras.saving.register_keras_serializable(package="tfhfp8")
 class Conv3D(_EmulatedConv, keras.layers.Conv3D):
     """`keras.layers.Conv3D` whose convolution runs in the formats of `policy`."""
-
-
-def channels_last(x, data_format):
-    """`x` channels-last (a no-op unless `data_format` is "channels_first")."""
-    if data_format != "channels_first":
-        return x
-    rank = x.shape.rank
-    return tf.transpose(x, [0] + list(range(2, rank)) + [1])
-
-
-def channels_back(y, data_format):
-    """The inverse of `channels_last`."""
-    if data_format != "channels_first":
-        return y
-    rank = y.shape.rank
-    return tf.transpose(y, [0, rank - 1] + list(range(1, rank - 1)))
 
 
 def depthwise_as_gemm(layer, inputs, kernel, name="gemm"):

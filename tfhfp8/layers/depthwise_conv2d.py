@@ -5,6 +5,7 @@ import functools
 import keras
 from keras import ops
 
+from tfhfp8 import portable_conv
 from tfhfp8.layers import convolution
 from tfhfp8.layers.emulation import EmulatedLayer
 
@@ -32,11 +33,11 @@ class DepthwiseConv2D(EmulatedLayer, keras.layers.DepthwiseConv2D):
 
     def call(self, inputs):
         if self._blocks_per_gemm():
-            x = convolution.channels_last(ops.convert_to_tensor(inputs), self.data_format)
+            x = portable_conv.to_channels_last(ops.convert_to_tensor(inputs), self.data_format)
             y = convolution.depthwise_as_gemm(self, x, self.kernel)
             if y is not None:
-                y = convolution.channels_back(y, self.data_format)
+                y = portable_conv.to_channels_first(y, self.data_format)
                 return self._bias_and_activation(y)
-        op = functools.partial(ops.depthwise_conv, strides=self.strides, padding=self.padding,
+        op = functools.partial(portable_conv.depthwise_conv, strides=self.strides, padding=self.padding,
                                dilation_rate=self.dilation_rate, data_format=self.data_format)
         return self._bias_and_activation(self._gemm(op, [inputs], [self.kernel]))

@@ -400,12 +400,18 @@ class EmulatedLayer(_compat.AfterBuild):
         return _quantize_errors(y)
 
     def _bias_and_activation(self, outputs):
-        """Adds the bias in FP32 and applies the activation, as the Keras layer does."""
+        """Adds the bias in FP32 and applies the activation, as the Keras layer does.
+
+        Not with `keras.ops.add`: Keras 3's TensorFlow `add` takes a `(1, C, 1, ...)`
+        bias for a channels-last one whenever the output's last axis also has length C,
+        and adds it along the wrong axis."""
         bias = getattr(self, "bias", None)
         if bias is not None:
+            bias = tf.convert_to_tensor(bias)
             if getattr(self, "data_format", "channels_last") == "channels_first":
-                bias = ops.reshape(bias, (1, -1) + (1,) * self.rank)
-            outputs = ops.add(outputs, bias)
+                outputs = tf.nn.bias_add(outputs, bias, data_format="NC...")
+            else:
+                outputs = tf.add(outputs, bias)
         return outputs if self.activation is None else self.activation(outputs)
 
     # -- state ------------------------------------------------------------------------

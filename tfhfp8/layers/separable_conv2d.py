@@ -5,6 +5,7 @@ import functools
 import keras
 from keras import ops
 
+from tfhfp8 import portable_conv
 from tfhfp8.layers import convolution
 from tfhfp8.layers.emulation import EmulatedLayer
 
@@ -39,7 +40,7 @@ class SeparableConv2D(EmulatedLayer, keras.layers.SeparableConv2D):
 
     def call(self, inputs):
         if self._blocks_per_gemm():
-            x = convolution.channels_last(ops.convert_to_tensor(inputs), self.data_format)
+            x = portable_conv.to_channels_last(ops.convert_to_tensor(inputs), self.data_format)
             x = convolution.depthwise_as_gemm(self, x, self.depthwise_kernel, "depthwise")
             if x is not None:
                 kernel = self.pointwise_kernel
@@ -47,11 +48,11 @@ class SeparableConv2D(EmulatedLayer, keras.layers.SeparableConv2D):
                 y = self._gemm(ops.matmul, [x], [matrix], name="pointwise",
                                equation="...k,ko->...o")
                 return self._bias_and_activation(
-                    convolution.channels_back(y, self.data_format))
+                    portable_conv.to_channels_first(y, self.data_format))
         depthwise = functools.partial(
-            ops.depthwise_conv, strides=self.strides, padding=self.padding,
+            portable_conv.depthwise_conv, strides=self.strides, padding=self.padding,
             dilation_rate=self.dilation_rate, data_format=self.data_format)
-        pointwise = functools.partial(ops.conv, strides=1, padding="valid",
+        pointwise = functools.partial(portable_conv.conv, strides=1, padding="valid",
                                       data_format=self.data_format)
         x = self._gemm(depthwise, [inputs], [self.depthwise_kernel], name="depthwise")
         x = self._gemm(pointwise, [x], [self.pointwise_kernel], name="pointwise")
