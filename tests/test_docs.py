@@ -11,6 +11,8 @@ order: a test first runs the blocks before its own that this process has not run
 - A block right after an HTML comment `<!-- not run: why -->` is not run (a long
   training command, a second machine); the reason is the test's skip message.
 - A fence without a language fails: say what the block is.
+
+Some blocks print what a comment beside them claims: `OUTPUT_CHECKS` checks that output.
 """
 
 import os
@@ -61,6 +63,16 @@ def blocks(page):
     return found
 
 
+def _readme_example(printed):
+    """The README's example: the rounded values it shows, and a model that learned."""
+    assert "[ 1.         0.1015625 30.       ]" in printed[0]
+    loss, accuracy = eval(printed[-1])
+    assert accuracy > 0.9, printed[-1]
+
+
+# (page, number of python blocks before it on the page) -> a check of what it printed.
+OUTPUT_CHECKS = {("README.md", 0): _readme_example}
+
 ALL_BLOCKS = [block for page in PAGES for block in blocks(page)]
 _namespaces = {}   # page -> [namespace, index of the next block to run]
 
@@ -80,7 +92,7 @@ def _run(block):
 
 
 @pytest.mark.parametrize("block", ALL_BLOCKS, ids=lambda block: block.id)
-def test_code_block_runs(block):
+def test_code_block_runs(block, capsys):
     assert block.language in RUN | RECORDS, (
         f"{block.id}: a code block in {block.language or 'no language'}; "
         f"name one of {sorted(RUN | RECORDS)}")
@@ -104,4 +116,10 @@ def test_code_block_runs(block):
                                      f"failed: {error!r}") from error
     if state[1] == block.index:
         state[1] += 1
+        capsys.readouterr()
         _run(block)
+        python_index = sum(b.language == "python" for b in page_blocks[:block.index])
+        check = block.language == "python" and OUTPUT_CHECKS.get(
+            (str(block.page.relative_to(ROOT)), python_index))
+        if check:
+            check(capsys.readouterr().out.splitlines())
