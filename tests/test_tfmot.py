@@ -64,20 +64,20 @@ def test_bridge_in_a_tf_keras_process():
               f"{model}: weights after a step {result['weights_after_step_equal']}")
         check(result["outputs_after_step_equal"], f"{model}: outputs after a step differ")
 
-    # The README's example (quantize_apply with Scheme("hfp8"), 5 epochs of real
+    # The tfmot guide's example (quantize_apply with Scheme("hfp8"), 5 epochs of real
     # digits): Q_a before each GEMM; every weight moved and stayed finite; the master
     # weights of the two GEMM layers hfp8 does not exempt are float16 values; it
     # learned; it predicts the same after saving and reloading.
-    readme = facts["readme"]
-    check(readme["quantize_layers"] == 4, f"readme: {readme['quantize_layers']} QuantizeLayers")
-    check(readme["same_variables"], "readme: the quantized model has other variables")
-    check(readme["finite"], "readme: non-finite weights")
-    check(len(readme["changed"]) == 8 and all(readme["changed"].values()),
-          f"readme: weights changed {readme['changed']}")
-    check(readme["kernels_float16"] == [False, True, True, False],
-          f"readme: float16 kernels {readme['kernels_float16']}")
-    check(readme["accuracy"] > 0.8, f"readme: accuracy {readme['accuracy']}")
-    check(readme["reloaded_h5_equal"], "readme: the reloaded .h5 model predicts otherwise")
+    guide = facts["guide"]
+    check(guide["quantize_layers"] == 4, f"guide: {guide['quantize_layers']} QuantizeLayers")
+    check(guide["same_variables"], "guide: the quantized model has other variables")
+    check(guide["finite"], "guide: non-finite weights")
+    check(len(guide["changed"]) == 8 and all(guide["changed"].values()),
+          f"guide: weights changed {guide['changed']}")
+    check(guide["kernels_float16"] == [False, True, True, False],
+          f"guide: float16 kernels {guide['kernels_float16']}")
+    check(guide["accuracy"] > 0.8, f"guide: accuracy {guide['accuracy']}")
+    check(guide["reloaded_h5_equal"], "guide: the reloaded .h5 model predicts otherwise")
 
     # What the bridge does not support is named, with what to do instead.
     errors = facts["errors"]

@@ -108,14 +108,13 @@ def compare(name, make_layers, shape, policy):
     return results
 
 
-def readme():
-    """The README's tfmot example, as written; then what its training did."""
-    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = text[text.index("## tensorflow-model-optimization"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def guide_example():
+    """The tfmot guide's example (docs/tfmot.md), as written; then what its training did."""
+    page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "tfmot.md"
+    code = re.search(r"```python\n(.*?)```", page.read_text(), re.S).group(1)
     scope = {}
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        exec(compile(code, "README.md", "exec"), scope)
+        exec(compile(code, str(page), "exec"), scope)
     loss, accuracy = eval(printed.getvalue().strip().splitlines()[-1])
     # quantize_apply copies the weights in order (the names differ: the annotated model
     # names them after its QuantizeAnnotate wrappers).
@@ -171,6 +170,6 @@ if __name__ == "__main__":
                              tfhfp8.Policy("hfp8", rounding="nearest_even")),
              "conv_fp8": compare("conv", conv_layers, (9, 9, 2),
                                  tfhfp8.Policy("fp8", rounding="nearest_even")),
-             "readme": readme(),
+             "guide": guide_example(),
              "errors": errors()}
     json.dump(facts, sys.stdout)
