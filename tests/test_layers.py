@@ -524,6 +524,30 @@ def test_multi_head_attention_forward(policy_name, causal):
     assert np.max(np.abs(plain - y)) > 1e-3 * np.max(np.abs(plain))
 
 
+def test_multi_head_attention_combines_causal_and_explicit_masks():
+    """`_compute_attention` (Keras' override point) called with an explicit mask and
+    use_causal_mask=True applies both, through the emulated products: bit for bit
+    the result of the merged mask, and not that of the explicit mask alone."""
+    layer, query, value = make_mha(tfhfp8.Policy("hfp8", rounding="nearest_even"), 10, True)
+    rng = np.random.default_rng(11)
+    q, k, v = (rng.normal(size=(1, 5, 2, 4)).astype(np.float32) for _ in range(3))
+    explicit = np.ones((1, 5, 5), bool)
+    explicit[:, 3, 1] = False
+    merged = explicit & np.tril(np.ones((5, 5), bool))
+    out_both, scores_both = layer._compute_attention(q, k, v, attention_mask=explicit,
+                                                     use_causal_mask=True)
+    out_merged, _ = layer._compute_attention(q, k, v, attention_mask=merged)
+    out_explicit, _ = layer._compute_attention(q, k, v, attention_mask=explicit)
+    np.testing.assert_array_equal(out_both.numpy(), out_merged.numpy())
+    assert np.all(scores_both.numpy()[:, :, ~merged[0]] == 0)
+    assert np.max(np.abs(out_both.numpy() - out_explicit.numpy())) > 1e-2
+    # The emulation happens: the products of Keras' own layer differ.
+    twin = keras_mha_twin(layer, query, value)
+    plain, _ = twin._compute_attention(q, k, v, attention_mask=merged,
+                                       return_attention_scores=True)
+    assert np.max(np.abs(plain.numpy() - out_both.numpy())) > 1e-3
+
+
 def test_multi_head_attention_quantizes_attention_products():
     """The reference with FP32 operands of QK^T and attention.V does not match."""
     layer, query, value = make_mha(tfhfp8.Policy("hfp8", rounding="nearest_even"), 6, False)

@@ -75,14 +75,18 @@ class AttentionHooks:
 
     Keras' `call` hands the projected tensors to `_compute_attention`, the extension
     point its docstring offers subclasses under a private name; the einsum equations,
-    the scale, the masked softmax and the dropout it uses are private attributes, read
-    here by `attention_spec()`.
+    the scale, the masked softmax, the causal mask and the dropout it uses are private
+    attributes, read here by `attention_spec()`.
     """
 
     def _compute_attention(self, query, key, value, attention_mask=None, training=None,
                            return_attention_scores=False, use_causal_mask=False):
-        # Keras' `call` passes use_causal_mask only to its own implementation: for a
-        # subclass the causal mask is already folded into attention_mask.
+        # Keras' `call` folds the causal mask into attention_mask for a subclass, but a
+        # direct call (Keras >= 3.15 takes use_causal_mask) may give both: apply both.
+        if use_causal_mask:
+            causal = self._compute_causal_mask(query, value)
+            attention_mask = causal if attention_mask is None else keras.ops.logical_and(
+                keras.ops.cast(attention_mask, "bool"), causal)
         return self.compute_attention(query, key, value, attention_mask, training)
 
     def attention_spec(self):
