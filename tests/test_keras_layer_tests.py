@@ -16,7 +16,9 @@ collected here under `<policy>_<class>`.
   other case (shapes, dtypes, masks, mixed precision, configs, saving, training steps,
   LoRA, results compared between two calls of the same layer, Keras' errors) applies.
 
-Runtime: about N s on 2 cores (Intel Xeon, `-n 2`).
+Size: 1375 cases collected, 469 run (about half under each policy), 155 s of CPU time
+with `-n 2` on the 2-core Intel Xeon (6 min of wall time there while shared, at a load of
+10), oneDNN on or off alike; `-k "not hfp8_"` halves it.
 """
 
 import fnmatch
@@ -165,6 +167,8 @@ LOADED, MISSING = _collect()
 def test_the_copies_use_the_emulated_layers():
     """Every copy reaches Keras' layers through the substituted `layers` (a Keras test
     file that imported them otherwise would silently test Keras' own classes)."""
+    if not LOADED:
+        pytest.skip(f"Keras {keras.__version__} ships none of the test files")
     for module in LOADED:
         assert isinstance(module.layers, _Layers), module.__name__
         for keras_cls, cls in tfhfp8.layers.EMULATED.items():
@@ -176,4 +180,4 @@ if MISSING:
     @pytest.mark.parametrize("name", MISSING)
     def test_keras_ships_the_test_file(name):
         pytest.skip(f"Keras {keras.__version__} ships no keras/src/layers/"
-                    f"{name.replace('.', '/')}.py (Keras 3.9's wheel ships none)")
+                    f"{name.replace('.', '/')}.py")
