@@ -20,7 +20,7 @@ import keras
 import numpy as np
 
 from tfhfp8 import formats, registry
-from tfhfp8.ops.tf_backend import ROUNDINGS
+from tfhfp8.formats import ROUNDINGS
 
 OVERFLOWS = ("wrap", "saturate")
 
@@ -309,7 +309,7 @@ def _block_scaled_significand_bits(fmt):
     """The significant bits of a value of block-scaled `fmt` (element times block scale;
     a power-of-two scale adds none), or infinity when an FP32 scale can make it any
     float32 (per-tensor scaling, a tensor scale)."""
-    block_scaled = isinstance(fmt, formats.block_formats.BlockScaled)
+    block_scaled = isinstance(fmt, formats.BlockScaled)
     if not block_scaled or fmt.per_tensor or fmt.tensor_scale:
         return float("inf")
     scale_bits = 0 if fmt.power_of_two_scale else fmt.scale.mantissa_bits + 1

@@ -87,7 +87,7 @@ from tfhfp8 import _compat, formats, registry
 from tfhfp8.layers.emulation import _seed
 from tfhfp8.optimizers import WrappedOptimizer
 from tfhfp8.ops import tf_backend, tf_block
-from tfhfp8.ops.tf_backend import ROUNDINGS
+from tfhfp8.formats import ROUNDINGS
 from tfhfp8.quantization import quantize
 
 ALGORITHMS = ("ring", "tree", "direct")

@@ -28,7 +28,7 @@ import keras
 
 from tfhfp8 import _compat, accumulation as accumulation_lib, formats, registry
 from tfhfp8 import loss_scaling as loss_scaling_lib
-from tfhfp8.ops.tf_backend import ROUNDINGS
+from tfhfp8.formats import ROUNDINGS
 
 ROLES = ("weights", "activations", "errors", "weight_gradients", "master_weights",
          "optimizer_states")
