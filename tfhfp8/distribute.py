@@ -84,11 +84,12 @@ import numpy as np
 import tensorflow as tf
 
 from tfhfp8 import _compat, formats, registry
-from tfhfp8.layers.emulation import _seed
+from tfhfp8.formats import ROUNDINGS
 from tfhfp8.optimizers import WrappedOptimizer
 from tfhfp8.ops import tf_backend, tf_block
-from tfhfp8.formats import ROUNDINGS
 from tfhfp8.quantization import quantize
+from tfhfp8.replicas import gather_replicas
+from tfhfp8.rounding import stochastic_seed
 
 ALGORITHMS = ("ring", "tree", "direct")
 SCALINGS = (None, "absmax")
@@ -124,38 +125,6 @@ def _to_float32(y):
     rounded = quantize(y, _FLOAT32)  # overflow to inf, as a cast
     return tf.where(tf.math.is_finite(rounded), tf_block._float64_to_float32(rounded),
                     tf.cast(rounded, tf.float32))
-
-
-# -- gathering the replicas' values ------------------------------------------------------
-def _all_replicas_local(context):
-    """True when every replica of the strategy runs in this process."""
-    try:  # MirroredStrategy: every device; MultiWorkerMirroredStrategy: this worker's
-        devices = context.strategy.extended.worker_devices
-    except (AttributeError, NotImplementedError):  # other strategies: assume not
-        return False
-    return len(devices) == context.num_replicas_in_sync
-
-
-def gather_replicas(value):
-    """`value` of every replica, stacked along a new first axis in replica order.
-
-    Identical on every replica. With every replica on this machine, a `merge_call` on
-    the replicas' values (no collective op: the collective instance keys of
-    `tf.distribute` restart with every strategy in a process, see
-    `tfhfp8.loss_scaling`); across workers, `ReplicaContext.all_gather`. Outside a
-    strategy (or with one replica): `value[None]`.
-    """
-    value = tf.convert_to_tensor(value)
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return value[None]
-    if _all_replicas_local(context):
-        def merge(strategy, per_replica):
-            return tf.stack([tf.identity(v)
-                             for v in strategy.experimental_local_results(per_replica)])
-        return context.merge_call(merge, args=(value,))
-    gathered = context.all_gather(value[None], axis=0)
-    return tf.ensure_shape(gathered, [context.num_replicas_in_sync, *value.shape])
 
 
 # -- the arithmetic ----------------------------------------------------------------------
@@ -208,7 +177,7 @@ class GradientCommunication:
     def _round(self, x, step, *key):
         seed = None
         if self.rounding == "stochastic":
-            seed = _seed(tf.zeros([], tf.int64) if step is None else step, *key)
+            seed = stochastic_seed(tf.zeros([], tf.int64) if step is None else step, *key)
         return quantize(x, self.format, rounding=self.rounding, saturate=self.saturate,
                         seed=seed)
 

@@ -37,8 +37,8 @@ import keras
 import tensorflow as tf
 
 from tfhfp8 import policy as policy_lib
-from tfhfp8.layers.emulation import MasterWeightRounding, _seed
 from tfhfp8.quantization import quantize
+from tfhfp8.rounding import MasterWeightRounding, stochastic_seed
 
 _FORWARDED = ("weight_decay", "clipnorm", "global_clipnorm", "clipvalue", "use_ema",
               "loss_scale_factor", "gradient_accumulation_steps")
@@ -209,7 +209,7 @@ class LowPrecision(WrappedOptimizer):
         seed = None
         if rounding == "stochastic":  # the step (saved with the optimizer), role, index
             step = tf.cast(tf.convert_to_tensor(self.iterations), tf.int64)
-            seed = _seed(step, "tfhfp8.optimizers", role, index)
+            seed = stochastic_seed(step, "tfhfp8.optimizers", role, index)
         return quantize(value, self.policy.formats[role], rounding=rounding, saturate=True,
                         seed=seed)
 

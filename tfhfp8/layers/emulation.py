@@ -28,7 +28,6 @@ errors that underflowed to zero or saturated in `Q_e`.
 
 import dataclasses
 import functools
-import zlib
 
 import keras
 import numpy as np
@@ -40,28 +39,7 @@ from tfhfp8 import policy as policy_lib
 from tfhfp8.layers import gemm_axes
 from tfhfp8.ops import tf_block
 from tfhfp8.quantization import quantize, quantize_gradient
-
-
-class MasterWeightRounding(keras.constraints.Constraint):
-    """Rounds a variable to `fmt` after each optimizer step (then any user constraint).
-
-    `seed`: None, or a function returning the stochastic-rounding seed of this step.
-    """
-
-    def __init__(self, fmt, rounding, inner=None, seed=None):
-        self.fmt, self.rounding, self.inner, self.seed = fmt, rounding, inner, seed
-
-    def __call__(self, w):
-        if self.rounding == "kahan":
-            raise ValueError(
-                "master_weights rounding 'kahan' keeps a compensation buffer per weight, "
-                "which the optimizer holds: compile the model with "
-                "tfhfp8.optimizers.LowPrecision(optimizer, policy), whose policy names "
-                "master_weights")
-        if self.inner is not None:
-            w = self.inner(w)
-        seed = None if self.seed is None or self.rounding != "stochastic" else self.seed()
-        return quantize(w, self.fmt, rounding=self.rounding, saturate=True, seed=seed)
+from tfhfp8.rounding import MasterWeightRounding, stochastic_seed
 
 
 class _RoundingStep(tf.Module):
@@ -84,16 +62,6 @@ class _RoundingStep(tf.Module):
         """Counts one more use (a GEMM's forward pass) and returns the new count."""
         self.variable.assign_add(1)
         return tf.convert_to_tensor(self.variable.value)
-
-
-def _seed(step, *names):
-    """A stochastic-rounding seed: the step in the high 32 bits, a stable hash of
-    `names` (layer, GEMM, role, operand) in the low 32 bits."""
-    if step is None:
-        return None
-    key = zlib.crc32("/".join(str(name) for name in names).encode())
-    return tf.bitwise.bitwise_or(tf.bitwise.left_shift(step, tf.constant(32, tf.int64)),
-                                 tf.constant(key, tf.int64))
 
 
 class EmulatedLayer(_compat.AfterBuild):
@@ -183,7 +151,7 @@ class EmulatedLayer(_compat.AfterBuild):
     def _role_seed(self, step, role, *key):
         if step is None or self.policy.rounding[role] != "stochastic":
             return None
-        return _seed(step, self.name, role, *key)
+        return stochastic_seed(step, self.name, role, *key)
 
     def _rounding_step(self):
         """The next step of the counter (an int64 tensor) when this pass rounds
@@ -340,7 +308,7 @@ class EmulatedLayer(_compat.AfterBuild):
         from tfhfp8 import gemm  # noqa: PLC0415 (gemm imports the quantizers, as we do)
         accs = self.policy.accumulation
         if self._sums_stochastically():  # the layer's counter (see _rounding_step)
-            seed = _seed(step, self.name, "accumulation", name)
+            seed = stochastic_seed(step, self.name, "accumulation", name)
         else:
             seed = tf.zeros([], tf.int64)
         return accs, seed, gemm.Stats(getattr(self, "accumulation_state", {}).get(name))
@@ -438,8 +406,8 @@ class EmulatedLayer(_compat.AfterBuild):
         for variable in (v for v in self.weights if v.trainable):
             if not isinstance(variable.constraint, MasterWeightRounding):
                 seed = None if holder is None else functools.partial(
-                    lambda path: _seed(tf.convert_to_tensor(holder.variable.value),
-                                       self.name, "master_weights", path),
+                    lambda path: stochastic_seed(tf.convert_to_tensor(holder.variable.value),
+                                                 self.name, "master_weights", path),
                     variable.path.split("/")[-1])
                 variable.constraint = MasterWeightRounding(
                     fmt, self.policy.rounding["master_weights"], variable.constraint, seed)
