@@ -412,7 +412,7 @@ def _clone(model):
 
 
 def _compile(model, learning_rate, loss_scaling="none"):
-    model.compile(experiment._optimizer(learning_rate, loss_scaling),
+    model.compile(experiment.make_optimizer(learning_rate, loss_scaling),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
 
@@ -546,7 +546,7 @@ def finetune(model, dataset, policies="hfp8", *, epochs=1, learning_rate=None, b
         learning_rate = learning_rate or 1e-3
     if any(p.emulates for p in policies):
         check_convertible(base)
-    train_policies = [experiment._with_loss_scaling(p, loss_scaling) for p in policies]
+    train_policies = [experiment.with_loss_scaling(p, loss_scaling) for p in policies]
     for policy in train_policies:  # fails here, not after the FP32 fine-tuning
         quantize_model(base, policy)
     batchnorm = has_batchnorm(base)

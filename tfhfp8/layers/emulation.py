@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tfhfp8 import _compat
+from tfhfp8 import _compat, accumulation
 from tfhfp8 import policy as policy_lib
 from tfhfp8.layers import gemm_axes
 from tfhfp8.ops import tf_block
@@ -465,7 +465,7 @@ class EmulatedLayer(_compat.AfterBuild):
                     0, dtype=tf.int64, trainable=False,
                     name=f"{self.name}_{name}_{kind}_{key}",
                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-                    for kind in policy_lib.GEMM_KINDS
+                    for kind in accumulation.GEMM_KINDS
                     for key in ("swamped", "additions", "overflows")}
                 for name in self.GEMMS}
         if self.policy.errors is None or self.collect_stats:
