@@ -119,7 +119,7 @@ def with_loss_scaling(policy, loss_scaling):
 
 
 def make_optimizer(learning_rate, loss_scaling, policy=None):
-    """The Adam optimizer of the experiments: wrapped in `LowPrecision` when
+    """The Adam optimizer of the experiments: wrapped in `LowPrecisionOptimizer` when
     `policy` keeps optimizer states in low precision (or Kahan-sums its master
     weights), then in whole-model loss scaling for `loss_scaling` `"dynamic"` (Keras)
     or `"enhanced"` (`DynamicLossScaleOptimizer` with a floor of 2^8)."""
@@ -127,7 +127,7 @@ def make_optimizer(learning_rate, loss_scaling, policy=None):
     if policy is not None and (policy.optimizer_states is not None
                                or policy.rounding["master_weights"] == "kahan"):
         # The optimizer keeps its state (and then every weight) in the policy's formats.
-        optimizer = optimizers.LowPrecision(optimizer, policy)
+        optimizer = optimizers.LowPrecisionOptimizer(optimizer, policy)
     if loss_scaling == "dynamic":
         return keras.optimizers.LossScaleOptimizer(optimizer)
     if loss_scaling == "enhanced":

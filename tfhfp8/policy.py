@@ -12,7 +12,7 @@ adds them (`tfhfp8.Accumulator`; recipes below).
 A `Policy` names the formats of `Q_w` (weights), `Q_a` (activations), `Q_e` (errors)
 and `Q_g` (weight gradients), their roundings, and optionally the format the stored
 (master) weights are rounded to after every optimizer step and the format of the
-optimizer's state (`tfhfp8.optimizers.LowPrecision`).
+optimizer's state (`tfhfp8.optimizers.LowPrecisionOptimizer`).
 
 >>> import tfhfp8
 >>> policy = tfhfp8.Policy("hfp8")
@@ -35,11 +35,11 @@ from tfhfp8.policy_presets import PRESETS
 ROLES = ("weights", "activations", "errors", "weight_gradients", "master_weights",
          "optimizer_states")
 # The roles a layer rounds; the optimizer states are the optimizer's
-# (`tfhfp8.optimizers.LowPrecision`).
+# (`tfhfp8.optimizers.LowPrecisionOptimizer`).
 LAYER_ROLES = ROLES[:5]
 # Master weights may also use Kahan-compensated summation (Zamirai et al., "Revisiting
 # BFloat16 Training"): a compensation buffer per weight, which
-# `tfhfp8.optimizers.LowPrecision` keeps.
+# `tfhfp8.optimizers.LowPrecisionOptimizer` keeps.
 MASTER_ROUNDINGS = ROUNDINGS + ("kahan",)
 
 _PRESET = object()  # an argument left to the preset
@@ -82,13 +82,13 @@ class Policy(keras.DTypePolicy):
         this format after every optimizer step: `W <- Q_m(W + dW)`.
       optimizer_states: if set, every slot of the optimizer (momentum, Adam's moments,
         ...) is rounded to this format after every step, by
-        `tfhfp8.optimizers.LowPrecision(optimizer, policy)` (which also applies
+        `tfhfp8.optimizers.LowPrecisionOptimizer(optimizer, policy)` (which also applies
         `master_weights` to every trainable weight).
       rounding: one rounding for every role, or a dict role -> rounding (missing
         roles: `"nearest_even"`). Roundings: `"nearest_even"`, `"stochastic"`,
         `"toward_zero"`; `master_weights` may also be `"kahan"` (Kahan-compensated
         update with a buffer per weight, Zamirai et al.; needs
-        `tfhfp8.optimizers.LowPrecision`).
+        `tfhfp8.optimizers.LowPrecisionOptimizer`).
       saturate: clamp overflow to the format's max (True, the default for training)
         or follow the format's own overflow semantics.
       exempt_first_last: `quantize_model` keeps the first and last GEMM layers of a

@@ -50,7 +50,7 @@ class MasterWeightRounding(keras.constraints.Constraint):
             raise ValueError(
                 "master_weights rounding 'kahan' keeps a compensation buffer per weight, "
                 "which the optimizer holds: compile the model with "
-                "tfhfp8.optimizers.LowPrecision(optimizer, policy), whose policy names "
+                "tfhfp8.optimizers.LowPrecisionOptimizer(optimizer, policy), whose policy names "
                 "master_weights")
         if self.inner is not None:
             w = self.inner(w)
