@@ -201,6 +201,21 @@ def gradients_may_be_recorded():
     return record.could_possibly_record()
 
 
+# -- optimizers that wrap another -------------------------------------------------------
+def own_optimizer_variables(optimizer):
+    """The variables `optimizer` created itself (`add_variable`), without those of an
+    optimizer it wraps: Keras keeps them in `Optimizer._variables`, and its public
+    `variables` of a wrapper would list only these."""
+    return list(optimizer._variables)
+
+
+def set_untracked(obj, name, value):
+    """Sets `obj.name = value` out of Keras' attribute tracking (a Keras layer or
+    optimizer lists every variable held in a tracked attribute, so variables it already
+    tracks would be listed twice). Keras has no public way to opt an attribute out."""
+    object.__setattr__(obj, name, value)
+
+
 # -- keras.optimizers.LossScaleOptimizer -------------------------------------------------
 class LossScaleHooks:
     """Mixin for a `keras.optimizers.LossScaleOptimizer` subclass: calls

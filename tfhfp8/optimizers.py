@@ -38,6 +38,7 @@ import warnings
 import keras
 import tensorflow as tf
 
+from tfhfp8 import _compat
 from tfhfp8 import policy as policy_lib
 from tfhfp8.quantization import quantize
 from tfhfp8.rounding import MasterWeightRounding, stochastic_seed
@@ -67,6 +68,11 @@ class WrappedOptimizer(keras.optimizers.Optimizer):
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
+
+    @property
+    def variables(self):
+        """This optimizer's own variables, then the wrapped optimizer's."""
+        return _compat.own_optimizer_variables(self) + self.inner_optimizer.variables
 
 
 class LowPrecisionOptimizer(WrappedOptimizer):
@@ -121,10 +127,6 @@ class LowPrecisionOptimizer(WrappedOptimizer):
         self.policy = policy
 
 
-    @property
-    def variables(self):
-        return self._variables + self.inner_optimizer.variables
-
     # -- state ----------------------------------------------------------------------
     def build(self, var_list):
         """Builds the wrapped optimizer, then one compensation buffer per weight when the
@@ -136,9 +138,9 @@ class LowPrecisionOptimizer(WrappedOptimizer):
                                   for v in var_list)
         # Already tracked in self._variables (saved, checkpointed); kept out of Keras'
         # attribute tracking, which would list them a second time.
-        object.__setattr__(self, "_compensations", compensations)
-        object.__setattr__(self, "_weights", tuple(var_list))
-        object.__setattr__(self, "_indices", {id(v): i for i, v in enumerate(var_list)})
+        _compat.set_untracked(self, "_compensations", compensations)
+        _compat.set_untracked(self, "_weights", tuple(var_list))
+        _compat.set_untracked(self, "_indices", {id(v): i for i, v in enumerate(var_list)})
         super().build(var_list)
 
     @property
