@@ -154,6 +154,23 @@ def record_forward_gradient(op_type, outputs, inputs, backward_function):
                                              None)
 
 
+# -- keras_hub.layers.TransformerEncoder ------------------------------------------------
+def transformer_encoder_parts(block):
+    """The sublayers of a KerasHub `TransformerEncoder` `block`: `attention` (a
+    `keras.layers.MultiHeadAttention`), `attention_norm`, `intermediate`, `output` (the
+    feed-forward Dense layers) and `output_norm`.
+
+    KerasHub exposes them under no public name (only as `_self_attention_layer`,
+    `_self_attention_layer_norm`, `_feedforward_intermediate_dense`,
+    `_feedforward_output_dense`, `_feedforward_layer_norm`).
+    """
+    return {"attention": block._self_attention_layer,
+            "attention_norm": block._self_attention_layer_norm,
+            "intermediate": block._feedforward_intermediate_dense,
+            "output": block._feedforward_output_dense,
+            "output_norm": block._feedforward_layer_norm}
+
+
 # -- the graph of a Functional model -----------------------------------------------------
 def functional_graph(model):
     """The Functional graph `model` runs, or None (subclassed, or an unbuilt Sequential).
