@@ -35,6 +35,7 @@ from tfhfp8 import _compat
 from tfhfp8.all_reduce import (ALGORITHMS, PRESETS, REGISTRY, SCALINGS,  # noqa: F401
                                GradientCommunication, get, names, serialize)
 from tfhfp8.optimizers import WrappedOptimizer
+from tfhfp8.replicas import gather_replicas  # noqa: F401 (its former home)
 
 
 # -- Keras integration -------------------------------------------------------------------
