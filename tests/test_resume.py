@@ -118,7 +118,7 @@ def test_stochastic_seeds_differ_between_steps_and_layers(layer):
 # -- tf.train.Checkpoint and BackupAndRestore -------------------------------------------
 # The hfp8 recipe with every piece of stochastic-rounding state at work: the layers'
 # counters (stochastic errors and master weights), the per-layer adaptive loss scales and
-# LowPrecision's stochastic optimizer-state rounding (seeded by the optimizer's steps).
+# LowPrecisionOptimizer's stochastic optimizer-state rounding (seeded by the optimizer's steps).
 _RECIPE = tfhfp8.Policy("hfp8", loss_scaling="adaptive", rounding={
     "errors": "stochastic", "master_weights": "stochastic"})
 _STATES = tfhfp8.Policy(optimizer_states="float16", rounding={"optimizer_states": "stochastic"})
@@ -133,7 +133,7 @@ def _recipe_model(seed):
         keras.layers.Dense(16, activation="relu", name="first"),
         keras.layers.Dense(16, activation="relu", name="hidden"),
         keras.layers.Dense(10, name="last")]), _RECIPE)
-    model.compile(tfhfp8.optimizers.LowPrecision(keras.optimizers.SGD(0.1, momentum=0.9),
+    model.compile(tfhfp8.optimizers.LowPrecisionOptimizer(keras.optimizers.SGD(0.1, momentum=0.9),
                                                  _STATES),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.optimizer.build(model.trainable_variables)

@@ -11,8 +11,7 @@ from tfhfp8.calibration import evaluate_ptq, fold_batchnorm, ptq, recalibrate_ba
 from tfhfp8.conversion import quantize_model, summary
 from tfhfp8.accumulation import Accumulator
 from tfhfp8.fine_tuning import finetune
-from tfhfp8.block_formats import BlockScaled
-from tfhfp8.formats import DynamicFixedPoint, FloatFormat
+from tfhfp8.formats import BlockScaled, DynamicFixedPoint, FloatFormat
 from tfhfp8.gemm import matmul
 from tfhfp8.policy import Policy, global_policy, set_global_policy
 from tfhfp8.quantization import quantize, quantize_gradient

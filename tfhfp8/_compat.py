@@ -158,6 +158,23 @@ def record_forward_gradient(op_type, outputs, inputs, backward_function):
                                              None)
 
 
+# -- keras_hub.layers.TransformerEncoder ------------------------------------------------
+def transformer_encoder_parts(block):
+    """The sublayers of a KerasHub `TransformerEncoder` `block`: `attention` (a
+    `keras.layers.MultiHeadAttention`), `attention_norm`, `intermediate`, `output` (the
+    feed-forward Dense layers) and `output_norm`.
+
+    KerasHub exposes them under no public name (only as `_self_attention_layer`,
+    `_self_attention_layer_norm`, `_feedforward_intermediate_dense`,
+    `_feedforward_output_dense`, `_feedforward_layer_norm`).
+    """
+    return {"attention": block._self_attention_layer,
+            "attention_norm": block._self_attention_layer_norm,
+            "intermediate": block._feedforward_intermediate_dense,
+            "output": block._feedforward_output_dense,
+            "output_norm": block._feedforward_layer_norm}
+
+
 # -- the graph of a Functional model -----------------------------------------------------
 def functional_graph(model):
     """The Functional graph `model` runs, or None (subclassed, or an unbuilt Sequential).
@@ -203,6 +220,21 @@ def gradients_may_be_recorded():
     from tensorflow.python.eager import record
 
     return record.could_possibly_record()
+
+
+# -- optimizers that wrap another -------------------------------------------------------
+def own_optimizer_variables(optimizer):
+    """The variables `optimizer` created itself (`add_variable`), without those of an
+    optimizer it wraps: Keras keeps them in `Optimizer._variables`, and its public
+    `variables` of a wrapper would list only these."""
+    return list(optimizer._variables)
+
+
+def set_untracked(obj, name, value):
+    """Sets `obj.name = value` out of Keras' attribute tracking (a Keras layer or
+    optimizer lists every variable held in a tracked attribute, so variables it already
+    tracks would be listed twice). Keras has no public way to opt an attribute out."""
+    object.__setattr__(obj, name, value)
 
 
 # -- keras.optimizers.LossScaleOptimizer -------------------------------------------------

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 
 from tfhfp8 import formats, registry
-from tfhfp8.ops.tf_backend import ROUNDINGS
+from tfhfp8.formats import ROUNDINGS
 
 OVERFLOWS = ("wrap", "saturate")
 
@@ -309,8 +309,66 @@ def _block_scaled_significand_bits(fmt):
     """The significant bits of a value of block-scaled `fmt` (element times block scale;
     a power-of-two scale adds none), or infinity when an FP32 scale can make it any
     float32 (per-tensor scaling, a tensor scale)."""
-    block_scaled = isinstance(fmt, formats.block_formats.BlockScaled)
+    block_scaled = isinstance(fmt, formats.BlockScaled)
     if not block_scaled or fmt.per_tensor or fmt.tensor_scale:
         return float("inf")
     scale_bits = 0 if fmt.power_of_two_scale else fmt.scale.mantissa_bits + 1
     return fmt.element.mantissa_bits + 1 + scale_bits
+
+
+# The three GEMMs of a layer (the forward product and the two gradient products).
+GEMM_KINDS = ("forward", "input_gradient", "weight_gradient")
+# The roles of the two operands of each GEMM kind.
+OPERANDS = {"forward": ("activations", "weights"),
+            "input_gradient": ("errors", "weights"),
+            "weight_gradient": ("activations", "errors")}
+
+
+def per_gemm(accumulation, role_formats):
+    """`{kind: Accumulator}` for the three GEMM kinds, from None (FP32 sums), one
+    accumulator (or name) for all, or a dict kind -> accumulator (missing kinds: FP32).
+
+    Each emulated accumulator is checked against the formats of its GEMM's operands
+    (`role_formats`: role -> format or None, as `Policy.formats`).
+
+    Raises:
+      ValueError, TypeError: naming the GEMM kind (and the operand's role).
+    """
+    if accumulation is None:
+        accumulation = {}
+    if isinstance(accumulation, dict):
+        unknown = set(accumulation) - set(GEMM_KINDS)
+        if unknown:
+            raise ValueError(f"accumulation: unknown GEMM kinds {sorted(unknown)}; the "
+                             f"kinds are {GEMM_KINDS}")
+        given = accumulation
+    else:
+        given = {kind: accumulation for kind in GEMM_KINDS}
+    result = {}
+    for kind in GEMM_KINDS:
+        try:
+            acc = get(given.get(kind))
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"accumulation[{kind!r}]: {error}") from None
+        for role in OPERANDS[kind] if acc.emulates else ():
+            fmt = role_formats[role]
+            try:
+                if acc.kind == "float":
+                    check_operand(role, fmt)
+                elif not (isinstance(fmt, formats.DynamicFixedPoint) and fmt.axis is None
+                          and fmt.block_size is None):
+                    raise ValueError(f"{role}: the 'int32' accumulator needs per-tensor "
+                                     f"DynamicFixedPoint operands, got {fmt!r}")
+            except ValueError as error:
+                raise ValueError(f"accumulation[{kind!r}] = {acc}: {error}") from None
+        result[kind] = acc
+    return result
+
+
+def serialize_per_gemm(accumulation):
+    """What `per_gemm` takes back: one accumulator's name or config when all three
+    kinds share it, else a dict kind -> name or config."""
+    values = list(accumulation.values())
+    if all(acc == values[0] for acc in values):
+        return serialize(values[0])
+    return {kind: serialize(acc) for kind, acc in accumulation.items()}

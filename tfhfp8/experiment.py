@@ -5,6 +5,7 @@
 ...     "small_cnn", "digits", ["float32", "hfp8"], epochs=1, output_dir="out")
 """
 
+import contextlib
 import json
 import math
 import numbers
@@ -15,7 +16,7 @@ import time
 import keras
 import numpy as np
 
-from tfhfp8 import datasets, models, optimizers
+from tfhfp8 import datasets, distribute, models, optimizers
 from tfhfp8 import loss_scaling as loss_scaling_lib
 from tfhfp8 import policy as policy_lib
 from tfhfp8.conversion import quantize_model
@@ -103,13 +104,13 @@ def compile_args(optimizer, gradient_communication=None):
     """The optimizer, wrapped to communicate gradients in `gradient_communication`."""
     if gradient_communication is None:
         return optimizer
-    from tfhfp8 import distribute
-
     return distribute.GradientCommunicationOptimizer(optimizer, gradient_communication)
 
 
-def _with_loss_scaling(policy, loss_scaling):
-    """The policy with per-layer loss scaling, if asked and it quantizes errors."""
+def with_loss_scaling(policy, loss_scaling):
+    """`policy` with the per-layer loss scaling `loss_scaling` (a name of
+    `tfhfp8.loss_scaling.names()`) if it quantizes errors; else `policy` itself (also
+    for the whole-model scalings `"none"`, `"dynamic"`, `"enhanced"`)."""
     if loss_scaling not in loss_scaling_lib.names() or policy.errors is None:
         return policy
     config = policy.get_config()
@@ -117,12 +118,16 @@ def _with_loss_scaling(policy, loss_scaling):
     return policy_lib.Policy.from_config(config)
 
 
-def _optimizer(learning_rate, loss_scaling, policy=None):
+def make_optimizer(learning_rate, loss_scaling, policy=None):
+    """The Adam optimizer of the experiments: wrapped in `LowPrecisionOptimizer` when
+    `policy` keeps optimizer states in low precision (or Kahan-sums its master
+    weights), then in whole-model loss scaling for `loss_scaling` `"dynamic"` (Keras)
+    or `"enhanced"` (`DynamicLossScaleOptimizer` with a floor of 2^8)."""
     optimizer = keras.optimizers.Adam(learning_rate)
     if policy is not None and (policy.optimizer_states is not None
                                or policy.rounding["master_weights"] == "kahan"):
         # The optimizer keeps its state (and then every weight) in the policy's formats.
-        optimizer = optimizers.LowPrecision(optimizer, policy)
+        optimizer = optimizers.LowPrecisionOptimizer(optimizer, policy)
     if loss_scaling == "dynamic":
         return keras.optimizers.LossScaleOptimizer(optimizer)
     if loss_scaling == "enhanced":
@@ -130,10 +135,61 @@ def _optimizer(learning_rate, loss_scaling, policy=None):
     return optimizer
 
 
-def _no_scope():
-    import contextlib
+def _check_arguments(loss_scaling, epochs, batch_size, limit, test_limit, seed,
+                     learning_rate, replicas, learning_rate_schedule):
+    if loss_scaling not in LOSS_SCALINGS:
+        raise ValueError(f"loss_scaling must be one of {LOSS_SCALINGS}, got {loss_scaling!r}")
+    _check_positive_int("epochs", epochs)
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("limit", limit, none=True)
+    _check_positive_int("test_limit", test_limit, none=True)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if (isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real)
+            or not 0 < learning_rate < math.inf):
+        raise ValueError(f"learning_rate must be a positive finite number, got "
+                         f"{learning_rate!r}")
+    _check_positive_int("replicas", replicas)
+    if learning_rate_schedule not in LEARNING_RATE_SCHEDULES:
+        raise ValueError(f"learning_rate_schedule must be one of {LEARNING_RATE_SCHEDULES}, "
+                         f"got {learning_rate_schedule!r}")
 
-    return contextlib.nullcontext()
+
+def _policies(model, dataset, policies):
+    """The policies as Policy objects, after checking the model and data-set names."""
+    if isinstance(policies, (str, policy_lib.Policy)):
+        policies = [policies]
+    policies = [policy_lib.get(p) for p in policies]
+    if not policies:
+        raise ValueError("policies is empty: name at least one policy")
+    if isinstance(model, str) and model not in models.names():
+        raise ValueError(f"model must be one of {', '.join(models.names())}; got {model!r}")
+    if isinstance(dataset, str) and dataset not in datasets.names():
+        raise ValueError(f"dataset must be one of {', '.join(datasets.names())}; got "
+                         f"{dataset!r}")
+    return policies
+
+
+def _train_one(base, policy, data, rate, config, gradient_communication, strategy, verbose):
+    """Trains a copy of `base` under `policy`; its entry of the results."""
+    (x_train, y_train), (x_test, y_test) = data
+    loss_scaling, seed = config["loss_scaling"], config["seed"]
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        emulated = quantize_model(base, with_loss_scaling(policy, loss_scaling))
+        emulated.compile(compile_args(make_optimizer(rate, loss_scaling, policy),
+                                      gradient_communication),
+                         "sparse_categorical_crossentropy", metrics=["accuracy"])
+    keras.utils.set_random_seed(seed)
+    start = time.perf_counter()
+    history = emulated.fit(x_train, y_train, epochs=config["epochs"],
+                           batch_size=config["batch_size"],
+                           validation_data=(x_test, y_test), verbose=verbose)
+    seconds = time.perf_counter() - start
+    test_loss, test_accuracy = emulated.evaluate(x_test, y_test, batch_size=512, verbose=0)
+    return dict(
+        test_accuracy=float(test_accuracy), test_loss=float(test_loss),
+        seconds=float(seconds),
+        history={k: [float(v) for v in values] for k, values in history.history.items()})
 
 
 def train_policies(model, dataset, policies, epochs=1, batch_size=128, loss_scaling="adaptive",
@@ -167,37 +223,12 @@ def train_policies(model, dataset, policies, epochs=1, batch_size=128, loss_scal
       `{"config": {...}, "policies": {name: {"test_accuracy", "test_loss", "seconds",
       "history": {"loss", "accuracy", "val_loss", "val_accuracy"}}}}`.
     """
-    if loss_scaling not in LOSS_SCALINGS:
-        raise ValueError(f"loss_scaling must be one of {LOSS_SCALINGS}, got {loss_scaling!r}")
-    _check_positive_int("epochs", epochs)
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("limit", limit, none=True)
-    _check_positive_int("test_limit", test_limit, none=True)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
-    if (isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real)
-            or not 0 < learning_rate < math.inf):
-        raise ValueError(f"learning_rate must be a positive finite number, got "
-                         f"{learning_rate!r}")
-    _check_positive_int("replicas", replicas)
-    if learning_rate_schedule not in LEARNING_RATE_SCHEDULES:
-        raise ValueError(f"learning_rate_schedule must be one of {LEARNING_RATE_SCHEDULES}, "
-                         f"got {learning_rate_schedule!r}")
+    _check_arguments(loss_scaling, epochs, batch_size, limit, test_limit, seed,
+                     learning_rate, replicas, learning_rate_schedule)
     if gradient_communication is not None:
-        from tfhfp8 import distribute
-
         gradient_communication = distribute.get(gradient_communication)
     strategy = strategy_for(replicas)
-    if isinstance(policies, (str, policy_lib.Policy)):
-        policies = [policies]
-    policies = [policy_lib.get(p) for p in policies]
-    if not policies:
-        raise ValueError("policies is empty: name at least one policy")
-    if isinstance(model, str) and model not in models.names():
-        raise ValueError(f"model must be one of {', '.join(models.names())}; got {model!r}")
-    if isinstance(dataset, str) and dataset not in datasets.names():
-        raise ValueError(f"dataset must be one of {', '.join(datasets.names())}; got "
-                         f"{dataset!r}")
+    policies = _policies(model, dataset, policies)
     if output_dir:  # before the training, whose results would be lost
         check_writable_dir(output_dir, "output_dir")
     (x_train, y_train), (x_test, y_test), model_kwargs = load_data(
@@ -215,28 +246,14 @@ def train_policies(model, dataset, policies, epochs=1, batch_size=128, loss_scal
         rate = keras.optimizers.schedules.CosineDecay(
             learning_rate, epochs * math.ceil(len(x_train) / batch_size))
     if gradient_communication is not None:
-        from tfhfp8 import distribute
-
         config["gradient_communication"] = distribute.serialize(gradient_communication)
     results = {"config": config, "policies": {}}
     for policy in policies:
         if verbose:
             print(f"\n== {policy.name}: {model} on {dataset}, {epochs} epoch(s)", flush=True)
-        with strategy.scope() if strategy is not None else _no_scope():
-            emulated = quantize_model(base, _with_loss_scaling(policy, loss_scaling))
-            emulated.compile(compile_args(_optimizer(rate, loss_scaling, policy),
-                                          gradient_communication),
-                             "sparse_categorical_crossentropy", metrics=["accuracy"])
-        keras.utils.set_random_seed(seed)
-        start = time.perf_counter()
-        history = emulated.fit(x_train, y_train, epochs=epochs, batch_size=batch_size,
-                               validation_data=(x_test, y_test), verbose=verbose)
-        seconds = time.perf_counter() - start
-        test_loss, test_accuracy = emulated.evaluate(x_test, y_test, batch_size=512, verbose=0)
-        results["policies"][policy.name] = dict(
-            test_accuracy=float(test_accuracy), test_loss=float(test_loss),
-            seconds=float(seconds),
-            history={k: [float(v) for v in values] for k, values in history.history.items()})
+        results["policies"][policy.name] = _train_one(
+            base, policy, ((x_train, y_train), (x_test, y_test)), rate, config,
+            gradient_communication, strategy, verbose)
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "results.json"), "w") as file:

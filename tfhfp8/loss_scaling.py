@@ -18,28 +18,7 @@ import numbers
 import keras
 import tensorflow as tf
 
-from tfhfp8 import _compat, formats, registry
-
-
-def _replica_reduce(value, reduce):
-    """`reduce` (tf.reduce_min/max) of the scalar `value` over the replicas.
-
-    On one machine, computed in a `merge_call` from the replicas' values, with no
-    collective op: the collective instance keys of `tf.distribute` restart with every
-    strategy while TF's collective executor keeps what each key was first used for, so
-    an `all_gather` under a second strategy in the same process collided with the first
-    strategy's gradient all-reduce ("Collective ops is aborted ... expected type 0 and
-    data_type 1 but got type 2 and data_type 3"). A merge call has no key: the same
-    answer whatever ran before. Across workers (`MultiWorkerMirroredStrategy`, one
-    strategy per process) a merge call sees only this worker's replicas: there the
-    values come from `ReplicaContext.all_gather` (`tfhfp8.distribute.gather_replicas`).
-    """
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return value
-    from tfhfp8.distribute import gather_replicas  # (distribute imports the layers)
-
-    return reduce(gather_replicas(value), axis=0)
+from tfhfp8 import _compat, formats, registry, replicas
 
 
 def _floor_pow2(x):
@@ -89,8 +68,8 @@ class LossScaling:
         context = tf.distribute.get_replica_context()
         if context is not None and context.num_replicas_in_sync > 1:
             # Replicas agree on the smallest scale; collectives cannot sit in a cond.
-            computed = _replica_reduce(self.compute(dy, weights, fmt, state, fan_in),
-                                       tf.reduce_min)
+            computed = replicas.reduce_over_replicas(
+                self.compute(dy, weights, fmt, state, fan_in), tf.reduce_min)
             scale = tf.where(refresh, computed, state["scale"])
         else:
             scale = tf.cond(refresh, lambda: self.compute(dy, weights, fmt, state, fan_in),
@@ -200,7 +179,7 @@ class AbsMax(LossScaling):
         return state
 
     def compute(self, dy, weights, fmt, state, fan_in):
-        amax = _replica_reduce(tf.reduce_max(tf.abs(dy)), tf.reduce_max)
+        amax = replicas.reduce_over_replicas(tf.reduce_max(tf.abs(dy)), tf.reduce_max)
         if self.history:
             history = state["amax"]
             past = tf.reduce_max(history)

@@ -1,7 +1,7 @@
 """The weight-update side of low-precision training: optimizer state and master weights.
 
-`LowPrecision(optimizer, policy)` wraps any Keras 3 optimizer. After every step of the
-wrapped optimizer (computed in FP32):
+`LowPrecisionOptimizer(optimizer, policy)` wraps any Keras 3 optimizer. After every step
+of the wrapped optimizer (computed in FP32):
 
 - every slot of the optimizer (SGD's momentum, Adam's and AdamW's first and second
   moments, any variable the optimizer creates besides its step counter and learning
@@ -23,22 +23,25 @@ which is saved with the optimizer, so a resumed run rounds as the uninterrupted 
 >>> import keras, tfhfp8
 >>> policy = tfhfp8.Policy(master_weights="bfloat16", optimizer_states="bfloat16",
 ...                        rounding={"master_weights": "kahan"})
->>> optimizer = tfhfp8.optimizers.LowPrecision(
+>>> optimizer = tfhfp8.optimizers.LowPrecisionOptimizer(
 ...     keras.optimizers.SGD(0.1, momentum=0.9), policy)
 
 To combine it with dynamic loss scaling, wrap it in the loss-scale optimizer
-(`keras.optimizers.LossScaleOptimizer(LowPrecision(...))`), which skips the whole
-low-precision step on inf/NaN.
+(`keras.optimizers.LossScaleOptimizer(LowPrecisionOptimizer(...))`), which skips the
+whole low-precision step on inf/NaN. (`LowPrecision` is this optimizer's former name,
+deprecated; saved files that use it load.)
 """
 
 import contextlib
+import warnings
 
 import keras
 import tensorflow as tf
 
+from tfhfp8 import _compat
 from tfhfp8 import policy as policy_lib
-from tfhfp8.layers.emulation import MasterWeightRounding, _seed
 from tfhfp8.quantization import quantize
+from tfhfp8.rounding import MasterWeightRounding, stochastic_seed
 
 _FORWARDED = ("weight_decay", "clipnorm", "global_clipnorm", "clipvalue", "use_ema",
               "loss_scale_factor", "gradient_accumulation_steps")
@@ -66,9 +69,13 @@ class WrappedOptimizer(keras.optimizers.Optimizer):
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
 
+    @property
+    def variables(self):
+        """This optimizer's own variables, then the wrapped optimizer's."""
+        return _compat.own_optimizer_variables(self) + self.inner_optimizer.variables
 
-@keras.saving.register_keras_serializable(package="tfhfp8")
-class LowPrecision(WrappedOptimizer):
+
+class LowPrecisionOptimizer(WrappedOptimizer):
     """Keeps `optimizer`'s state and the weights it updates in the formats of `policy`.
 
     Args:
@@ -93,35 +100,32 @@ class LowPrecision(WrappedOptimizer):
             raise ValueError(
                 "optimizer must not be a LossScaleOptimizer: wrap the low-precision "
                 "optimizer in it instead, keras.optimizers.LossScaleOptimizer("
-                "tfhfp8.optimizers.LowPrecision(optimizer, policy)), so that a step "
-                "skipped on inf/NaN skips the rounding too")
-        if isinstance(optimizer, LowPrecision):
-            raise ValueError("optimizer is already a LowPrecision optimizer")
+                "tfhfp8.optimizers.LowPrecisionOptimizer(optimizer, policy)), so that a "
+                "step skipped on inf/NaN skips the rounding too")
+        if isinstance(optimizer, LowPrecisionOptimizer):
+            raise ValueError("optimizer is already a LowPrecisionOptimizer")
         for key in _FORWARDED:  # Keras passes its defaults back when deserializing
             value = kwargs.pop(key, None)
             if value not in (None, False):
-                raise ValueError(f"LowPrecision does not take {key}={value!r}: set it on "
-                                 "the wrapped optimizer")
+                raise ValueError(f"LowPrecisionOptimizer does not take {key}={value!r}: "
+                                 "set it on the wrapped optimizer")
         kwargs.pop("learning_rate", None)
         for key in ("ema_momentum", "ema_overwrite_frequency"):
             kwargs.pop(key, None)
         if kwargs:
-            raise ValueError(f"LowPrecision got unexpected arguments {sorted(kwargs)}")
+            raise ValueError(f"LowPrecisionOptimizer got unexpected arguments "
+                             f"{sorted(kwargs)}")
         policy = policy_lib.get(policy) if policy is not None else None
         if policy is None or (policy.optimizer_states is None
                               and policy.master_weights is None):
             raise ValueError(
                 "policy must name optimizer_states or master_weights (or both), e.g. "
                 "tfhfp8.Policy(optimizer_states='float16', master_weights='float16'); "
-                f"got {policy!r}, with which LowPrecision would change nothing")
+                f"got {policy!r}, with which LowPrecisionOptimizer would change nothing")
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = optimizer
         self.policy = policy
 
-
-    @property
-    def variables(self):
-        return self._variables + self.inner_optimizer.variables
 
     # -- state ----------------------------------------------------------------------
     def build(self, var_list):
@@ -134,9 +138,9 @@ class LowPrecision(WrappedOptimizer):
                                   for v in var_list)
         # Already tracked in self._variables (saved, checkpointed); kept out of Keras'
         # attribute tracking, which would list them a second time.
-        object.__setattr__(self, "_compensations", compensations)
-        object.__setattr__(self, "_weights", tuple(var_list))
-        object.__setattr__(self, "_indices", {id(v): i for i, v in enumerate(var_list)})
+        _compat.set_untracked(self, "_compensations", compensations)
+        _compat.set_untracked(self, "_weights", tuple(var_list))
+        _compat.set_untracked(self, "_indices", {id(v): i for i, v in enumerate(var_list)})
         super().build(var_list)
 
     @property
@@ -209,7 +213,7 @@ class LowPrecision(WrappedOptimizer):
         seed = None
         if rounding == "stochastic":  # the step (saved with the optimizer), role, index
             step = tf.cast(tf.convert_to_tensor(self.iterations), tf.int64)
-            seed = _seed(step, "tfhfp8.optimizers", role, index)
+            seed = stochastic_seed(step, "tfhfp8.optimizers", role, index)
         return quantize(value, self.policy.formats[role], rounding=rounding, saturate=True,
                         seed=seed)
 
@@ -243,6 +247,22 @@ class LowPrecision(WrappedOptimizer):
         optimizer = keras.saving.deserialize_keras_object(
             config.pop("optimizer"), custom_objects=custom_objects)
         return cls(optimizer, policy_lib.get(config.pop("policy")), **config)
+
+
+# Saved files name the class "tfhfp8>LowPrecision" (its name until the rename): both
+# names load it; the last registration is the one written.
+keras.saving.register_keras_serializable("tfhfp8", "LowPrecision")(LowPrecisionOptimizer)
+keras.saving.register_keras_serializable("tfhfp8")(LowPrecisionOptimizer)
+
+
+def __getattr__(name):
+    """`LowPrecision`: the former name of `LowPrecisionOptimizer`, deprecated."""
+    if name == "LowPrecision":
+        warnings.warn("tfhfp8.optimizers.LowPrecision is deprecated: use "
+                      "tfhfp8.optimizers.LowPrecisionOptimizer", DeprecationWarning,
+                      stacklevel=2)
+        return LowPrecisionOptimizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _value(variable):

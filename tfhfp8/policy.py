@@ -12,7 +12,7 @@ adds them (`tfhfp8.Accumulator`; recipes below).
 A `Policy` names the formats of `Q_w` (weights), `Q_a` (activations), `Q_e` (errors)
 and `Q_g` (weight gradients), their roundings, and optionally the format the stored
 (master) weights are rounded to after every optimizer step and the format of the
-optimizer's state (`tfhfp8.optimizers.LowPrecision`).
+optimizer's state (`tfhfp8.optimizers.LowPrecisionOptimizer`).
 
 >>> import tfhfp8
 >>> policy = tfhfp8.Policy("hfp8")
@@ -28,105 +28,26 @@ import keras
 
 from tfhfp8 import _compat, accumulation as accumulation_lib, formats, registry
 from tfhfp8 import loss_scaling as loss_scaling_lib
-from tfhfp8.ops.tf_backend import ROUNDINGS
+from tfhfp8.accumulation import GEMM_KINDS  # noqa: F401 (a name of this module before)
+from tfhfp8.formats import ROUNDINGS
+from tfhfp8.policy_presets import PRESETS
 
 ROLES = ("weights", "activations", "errors", "weight_gradients", "master_weights",
          "optimizer_states")
 # The roles a layer rounds; the optimizer states are the optimizer's
-# (`tfhfp8.optimizers.LowPrecision`).
+# (`tfhfp8.optimizers.LowPrecisionOptimizer`).
 LAYER_ROLES = ROLES[:5]
 # Master weights may also use Kahan-compensated summation (Zamirai et al., "Revisiting
 # BFloat16 Training"): a compensation buffer per weight, which
-# `tfhfp8.optimizers.LowPrecision` keeps.
+# `tfhfp8.optimizers.LowPrecisionOptimizer` keeps.
 MASTER_ROUNDINGS = ROUNDINGS + ("kahan",)
-
-_PRESETS = {
-    # No emulation.
-    "float32": dict(),
-    # Kalamkar et al. 2019 ("A Study of BFLOAT16 for Deep Learning Training"): the GEMM
-    # inputs (weights, activations, errors) in BF16 with round-to-nearest-even; FP32
-    # accumulation, weight gradients (a GEMM output), master weights and optimizer state;
-    # no layer exempted; no loss scaling (BF16 has FP32's range).
-    "bfloat16": dict(weights="bfloat16", activations="bfloat16", errors="bfloat16"),
-    # Mellempudi et al. 2019 ("Mixed Precision Training With 8-bit Floating Point"), on
-    # Wang et al. 2018: 1-5-2 for weights, activations, errors and weight gradients;
-    # round-to-nearest forward, stochastic rounding of the backward tensors; FP16 master
-    # weights updated with stochastic rounding; first and last GEMM layers kept out of 8
-    # bits (here FP16). Their "enhanced loss scaling" is global, an optimizer's business:
-    # `tfhfp8.loss_scaling.DynamicLossScaleOptimizer(..., min_scale=...)` (`tfhfp8 train
-    # --loss_scaling=enhanced`). Wang et al. keep momentum in 1-6-9 with stochastic
-    # rounding: `Policy("fp8", optimizer_states="float16_e6m9", rounding=...)` with
-    # `tfhfp8.optimizers.LowPrecision`.
-    "fp8": dict(
-        weights="float8_e5m2", activations="float8_e5m2", errors="float8_e5m2",
-        weight_gradients="float8_e5m2", master_weights="float16",
-        rounding=dict(errors="stochastic", weight_gradients="stochastic",
-                      master_weights="stochastic"),
-        exempt_first_last=True),
-    # Sun et al. 2019 (HFP8), as Rodriguez (Deep Learning Systems, ch. 6) summarises it:
-    # "a hybrid (1,4,3) and (1,5,2) approach for the forward and backpropagation,
-    # respectively, using loss-scaling and stochastic rounding, and keeping the input
-    # and last layers at fp16". Here: 1-4-3 (bias 11) weights and activations with
-    # round-to-nearest (Sun et al.); 1-5-2 errors with stochastic rounding (Rodriguez;
-    # as Mellempudi et al. round the backward tensors); weight gradients and master
-    # weights in FP16 (Sun et al.), the update `W <- Q(W + dW)` rounded stochastically
-    # (Wang et al. 2018, the FP8 work HFP8 extends: with round-to-nearest an FP16 weight
-    # of 1.0 loses every update below 2^-11); first and last GEMM layers in FP16
-    # (Rodriguez, Sun et al.). The stochastic-rounding counters are saved in .keras and
-    # .weights.h5 files and tracked by tf.train.Checkpoint, so resumed runs round as
-    # uninterrupted ones. Loss scaling, whose kind the sources at hand do not state, is
-    # the training's: `tfhfp8 train` adds per-layer adaptive scaling by default,
-    # `Policy("hfp8", loss_scaling="adaptive")` by hand (in the preset, files saved under
-    # the name "hfp8" would lack its state). The ablation behind these choices:
-    # docs/results.md, "The HFP8 recipe".
-    "hfp8": dict(
-        weights="float8_e4m3b11fnuz", activations="float8_e4m3b11fnuz",
-        errors="float8_e5m2", weight_gradients="float16", master_weights="float16",
-        rounding=dict(errors="stochastic", master_weights="stochastic"),
-        exempt_first_last=True),
-    # Das et al. 2018: INT16 dynamic fixed point (one shared exponent per tensor) for
-    # the GEMM inputs, FP32 accumulation, weight gradients and master weights.
-    "int16_dfp": dict(weights="int16_dfp", activations="int16_dfp", errors="int16_dfp"),
-    # NVIDIA Transformer Engine's DelayedScaling (HYBRID) and Keras 3's float8 training
-    # (`layer.quantize("float8")`): E4M3 weights and activations, E5M2 errors, each
-    # with a per-tensor FP32 scale from a 1024-step amax history, margin 0; FP32 weight
-    # gradients and master weights; no layer exempt (Keras quantizes every Dense and
-    # EinsumDense).
-    "fp8_delayed": dict(weights="e4m3_delayed", activations="e4m3_delayed",
-                        errors="e5m2_delayed"),
-    # OCP MX (Rouhani et al. 2023, "Microscaling data formats for deep learning", §6):
-    # every GEMM operand of the forward and both backward GEMMs in an MX format, each
-    # blocked along that GEMM's reduction axis (blocks of 32, E8M0 scales, nearest
-    # rounding); weight gradients, weight update, master weights and the non-GEMM ops
-    # (softmax, normalization, activations) in FP32; no layer exempt ("no modifications
-    # to the training recipe"). MXFP8: E4M3 forward, E5M2 backward.
-    "mxfp8": dict(weights="mxfp8_e4m3", activations="mxfp8_e4m3", errors="mxfp8_e5m2"),
-    # MXFP6: E3M2 for weights, activations and errors, the paper's sub-8-bit
-    # generative-training result.
-    "mxfp6": dict(weights="mxfp6_e3m2", activations="mxfp6_e3m2", errors="mxfp6_e3m2"),
-    # MXFP4: the paper trains with MXFP4 weights and MXFP6 (E3M2) activations and
-    # errors; FP4 for every operand is not one of its recipes.
-    "mxfp4": dict(weights="mxfp4_e2m1", activations="mxfp6_e3m2", errors="mxfp6_e3m2"),
-    # NVIDIA, "Pretraining large language models with NVFP4" (2025): NVFP4 (E2M1 in
-    # blocks of 16, E4M3 block scales, FP32 tensor scale) for the GEMM operands of the
-    # linear layers; round to nearest even for weights and activations, stochastic
-    # rounding for the gradients (errors); the last layers kept in higher precision
-    # (here the first and last GEMM layers, in BF16); the attention products
-    # (QK^T, scores x V) in high precision; FP32 weight gradients, master weights and
-    # optimizer. Not emulated: the 16x16 two-dimensional weight blocks and the random
-    # Hadamard transform of the weight-gradient GEMM's inputs.
-    "nvfp4": dict(weights="nvfp4", activations="nvfp4", errors="nvfp4",
-                  rounding=dict(errors="stochastic"), exempt_first_last=True,
-                  exempt_format="bfloat16", quantize_attention=False),
-}
-
 
 _PRESET = object()  # an argument left to the preset
 
 
 def presets():
     """Names of the built-in policies."""
-    return list(_PRESETS)
+    return list(PRESETS)
 
 
 def _format_or_none(role, value):
@@ -161,13 +82,13 @@ class Policy(keras.DTypePolicy):
         this format after every optimizer step: `W <- Q_m(W + dW)`.
       optimizer_states: if set, every slot of the optimizer (momentum, Adam's moments,
         ...) is rounded to this format after every step, by
-        `tfhfp8.optimizers.LowPrecision(optimizer, policy)` (which also applies
+        `tfhfp8.optimizers.LowPrecisionOptimizer(optimizer, policy)` (which also applies
         `master_weights` to every trainable weight).
       rounding: one rounding for every role, or a dict role -> rounding (missing
         roles: `"nearest_even"`). Roundings: `"nearest_even"`, `"stochastic"`,
         `"toward_zero"`; `master_weights` may also be `"kahan"` (Kahan-compensated
         update with a buffer per weight, Zamirai et al.; needs
-        `tfhfp8.optimizers.LowPrecision`).
+        `tfhfp8.optimizers.LowPrecisionOptimizer`).
       saturate: clamp overflow to the format's max (True, the default for training)
         or follow the format's own overflow semantics.
       exempt_first_last: `quantize_model` keeps the first and last GEMM layers of a
@@ -226,17 +147,17 @@ class Policy(keras.DTypePolicy):
         given = dict(weights=weights, activations=activations, errors=errors,
                      weight_gradients=weight_gradients, master_weights=master_weights,
                      optimizer_states=optimizer_states)
-        if name not in _PRESETS and name != "custom" and all(
+        if name not in PRESETS and name != "custom" and all(
                 value is None for value in given.values()):
             # Most likely a typo of a preset, which would silently emulate nothing.
             raise ValueError(
-                f"Unknown policy {name!r}: not a preset ({', '.join(_PRESETS)}), and no "
+                f"Unknown policy {name!r}: not a preset ({', '.join(PRESETS)}), and no "
                 f"format is given for any role ({', '.join(ROLES)}). Use a preset, or "
                 "name the formats, e.g. tfhfp8.Policy(name, weights=..., activations=..., "
                 "errors=...)")
-        settings = dict(_PRESETS.get(name, {}))
+        settings = dict(PRESETS.get(name, {}))
         settings.update({role: value for role, value in given.items() if value is not None})
-        if name in _PRESETS and rounding is None:
+        if name in PRESETS and rounding is None:
             rounding = settings.get("rounding")
         if exempt_format is _PRESET:
             exempt_format = settings.get("exempt_format", "float16")
@@ -271,7 +192,7 @@ class Policy(keras.DTypePolicy):
         if exempt_of is not None and not isinstance(exempt_of, str):
             raise TypeError(f"exempt_of must be None or a policy name, got {exempt_of!r}")
         self.exempt_of = exempt_of
-        self.accumulation = _accumulation(accumulation, self.formats)
+        self.accumulation = accumulation_lib.per_gemm(accumulation, self.formats)
 
     @property
     def accumulates(self):
@@ -354,7 +275,7 @@ class Policy(keras.DTypePolicy):
             "loss_scaling": loss_scaling_lib.serialize(self.loss_scaling),
             **({"exempt_of": self.exempt_of} if self.exempt_of is not None else {}),
             # Only when emulated: configs of FP32-summing policies stay as they were.
-            **({"accumulation": _serialize_accumulation(self.accumulation)}
+            **({"accumulation": accumulation_lib.serialize_per_gemm(self.accumulation)}
                if self.accumulates else {}),
             **({} if self.quantize_attention else {"quantize_attention": False}),
         }
@@ -366,7 +287,7 @@ class Policy(keras.DTypePolicy):
         if name.endswith("/exempt") and "exempt_of" not in config:
             # Files saved before exemptions were data said so only in the name.
             config["exempt_of"] = name[:-len("/exempt")]
-        if name in _PRESETS:  # keys missing from a preset's config keep the preset's
+        if name in PRESETS:  # keys missing from a preset's config keep the preset's
             preset = cls(name).get_config()
             preset.pop("name")
             config = {**preset, **config}
@@ -374,7 +295,7 @@ class Policy(keras.DTypePolicy):
         accumulation = config.pop("accumulation", None)
         policy = cls._named(name, **{k: v for k, v in config.items() if k not in ROLES})
         policy.formats = {role: _format_or_none(role, config.get(role)) for role in ROLES}
-        policy.accumulation = _accumulation(accumulation, policy.formats)  # checked on them
+        policy.accumulation = accumulation_lib.per_gemm(accumulation, policy.formats)  # checked on them
         return policy
 
     def __eq__(self, other):
@@ -392,54 +313,6 @@ class Policy(keras.DTypePolicy):
         return f"<tfhfp8.Policy {self.name!r}: {roles or 'float32'}{sums}>"
 
 
-GEMM_KINDS = ("forward", "input_gradient", "weight_gradient")
-# The roles of the two operands of each GEMM kind.
-_OPERANDS = {"forward": ("activations", "weights"),
-             "input_gradient": ("errors", "weights"),
-             "weight_gradient": ("activations", "errors")}
-
-
-def _accumulation(accumulation, role_formats):
-    """`{kind: Accumulator}` from None, one accumulator or a dict, checked against the
-    formats of each GEMM's operands."""
-    if accumulation is None:
-        accumulation = {}
-    if isinstance(accumulation, dict):
-        unknown = set(accumulation) - set(GEMM_KINDS)
-        if unknown:
-            raise ValueError(f"accumulation: unknown GEMM kinds {sorted(unknown)}; the "
-                             f"kinds are {GEMM_KINDS}")
-        given = accumulation
-    else:
-        given = {kind: accumulation for kind in GEMM_KINDS}
-    result = {}
-    for kind in GEMM_KINDS:
-        try:
-            acc = accumulation_lib.get(given.get(kind))
-        except (ValueError, TypeError) as error:
-            raise type(error)(f"accumulation[{kind!r}]: {error}") from None
-        for role in _OPERANDS[kind] if acc.emulates else ():
-            fmt = role_formats[role]
-            try:
-                if acc.kind == "float":
-                    accumulation_lib.check_operand(role, fmt)
-                elif not (isinstance(fmt, formats.DynamicFixedPoint) and fmt.axis is None
-                          and fmt.block_size is None):
-                    raise ValueError(f"{role}: the 'int32' accumulator needs per-tensor "
-                                     f"DynamicFixedPoint operands, got {fmt!r}")
-            except ValueError as error:
-                raise ValueError(f"accumulation[{kind!r}] = {acc}: {error}") from None
-        result[kind] = acc
-    return result
-
-
-def _serialize_accumulation(accumulation):
-    values = list(accumulation.values())
-    if all(acc == values[0] for acc in values):
-        return accumulation_lib.serialize(values[0])
-    return {kind: accumulation_lib.serialize(acc) for kind, acc in accumulation.items()}
-
-
 def describe_accumulation(policy):
     """One accumulator's name for all GEMMs, else `forward/input_gradient/weight_gradient`."""
     values = [str(acc) for acc in policy.accumulation.values()]
@@ -447,7 +320,7 @@ def describe_accumulation(policy):
 
 
 REGISTRY = registry.Registry(
-    "policy", Policy, {name: functools.partial(Policy, name) for name in _PRESETS},
+    "policy", Policy, {name: functools.partial(Policy, name) for name in PRESETS},
     from_plain_config=Policy.from_config, plain_configs=True,
     hint="; or build one with tfhfp8.Policy(weights=..., activations=..., errors=...).")
 

@@ -20,7 +20,7 @@ stay what they were when the `hfp8` preset changes:
   rounding of the errors, or of the master-weight update.
 - `hfp8_adaptive_fp16_states`: `hfp8_adaptive` with Adam's moments in FP16 and every
   weight (BatchNorm's and the exempt layers' too) stored in FP16
-  (`tfhfp8.optimizers.LowPrecision`): pure 16-bit weight update.
+  (`tfhfp8.optimizers.LowPrecisionOptimizer`): pure 16-bit weight update.
 - `hfp8_sources`: loss scaling plus stochastic rounding of the errors and of the
   master-weight update (Rodriguez's summary of Sun et al.; Wang et al.'s SR update):
   the `hfp8` preset as `tfhfp8 train` runs it (adaptive loss scaling by default).

@@ -217,6 +217,46 @@ def _set_statistics(accumulators):
     return finish
 
 
+def _checked_batchnorm_layers(model, mode, momentum):
+    """`batchnorm_layers(model)` after checking the arguments of `recalibrate_batchnorm`."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"expected a keras.Model, got {type(model).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(
+            momentum, numbers.Real) or not 0.0 <= float(momentum) < 1.0):
+        raise ValueError(f"momentum must be None or a number in [0, 1), got {momentum!r}")
+    if not model.built:
+        raise ValueError("the model is not built: call it on data or give it an Input first")
+    found = batchnorm_layers(model)
+    if not found:
+        raise ValueError(
+            f"the model {model.name!r} has no BatchNormalization layer: there are no "
+            "statistics to re-calibrate")
+    unbuilt = [layer.name for layer, _ in found if not layer.built]
+    if unbuilt:
+        raise ValueError(f"BatchNormalization layers {unbuilt} are not built")
+    return found
+
+
+def _passes(found, mode, momentum):
+    """The passes of `mode` over the data: `(layers, probe, finish)` each."""
+    layers = [layer for layer, _ in found]
+    if mode == "exact":
+        by_depth = {}
+        for layer, depth in found:
+            by_depth.setdefault(depth, []).append(layer)
+        accumulators = {id(layer): _Accumulator(layer.moving_mean.shape[0])
+                        for layer in layers}
+        return [(by_depth[d], _exact_probe(accumulators), _set_statistics(accumulators))
+                for d in sorted(by_depth)]
+    if mode == "one_pass":
+        accumulators = {id(layer): _BatchAverage(layer.moving_mean.shape[0])
+                        for layer in layers}
+        return [(layers, _one_pass_probe(accumulators), _set_statistics(accumulators))]
+    return [(layers, _momentum_probe(momentum), _check_moving_statistics)]
+
+
 def recalibrate_batchnorm(model, data, steps=None, *, mode="exact", momentum=None,
                           batch_size=32, verbose=1):
     """Re-estimates the moving mean and variance of every BatchNormalization layer.
@@ -270,41 +310,10 @@ def recalibrate_batchnorm(model, data, steps=None, *, mode="exact", momentum=Non
         not fit the model's inputs or contains NaN or infinite values (or the
         statistics computed from it are not finite), or an argument is invalid.
     """
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"expected a keras.Model, got {type(model).__name__}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if momentum is not None and (isinstance(momentum, bool) or not isinstance(
-            momentum, numbers.Real) or not 0.0 <= float(momentum) < 1.0):
-        raise ValueError(f"momentum must be None or a number in [0, 1), got {momentum!r}")
-    if not model.built:
-        raise ValueError("the model is not built: call it on data or give it an Input first")
-    found = batchnorm_layers(model)
-    if not found:
-        raise ValueError(
-            f"the model {model.name!r} has no BatchNormalization layer: there are no "
-            "statistics to re-calibrate")
-    unbuilt = [layer.name for layer, _ in found if not layer.built]
-    if unbuilt:
-        raise ValueError(f"BatchNormalization layers {unbuilt} are not built")
+    found = _checked_batchnorm_layers(model, mode, momentum)
     batches = data if isinstance(data, Batches) else Batches(data, steps, batch_size)
     layers = [layer for layer, _ in found]
-
-    if mode == "exact":
-        by_depth = {}
-        for layer, depth in found:
-            by_depth.setdefault(depth, []).append(layer)
-        accumulators = {id(layer): _Accumulator(layer.moving_mean.shape[0])
-                        for layer in layers}
-        passes = [(by_depth[d], _exact_probe(accumulators), _set_statistics(accumulators))
-                  for d in sorted(by_depth)]
-    elif mode == "one_pass":
-        accumulators = {id(layer): _BatchAverage(layer.moving_mean.shape[0])
-                        for layer in layers}
-        passes = [(layers, _one_pass_probe(accumulators), _set_statistics(accumulators))]
-    else:
-        passes = [(layers, _momentum_probe(momentum), _check_moving_statistics)]
-
+    passes = _passes(found, mode, momentum)
     progbar = None
     if verbose:
         target = None if batches.length is None else batches.length * len(passes)

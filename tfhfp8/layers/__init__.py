@@ -13,9 +13,10 @@ from tfhfp8.layers.dense import Dense
 from tfhfp8.layers.depthwise_conv2d import DepthwiseConv2D
 from tfhfp8.layers.einsum_dense import EinsumDense
 from tfhfp8.layers.embedding import Embedding
-from tfhfp8.layers.emulation import EmulatedLayer, MasterWeightRounding
+from tfhfp8.layers.emulation import EmulatedLayer
 from tfhfp8.layers.multi_head_attention import MultiHeadAttention
 from tfhfp8.layers.separable_conv2d import SeparableConv2D
+from tfhfp8.rounding import MasterWeightRounding
 
 # Keras layer class -> its emulated drop-in (exact classes: subclasses may differ).
 EMULATED = {

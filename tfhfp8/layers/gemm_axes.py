@@ -44,12 +44,12 @@ import string
 
 import tensorflow as tf
 
-from tfhfp8 import block_formats, formats
+from tfhfp8 import formats
 
 
 def axis_dependent(fmt):
     """True for formats whose result depends on the axis blocks run along."""
-    if isinstance(fmt, block_formats.BlockScaled):
+    if isinstance(fmt, formats.BlockScaled):
         return not fmt.per_tensor
     return isinstance(fmt, formats.DynamicFixedPoint) and fmt.block_size is not None
 

@@ -20,7 +20,7 @@ import dataclasses
 
 import tensorflow as tf
 
-ROUNDINGS = ("nearest_even", "stochastic", "toward_zero")
+from tfhfp8.formats.roundings import ROUNDINGS  # tfhfp8.quantization reads it here
 
 # Hash constants (shared with the C++ kernel).
 _GOLDEN = 0x9E3779B9

@@ -1,22 +1,12 @@
-"""Number formats: what a quantizer rounds to.
-
-A format is described once, here; both backends of `tfhfp8.quantize` read their
-constants from these objects.
+"""Scalar number formats: every element rounded on its own.
 
 - `FloatFormat`: 1 sign bit, `exponent_bits`, `mantissa_bits`, a bias, a convention
   for special values and optional subnormals (every float type of ml_dtypes is one).
 - `DynamicFixedPoint`: integer mantissas sharing one power-of-two exponent per
   tensor or per slice (INT16 DFP, Das et al. 2018).
-- `BlockScaled` (in `tfhfp8.block_formats`): blocks of elements sharing one scale
-  (OCP MX: `mxfp8_e4m3`, ..., `mxint8`; NVIDIA's `nvfp4`).
 
-Named formats are reachable by their ml_dtypes names wherever a format is accepted:
-
->>> import tfhfp8
->>> tfhfp8.formats.get("hfp8_fwd").max
-30.0
->>> tfhfp8.formats.get("float8_e5m2").min_subnormal == 2.0**-16
-True
+`NAMED` and `ALIASES` are the named scalar formats; `REGISTRY` / `get` resolve them
+(the block formats of `tfhfp8.formats.block` take their elements and scales from it).
 """
 
 import dataclasses
@@ -37,7 +27,12 @@ SPECIALS = ("ieee", "fn", "fnuz", "finite")
 """
 
 
-def _check_int(name, value, low, high):
+def check_int(name, value, low, high):
+    """`value` as an int, if it is an integer (not a bool) in `[low, high]`.
+
+    Raises:
+      ValueError: naming the parameter `name` and the allowed range.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
     if not low <= value <= high:
@@ -84,8 +79,8 @@ class FloatFormat:
     name: Optional[str] = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
-        e = _check_int("exponent_bits", self.exponent_bits, 1, 8)
-        m = _check_int("mantissa_bits", self.mantissa_bits, 0, 23)
+        e = check_int("exponent_bits", self.exponent_bits, 1, 8)
+        m = check_int("mantissa_bits", self.mantissa_bits, 0, 23)
         if self.specials not in SPECIALS:
             raise ValueError(f"specials must be one of {SPECIALS}, got {self.specials!r}")
         if not isinstance(self.subnormals, (bool, np.bool_)):
@@ -109,7 +104,7 @@ class FloatFormat:
             raise ValueError(
                 f"exponent_bits={e} with specials={self.specials!r} spans more binades "
                 "than float32 can hold; use specials='ieee' or fewer exponent bits")
-        object.__setattr__(self, "bias", _check_int("bias", bias, low, high))
+        object.__setattr__(self, "bias", check_int("bias", bias, low, high))
 
     # -- codes ------------------------------------------------------------------
     @property
@@ -227,12 +222,12 @@ class DynamicFixedPoint:
     block_size: Optional[int] = None
 
     def __post_init__(self):
-        object.__setattr__(self, "bits", _check_int("bits", self.bits, 2, 24))
+        object.__setattr__(self, "bits", check_int("bits", self.bits, 2, 24))
         if self.axis is not None:
-            object.__setattr__(self, "axis", _check_int("axis", self.axis, -32, 31))
+            object.__setattr__(self, "axis", check_int("axis", self.axis, -32, 31))
         if self.block_size is not None:
             object.__setattr__(self, "block_size",
-                               _check_int("block_size", self.block_size, 1, 1 << 16))
+                               check_int("block_size", self.block_size, 1, 1 << 16))
 
     @property
     def max_mantissa(self) -> int:
@@ -262,7 +257,7 @@ def _named_float(name, e, m, bias=None, specials="ieee"):
     return FloatFormat(e, m, bias=bias, specials=specials, name=name)
 
 
-_NAMED = {
+NAMED = {
     fmt.name: fmt for fmt in (
         _named_float("bfloat16", 8, 7),
         _named_float("float16", 5, 10),
@@ -285,55 +280,30 @@ _NAMED = {
         DynamicFixedPoint(16, name="int16_dfp"),
     )
 }
-_ALIASES = {
+ALIASES = {
     "hfp8_fwd": "float8_e4m3b11fnuz",  # HFP8 forward 1-4-3 (Sun et al. 2019)
     "hfp8_bwd": "float8_e5m2",  # HFP8 backward 1-5-2
 }
 
 
-def _plain_config_class(config):
-    # Configs saved before the registry carry no class name: only DFP has "bits", only
-    # block formats have "element".
-    if "element" in config:
-        return block_formats.BlockScaled
-    return DynamicFixedPoint if "bits" in config else FloatFormat
+def dtype_name(identifier):
+    """The name of a numpy / ml_dtypes dtype (or type), else `identifier` unchanged."""
+    if isinstance(identifier, (np.dtype, type)):
+        try:
+            return np.dtype(identifier).name
+        except TypeError:
+            pass
+    return identifier
 
 
+# Configs saved before the registry carry no class name: only DFP has "bits".
 REGISTRY = registry.Registry(
-    "format", (FloatFormat, DynamicFixedPoint), _NAMED, _ALIASES,
-    from_plain_config=lambda config: _plain_config_class(config).from_config(config),
-    hint="; or build one with tfhfp8.FloatFormat(...), tfhfp8.DynamicFixedPoint(...) or "
-         "tfhfp8.BlockScaled(...).")
-
-
-def names():
-    """All format names accepted by `get`, aliases included."""
-    return sorted(REGISTRY.names()) + sorted(_ALIASES)
+    "format", (FloatFormat, DynamicFixedPoint), NAMED, ALIASES,
+    from_plain_config=lambda config: (DynamicFixedPoint if "bits" in config
+                                      else FloatFormat).from_config(config),
+    hint="; or build one with tfhfp8.FloatFormat(...) or tfhfp8.DynamicFixedPoint(...).")
 
 
 def get(identifier):
-    """Returns the format for a name, an ml_dtypes dtype, a config, or a format.
-
-    Raises:
-      ValueError: for an unknown name (the message lists the known names).
-      TypeError: for anything else.
-    """
-    if isinstance(identifier, (np.dtype, type)):
-        try:
-            identifier = np.dtype(identifier).name
-        except TypeError:
-            pass
-    return REGISTRY.get(identifier)
-
-
-def serialize(fmt):
-    """The name of a named format, else its Keras config (None stays None)."""
-    return REGISTRY.serialize(fmt)
-
-
-# The block-scaled formats live in their own module, which reads the classes above.
-from tfhfp8 import block_formats  # noqa: E402
-
-REGISTRY.classes = REGISTRY.classes + (block_formats.BlockScaled,)
-for _fmt in block_formats.NAMED:
-    REGISTRY.register(_fmt.name, _fmt)
+    """The scalar format for a name, an ml_dtypes dtype, a config, or a format."""
+    return REGISTRY.get(dtype_name(identifier))

@@ -1,0 +1,265 @@
+"""Block-scaled formats: OCP Microscaling (MX), NVFP4 and their relatives.
+
+A tensor is cut into blocks of `block_size` consecutive elements along `axis` (the
+last block may be shorter). Each block gets one scale computed from its absolute
+maximum `amax`; its elements are divided by the scale, rounded to the element format
+(saturating at the element's max) and multiplied back.
+
+Scales (`scale_rounding`):
+
+- `"float8_e8m0fnu"` (OCP MX v1.0, §6.3), powers of two `2^-127 .. 2^127`:
+  - `"floor"` (OCP): `2^(floor(log2(amax)) - emax)`, `emax` the exponent of the
+    element format's largest value (E4M3: 8, E5M2: 15, E3M2: 4, E2M3: 2, E2M1: 2,
+    INT8: 0). The block's largest exponent lands on the element's largest exponent;
+    elements between the element max and `2^(emax+1)` saturate.
+  - `"ceil"`: the smallest power of two `>= amax / max_element`, so that nothing
+    saturates (the round-up scale of Mishra et al. 2025, "Recipes for pre-training
+    LLMs with MXFP8").
+  The exponent is clamped to `[-127, 127]`; an all-zero block gets `2^-127`.
+- a `FloatFormat` (NVFP4: `float8_e4m3fn`): `amax / max_element` (divided by the
+  tensor scale when `tensor_scale=True`) rounded to the scale format with
+  `"nearest_even"` (NVFP4) or `"floor"` (toward zero), saturating at its max. A block
+  whose scale rounds to 0 becomes (signed) zeros.
+
+Tensor scale (`tensor_scale=True`, float scale formats only; NVIDIA's NVFP4 two-level
+scaling): `S = fl32(amax_tensor / (max_scale * max_element))` (for NVFP4
+`amax_tensor / (448 * 6)`), one rounding to float32 of the exact quotient; `S = 1`
+when the tensor is all zeros, at least `2^-149`. The block scales are then computed
+from `amax / (max_element * S)` and the value of an element is `q * s_block * S`.
+(Transformer Engine stores the reciprocal `2688 / amax_tensor` and multiplies by a
+rounded `S_enc / s_block`; here every quotient is exact before the one rounding that
+defines each result, see `tfhfp8.ops.tf_block`.)
+
+Per-tensor scaling (`block_size=None`, `scale="float32"`): the whole tensor is one block
+with an FP32 scale, the recipe of NVIDIA's Transformer Engine (`DelayedScaling`) and of
+Keras 3's float8 training (`keras.quantizers.compute_float8_scale`,
+`quantize_and_dequantize`), in float32 arithmetic step by step as they compute it:
+`s = 1 / fl32(fl32(max_element / amax) / 2^margin)` (`s = 1` when `amax` is 0 or not
+finite), elements `round(fl32(x / s))` (saturating), values `fl32(q * s)`. The scale
+is not a power of two, so `x / s` and `q * s` are float32 roundings of their own, as
+on the hardware these recipes target (its FP32 multiply before the FP8 cast); they are
+part of the format's definition. `amax_history=0` is current scaling (the amax of the
+tensor being quantized); `amax_history=H > 0` is delayed scaling: an emulated layer
+keeps, per GEMM operand, the last `H` amaxes and the scale in its state (saved with
+the model) and quantizes with the scale computed from that history *before* this step
+(Keras' order: the scale used at step `t` comes from the amaxes of steps `< t - 1`),
+then records this step's amax. Outside a layer, `quantize(x, fmt, scale=s)` takes the
+scale to use; without it the current amax is used.
+
+Special values: a block holding a NaN, or an infinity with `saturate=False`, has a
+NaN scale (E8M0's 0xFF): all its elements are NaN (as in Microsoft's microxcaling, the
+reference code of the MX authors). With `saturate=True` an infinity counts as the
+largest finite float32 (float64) value: the block gets the largest scale and the
+infinity becomes `+-max_element * scale`.
+
+>>> import tensorflow as tf, tfhfp8
+>>> x = tf.constant([[1.0, 0.1, -3.0, 1000.0]])
+>>> # Blocks [1, 0.1] (scale 2^-2) and [-3, 1000] (scale 2^7: 1000 saturates at 6 * 2^7).
+>>> tfhfp8.quantize(x, tfhfp8.BlockScaled("float4_e2m1fn", block_size=2)).numpy().tolist()
+[[1.0, 0.125, -0.0, 768.0]]
+"""
+
+import dataclasses
+from typing import Optional, Union
+
+import keras
+
+from tfhfp8.formats import scalar
+
+E8M0 = "float8_e8m0fnu"
+FLOAT32 = "float32"  # the per-tensor scale of Transformer Engine / Keras float8
+SCALE_ROUNDINGS = {"power_of_two": ("floor", "ceil"), "float": ("nearest_even", "floor"),
+                   "tensor": ("nearest_even",)}
+
+# MXINT8's element (OCP MX v1.0): an 8-bit integer with an implicit scale 2^-6, used
+# symmetrically (+-127/64, as Microsoft's microxcaling; gfloat also allows -128/64).
+# Emulated exactly by a sign-magnitude float with one exponent bit and bias 1: E=0
+# gives k/64 for k < 64, E=1 gives k/64 for 64 <= k <= 127; "fnuz": no negative zero,
+# like two's complement.
+INT8_ELEMENT = scalar.FloatFormat(1, 6, bias=1, specials="fnuz", name="mx_int8")
+
+
+def _element(value):
+    if value == "int8" or value == "mx_int8":
+        return INT8_ELEMENT
+    try:
+        element = scalar.get(value)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"element: {error}") from None
+    if not isinstance(element, scalar.FloatFormat):
+        raise ValueError(f"element must be a FloatFormat (or a name of one, or 'int8'), "
+                         f"got {element!r}")
+    return element
+
+
+@keras.saving.register_keras_serializable(package="tfhfp8")
+@dataclasses.dataclass(frozen=True)
+class BlockScaled:
+    """A block-scaled format: blocks of `block_size` elements sharing one scale.
+
+    Args:
+      element: the element format: a `FloatFormat` or its name (`"float8_e4m3fn"`,
+        `"float4_e2m1fn"`, ...), or `"int8"` (MXINT8's elements, `k / 64` for
+        `|k| <= 127`).
+      block_size: elements per block, 1..65536 (OCP MX: 32, NVFP4: 16), or None for
+        per-tensor scaling (the whole tensor one block; needs `scale="float32"`).
+      scale: `"float8_e8m0fnu"` (power-of-two scales, OCP MX), a `FloatFormat` or
+        name (NVFP4: `"float8_e4m3fn"`), or `"float32"` (per tensor, Transformer
+        Engine / Keras float8; only with `block_size=None`).
+      axis: the axis the blocks run along when quantizing a tensor directly. In the
+        GEMMs of emulated layers (`Dense`, `EinsumDense`, the convolutions,
+        attention), each operand is blocked along that GEMM's own reduction axis
+        instead (see `tfhfp8.layers.gemm_axes`).
+      tensor_scale: a per-tensor FP32 scale above the block scales (NVFP4); only
+        with a `FloatFormat` scale.
+      scale_rounding: how `amax` becomes a scale: `"floor"` or `"ceil"` for
+        `"float8_e8m0fnu"`, `"nearest_even"` or `"floor"` for a float scale format;
+        None: `"floor"` (OCP MX) or `"nearest_even"` (NVFP4). See the module
+        docstring for the exact definitions.
+      margin: per-tensor scaling only: the scale leaves `2^margin` of headroom
+        (Transformer Engine's `margin`), 0..64.
+      amax_history: per-tensor scaling only: 0 for current scaling, else the length
+        of the amax history of delayed scaling (Keras and Transformer Engine: 1024).
+      name: optional display name.
+
+    Example:
+
+    >>> import tfhfp8
+    >>> fmt = tfhfp8.scalar.get("mxfp8_e4m3")
+    >>> fmt.block_size, fmt.element.name, fmt.emax_element
+    (32, 'float8_e4m3fn', 8)
+    >>> tfhfp8.BlockScaled("float4_e2m1fn", 16, scale="float8_e4m3fn",
+    ...                    tensor_scale=True) == tfhfp8.scalar.get("nvfp4")
+    True
+    """
+
+    element: scalar.FloatFormat
+    block_size: int = 32
+    scale: Union[str, scalar.FloatFormat] = E8M0
+    axis: int = -1
+    tensor_scale: bool = False
+    scale_rounding: Optional[str] = None
+    name: Optional[str] = dataclasses.field(default=None, compare=False)
+    margin: int = 0
+    amax_history: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "element", _element(self.element))
+        per_tensor = self.block_size is None
+        if not per_tensor:
+            object.__setattr__(self, "block_size",
+                               scalar.check_int("block_size", self.block_size, 1, 1 << 16))
+        object.__setattr__(self, "axis", scalar.check_int("axis", self.axis, -32, 31))
+        object.__setattr__(self, "margin", scalar.check_int("margin", self.margin, 0, 64))
+        object.__setattr__(self, "amax_history", scalar.check_int(
+            "amax_history", self.amax_history, 0, 1 << 20))
+        if per_tensor != (self.scale == FLOAT32):
+            raise ValueError(
+                f"block_size=None (per-tensor scaling) goes with scale={FLOAT32!r} and "
+                f"scale={FLOAT32!r} with block_size=None; got block_size="
+                f"{self.block_size!r}, scale={self.scale!r}")
+        if not per_tensor and (self.margin or self.amax_history):
+            raise ValueError("margin and amax_history are for per-tensor scaling "
+                             "(block_size=None) only")
+        scale = self.scale
+        if scale not in (E8M0, FLOAT32):
+            try:
+                scale = scalar.get(scale)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"scale: {error}") from None
+            if not isinstance(scale, scalar.FloatFormat):
+                raise ValueError(f"scale must be {E8M0!r} or a FloatFormat, got {scale!r}")
+            object.__setattr__(self, "scale", scale)
+        kind = {E8M0: "power_of_two", FLOAT32: "tensor"}.get(scale, "float")
+        rounding = self.scale_rounding
+        if rounding is None:
+            rounding = SCALE_ROUNDINGS[kind][0]
+        if rounding not in SCALE_ROUNDINGS[kind]:
+            raise ValueError(
+                f"scale_rounding must be one of {SCALE_ROUNDINGS[kind]} for scale="
+                f"{self.scale_name!r}, got {rounding!r}")
+        object.__setattr__(self, "scale_rounding", rounding)
+        if not isinstance(self.tensor_scale, bool):
+            raise ValueError(f"tensor_scale must be True or False, got {self.tensor_scale!r}")
+        if self.tensor_scale and kind != "float":
+            raise ValueError(f"tensor_scale=True needs a float scale format (e.g. "
+                             f"'float8_e4m3fn'), not scale={scale!r}")
+
+    @property
+    def scale_name(self):
+        return self.scale if isinstance(self.scale, str) else (
+            self.scale.name or repr(self.scale))
+
+    @property
+    def power_of_two_scale(self) -> bool:
+        return self.scale == E8M0
+
+    @property
+    def per_tensor(self) -> bool:
+        """True for per-tensor scaling (one FP32 scale, `block_size=None`)."""
+        return self.block_size is None
+
+    @property
+    def delayed(self) -> bool:
+        """True for delayed per-tensor scaling (an amax history kept by the layer)."""
+        return self.amax_history > 0
+
+    @property
+    def emax_element(self) -> int:
+        """The exponent of the element format's largest value (OCP's `emax_elem`)."""
+        return (self.element.max_code >> self.element.mantissa_bits) - self.element.bias
+
+    @property
+    def bits(self) -> float:
+        """Average storage bits per element (element bits plus the shared scale)."""
+        if self.per_tensor:
+            return self.element.bits  # one float32 per tensor
+        scale_bits = 8 if self.power_of_two_scale else self.scale.bits
+        return self.element.bits + scale_bits / self.block_size
+
+    def get_config(self) -> dict:
+        element = scalar.REGISTRY.serialize(self.element) if self.element != INT8_ELEMENT else "int8"
+        scale = self.scale if isinstance(self.scale, str) else scalar.REGISTRY.serialize(self.scale)
+        config = {"element": element, "block_size": self.block_size, "scale": scale,
+                  "axis": self.axis, "tensor_scale": self.tensor_scale,
+                  "scale_rounding": self.scale_rounding, "name": self.name}
+        if self.per_tensor:  # block formats' configs stay as they were
+            config.update(margin=self.margin, amax_history=self.amax_history)
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict) -> "BlockScaled":
+        return cls(**config)
+
+    def __repr__(self):
+        title = f"{self.name!r}, " if self.name else ""
+        element = self.element.name or repr(self.element)
+        extra = ", with a tensor scale" if self.tensor_scale else ""
+        if self.per_tensor:
+            how = (f"delayed, amax history {self.amax_history}" if self.delayed
+                   else "current")
+            return (f"BlockScaled({title}{element} per tensor, float32 scale, margin "
+                    f"{self.margin}, {how})")
+        return (f"BlockScaled({title}{element} x {self.block_size} along axis {self.axis}, "
+                f"scale {self.scale_name}/{self.scale_rounding}{extra})")
+
+
+def _named(name, element, block_size=32, **kwargs):
+    return BlockScaled(element, block_size, name=name, **kwargs)
+
+
+NAMED = [
+    _named("mxfp8_e4m3", "float8_e4m3fn"),
+    _named("mxfp8_e5m2", "float8_e5m2"),
+    _named("mxfp6_e3m2", "float6_e3m2fn"),
+    _named("mxfp6_e2m3", "float6_e2m3fn"),
+    _named("mxfp4_e2m1", "float4_e2m1fn"),
+    _named("mxint8", "int8"),
+    _named("nvfp4", "float4_e2m1fn", 16, scale="float8_e4m3fn", tensor_scale=True),
+    # Per-tensor FP32 scales (Transformer Engine / Keras float8): current scaling, and
+    # delayed scaling with the default history of both (1024 steps) and margin 0.
+    _named("e4m3_current", "float8_e4m3fn", None, scale=FLOAT32),
+    _named("e5m2_current", "float8_e5m2", None, scale=FLOAT32),
+    _named("e4m3_delayed", "float8_e4m3fn", None, scale=FLOAT32, amax_history=1024),
+    _named("e5m2_delayed", "float8_e5m2", None, scale=FLOAT32, amax_history=1024),
+]
