@@ -24,7 +24,7 @@ FLOORS = {
     # 3: quantize, accumulators, the stochastic-rounding seed and master-weight rounding.
     "tfhfp8.quantization": 3, "tfhfp8.accumulation": 3, "tfhfp8.rounding": 3,
     # 4: the GEMMs.
-    "tfhfp8.gemm": 4,
+    "tfhfp8.gemm": 4, "tfhfp8.portable_conv": 4,
     # 5: policies (with their loss-scaling rules) and layers.
     "tfhfp8.policy": 5, "tfhfp8.policy_presets": 5, "tfhfp8.loss_scaling": 5,
     "tfhfp8.layers": 5,
