@@ -142,8 +142,10 @@ def test_current_scaling_of_tiny_tensors_matches_the_reference(backend, name, el
     assert not np.isnan(y).any()
     expected = _current_scaling_reference(x, element, maximum)
     np.testing.assert_array_equal(bits_of(y), bits_of(expected))
-    if amax >= 1e-37:  # close to the input, as Transformer Engine's reference
-        np.testing.assert_allclose(y, x, rtol=0.07, atol=2.0**-135)
+    # Close to the input, as Transformer Engine's reference: within half a step of the
+    # element (E5M2: 2^-3 relative; its subnormals and E4M3's: below amax * 2^-16),
+    # and the scale never below 2^-126 (steps of at most 2^-135 for E4M3, 2^-142 E5M2).
+    np.testing.assert_allclose(y, x, rtol=0.13, atol=max(amax * 2.0**-16, 2.0**-135))
     compiled = tf.function(lambda t: tfhfp8.quantize(t, name), jit_compile=True)
     np.testing.assert_array_equal(bits_of(compiled(x).numpy()), bits_of(expected))
     stochastic = tfhfp8.quantize(x, name, rounding="stochastic", seed=1).numpy()
@@ -225,9 +227,14 @@ def test_forced_cpp_backend_does_not_apply_inside_xla(monkeypatch):
     rng = np.random.default_rng(4)
     x = rng.normal(size=(8, 16)).astype(np.float32)
     w = rng.normal(size=(16, 4)).astype(np.float32)
-    info = tf.function(lambda: tf.constant(tfhfp8.ops.backend_info()["backend"]),
-                       jit_compile=True)
-    assert info().numpy() == b"tf"
+    seen = []
+
+    def probe(t):
+        seen.append(tfhfp8.ops.backend_info()["backend"])  # while tracing
+        return t + 1
+
+    tf.function(probe, jit_compile=True)(tf.ones([1]))
+    assert seen == ["tf"]
 
     def step(x, w):
         return (tfhfp8.quantize(x, "hfp8_fwd", rounding="stochastic", seed=3),
