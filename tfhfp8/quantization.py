@@ -147,7 +147,7 @@ def _checked_scale(scale):
         return tf.identity(scale)
 
 
-def _as_float_tensor(x):
+def _as_float_tensor(x, what="quantize"):
     # Variables (Keras' included, which pass tf.is_tensor) are read here, outside the
     # custom-gradient functions, so gradients flow to them through the read.
     if not isinstance(x, tf.Tensor):
@@ -156,10 +156,10 @@ def _as_float_tensor(x):
         try:
             x = tf.convert_to_tensor(x, dtype_hint=hint)
         except (TypeError, ValueError) as error:
-            raise TypeError(f"quantize expects a floating-point tensor, got {x!r}") from error
+            raise TypeError(f"{what} expects a floating-point tensor, got {x!r}") from error
     if x.dtype not in _DTYPES:
         raise TypeError(
-            f"quantize expects a float16, bfloat16, float32 or float64 tensor, got {x.dtype.name}")
+            f"{what} expects a float16, bfloat16, float32 or float64 tensor, got {x.dtype.name}")
     return x
 
 
