@@ -246,5 +246,6 @@ class LowPrecision(WrappedOptimizer):
 
 
 def _value(variable):
-    """The backend variable behind a Keras variable (what `tf.distribute` updates)."""
-    return getattr(variable, "value", variable)
+    """The backend variable behind a Keras variable (what `tf.distribute` updates); a
+    `tf.Variable` itself (whose `value` is a method)."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
