@@ -61,7 +61,7 @@ test-oldest:
 	$(MAKE) test VENV="$(OLDEST_VENV)" PINS=$(OLDEST_PINS) PYTEST_ARGS=--ignore=tests/test_notebooks.py
 
 demo: ops data
-	$(VENV)/bin/tfhfp8 demo
+	$(VENV)/bin/tfhfp8 demo --overwrite
 
 # Quantization throughput (~1.5 min), training-step overhead (~4 min; --jit adds
 # XLA columns) and the emulated-accumulation GEMMs (~2 min); see README "Speed".
