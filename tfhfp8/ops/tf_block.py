@@ -250,9 +250,11 @@ def dfp_block_exponents(x, fmt, rounding):
 
 
 # -- per-tensor FP32 scales (Transformer Engine / Keras float8) ------------------------
-# The factor max_element / amax / 2^margin is clamped here, so that its reciprocal, the
-# scale, is a normal float32 (>= 2^-126): TF's CPU flushes a subnormal scale to zero
-# (Transformer Engine clamps the factor at FLT_MAX, whose reciprocal is subnormal).
+# The factor max_element / amax / 2^margin is clamped to [2^-126, 2^126], so that it
+# and its reciprocal, the scale, are normal float32 numbers: TF's CPU flushes a
+# subnormal to zero (Transformer Engine clamps the factor at FLT_MAX, whose reciprocal
+# is subnormal), and a factor flushed to 0 (a huge amax with a large margin) would
+# make the scale infinite.
 MAX_FACTOR = 2.0**126
 MIN_SCALE = 2.0**-126
 
@@ -273,14 +275,15 @@ def tensor_amax(x):
 def tensor_scale(amax, fmt, previous=None):
     """The per-tensor scale `s` of `fmt` for `amax` (float32 scalars), as Keras'
     `compute_float8_scale` computes it, operation by operation: the reciprocal
-    `max_element / amax / 2^margin` (at most 2^126, so that `s >= 2^-126`), whose own
+    `max_element / amax / 2^margin` (clamped to [2^-126, 2^126]), whose own
     reciprocal is `s`; where `amax` is 0 or not finite, the previous scale (through the
     same two reciprocals), 1 if none.
     """
     previous = tf.constant(1.0) if previous is None else tf.cast(previous, tf.float32)
     amax = tf.cast(amax, tf.float32)
     factor = tf.constant(float(fmt.element.max), tf.float32) / amax / (2.0 ** fmt.margin)
-    factor = tf.minimum(factor, MAX_FACTOR)  # a subnormal amax reads as 0: factor inf
+    # (A subnormal amax reads as 0: the factor is inf, clamped like a tiny normal one.)
+    factor = tf.clip_by_value(factor, MIN_SCALE, MAX_FACTOR)
     kept = tf.math.reciprocal(previous)
     positive = tf.bitcast(amax, tf.int32) > 0  # on the bits: subnormals are positive
     factor = tf.where(positive, factor, kept)
