@@ -63,7 +63,7 @@ test-oldest:
 	$(MAKE) test VENV="$(OLDEST_VENV)" PINS=$(OLDEST_PINS) PYTEST_ARGS=--ignore=tests/test_notebooks.py
 
 demo: ops data
-	$(VENV)/bin/tfhfp8 demo
+	$(VENV)/bin/tfhfp8 demo --overwrite
 
 # The site (mkdocs.yml): warnings are errors, nothing is fetched from the network.
 $(STAMP)-docs: $(STAMP)

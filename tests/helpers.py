@@ -100,3 +100,22 @@ def format_values(fmt):
     with np.errstate(invalid="ignore"):
         v = codes.astype(np.float64)
     return np.unique(v[np.isfinite(v) & (v >= 0)])
+
+
+def current_scaling_reference(x, element, maximum, margin=0):
+    """Per-tensor current scaling (`e4m3_current` and the like) in numpy float32 (IEEE,
+    subnormals kept): the factor fl(fl(max / amax) / 2^margin) clamped to [2^-126,
+    2^126] (1 for an amax of 0 or not finite), the scale s its reciprocal, fl(q * s) with q the
+    element (an ml_dtypes type, nearest even) of fl(x / s) saturated at +-max."""
+    x = np.asarray(x, np.float32)
+    amax = np.max(np.abs(x)) if x.size else np.float32(0)
+    with np.errstate(over="ignore", divide="ignore"):
+        factor = np.float32(np.float32(maximum) / amax) / np.float32(2.0**margin)
+    if not amax > 0 or not np.isfinite(amax):
+        factor = np.float32(1)
+    factor = min(max(factor, np.float32(2.0**-126)), np.float32(2.0**126))
+    s = np.float32(1) / factor
+    with np.errstate(invalid="ignore", over="ignore"):
+        quotient = np.clip(x / s, -maximum, maximum)
+        q = quotient.astype(element).astype(np.float32)
+    return q * s

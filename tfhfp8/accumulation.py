@@ -47,14 +47,19 @@ def _float_format(parameter, value):
     return fmt
 
 
+_MAX_CHUNK = 2**31 - 1
+
+
 def _check_chunk(chunk_size):
     if chunk_size is None:
         return None
     if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size,
                                                                   (int, np.integer)):
         raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size}")
+    if not 1 <= chunk_size <= _MAX_CHUNK:
+        raise ValueError(f"chunk_size must be None or an integer from 1 to 2^31 - 1 (the "
+                         f"kernels' int32 attribute; None sums K in one chunk), got "
+                         f"{chunk_size}")
     return int(chunk_size)
 
 

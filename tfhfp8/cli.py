@@ -26,7 +26,7 @@ import os
 import sys
 import zipfile
 
-from absl import app, flags
+from absl import flags
 
 from tfhfp8 import (block_formats, datasets, distribute, experiment, formats, models, policy,
                     program)
@@ -90,6 +90,10 @@ _CALIBRATION_STEPS = flags.DEFINE_integer(
 _FOLD = flags.DEFINE_boolean("fold_batchnorm", False,
                              "ptq: fold BatchNorm into the preceding layer after calibration.")
 _OUTPUT = flags.DEFINE_string("output", None, "ptq: where to save the quantized model (.keras).")
+_OVERWRITE = flags.DEFINE_boolean(
+    "overwrite", False, "train, demo, ptq, finetune: replace the files a command writes "
+    "(results.json, curves.png, finetune.png, finetuned_<policy>.keras, --output) when "
+    "they exist; without it the command stops before any work.")
 
 
 # Every flag is checked when the flags are parsed (absl prints the message and exits
@@ -144,6 +148,19 @@ flags.register_validator(
     message="--output must be a .keras (or .h5) file name")
 
 
+def _usage_error(message):
+    """Exits with `message` alone (absl's UsageError prints the whole help first)."""
+    sys.exit(f"{message} (tfhfp8 --help explains every flag)")
+
+
+def _check_not_overwriting(paths):
+    """A ValueError naming the files of `paths` that exist, unless --overwrite."""
+    existing = [path for path in paths if os.path.exists(path)]
+    if existing and not _OVERWRITE.value:
+        raise ValueError(f"would overwrite {', '.join(existing)}; pass --overwrite to "
+                         "replace, or choose another output")
+
+
 def _train(**overrides):
     settings = dict(model=_MODEL.value or "resnet20", dataset=_DATASET.value,
                     policies=_POLICIES.value, epochs=_EPOCHS.value,
@@ -154,6 +171,8 @@ def _train(**overrides):
                     gradient_communication=_COMMUNICATION.value,
                     verbose=1 if sys.stdout.isatty() else 2)  # a log gets one line per epoch
     settings.update(overrides)
+    _check_not_overwriting([os.path.join(settings["output_dir"], name)
+                            for name in ("results.json", "curves.png")])
     results = experiment.train_policies(**settings)
     print()
     print(experiment.table(results))
@@ -212,13 +231,10 @@ def formats_table():
 
 
 def _ptq():
-    import keras
-    import numpy as np
-
     from tfhfp8 import calibration
 
     if not _MODEL.value or not _DATA.value:
-        raise app.UsageError("ptq needs --model=PATH and --data=NAME_OR_NPZ")
+        _usage_error("tfhfp8 ptq needs --model=PATH and --data=NAME_OR_NPZ")
     if "," in _POLICY.value:
         raise ValueError(f"ptq takes one --policy, got {_POLICY.value!r}")
     if not os.path.isfile(_MODEL.value):
@@ -227,13 +243,10 @@ def _ptq():
         raise ValueError(f"--data must be a .npz file or one of {', '.join(datasets.names())}; "
                          f"got {_DATA.value!r}")
     if _OUTPUT.value:  # before the work, whose result would be lost
+        _check_not_overwriting([_OUTPUT.value])
         experiment.check_writable_dir(os.path.dirname(os.path.abspath(_OUTPUT.value)),
                                       "--output")
-    try:
-        model = keras.saving.load_model(_MODEL.value, compile=False)
-    except Exception as error:  # Keras raises many kinds for a file that is not a model
-        raise ValueError(f"--model: cannot load {_MODEL.value!r} as a Keras model: "
-                         f"{type(error).__name__}: {error}") from None
+    model = experiment.load_model_file(_MODEL.value, "--model")
     if _DATA.value.endswith(".npz"):
         arrays = _load_npz(_DATA.value)
         calibration_data = arrays["x"]
@@ -259,8 +272,11 @@ def _finetune():
     from tfhfp8 import fine_tuning
 
     if not _MODEL.value:
-        raise app.UsageError("finetune needs --model (a .keras/.h5 file, a keras.applications "
-                             "name or a KerasHub preset)")
+        _usage_error("tfhfp8 finetune needs --model (a .keras/.h5 file, a "
+                     "keras.applications name or a KerasHub preset)")
+    _check_not_overwriting([os.path.join(_OUTPUT_DIR.value, name) for name in (
+        "results.json", "finetune.png",
+        *(f"finetuned_{name}.keras" for name in _POLICY.value.split(",")))])
     results = fine_tuning.finetune(
         _MODEL.value, _DATASET.value, _POLICY.value.split(","), epochs=_EPOCHS.value,
         learning_rate=_LEARNING_RATE.value if flags.FLAGS["learning_rate"].present else None,
@@ -299,8 +315,7 @@ def _load_npz(path):
 
 def main(argv):
     if len(argv) != 2 or argv[1] not in _COMMANDS:
-        raise app.UsageError(f"Usage: tfhfp8 {{{'|'.join(_COMMANDS)}}} [--flags]; "
-                             "tfhfp8 --help explains every flag.")
+        _usage_error(f"Usage: tfhfp8 {{{'|'.join(_COMMANDS)}}} [--flags]")
     command = argv[1]
     try:
         if command == "formats":

@@ -85,7 +85,15 @@ def quantize_model(model, policy="hfp8", exempt=None, verbose=False):
             config.pop("policy", None)
             return keras_class.from_config(config)
         config["policy"] = policy.for_exempt_layer() if layer.name in first_last else policy
-        return emulated.from_config(config)
+        try:
+            return emulated.from_config(config)
+        except TypeError as error:
+            # Keras' from_config reports any error of the constructor as a TypeError
+            # about deserialization; the layer's own (e.g. a NotImplementedError for a
+            # policy it cannot run) is the one that says what is wrong.
+            if isinstance(error.__context__, (NotImplementedError, ValueError)):
+                raise error.__context__ from None
+            raise
 
     converted = keras.models.clone_model(model, clone_function=clone, recursive=True)
     copy_weights(model, converted)

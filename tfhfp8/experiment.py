@@ -47,6 +47,57 @@ def check_writable_dir(path, name="output_dir"):
                          ) from None
 
 
+def load_model_file(path, name="model"):
+    """The Keras model saved at `path` (.keras or legacy .h5), uncompiled; a ValueError
+    naming `name` and the file when it is missing, damaged (truncated) or no model."""
+    import zipfile  # noqa: PLC0415
+
+    import h5py  # noqa: PLC0415 (a Keras dependency)
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{name}: no such file {path!r}")
+    if not (zipfile.is_zipfile(path) if path.endswith(".keras")
+            else _opens_as_hdf5(path, h5py) if path.endswith(".h5") else True):
+        raise ValueError(f"{name}: {path!r} is damaged (truncated or not a complete "
+                         f"{os.path.splitext(path)[1]} file): save the model again")
+    if path.endswith(".weights.h5"):
+        raise ValueError(f"{name}: {path!r} holds weights only (model.save_weights), not a "
+                         "model: save the whole model with model.save('name.keras')")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many kinds for a file that is not a model
+        damaged = isinstance(error, (OSError, EOFError, zipfile.BadZipFile))
+        raise ValueError(f"{name}: cannot load {path!r} as a Keras model"
+                         f"{' (the file is damaged)' if damaged else ''}: "
+                         f"{type(error).__name__}: {error}") from None
+
+
+def _opens_as_hdf5(path, h5py):
+    try:
+        with h5py.File(path, "r"):
+            return True
+    except OSError:  # truncated, or not HDF5 at all
+        return False
+
+
+# The reference models that take token ids, and the data sets of token ids.
+_TEXT_MODELS = ("transformer_classifier",)
+_TEXT_DATASETS = ("rotten_tomatoes",)
+
+
+def _check_model_takes(model, dataset):
+    """A ValueError when a reference model cannot take the data set (images or tokens)."""
+    if not isinstance(model, str) or not isinstance(dataset, str):
+        return
+    text = model in _TEXT_MODELS
+    if text != (dataset in _TEXT_DATASETS):
+        fitting = [d for d in datasets.names() if (d in _TEXT_DATASETS) == text]
+        kind = "token ids" if text else "images"
+        raise ValueError(f"model {model!r} takes {kind}: dataset must be one of "
+                         f"{', '.join(fitting)}; got {dataset!r}")
+
+
 def load_data(dataset, limit=None, test_limit=None, seed=0):
     """`(x_train, y_train), (x_test, y_test), model_kwargs` for a data set name."""
     kwargs = {}
@@ -150,6 +201,9 @@ def _check_arguments(loss_scaling, epochs, batch_size, limit, test_limit, seed,
         raise ValueError(f"learning_rate must be a positive finite number, got "
                          f"{learning_rate!r}")
     _check_positive_int("replicas", replicas)
+    if batch_size % replicas:
+        raise ValueError(f"batch_size ({batch_size}) must be a multiple of replicas "
+                         f"({replicas}): each replica takes batch_size / replicas examples")
     if learning_rate_schedule not in LEARNING_RATE_SCHEDULES:
         raise ValueError(f"learning_rate_schedule must be one of {LEARNING_RATE_SCHEDULES}, "
                          f"got {learning_rate_schedule!r}")
@@ -167,6 +221,7 @@ def _policies(model, dataset, policies):
     if isinstance(dataset, str) and dataset not in datasets.names():
         raise ValueError(f"dataset must be one of {', '.join(datasets.names())}; got "
                          f"{dataset!r}")
+    _check_model_takes(model, dataset)
     return policies
 
 

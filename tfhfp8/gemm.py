@@ -17,6 +17,7 @@ and output swapped. A two-operand einsum is a batched GEMM over its contracted l
 einsums `dC,B->A` and `A,dC->B` likewise).
 """
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -24,7 +25,7 @@ import tensorflow as tf
 
 from tfhfp8 import _compat, accumulation, formats, ops
 from tfhfp8.ops import cpp_backend, tf_accumulate, tf_backend
-from tfhfp8.quantization import _seed_tensor, quantize
+from tfhfp8.quantization import _as_float_tensor, _seed_tensor, quantize
 
 GEMM_KINDS = ("forward", "input_gradient", "weight_gradient")
 
@@ -161,13 +162,16 @@ def matmul(a, b, accumulator="float32", transpose_a=False, transpose_b=False,
     """`a @ b` (batched like `tf.linalg.matmul`) with its sums emulated.
 
     Args:
-      a, b: float tensors `[..., M, K]` and `[..., K, N]` (after the transposes).
+      a, b: float tensors `[..., M, K]` and `[..., K, N]` (after the transposes):
+        float32, or float16, bfloat16, float64 cast to float32 (other dtypes are a
+        TypeError).
       accumulator: a `tfhfp8.Accumulator` or its name, used by the forward GEMM and the
         two gradient GEMMs; or a dict `{"forward", "input_gradient",
         "weight_gradient"}` (missing kinds: `"float32"`).
       transpose_a, transpose_b: as in `tf.linalg.matmul`.
       a_format, b_format: formats the operands are rounded to first (nearest even,
-        saturating). A float accumulator needs formats whose products are exact in
+        saturating); block formats block them along K (`a`'s last axis, `b`'s
+        second-last after the transposes), whatever axis they name. A float accumulator needs formats whose products are exact in
         float32 (`FloatFormat` with at most 11 mantissa bits, `DynamicFixedPoint` with
         at most 13 bits); `"int32"` needs per-tensor `DynamicFixedPoint` formats.
       grad_format: the format the gradient of the output is rounded to before the
@@ -203,19 +207,66 @@ def matmul(a, b, accumulator="float32", transpose_a=False, transpose_b=False,
                    ("grad_format", "b_format"))
     check_operands(accs["weight_gradient"], a_given, grad_format,
                    ("a_format", "grad_format"))
-    a = tf.convert_to_tensor(a, tf.float32)
-    b = tf.convert_to_tensor(b, tf.float32)
+    a = tf.cast(_as_float_tensor(a, "matmul: a"), tf.float32)
+    b = tf.cast(_as_float_tensor(b, "matmul: b"), tf.float32)
+    a, b = _checked_shapes(a, b, transpose_a, transpose_b)
     if transpose_a:
         a = tf.linalg.matrix_transpose(a)
     if transpose_b:
         b = tf.linalg.matrix_transpose(b)
     if a_format is not None:
-        a = quantize(a, a_format, saturate=True)
+        a = _quantize_along_k(a, a_format, -1)
     if b_format is not None:
-        b = quantize(b, b_format, saturate=True)
+        b = _quantize_along_k(b, b_format, -2)
     seed = _seed_tensor(seed) if any(acc.kind == "float" and acc.rounding == "stochastic"
                                      for acc in accs.values()) else tf.zeros([], tf.int64)
     return _matmul(a, b, accs, a_given, b_given, grad_format, seed, stats or Stats())
+
+
+def _checked_shapes(a, b, transpose_a, transpose_b):
+    """`a`, `b` as given, or a ValueError naming their shapes: ranks below 2, different
+    K, batch dimensions that do not broadcast (checked when run where not yet known)."""
+    shapes = (f"shapes {a.shape.as_list() if a.shape.rank is not None else a.shape} and "
+              f"{b.shape.as_list() if b.shape.rank is not None else b.shape} "
+              f"(transpose_a={transpose_a}, transpose_b={transpose_b})")
+    for name, x in (("a", a), ("b", b)):
+        if x.shape.rank is not None and x.shape.rank < 2:
+            raise ValueError(f"matmul: a and b need rank 2 or more ([..., M, K] and "
+                             f"[..., K, N]); {name} has rank {x.shape.rank}: {shapes}")
+    if a.shape.rank is None or b.shape.rank is None:
+        return a, b
+    k_a = a.shape[-2] if transpose_a else a.shape[-1]
+    k_b = b.shape[-1] if transpose_b else b.shape[-2]
+    if k_a is not None and k_b is not None:
+        if k_a != k_b:
+            raise ValueError(f"matmul: the reduction length K of a ({k_a}) and of b ({k_b}) "
+                             f"differ: {shapes}")
+    else:
+        k_a = tf.shape(a)[-2 if transpose_a else -1]
+        k_b = tf.shape(b)[-1 if transpose_b else -2]
+        check = tf.debugging.Assert(
+            tf.equal(k_a, k_b),
+            ["matmul: the reduction length K of a and of b differ: shapes", tf.shape(a),
+             "and", tf.shape(b), f"(transpose_a={transpose_a}, transpose_b={transpose_b})"])
+        with tf.control_dependencies([check]):
+            a = tf.identity(a)
+    if b.shape.rank > 2:
+        try:
+            tf.broadcast_static_shape(a.shape[:-2], b.shape[:-2])
+        except ValueError:
+            raise ValueError(f"matmul: the batch dimensions of a and b do not broadcast: "
+                             f"{shapes}") from None
+    return a, b
+
+
+def _quantize_along_k(x, fmt, k_axis):
+    """`x` rounded to `fmt` (nearest even, saturating); a block format's blocks run along
+    the GEMM's reduction axis K (`k_axis`), whatever axis the format names (as the
+    layers block each GEMM's operands, `tfhfp8.layers.gemm_axes`)."""
+    from tfhfp8.layers import gemm_axes  # noqa: PLC0415 (layers import this module)
+    if gemm_axes.axis_dependent(fmt):
+        fmt = dataclasses.replace(fmt, axis=k_axis)
+    return quantize(x, fmt, saturate=True)
 
 
 def _without_unformatted_gradient(accs, accumulator, grad_format):

@@ -266,5 +266,6 @@ def __getattr__(name):
 
 
 def _value(variable):
-    """The backend variable behind a Keras variable (what `tf.distribute` updates)."""
-    return getattr(variable, "value", variable)
+    """The backend variable behind a Keras variable (what `tf.distribute` updates); a
+    `tf.Variable` itself (whose `value` is a method)."""
+    return variable.value if isinstance(variable, keras.Variable) else variable

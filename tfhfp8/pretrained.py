@@ -7,7 +7,7 @@ import time
 import keras
 import numpy as np
 
-from tfhfp8 import _compat
+from tfhfp8 import _compat, experiment
 from tfhfp8.conversion import _NON_GEMM  # (conversion.py should make it public)
 from tfhfp8.layers import EMULATED, walk
 
@@ -89,13 +89,7 @@ def load_pretrained(spec, verbose=0):
         raise TypeError(f"model must be a keras.Model, a .keras/.h5 path, a "
                         f"keras.applications name or a KerasHub preset; got {spec!r}")
     if spec.endswith((".keras", ".h5")) or (os.path.isfile(spec)):
-        if not os.path.isfile(spec):
-            raise ValueError(f"model: no such file {spec!r}")
-        try:
-            return keras.saving.load_model(spec, compile=False), "image", None
-        except Exception as error:  # Keras raises many kinds for a file that is not a model
-            raise ValueError(f"model: cannot load {spec!r} as a Keras model: "
-                             f"{type(error).__name__}: {error}") from None
+        return experiment.load_model_file(spec, "model"), "image", None
     if hasattr(keras.applications, spec) and not os.path.isdir(spec):
         builder = getattr(keras.applications, spec)
         try:

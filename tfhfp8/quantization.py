@@ -39,7 +39,10 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
         `"zero_overflow"` zeroes it where `|x|` exceeds the format's max.
       scale: per-tensor scaled formats only (`BlockScaled(..., block_size=None)`):
         the float32 scale to use (delayed scaling: the one computed from an amax
-        history); None uses the scale of `x`'s own amax (current scaling).
+        history), finite and at least 2^-126 (a normal float32: TF's CPU flushes
+        smaller ones to 0); a known value outside that range is a ValueError, a traced
+        one an InvalidArgumentError when it runs. None uses the scale of `x`'s own
+        amax (current scaling).
 
     Example:
 
@@ -56,9 +59,7 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
         if not (isinstance(fmt, block_formats.BlockScaled) and fmt.per_tensor):
             raise ValueError(f"scale is for per-tensor scaled formats (BlockScaled with "
                              f"block_size=None) only, not {fmt!r}")
-        scale = tf.convert_to_tensor(scale, tf.float32)
-        if scale.shape.rank is not None and scale.shape.rank != 0:
-            raise ValueError(f"scale must be a scalar, got shape {scale.shape}")
+        scale = _checked_scale(scale)
     if rounding == "stochastic":
         seed = _seed_tensor(seed)
     else:  # checked all the same: a bad seed is a bug wherever it is passed
@@ -123,7 +124,30 @@ def _check_arguments(rounding, saturate):
         raise ValueError(f"saturate must be True or False, got {saturate!r}")
 
 
-def _as_float_tensor(x):
+_SCALE_RANGE = "scale must be a finite float32 of at least 2^-126 (a normal float32)"
+
+
+def _checked_scale(scale):
+    """A delayed scale as a float32 scalar tensor: a ValueError now when its value is
+    known and unusable (0, negative, subnormal, inf, NaN), else checked when it runs."""
+    scale = tf.convert_to_tensor(scale, tf.float32)
+    if scale.shape.rank is not None and scale.shape.rank != 0:
+        raise ValueError(f"scale must be a scalar, got shape {scale.shape}")
+    value = tf.get_static_value(scale)
+    if value is not None:
+        if not (np.isfinite(value) and value >= tf_block.MIN_SCALE):
+            raise ValueError(f"{_SCALE_RANGE}, got {float(value)!r}")
+        return scale
+    # On the bits: a subnormal reads as 0 in TF's CPU comparisons, NaN compares false.
+    bits = tf.bitcast(scale, tf.int32)
+    usable = (bits >= tf.bitcast(tf.constant(tf_block.MIN_SCALE, tf.float32), tf.int32)) & (
+        bits < 0x7F800000)
+    check = tf.debugging.Assert(usable, [_SCALE_RANGE + ", got", scale])
+    with tf.control_dependencies([check]):
+        return tf.identity(scale)
+
+
+def _as_float_tensor(x, what="quantize"):
     # Variables (Keras' included, which pass tf.is_tensor) are read here, outside the
     # custom-gradient functions, so gradients flow to them through the read.
     if not isinstance(x, tf.Tensor):
@@ -132,10 +156,10 @@ def _as_float_tensor(x):
         try:
             x = tf.convert_to_tensor(x, dtype_hint=hint)
         except (TypeError, ValueError) as error:
-            raise TypeError(f"quantize expects a floating-point tensor, got {x!r}") from error
+            raise TypeError(f"{what} expects a floating-point tensor, got {x!r}") from error
     if x.dtype not in _DTYPES:
         raise TypeError(
-            f"quantize expects a float16, bfloat16, float32 or float64 tensor, got {x.dtype.name}")
+            f"{what} expects a float16, bfloat16, float32 or float64 tensor, got {x.dtype.name}")
     return x
 
 

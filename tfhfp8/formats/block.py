@@ -35,7 +35,11 @@ with an FP32 scale, the recipe of NVIDIA's Transformer Engine (`DelayedScaling`)
 Keras 3's float8 training (`keras.quantizers.compute_float8_scale`,
 `quantize_and_dequantize`), in float32 arithmetic step by step as they compute it:
 `s = 1 / fl32(fl32(max_element / amax) / 2^margin)` (`s = 1` when `amax` is 0 or not
-finite), elements `round(fl32(x / s))` (saturating), values `fl32(q * s)`. The scale
+finite), elements `round(fl32(x / s))` (saturating), values `fl32(q * s)`, IEEE float32
+subnormals included. The factor `max_element / amax / 2^margin` is clamped to
+[2^-126, 2^126], so that it and `s` stay normal float32 numbers: for a tensor whose amax
+is below about 5e-36 (Transformer Engine clamps the factor at FLT_MAX; TensorFlow's CPU
+would flush a subnormal `s` to 0), and for a huge amax with a large margin. The scale
 is not a power of two, so `x / s` and `q * s` are float32 roundings of their own, as
 on the hardware these recipes target (its FP32 multiply before the FP8 cast); they are
 part of the format's definition. `amax_history=0` is current scaling (the amax of the

@@ -9,7 +9,8 @@
   one loop instead of materialising every intermediate tensor.
 
 The `tf` backend is used inside XLA-compiled functions and when a GPU is visible;
-otherwise `cpp`, when its library builds. `TFHFP8_BACKEND=tf|cpp` forces one.
+otherwise `cpp`, when its library builds. `TFHFP8_BACKEND=tf|cpp` forces one outside
+XLA-compiled functions (inside them, always `tf`: XLA cannot compile the C++ ops).
 """
 
 import functools
@@ -42,14 +43,14 @@ def _cpp_available():
 
 def _choose():
     forced = os.environ.get("TFHFP8_BACKEND", "").strip().lower()
+    if forced and forced not in _BACKENDS:
+        raise ValueError(f"TFHFP8_BACKEND must be 'tf' or 'cpp', got {forced!r}")
+    if _compat.in_xla_context():  # XLA cannot compile custom ops: forced or not
+        return "tf", "inside an XLA-compiled function"
     if forced:
-        if forced not in _BACKENDS:
-            raise ValueError(f"TFHFP8_BACKEND must be 'tf' or 'cpp', got {forced!r}")
         if forced == "cpp" and not _cpp_available():
             raise RuntimeError(f"TFHFP8_BACKEND=cpp but the C++ kernels failed: {_cpp_error}")
         return forced, "forced by TFHFP8_BACKEND"
-    if _compat.in_xla_context():
-        return "tf", "inside an XLA-compiled function"
     if tf.config.list_logical_devices("GPU"):
         return "tf", "a GPU is visible (the C++ kernels are CPU-only)"
     if _cpp_available():

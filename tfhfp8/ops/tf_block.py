@@ -250,22 +250,43 @@ def dfp_block_exponents(x, fmt, rounding):
 
 
 # -- per-tensor FP32 scales (Transformer Engine / Keras float8) ------------------------
+# The factor max_element / amax / 2^margin is clamped to [2^-126, 2^126], so that it
+# and its reciprocal, the scale, are normal float32 numbers: TF's CPU flushes a
+# subnormal to zero (Transformer Engine clamps the factor at FLT_MAX, whose reciprocal
+# is subnormal), and a factor flushed to 0 (a huge amax with a large margin) would
+# make the scale infinite.
+MAX_FACTOR = 2.0**126
+MIN_SCALE = 2.0**-126
+
+
 def tensor_amax(x):
-    """The largest magnitude of `x`, as a float32 scalar (Keras: `max(abs(x))`)."""
-    return tf.cast(tf.reduce_max(tf.abs(x)), tf.float32)
+    """The largest magnitude of `x`, as a float32 scalar (Keras: `max(abs(x))`; NaN if
+    `x` holds one), taken on the magnitude bits for float32 and float64 `x` so that
+    subnormals count (TF's CPU reads them as zero in float arithmetic)."""
+    if x.dtype not in (tf.float32, tf.float64):
+        return tf.cast(tf.reduce_max(tf.abs(x)), tf.float32)
+    c = tb.CONTAINERS[x.dtype]
+    _, a = tb._split(x, c)
+    signed = tf.int32 if c.width == 32 else tf.int64
+    top = tf.maximum(tf.reduce_max(tf.reshape(tf.bitcast(a, signed), [-1])), 0)  # empty: 0
+    return tf.cast(tf.bitcast(top, x.dtype), tf.float32)
 
 
 def tensor_scale(amax, fmt, previous=None):
     """The per-tensor scale `s` of `fmt` for `amax` (float32 scalars), as Keras'
     `compute_float8_scale` computes it, operation by operation: the reciprocal
-    `max_element / amax / 2^margin`, whose own reciprocal is `s`; where `amax` is 0
-    or not finite, the previous scale (through the same two reciprocals), 1 if none.
+    `max_element / amax / 2^margin` (clamped to [2^-126, 2^126]), whose own
+    reciprocal is `s`; where `amax` is 0 or not finite, the previous scale (through the
+    same two reciprocals), 1 if none.
     """
     previous = tf.constant(1.0) if previous is None else tf.cast(previous, tf.float32)
     amax = tf.cast(amax, tf.float32)
     factor = tf.constant(float(fmt.element.max), tf.float32) / amax / (2.0 ** fmt.margin)
+    # (A subnormal amax reads as 0: the factor is inf, clamped like a tiny normal one.)
+    factor = tf.clip_by_value(factor, MIN_SCALE, MAX_FACTOR)
     kept = tf.math.reciprocal(previous)
-    factor = tf.where(amax > 0.0, factor, kept)
+    positive = tf.bitcast(amax, tf.int32) > 0  # on the bits: subnormals are positive
+    factor = tf.where(positive, factor, kept)
     factor = tf.where(tf.math.is_finite(amax), factor, kept)
     return tf.math.reciprocal(factor)
 
@@ -280,9 +301,49 @@ def next_amax_history(history, amax):
 def quantize_tensor_scaled(x, fmt, rounding, seed, scale, quantize_float):
     """Per-tensor FP32 scale: `fl(q * s)`, `q` = `fl(x / s)` rounded to the element
     (saturating). `scale` None: the current amax's scale. `quantize_float(y, element,
-    rounding, saturate, seed)` is the backend's element rounding."""
+    rounding, saturate, seed)` is the backend's element rounding.
+
+    With float32 `x` and a scale so small that a subnormal input could round to a
+    nonzero element or `q * s` be subnormal, the quotient and the product are computed
+    on the bits (TF's CPU flushes subnormals to zero in float arithmetic); otherwise the
+    float32 operations give the same IEEE results."""
     if scale is None:
         scale = tensor_scale(tensor_amax(x), fmt)
     s = tf.cast(scale, x.dtype)
-    q = quantize_float(x / s, fmt.element, rounding, True, seed)
-    return q * s
+
+    def in_float_ops():
+        return quantize_float(x / s, fmt.element, rounding, True, seed) * s
+
+    if x.dtype != tf.float32:
+        return in_float_ops()
+    # Above this scale, |x| < 2^-126 gives |x / s| below half the element's smallest
+    # value and every nonzero q * s is normal.
+    safe = MIN_SCALE * 2.0 / fmt.element.min_subnormal
+    return tf.cond(s >= safe, in_float_ops,
+                   lambda: _scaled_on_the_bits(x, s, fmt, rounding, seed, quantize_float))
+
+
+def _scaled_on_the_bits(x, s, fmt, rounding, seed, quantize_float):
+    """`quantize_tensor_scaled` of float32 `x`, IEEE subnormals included: `x / s` and
+    `q * s` in float64 (exact operands from the bits; a float64 quotient of 24-bit
+    significands rounds to float32 as the exact one would, the product is exact) and
+    rounded once to float32 on the bits."""
+    c = tb.CONTAINERS[tf.float32]
+    zero_seed = tf.zeros([], tf.int64)
+    s64 = tf.cast(s, tf.float64)  # s >= 2^-126: normal
+
+    def to_float32(y64):
+        return _float64_to_float32(tb.quantize_float(y64, _FLOAT32, "nearest_even", True,
+                                                     zero_seed))
+
+    _, a = tb._split(x, c)
+    finite = a < tb._u(c.inf_bits, c)
+    safe_x = tf.where(finite, x, tf.zeros_like(x))
+    quotient = tf.where(finite, to_float32(_to_float64(safe_x, tb._split(safe_x, c)[1], c)
+                                           / s64), x / s)
+    q = quantize_float(quotient, fmt.element, rounding, True, seed)
+    _, qa = tb._split(q, c)
+    q_finite = qa < tb._u(c.inf_bits, c)
+    safe_q = tf.where(q_finite, q, tf.zeros_like(q))
+    product = to_float32(_to_float64(safe_q, tb._split(safe_q, c)[1], c) * s64)
+    return tf.where(q_finite, product, q)

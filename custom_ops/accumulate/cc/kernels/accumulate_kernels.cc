@@ -191,6 +191,10 @@ class AccumulatingMatmulOp : public OpKernel {
     OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({}), &swamped_tensor));
     swamped_tensor->scalar<int64_t>()() = 0;
     if (c->NumElements() == 0) return;
+    if (k == 0) {  // an empty sum is +0 (the tile loops write nothing)
+      c->flat<float>().setZero();
+      return;
+    }
 
     FloatAccumulation acc;
     acc.inner = inner_;
@@ -272,6 +276,10 @@ class Int32MatmulOp : public OpKernel {
     OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({}), &overflow_tensor));
     overflow_tensor->scalar<int64_t>()() = 0;
     if (c->NumElements() == 0) return;
+    if (k == 0) {  // an empty sum is +0 (the tile loops write nothing)
+      c->flat<float>().setZero();
+      return;
+    }
 
     Int32Accumulation acc;
     acc.k = k;
