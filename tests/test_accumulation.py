@@ -749,3 +749,30 @@ def test_matmul_uses_the_active_backend(monkeypatch):
     _assert_bits(results["tf"], results["cpp"])
     _assert_bits(results["tf"], reference_matmul(a, b, tfhfp8.Accumulator("float16",
                                                                            chunk_size=8)))
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda p, d: tfhfp8.layers.Dense(3, policy=p, dtype=d), (2, 5)),
+    (lambda p, d: tfhfp8.layers.Conv1D(3, 2, policy=p, dtype=d), (2, 6, 4)),
+    (lambda p, d: tfhfp8.layers.EinsumDense("ab,bc->ac", output_shape=3, policy=p,
+                                            dtype=d), (2, 5)),
+], ids=["dense", "conv1d", "einsum_dense"])
+def test_mixed_float16_layers_take_emulated_sums(make, shape):
+    # Keras' "mixed_float16" hands the layer float16 inputs and kernels; the emulated
+    # sums run on their float32 values (exact) and the result is float16 again, the
+    # float32 layer's result rounded once.
+    policy = tfhfp8.Policy(**EXACT_SUMS)
+    mixed, plain = make(policy, "mixed_float16"), make(policy, "float32")
+    rng = np.random.default_rng(5)
+    x = rng.integers(-4, 5, size=shape).astype("float32")
+    mixed(x), plain(x)
+    for w_m, w_p in zip(mixed.trainable_weights, plain.trainable_weights):
+        value = rng.integers(-3, 4, size=w_m.shape).astype("float32")
+        w_m.assign(value)
+        w_p.assign(value)
+    with tf.GradientTape() as tape:
+        y = mixed(x)
+    assert y.dtype == tf.float16
+    np.testing.assert_array_equal(y.numpy(), plain(x).numpy().astype(np.float16))
+    grads = tape.gradient(y, mixed.trainable_weights)
+    assert all(g is not None and np.all(np.isfinite(g.numpy())) for g in grads)

@@ -43,6 +43,16 @@ from tfhfp8.quantization import quantize, quantize_gradient
 from tfhfp8.rounding import stochastic_seed
 
 
+def _in_float32(op):
+    """`op` on float32 operands, its result in the first operand's dtype: the emulated
+    sums take float32 (a float16 or bfloat16 value is exact in it), while a layer may
+    compute in float16 (Keras' "mixed_float16")."""
+    def cast_around(*operands):
+        dtype = operands[0].dtype
+        return tf.cast(op(*(tf.cast(x, tf.float32) for x in operands)), dtype)
+    return cast_around
+
+
 class EmulatedLayer(EmulationState, _compat.AfterBuild):
     """Mixin for Keras layers whose GEMMs run in the formats of a `tfhfp8.Policy`.
 
@@ -295,10 +305,10 @@ class EmulatedLayer(EmulationState, _compat.AfterBuild):
     def _accumulating(self, name, step):
         """The layer's op for GEMM `name` with the policy's accumulators."""
         accs, seed, stats = self._accumulation_setup(name, step)
-        return functools.partial(
+        return _in_float32(functools.partial(
             self._accumulating_op(name), accumulators=accs,
             formats=(self.policy.activations, self.policy.weights, self.policy.errors),
-            seed=seed, stats=stats)
+            seed=seed, stats=stats))
 
     def _accumulating_per_axis(self, spec, name, step, operand_formats):
         """The forward, input-gradient and kernel-gradient einsums of `spec` (a
@@ -309,6 +319,7 @@ class EmulatedLayer(EmulationState, _compat.AfterBuild):
         ta, tb, tc = spec.terms
 
         def einsum(kind, terms, fmts, offset):
+            @_in_float32
             def product(x, y):
                 c, swamped, overflows, additions = gemm._einsum_product(
                     x, y, terms, accs[kind], *fmts, seed + offset)
