@@ -253,9 +253,12 @@ __attribute__((always_inline)) inline T QuantizeFloatElement(
 // NearestEvenFastApplies(p) and that the thread keeps IEEE subnormals and rounds to
 // nearest: the format's subnormal range is rounded by the FPU itself, adding and
 // subtracting 2^(quantum_exponent + 23), whose ulp is the format's quantum. (TF's
-// threads flush subnormals to zero: the quantize kernels cannot use it.)
+// threads flush subnormals to zero: the quantize kernels use it only where that cannot
+// matter, see NearestEvenIgnoresFlush.) Ties go to the even float32 bit above the dropped
+// ones, which is the code's last bit unless no mantissa bit is kept and the rebias
+// shifts the exponent by an odd amount (m = 0 and even emin): not then.
 inline bool NearestEvenFastApplies(const FloatParams<float>& p) {
-  return p.quantum_exponent + 23 <= 127;
+  return p.quantum_exponent + 23 <= 127 && ((p.rebias >> p.d) & 1) == 0;
 }
 
 // kPlain (when PlainNearestEven(p)): the zero-sign rule of fnuz formats is left out and
