@@ -67,7 +67,8 @@ def copy_floor_cases(x):
 
 def print_throughput(cases, n, repeats, warmup):
     """Times `cases` ([(name, fn)], the two copy-floor cases first) on n elements and
-    prints ms, elements/s and the ratio to the copy floor per case.
+    prints ms, elements/s and the ratio to the copy floor per case; returns {name: best
+    seconds}.
 
     Interleaved rounds: each round times every case once, so a slow spell of a shared
     machine hits all cases alike; the best round of each case counts."""
@@ -87,3 +88,4 @@ def print_throughput(cases, n, repeats, warmup):
         rate = n / seconds
         print(f"{name:{width}s}  {seconds * 1e3:8.2f}  {rate / 1e9:8.3f}  {rate / copy_rate:6.2f}")
     print(f"load average after: {load_average()}")
+    return dict(zip((name for name, _ in cases), best))

@@ -1,7 +1,8 @@
 """Throughput of tfhfp8's quantization kernels against reference points.
 
 Measures best-of-N elements/s, in one process, for the C++ kernels (each CPU variant
-this machine supports), the TF-ops backend (graph, eager-fused and XLA), `tf.cast`
+this machine supports) and the TF-ops code under XLA for several formats and each
+rounding (`--formats`), the TF-ops backend (graph, eager-fused), `tf.cast`
 to float8, the ml_dtypes round trip, dynamic fixed point, the public
 `tfhfp8.quantize` path, and the memory-copy floor (`x * one`, the faster of a
 `tf.function` and an XLA-compiled one). Each is also given as a ratio to the copy floor: the machine is shared and noisy, so
@@ -10,11 +11,14 @@ that one eager `tfhfp8.quantize` of a 256 MiB tensor adds, per backend (each in 
 fresh process), as a multiple of the input's size.
 
     PYTHONPATH=. python benchmarks/quantize_throughput.py [--log2_size 24] [--repeats 7]
+        [--formats hfp8_fwd,float8_e5m2] [--filter 'x86_64_v3|XLA'] [--nomemory]
 
-Prints two tables; asserts nothing.
+Prints three tables (the third: C++ over XLA per format, rounding and CPU variant,
+what tfhfp8.ops' per-operation choice is read from); asserts nothing.
 """
 
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -39,8 +43,17 @@ _REPEATS = flags.DEFINE_integer(
     lower_bound=1)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls of each case first.", lower_bound=0)
 _FILTER = flags.DEFINE_string(
-    "filter", "", "Only the cases whose name contains this (the copy floor always runs).")
+    "filter", "", "Only the cases whose name this regular expression matches, e.g. "
+    "'x86_64_v3|XLA' (the copy floor always runs).")
+_MEMORY = flags.DEFINE_boolean("memory", True, "Also measure the peak memory (second table).")
 
+
+_FORMATS = flags.DEFINE_list(
+    "formats", ["hfp8_fwd", "float8_e5m2", "float8_e4m3fn", "float16", "bfloat16",
+                "float4_e2m1fn"],
+    "Formats whose C++ rounding (each CPU variant) and XLA-compiled TF-ops rounding are "
+    "timed side by side.")
+_ROUNDINGS = [("nearest_even", "RNE"), ("stochastic", "SR"), ("toward_zero", "RZ")]
 
 _MEMORY_CASE = flags.DEFINE_string(
     "memory_case", None, "Internal: measure one case's peak memory in this process.")
@@ -55,19 +68,24 @@ def _env_backend(name, fn):
 
 def _cases(x, x_np):
     fwd = tfhfp8.formats.get("hfp8_fwd")  # float8_e4m3b11fnuz
-    e5m2 = tfhfp8.formats.get("float8_e5m2")
     dfp16 = tfhfp8.DynamicFixedPoint(16)
     seed = tf.constant(1234, tf.int64)
     cases = machine.copy_floor_cases(x)
 
-    # C++ kernels, called directly (eager), in each CPU variant this CPU supports.
+    # C++ kernels, called directly (eager), in each CPU variant this CPU supports, and
+    # the TF-ops code of the same rounding compiled by XLA, format by format.
     _, variants = cpp_backend.cpu_variant()
-    for variant in variants:
-        for fmt, label in [(fwd, "hfp8_fwd"), (e5m2, "e5m2")]:
-            for rounding, short in [("nearest_even", "RNE"), ("stochastic", "SR")]:
+    for label in _FORMATS.value:
+        fmt = tfhfp8.formats.get(label)
+        for rounding, short in _ROUNDINGS:
+            for variant in variants:
                 cases.append((f"C++ {label} {short} [{variant}]", machine.with_env(
                     lambda f=fmt, r=rounding: cpp_backend.quantize_float(x, f, r, True, seed),
                     TFHFP8_CPU_VARIANT=variant)))
+            fn = tf.function(
+                lambda v, f=fmt, r=rounding: tf_backend.quantize_float(v, f, r, True, seed),
+                jit_compile=True, autograph=False)
+            cases.append((f"TF-ops {label} {short} (XLA)", lambda fn=fn: fn(x)))
 
     # C++ dynamic fixed point, int16 per tensor: the rounding kernel alone, given the
     # exponent, and the fused kernel that finds the shared exponent too.
@@ -95,18 +113,14 @@ def _cases(x, x_np):
             cases.append((f"tfhfp8.quantize tf {label} {short} (eager)", _env_backend(
                 "tf", lambda f=fmt, r=rounding: tfhfp8.quantize(x, f, r, True, 1234))))
 
-    # TF-ops backend functions as they are: graph (unfused) and XLA.
-    for jit, mode in [(False, "graph"), (True, "XLA")]:
-        for rounding, short in [("nearest_even", "RNE"), ("stochastic", "SR")]:
-            fn = tf.function(lambda v, r=rounding: tf_backend.quantize_float(v, fwd, r, True, seed),
-                             jit_compile=jit, autograph=False)
-            cases.append((f"TF-ops hfp8_fwd {short} ({mode})", lambda fn=fn: fn(x)))
+    # TF-ops backend functions as they are, unfused (graph).
+    for rounding, short in [("nearest_even", "RNE"), ("stochastic", "SR")]:
+        fn = tf.function(lambda v, r=rounding: tf_backend.quantize_float(v, fwd, r, True, seed),
+                         autograph=False)
+        cases.append((f"TF-ops hfp8_fwd {short} (graph)", lambda fn=fn: fn(x)))
     xla_public = tf.function(lambda v: tfhfp8.quantize(v, fwd, "stochastic", True, seed),
                              jit_compile=True, autograph=False)
     cases.append(("tfhfp8.quantize hfp8_fwd SR (XLA, TF-ops)", lambda: xla_public(x)))
-    fn = tf.function(lambda v: tf_backend.quantize_float(v, e5m2, "nearest_even", True, seed),
-                     jit_compile=True, autograph=False)
-    cases.append(("TF-ops e5m2 RNE (XLA)", lambda: fn(x)))
 
     # tf.cast round trips.
     for jit, mode in [(False, "graph"), (True, "XLA")]:
@@ -190,9 +204,28 @@ def main(argv):
     x = tf.constant(x_np)
 
     cases = [(name, fn) for name, fn in _cases(x, x_np)
-             if not _FILTER.value or _FILTER.value in name or name.startswith("copy floor")]
-    machine.print_throughput(cases, n, _REPEATS.value, _WARMUP.value)
-    _memory_table()
+             if re.search(_FILTER.value, name) or name.startswith("copy floor")]
+    best = machine.print_throughput(cases, n, _REPEATS.value, _WARMUP.value)
+    _versus_xla_table(best)
+    if _MEMORY.value:
+        _memory_table()
+
+
+def _versus_xla_table(best):
+    """C++ against XLA's fusion of the TF-ops code, per format, rounding and variant:
+    the XLA time over the C++ time (above 1: C++ is faster)."""
+    rows = [(label, short) for label in _FORMATS.value for _, short in _ROUNDINGS
+            if f"TF-ops {label} {short} (XLA)" in best]
+    variants = [v for v in cpp_backend.cpu_variant()[1]
+                if rows and f"C++ {rows[0][0]} {rows[0][1]} [{v}]" in best]
+    if not rows or not variants:
+        return
+    print("\nC++ speed over XLA's (XLA time / C++ time; above 1: C++ faster):")
+    print(f"  {'format':16s} {'rounding':8s} " + " ".join(f"{v:>10s}" for v in variants))
+    for label, short in rows:
+        xla = best[f"TF-ops {label} {short} (XLA)"]
+        print(f"  {label:16s} {short:8s} " + " ".join(
+            f"{xla / best[f'C++ {label} {short} [{v}]']:10.2f}" for v in variants))
 
 
 if __name__ == "__main__":

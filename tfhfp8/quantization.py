@@ -216,7 +216,14 @@ def _round(x, fmt, rounding, saturate, seed, scale=None):
         return tf.reshape(y, shape)
     container = tf.float64 if x.dtype == tf.float64 else tf.float32
     xc = tf.cast(x, container)
-    backend = ops.active_backend()
+    if isinstance(fmt, formats.FloatFormat) or (
+            isinstance(fmt, block_formats.BlockScaled) and fmt.per_tensor):
+        operation = "float"
+    elif isinstance(fmt, block_formats.BlockScaled):
+        operation = "block"
+    else:
+        operation = "fixed" if fmt.block_size is not None else "dfp"
+    backend = ops.active_backend(operation, rounding, xc.shape.num_elements())
     if isinstance(fmt, formats.FloatFormat):
         y = backend.quantize_float(xc, fmt, rounding, saturate, seed)
     elif isinstance(fmt, block_formats.BlockScaled) and fmt.per_tensor:

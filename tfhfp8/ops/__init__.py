@@ -9,8 +9,10 @@
   one loop instead of materialising every intermediate tensor.
 
 The `tf` backend is used inside XLA-compiled functions and when a GPU is visible;
-otherwise `cpp`, when its library builds. `TFHFP8_BACKEND=tf|cpp` forces one outside
-XLA-compiled functions (inside them, always `tf`: XLA cannot compile the C++ ops).
+otherwise `cpp`, when its library builds, except for the operations that XLA's fusion
+of the `tf` code was measured to run faster than the C++ loops of the CPU variant in
+use (`XLA_FASTER`). `TFHFP8_BACKEND=tf|cpp` forces one outside XLA-compiled functions
+(inside them, always `tf`: XLA cannot compile the C++ ops).
 """
 
 import functools
@@ -41,6 +43,9 @@ def _cpp_available():
     return _cpp_error == ""
 
 
+_CPU_REASON = "CPU, C++ kernels loaded"
+
+
 def _choose():
     forced = os.environ.get("TFHFP8_BACKEND", "").strip().lower()
     if forced and forced not in _BACKENDS:
@@ -54,7 +59,7 @@ def _choose():
     if tf.config.list_logical_devices("GPU"):
         return "tf", "a GPU is visible (the C++ kernels are CPU-only)"
     if _cpp_available():
-        return "cpp", "CPU, C++ kernels loaded"
+        return "cpp", _CPU_REASON
     return "tf", f"C++ kernels unavailable: {_cpp_error.splitlines()[0]}"
 
 
@@ -98,10 +103,44 @@ class _fused:
         return run_fused(tf_block.quantize_block, x, fmt, rounding, saturate, seed)
 
 
-def active_backend():
-    """The backend to use here and now (the `tf` one through `run_fused`, which leaves
-    calls inside XLA as they are)."""
-    name = _choose()[0]
+# The operations for which XLA's fusion of the TF-ops code measured faster than the C++
+# loops, per CPU variant: (variant, operation, rounding), operation "float" (a
+# FloatFormat), "dfp" (per-tensor dynamic fixed point), "fixed" (given exponents) or
+# "block" (block-scaled). Read from the last table of benchmarks/quantize_throughput.py
+# (docs/speed.md has the runs); only tensors large enough to be fused take this path
+# (below _FUSE_MIN_ELEMENTS the TF-ops code runs op by op, far slower).
+XLA_FASTER = frozenset({
+    # AMD EPYC (Zen 1, AVX2 as two 128-bit halves), six formats, two runs: C++ stochastic
+    # rounding at 0.6-0.93x XLA's speed in 11 of 12, toward zero below 1x in 8 of 12
+    # (0.3-1.12x); nearest even at 1.2-4.7x stays on C++. (An Intel Xeon with the loops
+    # forced to x86_64_v3 also gave XLA the edge for stochastic rounding: 0.68x against
+    # 0.71x the copy floor.)
+    ("x86_64_v3", "float", "stochastic"),
+    ("x86_64_v3", "float", "toward_zero"),
+})
+
+
+@functools.lru_cache(maxsize=None)
+def _variant(requested):
+    """The CPU variant the C++ loops run when TFHFP8_CPU_VARIANT is `requested`."""
+    return cpp_backend.cpu_variant()[0]
+
+
+def _xla_measured_faster(operation, rounding, size):
+    if operation is None or size is None or size < _FUSE_MIN_ELEMENTS:
+        return False
+    variant = _variant(os.environ.get("TFHFP8_CPU_VARIANT", ""))
+    return (variant, operation, rounding) in XLA_FASTER
+
+
+def active_backend(operation=None, rounding=None, size=None):
+    """The backend to use here and now for `operation` (see XLA_FASTER) with `rounding`
+    on `size` elements (None: unknown); the `tf` one through `run_fused`, which leaves
+    calls inside XLA as they are."""
+    name, reason = _choose()
+    if name == "cpp" and reason == _CPU_REASON and _xla_measured_faster(operation, rounding,
+                                                                        size):
+        return _fused
     return _fused if name == "tf" else _BACKENDS[name]
 
 
@@ -120,6 +159,8 @@ def backend_info():
     if _cpp_error == "":
         info["library"] = str(build.library_path())
         info["cpu_variant"], info["cpu_variants_supported"] = cpp_backend.cpu_variant()
+        info["xla_faster"] = sorted(f"{operation} {rounding}" for variant, operation, rounding
+                                    in XLA_FASTER if variant == info["cpu_variant"])
     elif _cpp_error:
         info["cpp_error"] = _cpp_error
     return info

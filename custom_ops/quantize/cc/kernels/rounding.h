@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "quantize_types.h"
 
@@ -163,7 +164,10 @@ inline typename Container<T>::UInt ScaledBits(typename Container<T>::UInt code, 
   const int shift = qe - kMinExponent;
   const UInt linear_bits = code << (shift < C::kWidth - 1 ? shift : C::kWidth - 1);
   const UInt offset = static_cast<UInt>(static_cast<int64_t>(qe)) << C::kMantissa;
-  const UInt normal_bits = ToBits(static_cast<T>(code)) + offset;
+  // code < 2^(kMantissa + 2): converted as a signed integer, one instruction (AVX2 has
+  // no unsigned conversion).
+  using SInt = std::make_signed_t<UInt>;
+  const UInt normal_bits = ToBits(static_cast<T>(static_cast<SInt>(code))) + offset;
   return linear ? linear_bits : normal_bits;
 }
 
@@ -249,9 +253,12 @@ __attribute__((always_inline)) inline T QuantizeFloatElement(
 // NearestEvenFastApplies(p) and that the thread keeps IEEE subnormals and rounds to
 // nearest: the format's subnormal range is rounded by the FPU itself, adding and
 // subtracting 2^(quantum_exponent + 23), whose ulp is the format's quantum. (TF's
-// threads flush subnormals to zero: the quantize kernels cannot use it.)
+// threads flush subnormals to zero: the quantize kernels use it only where that cannot
+// matter, see NearestEvenIgnoresFlush.) Ties go to the even float32 bit above the dropped
+// ones, which is the code's last bit unless no mantissa bit is kept and the rebias
+// shifts the exponent by an odd amount (m = 0 and even emin): not then.
 inline bool NearestEvenFastApplies(const FloatParams<float>& p) {
-  return p.quantum_exponent + 23 <= 127;
+  return p.quantum_exponent + 23 <= 127 && ((p.rebias >> p.d) & 1) == 0;
 }
 
 // kPlain (when PlainNearestEven(p)): the zero-sign rule of fnuz formats is left out and
@@ -260,7 +267,21 @@ inline bool PlainNearestEven(const FloatParams<float>& p) {
   return p.zero_sign_mask == SignBit<float>() && p.nan_xor == QuietNanBits<float>();
 }
 
-template <bool kPlain>
+// kLinear (when LinearNearestEven(p)): the format's subnormals are float32's own, so the
+// integer rounding of the bits is right below min_normal too, and no FPU step is taken.
+inline bool LinearNearestEven(const FloatParams<float>& p) {
+  return p.emin == 1 && p.sub_mantissa == 23 - p.d;
+}
+
+// Whether QuantizeFloatNearestEven needs no IEEE subnormals: its FPU step gives the same
+// bits under TensorFlow's flush-to-zero and denormals-are-zero modes when the format's
+// quantum is at least 2^-125 (a float32 subnormal input rounds to a signed zero either
+// way, and no sum or result is subnormal), and kLinear takes no FPU step.
+inline bool NearestEvenIgnoresFlush(const FloatParams<float>& p) {
+  return NearestEvenFastApplies(p) && p.quantum_exponent >= -125;
+}
+
+template <bool kPlain, bool kLinear = false>
 inline float QuantizeFloatNearestEven(float x, const FloatParams<float>& p) {
   using UInt = uint32_t;
   const UInt bits = ToBits(x);
@@ -271,13 +292,44 @@ inline float QuantizeFloatNearestEven(float x, const FloatParams<float>& p) {
   const UInt keep = ~((UInt{1} << p.d) - 1);
   const UInt normal_bits = (a + p.half_minus_one + ((a >> p.d) & p.lsb)) & keep;
   // Subnormal range (and the gap below min_normal without subnormals).
-  const float magic = FromBits<float>(static_cast<UInt>(p.quantum_exponent + 23 + 127) << 23);
-  const UInt sub_bits = ToBits((FromBits<float>(a) + magic) - magic);
-  UInt magnitude = a < (static_cast<UInt>(p.emin) << 23) ? sub_bits : normal_bits;
+  UInt magnitude = normal_bits;
+  if constexpr (!kLinear) {
+    const float magic =
+        FromBits<float>(static_cast<UInt>(p.quantum_exponent + 23 + 127) << 23);
+    const UInt sub_bits = ToBits((FromBits<float>(a) + magic) - magic);
+    magnitude = a < (static_cast<UInt>(p.emin) << 23) ? sub_bits : normal_bits;
+  }
   magnitude = magnitude > p.max_bits ? p.overflow_bits : magnitude;
   if constexpr (kPlain) {
     return FromBits<float>(a > InfBits<float>() ? QuietNanBits<float>() : (sign | magnitude));
   }
+  const UInt kept_sign = magnitude == 0 ? (sign & p.zero_sign_mask) : sign;
+  return FromBits<float>(a > InfBits<float>() ? (sign ^ p.nan_xor) : (kept_sign | magnitude));
+}
+
+// QuantizeFloatElement<float, Rounding::kTowardZero>(x, p, 0), the same way (and under
+// the same conditions, NearestEvenIgnoresFlush(p) or kLinear): the bits truncated, and
+// below min_normal the FPU's rounding to nearest stepped down one quantum where it
+// rounded up.
+template <bool kLinear>
+inline float QuantizeFloatTowardZero(float x, const FloatParams<float>& p) {
+  using UInt = uint32_t;
+  const UInt bits = ToBits(x);
+  const UInt sign = bits & SignBit<float>();
+  const UInt a = bits & ~SignBit<float>();
+  UInt magnitude = a & ~((UInt{1} << p.d) - 1);
+  if constexpr (!kLinear) {
+    const float magic =
+        FromBits<float>(static_cast<UInt>(p.quantum_exponent + 23 + 127) << 23);
+    const float quantum = FromBits<float>(static_cast<UInt>(p.quantum_exponent + 127) << 23);
+    const float nearest = (FromBits<float>(a) + magic) - magic;
+    const float truncated = nearest > FromBits<float>(a) ? nearest - quantum : nearest;
+    magnitude = a < (static_cast<UInt>(p.emin) << 23) ? ToBits(truncated) : magnitude;
+  }
+  // Toward zero never grows a magnitude: a finite overflow gives max (IEEE 754 §7.4),
+  // an infinity overflow_bits.
+  magnitude = magnitude < p.max_bits ? magnitude : p.max_bits;
+  magnitude = a == InfBits<float>() ? p.overflow_bits : magnitude;
   const UInt kept_sign = magnitude == 0 ? (sign & p.zero_sign_mask) : sign;
   return FromBits<float>(a > InfBits<float>() ? (sign ^ p.nan_xor) : (kept_sign | magnitude));
 }
@@ -331,27 +383,28 @@ inline void ForEachIndexWord(int64_t begin, int64_t end, Body body) {
   }
 }
 
-// out[j] = f(in[j], j) for j in [0, count), on non-overlapping arrays.
-template <typename T, typename F>
-inline void MapDisjoint(const T* __restrict in, T* __restrict out, int64_t count, F f) {
-  for (int64_t j = 0; j < count; ++j) out[j] = f(in[j], j);
+// out[j] = f(in[j], j) for j in [0, count), on non-overlapping arrays. (`Index`
+// uint32_t, for counts below 2^32, keeps a vectorized j in 32-bit lanes.)
+template <typename Index = int64_t, typename T, typename F>
+inline void MapDisjoint(const T* __restrict in, T* __restrict out, Index count, F f) {
+  for (Index j = 0; j < count; ++j) out[j] = f(in[j], j);
 }
 
 // data[j] = f(data[j], j) for j in [0, count).
-template <typename T, typename F>
-inline void MapInPlace(T* data, int64_t count, F f) {
-  for (int64_t j = 0; j < count; ++j) data[j] = f(data[j], j);
+template <typename Index = int64_t, typename T, typename F>
+inline void MapInPlace(T* data, Index count, F f) {
+  for (Index j = 0; j < count; ++j) data[j] = f(data[j], j);
 }
 
 // out[j] = f(in[j], j). The input may be forwarded as the output (out == in): that
 // case has its own loop, since `restrict` would be wrong and a runtime overlap check
 // would fall back to scalar code.
-template <typename T, typename F>
-inline void MapElements(const T* in, T* out, int64_t count, F f) {
+template <typename Index = int64_t, typename T, typename F>
+inline void MapElements(const T* in, T* out, Index count, F f) {
   if (static_cast<const T*>(out) == in) {
-    MapInPlace(out, count, f);
+    MapInPlace<Index>(out, count, f);
   } else {
-    MapDisjoint(in, out, count, f);
+    MapDisjoint<Index>(in, out, count, f);
   }
 }
 
@@ -369,11 +422,20 @@ inline void QuantizeRangeIndexed(const T* in, T* out, int64_t begin, int64_t end
                   [=](T x, int64_t j) { return element(x, Rand{0}, offset + j); });
     } else if constexpr (sizeof(Rand) == 4) {
       // RandomBits<uint32_t> with the index's high word folded into `base`.
+      // A 32-bit loop counter: a 64-bit one is kept in 64-bit lanes and packed to 32
+      // bits for every vector (cross-lane shuffles, slow on Zen 1).
       const uint32_t base = (hi * 0x85EBCA77u) ^ keys.key0;
-      MapElements(src, dst, count, [=](T x, int64_t j) {
-        const uint32_t index = lo + static_cast<uint32_t>(j);
-        return element(x, Mix32((index * 0x9E3779B9u) ^ base), offset + j);
-      });
+      constexpr int64_t kRun = int64_t{1} << 31;  // pieces of < 2^32 elements
+      for (int64_t done = 0; done < count; done += kRun) {
+        const uint32_t first = lo + static_cast<uint32_t>(done);
+        const int64_t at = offset + done;
+        MapElements<uint32_t>(src + done, dst + done,
+                              static_cast<uint32_t>(count - done < kRun ? count - done : kRun),
+                              [=](T x, uint32_t j) {
+                                return element(x, Mix32(((first + j) * 0x9E3779B9u) ^ base),
+                                               at + j);
+                              });
+      }
     } else {
       const Keys k = keys;
       const uint64_t first = (static_cast<uint64_t>(hi) << 32) | lo;
@@ -394,9 +456,40 @@ inline void QuantizeRange(const T* in, T* out, int64_t begin, int64_t end, const
                                    [=](T x, UInt rand, int64_t) { return element(x, rand); });
 }
 
+// float32 to nearest even or toward zero through QuantizeFloatNearestEven or
+// QuantizeFloatTowardZero (a third to half the instructions), when their FPU step gives
+// the bits of QuantizeFloatElement on TF's threads (see NearestEvenIgnoresFlush) or is
+// not taken (LinearNearestEven); returns false, doing nothing, otherwise.
+template <typename T, Rounding R>
+bool QuantizeFloatFast(const T* in, T* out, int64_t begin, int64_t end,
+                       const FloatParams<T>& params) {
+  if constexpr (sizeof(T) != 4 || R == Rounding::kStochastic) {
+    return false;
+  } else {
+    const FloatParams<float> p = params;
+    const bool linear = LinearNearestEven(p);
+    if (!NearestEvenFastApplies(p) || !(linear || NearestEvenIgnoresFlush(p))) return false;
+    const auto run = [&](auto linear_type) {
+      constexpr bool kLinear = decltype(linear_type)::value;
+      MapElements(in + begin, out + begin, end - begin, [=](float x, int64_t) {
+        // Not kPlain: a NaN keeps its sign, as in QuantizeFloatElement.
+        return R == Rounding::kNearestEven ? QuantizeFloatNearestEven<false, kLinear>(x, p)
+                                           : QuantizeFloatTowardZero<kLinear>(x, p);
+      });
+    };
+    if (linear) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
+    }
+    return true;
+  }
+}
+
 template <typename T, Rounding R>
 void QuantizeFloatRange(const T* in, T* out, int64_t begin, int64_t end,
                         const FloatParams<T>& params, const Keys& keys) {
+  if (QuantizeFloatFast<T, R>(in, out, begin, end, params)) return;
   const FloatParams<T> p = params;
   QuantizeRange<T, R>(in, out, begin, end, keys, [=](T x, typename Container<T>::UInt rand) {
     return QuantizeFloatElement<T, R>(x, p, rand);
