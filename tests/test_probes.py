@@ -44,6 +44,15 @@ def test_matmul_of_an_empty_reduction_is_plus_zero_on_both_backends(backend, acc
     c = tfhfp8.matmul(tf.zeros([2, 0]), tf.zeros([0, 3]), accumulator, a_format=fmt,
                       b_format=fmt)
     np.testing.assert_array_equal(bits_of(c.numpy()), np.zeros([2, 3], np.uint32))
+    # Empty everywhere (found by tests/test_fuzz_campaign.py: M = K = 0 with a 2-D b
+    # folded a's rows into one).
+    for a_shape, b_shape, c_shape in (([0, 0], [0, 1], [0, 1]), ([3, 0, 0], [0, 2], [3, 0, 2]),
+                                      ([2, 1, 0], [2, 0, 4], [2, 1, 4]),
+                                      ([0, 2, 0], [0, 0, 4], [0, 2, 4])):
+        c = tfhfp8.matmul(tf.zeros(a_shape), tf.zeros(b_shape), accumulator, a_format=fmt,
+                          b_format=fmt)
+        assert c.shape == c_shape
+        np.testing.assert_array_equal(bits_of(c.numpy()), np.zeros(c_shape, np.uint32))
 
 
 # -- silent wrong (b): block-scaled operands blocked along K -----------------------------

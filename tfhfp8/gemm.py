@@ -109,13 +109,15 @@ def _as_3d(a, b):
     a_shape, b_shape = tf.shape(a), tf.shape(b)
     if b.shape.rank == 2:
         out_shape = tf.concat([a_shape[:-1], b_shape[-1:]], 0)
-        return tf.reshape(a, [1, -1, a_shape[-1]]), b[None], out_shape
+        rows = tf.reduce_prod(a_shape[:-1])  # not -1: ambiguous when K = 0
+        return tf.reshape(a, tf.stack([1, rows, a_shape[-1]])), b[None], out_shape
     batch = tf.broadcast_dynamic_shape(a_shape[:-2], b_shape[:-2])
     a = tf.broadcast_to(a, tf.concat([batch, a_shape[-2:]], 0))
     b = tf.broadcast_to(b, tf.concat([batch, b_shape[-2:]], 0))
     out_shape = tf.concat([batch, a_shape[-2:-1], b_shape[-1:]], 0)
-    return (tf.reshape(a, tf.concat([[-1], a_shape[-2:]], 0)),
-            tf.reshape(b, tf.concat([[-1], b_shape[-2:]], 0)), out_shape)
+    batches = tf.reduce_prod(batch, keepdims=True)  # not -1: ambiguous when empty
+    return (tf.reshape(a, tf.concat([batches, a_shape[-2:]], 0)),
+            tf.reshape(b, tf.concat([batches, b_shape[-2:]], 0)), out_shape)
 
 
 def _product(a, b, accumulator, a_fmt, b_fmt, seed):
