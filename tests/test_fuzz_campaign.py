@@ -20,15 +20,15 @@ arguments, a ValueError or TypeError of a few words, never another exception.
 
 import os
 
+import accumulate_reference
 import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags
-
-import accumulate_reference
-import tfhfp8
 from helpers import FLOAT_NAMES, bits_of, current_scaling_reference, ml_cast
+
+import tfhfp8
 from tfhfp8 import formats
 
 SEED = int(os.environ.get("TFHFP8_FUZZ_SEED", "0"))

@@ -12,9 +12,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import bits_of, current_scaling_reference
 
 import tfhfp8
-from helpers import bits_of, current_scaling_reference
 from tfhfp8 import experiment
 
 E4M3 = "float8_e4m3"

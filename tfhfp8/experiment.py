@@ -59,8 +59,9 @@ def load_model_file(path, name="model"):
         raise ValueError(f"{name}: no such file {path!r}")
     if not (zipfile.is_zipfile(path) if path.endswith(".keras")
             else _opens_as_hdf5(path, h5py) if path.endswith(".h5") else True):
-        raise ValueError(f"{name}: {path!r} is damaged (truncated or not a complete "
-                         f"{os.path.splitext(path)[1]} file): save the model again")
+        raise ValueError(f"{name}: cannot load {path!r}: the file is damaged (truncated, "
+                         f"or not a complete {os.path.splitext(path)[1]} file); save the "
+                         "model again")
     if path.endswith(".weights.h5"):
         raise ValueError(f"{name}: {path!r} holds weights only (model.save_weights), not a "
                          "model: save the whole model with model.save('name.keras')")

@@ -263,6 +263,7 @@ def tensor_amax(x):
     """The largest magnitude of `x`, as a float32 scalar (Keras: `max(abs(x))`; NaN if
     `x` holds one), taken on the magnitude bits for float32 and float64 `x` so that
     subnormals count (TF's CPU reads them as zero in float arithmetic)."""
+    x = tf.convert_to_tensor(x)  # a Keras variable's dtype is a string
     if x.dtype not in (tf.float32, tf.float64):
         return tf.cast(tf.reduce_max(tf.abs(x)), tf.float32)
     c = tb.CONTAINERS[x.dtype]
