@@ -9,9 +9,11 @@
   one loop instead of materialising every intermediate tensor.
 
 The `tf` backend is used inside XLA-compiled functions and when a GPU is visible;
-otherwise `cpp`, when its library builds. `TFHFP8_BACKEND=tf|cpp` forces one.
+otherwise `cpp`, when its library builds. `TFHFP8_BACKEND=tf|cpp` forces one;
+`forced_backend(...)` does so for the code inside a `with` block.
 """
 
+import contextlib
 import functools
 import os
 import warnings
@@ -97,9 +99,57 @@ class _fused:
         return run_fused(tf_block.quantize_block, x, fmt, rounding, saturate, seed)
 
 
+class _plain_tf:
+    """The `tf` backend without `run_fused`: a traced graph holds only standard TF ops
+    (what a SavedModel that serves without tfhfp8 needs)."""
+
+    quantize_fixed = staticmethod(tf_backend.quantize_fixed)
+    quantize_float = staticmethod(tf_backend.quantize_float)
+    quantize_dfp = staticmethod(tf_backend.quantize_dfp)
+    quantize_block = staticmethod(tf_block.quantize_block)
+
+
+_forced = []  # backends of the enclosing `forced_backend` scopes, innermost last
+
+
+@contextlib.contextmanager
+def forced_backend(backend):
+    """Within the scope, `tfhfp8.quantize` rounds with `backend` (this thread and any
+    other: meant for tracing a model, not for concurrent use).
+
+    `backend`: `"tf"` (the TensorFlow-ops functions, not XLA-compiled, so that a traced
+    graph holds only standard TensorFlow ops), `"cpp"`, or an object with the
+    functions of `tfhfp8.ops.tf_backend` (`quantize_float`, `quantize_fixed`,
+    `quantize_dfp`, and `quantize_block` of `tfhfp8.ops.tf_block`), as `tfhfp8.export`
+    passes to mark every quantization of a model.
+
+    >>> import tensorflow as tf, tfhfp8
+    >>> with tfhfp8.ops.forced_backend("tf"):
+    ...     tfhfp8.quantize(tf.constant([0.1]), "float8_e4m3fn").numpy()
+    array([0.1015625], dtype=float32)
+    """
+    if backend == "tf":
+        backend = _plain_tf
+    elif backend == "cpp":
+        if not _cpp_available():
+            raise RuntimeError(f"forced_backend('cpp'): the C++ kernels failed: {_cpp_error}")
+        backend = cpp_backend
+    elif not all(callable(getattr(backend, name, None)) for name in (
+            "quantize_float", "quantize_fixed", "quantize_dfp", "quantize_block")):
+        raise TypeError(f"backend must be 'tf', 'cpp' or an object with quantize_float, "
+                        f"quantize_fixed, quantize_dfp and quantize_block; got {backend!r}")
+    _forced.append(backend)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
 def active_backend():
     """The backend to use here and now (the `tf` one through `run_fused`, which leaves
-    calls inside XLA as they are)."""
+    calls inside XLA as they are), unless a `forced_backend` scope says otherwise."""
+    if _forced:
+        return _forced[-1]
     name = _choose()[0]
     return _fused if name == "tf" else _BACKENDS[name]
 
