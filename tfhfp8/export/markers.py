@@ -7,10 +7,13 @@ a TensorFlow `Print` op (first_n=0: it never prints) whose message is
 input, the batch size of the model's input, keeps tf2onnx from evaluating it on a
 constant (a weight) before conversion; `convert_handler` turns it into the ONNX node
 `ai.tfhfp8.Quantize`, which `tfhfp8.export.qdq` then replaces.
+
+`HANDLERS` also converts the TensorFlow ops of Keras layers that tf2onnx lacks.
 """
 
 import dataclasses
 
+import numpy as np
 import tensorflow as tf
 
 from tfhfp8.ops import tf_backend
@@ -84,3 +87,19 @@ def convert_handler(ctx, node, name, args):
     node.set_attr("rank", -1 if shape is None else len(shape))
     return node
 
+
+
+def erfc_handler(ctx, node, name, args):
+    """tf2onnx handler of `Erfc` (Keras' exact GELU), which tf2onnx lacks:
+    `1 - Erf(x)`, within float32 rounding of TensorFlow's (absolutely; GELU multiplies
+    it by x / 2, so its relative error matters only where GELU is ~0)."""
+    dtype = ctx.get_dtype(node.input[0])
+    erf = ctx.make_node("Erf", [node.input[0]], op_name_scope=node.name)
+    one = ctx.make_const(f"{node.name}/one", np.ones((), np.float32 if dtype == 1 else
+                                                    np.float64))
+    node.type = "Sub"
+    ctx.replace_inputs(node, [one.output[0], erf.output[0]])
+    return node
+
+
+HANDLERS = {"Print": (convert_handler, []), "Erfc": (erfc_handler, [])}

@@ -76,7 +76,7 @@ def to_onnx(model):
         serve.get_concrete_function(*specs)
         proto, _ = tf2onnx.convert.from_function(
             serve, input_signature=specs, opset=TF2ONNX_OPSET,
-            custom_op_handlers={"Print": (markers.convert_handler, [])},
+            custom_op_handlers=dict(markers.HANDLERS),
             extra_opset=[helper.make_opsetid(markers.DOMAIN, 1)])
     plans = _plans(proto, marking.specs)
     opset = max([TF2ONNX_OPSET] + [plan.opset for plan in plans.values()])

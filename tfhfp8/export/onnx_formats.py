@@ -5,6 +5,8 @@ ONNX: the element type of `QuantizeLinear` / `DequantizeLinear`, the power-of-tw
 factor between the format's values and that type's, the opset that has the type, and
 for weights, how the rounded FP32 values become stored codes and scales.
 
+Every QDQ is written at opset 21 (see FLOAT8_OPSET for why not 19).
+
 - Floats whose codes are an ONNX float8 type's codes up to a power of two (same
   exponent and mantissa widths, special values and subnormals; any bias): that type,
   scale `2^(onnx_bias - bias)`. HFP8's 1-4-3 with bias 11 is FLOAT8E4M3FNUZ x 2^-3.
@@ -37,8 +39,13 @@ _FLOAT8 = {
 }
 _FLOAT16 = {(5, 10, "ieee", 15): (TensorProto.FLOAT16, np.float16),
             (8, 7, "ieee", 127): (TensorProto.BFLOAT16, ml_dtypes.bfloat16)}
-FLOAT8_OPSET = 19  # QuantizeLinear / DequantizeLinear with float8 types and `saturate`
-INT16_OPSET = 21  # INT16 (and INT4) QuantizeLinear; blocked quantization (`block_size`)
+# float8 QuantizeLinear / DequantizeLinear (with `saturate`) exist from opset 19, but a
+# zero point is then the only way to name the type, and ONNX Runtime 1.32 drops a ReLU
+# (or fails on a Clip) before a float8 QuantizeLinear with a zero point. Opset 21's
+# `output_dtype` names the type without one: every QDQ is written at opset 21, which
+# also has INT16 (and INT4) QuantizeLinear and blocked quantization (`block_size`).
+FLOAT8_OPSET = 21
+INT16_OPSET = 21
 
 OFFERS = ("ONNX offers QuantizeLinear/DequantizeLinear in FLOAT8E4M3FN, FLOAT8E4M3FNUZ, "
           "FLOAT8E5M2, FLOAT8E5M2FNUZ (opset 19), INT8/INT16/INT4 with per-tensor, "

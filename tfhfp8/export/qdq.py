@@ -111,18 +111,20 @@ def rewrite_activation(rw, marker, plan, rank):
         return
     if plan.kind == "float":
         scale = rw.constant(f"{rw.stem}/scale", np.float32(plan.scale))
-        zero = rw.constant(f"{rw.stem}/zero_point", np.zeros((), plan.dtype))
-        q = rw.node("QuantizeLinear", [x, scale, zero], saturate=int(plan.saturate))
-        rw.node("DequantizeLinear", [q, scale, zero], out)
+        # No zero point (opset 21's output_dtype): ONNX Runtime 1.32 drops a ReLU
+        # before a float8 QuantizeLinear that has one (it reads it as an integer
+        # type's minimum, for which the ReLU would be redundant).
+        q = rw.node("QuantizeLinear", [x, scale], output_dtype=plan.onnx_type,
+                    saturate=int(plan.saturate))
+        rw.node("DequantizeLinear", [q, scale], out)
         return
     if plan.kind == "dfp":
         scale = _dfp_scale(rw, x, plan)
         limit = rw.node("Mul", [scale, rw.constant(f"{rw.stem}/max_mantissa",
                                                    np.float32(plan.clip))])
         clipped = rw.node("Clip", [x, rw.node("Neg", [limit]), limit])
-        zero = rw.constant(f"{rw.stem}/zero_point", np.zeros((), plan.dtype))
-        q = rw.node("QuantizeLinear", [clipped, scale, zero])
-        rw.node("DequantizeLinear", [q, scale, zero], out)
+        q = rw.node("QuantizeLinear", [clipped, scale], output_dtype=plan.onnx_type)
+        rw.node("DequantizeLinear", [q, scale], out)
         return
     if rank is None:
         raise ValueError("MX activations need a tensor of known rank to block")
