@@ -180,7 +180,7 @@ def _bert_inputs(ids):
 def trained():
     """Four small models trained briefly in FP32 on real data, with test inputs."""
     keras.utils.set_random_seed(0)
-    (x, y), (xt, _) = datasets.load("fashion_mnist", limit=1000, test_limit=300)[:2]
+    (x, y), (xt, _) = datasets.load("fashion_mnist", limit=512, test_limit=300)[:2]
     cnn = _fit(tfhfp8.models.small_cnn(filters=(8, 16), dense_units=32,
                                        classifier_activation=None), x, y)
     (x, y), (xt_digits, _) = datasets.load("digits")[:2]
@@ -188,7 +188,7 @@ def trained():
         input_shape=(8, 8, 1), width=0.5, blocks=((1, 16, 1, 1), (6, 24, 2, 2)),
         last_channels=64, classifier_activation=None), x, y, epochs=3)
     (x, y), (xt_text, _) = datasets.rotten_tomatoes(sequence_length=24, vocab_size=1000)[:2]
-    x, y, xt_text = x[:1000], y[:1000], xt_text[:300]
+    x, y, xt_text = x[:512], y[:512], xt_text[:300]
     transformer = _fit(tfhfp8.models.transformer_classifier(
         1000, 24, embed_dim=32, num_heads=2, ff_dim=64, num_layers=1,
         classifier_activation=None), x, y)
@@ -205,8 +205,15 @@ def trained():
             "transformer": (transformer, xt_text), "bert": (bert, _bert_inputs(xt_text))}
 
 
-@pytest.mark.parametrize("policy", ["hfp8", "fp8", "int16_dfp", "mxfp8"])
-@pytest.mark.parametrize("name", ["small_cnn", "mobilenet", "transformer", "bert"])
+# Every model in hfp8, every policy on the CNN, MX attention on both Transformers: the
+# rest of the model x policy table (and the pretrained MiniLM) is `python -m
+# models.export` (docs/deployment.md), whose exports take minutes on this CPU.
+CASES = ([(name, "hfp8") for name in ("small_cnn", "mobilenet", "transformer", "bert")]
+         + [("small_cnn", policy) for policy in ("fp8", "int16_dfp", "mxfp8")]
+         + [("transformer", "mxfp8"), ("bert", "int16_dfp")])
+
+
+@pytest.mark.parametrize("name, policy", CASES)
 def test_onnx_runtime_agrees_on_real_data(trained, name, policy, tmp_path):
     fp32, x = trained[name]
     model = tfhfp8.quantize_model(fp32, policy)
@@ -216,10 +223,25 @@ def test_onnx_runtime_agrees_on_real_data(trained, name, policy, tmp_path):
     got = run_onnx(path, x)
     np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
     assert np.abs(got - expected).max() <= LOGIT_BOUND * max(1.0, np.abs(expected).max())
-    fp32_path = tfhfp8.export(fp32, tmp_path / "fp32.onnx")
-    # Weights stored in 8 bits (16 for int16_dfp and the exempt first/last layers).
-    assert os.path.getsize(path) < os.path.getsize(fp32_path) * (0.75 if policy != "int16_dfp"
-                                                                  else 1.1)
+    # Every kernel of a quantized layer is stored as codes, none as FP32.
+    assert stored_code_elements(path) == quantized_kernel_elements(model)
+
+
+def quantized_kernel_elements(model):
+    """Elements of the kernels (and embedding tables) of the emulated layers that
+    quantize weights (attention: its projections, walked as sublayers)."""
+    kernels = ("kernel", "embeddings", "depthwise_kernel", "pointwise_kernel")
+    return sum(int(np.prod(v.shape))
+               for layer in tfhfp8.layers.walk(model, sublayers=True, any_model=True)
+               if isinstance(layer, tfhfp8.layers.EmulatedLayer)
+               and not isinstance(layer, keras.layers.MultiHeadAttention)
+               and layer.policy.weights is not None
+               for v in layer.weights if v.path.split("/")[-1] in kernels)
+
+
+def stored_code_elements(path):
+    return sum(int(np.prod(init.dims)) for init in onnx.load(str(path)).graph.initializer
+               if init.name.endswith(("weight_codes", "weight_float16")))
 
 
 def test_saved_model_serves_without_tfhfp8(trained, tmp_path):
@@ -227,7 +249,7 @@ def test_saved_model_serves_without_tfhfp8(trained, tmp_path):
     C++ ops unregistered: the outputs equal the Keras model's bit for bit."""
     fp32, x = trained["small_cnn"]
     model = tfhfp8.quantize_model(fp32, "hfp8")
-    expected = model.predict(x, verbose=0)
+    expected = model(x, training=False).numpy()  # one batch, as served below
     path = tfhfp8.export(model, tmp_path / "served", format="saved_model")
     np.save(tmp_path / "x.npy", x)
     script = (
@@ -318,3 +340,29 @@ def test_unbuilt_model_and_bad_arguments(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         tfhfp8.export(_dense_model("hfp8"), tmp_path / "missing" / "m.onnx")
     _assert_nothing_written(tmp_path)
+
+
+# -- command line ---------------------------------------------------------------------
+def _cli(*args, cwd):
+    command = [sys.executable, "-c", "from tfhfp8.cli import run; run()", "export", *args]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this tfhfp8
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd,
+                          env=env)
+
+
+def test_command_line_exports_and_refuses_to_overwrite(tmp_path):
+    model = _dense_model(tfhfp8.Policy("hfp8", exempt_first_last=False))
+    model.save(tmp_path / "m.keras")
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    result = _cli("--model=m.keras", "--output=m.onnx", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Wrote" in result.stdout and "m.onnx" in result.stdout
+    np.testing.assert_allclose(run_onnx(tmp_path / "m.onnx", x), model.predict(x, verbose=0),
+                               rtol=1e-6, atol=1e-6)
+    before = (tmp_path / "m.onnx").read_bytes()
+    again = _cli("--model=m.keras", "--output=m.onnx", "--format=onnx", cwd=tmp_path)
+    assert again.returncode != 0
+    assert "m.onnx exists; pass --overwrite" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert (tmp_path / "m.onnx").read_bytes() == before
