@@ -23,8 +23,8 @@ from tfhfp8 import datasets, fine_tuning
 onnx = pytest.importorskip("onnx", reason="the export extra: pip install 'tfhfp8[export]'")
 ort = pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime)")
 pytest.importorskip("tf2onnx", reason="the export extra (tf2onnx)")
-gfloat = pytest.importorskip("gfloat")
-import gfloat.formats  # noqa: E402
+pytest.importorskip("gfloat")
+import gfloat.formats  # noqa: E402 (binds gfloat too)
 
 import reference  # noqa: E402 (tests/reference.py, an independent fractions DFP)
 
@@ -315,6 +315,15 @@ def test_a_layer_the_exporter_cannot_express_is_named(tmp_path):
     with pytest.raises(ValueError, match="cannot express.*PyFunc.*numpy_sine"):
         tfhfp8.export(model, tmp_path / "m.onnx")
     _assert_nothing_written(tmp_path)
+
+
+def test_forced_backend_takes_a_name_or_a_backend():
+    with pytest.raises(TypeError, match="backend must be 'tf', 'cpp' or an object"):
+        with tfhfp8.ops.forced_backend("xla"):
+            pass
+    with tfhfp8.ops.forced_backend("tf"):
+        assert tfhfp8.ops.active_backend().quantize_float is not None
+    assert tfhfp8.ops.active_backend() is not None  # the scope is gone
 
 
 def test_existing_path_needs_overwrite(tmp_path):

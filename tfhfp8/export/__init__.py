@@ -1,11 +1,9 @@
 """Deploying an emulated model: ONNX with QuantizeLinear / DequantizeLinear, or a
 SavedModel that serves without tfhfp8 (see docs/deployment.md).
 
->>> import keras, tfhfp8
->>> model = tfhfp8.quantize_model(
-...     keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)]),
-...     tfhfp8.Policy("hfp8", exempt_first_last=False))
->>> path = tfhfp8.export(model, "/tmp/tfhfp8_doctest.onnx", overwrite=True)
+    model = tfhfp8.quantize_model(keras_model, "hfp8")
+    tfhfp8.export(model, "model.onnx")                    # ONNX Runtime, TensorRT, ...
+    tfhfp8.export(model, "served", format="saved_model")  # TF Serving, without tfhfp8
 """
 
 import os
