@@ -24,14 +24,14 @@ def test_help_explains_every_flag():
     for flag in ("model", "dataset", "policies", "epochs", "batch_size", "loss_scaling",
                  "seed", "output_dir", "policy", "data", "calibration_steps", "output"):
         assert f"--{flag}" in result.stdout
-    for command in ("train", "demo", "formats", "ptq", "finetune"):
+    for command in ("train", "demo", "formats", "ptq", "finetune", "export"):
         assert f"tfhfp8 {command}" in result.stdout
 
 
 def test_unknown_command_is_a_usage_error():
     result = _run("fly")
     assert result.returncode != 0
-    assert "Usage: tfhfp8 {train|demo|formats|ptq|finetune}" in result.stderr
+    assert "Usage: tfhfp8 {train|demo|formats|ptq|finetune|export}" in result.stderr
 
 
 def test_formats_table_matches_the_formats_module():

@@ -26,6 +26,7 @@ EXPECTED = (
     "03_loss_scaling.ipynb",
     "04_custom_formats.ipynb",
     "05_finetune_pretrained_to_8bit.ipynb",
+    "06_export_to_onnx.ipynb",
 )
 CELL_TIMEOUT = 600  # seconds per cell
 BADGE = ("[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"

@@ -9,6 +9,7 @@ from tfhfp8 import (accumulation, callbacks, datasets, distribute, formats, laye
                     loss_scaling, models, ops, optimizers)
 from tfhfp8.calibration import evaluate_ptq, fold_batchnorm, ptq, recalibrate_batchnorm
 from tfhfp8.conversion import quantize_model, summary
+from tfhfp8.export import export
 from tfhfp8.accumulation import Accumulator
 from tfhfp8.fine_tuning import finetune
 from tfhfp8.formats import BlockScaled, DynamicFixedPoint, FloatFormat

@@ -20,6 +20,7 @@ Commands:
       keras.applications name or a KerasHub preset (name or directory); DATA a data set
       name, a folder of images (one subfolder per class) or a CSV of texts (text,label).
       Writes OUTPUT_DIR/results.json, finetune.png and finetuned_<policy>.keras.
+%s
 """
 
 import os
@@ -28,10 +29,12 @@ import zipfile
 
 from absl import flags
 
-from tfhfp8 import (block_formats, datasets, distribute, experiment, formats, models, policy,
-                    program)
+from tfhfp8 import (block_formats, datasets, distribute, experiment, export_command, formats,
+                    models, policy, program)
 
-_COMMANDS = ("train", "demo", "formats", "ptq", "finetune")
+__doc__ %= export_command.USAGE
+
+_COMMANDS = ("train", "demo", "formats", "ptq", "finetune", "export")
 
 _MODEL = flags.DEFINE_string(
     "model", None, "train: a reference model (" + ", ".join(models.names()) + "); "
@@ -89,11 +92,12 @@ _CALIBRATION_STEPS = flags.DEFINE_integer(
     "calibration_steps", 100, "ptq: calibration batches for BatchNorm re-calibration.")
 _FOLD = flags.DEFINE_boolean("fold_batchnorm", False,
                              "ptq: fold BatchNorm into the preceding layer after calibration.")
-_OUTPUT = flags.DEFINE_string("output", None, "ptq: where to save the quantized model (.keras).")
+_OUTPUT = flags.DEFINE_string("output", None, "ptq: where to save the quantized model (.keras); "
+                              "export: the ONNX file or SavedModel directory to write.")
 _OVERWRITE = flags.DEFINE_boolean(
-    "overwrite", False, "train, demo, ptq, finetune: replace the files a command writes "
-    "(results.json, curves.png, finetune.png, finetuned_<policy>.keras, --output) when "
-    "they exist; without it the command stops before any work.")
+    "overwrite", False, "train, demo, ptq, finetune, export: replace the files a command "
+    "writes (results.json, curves.png, finetune.png, finetuned_<policy>.keras, --output) "
+    "when they exist; without it the command stops before any work.")
 
 
 # Every flag is checked when the flags are parsed (absl prints the message and exits
@@ -143,9 +147,8 @@ flags.register_validator(
 flags.register_validator(
     "model", lambda value: value is None or bool(value.strip()),
     message="--model must not be empty")
-flags.register_validator(
-    "output", lambda value: value is None or value.endswith((".keras", ".h5")),
-    message="--output must be a .keras (or .h5) file name")
+flags.register_validator("output", lambda value: value is None or bool(value.strip()),
+                         message="--output must not be empty")
 
 
 def _usage_error(message):
@@ -239,6 +242,8 @@ def _ptq():
         raise ValueError(f"ptq takes one --policy, got {_POLICY.value!r}")
     if not os.path.isfile(_MODEL.value):
         raise ValueError(f"--model: no such file {_MODEL.value!r}")
+    if _OUTPUT.value and not _OUTPUT.value.endswith((".keras", ".h5")):
+        raise ValueError("--output must be a .keras (or .h5) file name")
     if not _DATA.value.endswith(".npz") and _DATA.value not in datasets.names():
         raise ValueError(f"--data must be a .npz file or one of {', '.join(datasets.names())}; "
                          f"got {_DATA.value!r}")
@@ -326,6 +331,8 @@ def main(argv):
             _demo()
         elif command == "finetune":
             _finetune()
+        elif command == "export":
+            export_command.main()
         else:
             _ptq()
     except (datasets.DatasetNotFoundError, ValueError, TypeError, OSError, ImportError) as error:

@@ -12,9 +12,11 @@ The `tf` backend is used inside XLA-compiled functions and when a GPU is visible
 otherwise `cpp`, when its library builds, except for the operations that XLA's fusion
 of the `tf` code was measured to run faster than the C++ loops of the CPU variant in
 use (`XLA_FASTER`). `TFHFP8_BACKEND=tf|cpp` forces one outside XLA-compiled functions
-(inside them, always `tf`: XLA cannot compile the C++ ops).
+(inside them, always `tf`: XLA cannot compile the C++ ops); `forced_backend(...)` does
+so for the code inside a `with` block.
 """
 
+import contextlib
 import functools
 import os
 import warnings
@@ -133,10 +135,58 @@ def _xla_measured_faster(operation, rounding, size):
     return (variant, operation, rounding) in XLA_FASTER
 
 
+class _plain_tf:
+    """The `tf` backend without `run_fused`: a traced graph holds only standard TF ops
+    (what a SavedModel that serves without tfhfp8 needs)."""
+
+    quantize_fixed = staticmethod(tf_backend.quantize_fixed)
+    quantize_float = staticmethod(tf_backend.quantize_float)
+    quantize_dfp = staticmethod(tf_backend.quantize_dfp)
+    quantize_block = staticmethod(tf_block.quantize_block)
+
+
+_forced = []  # backends of the enclosing `forced_backend` scopes, innermost last
+
+
+@contextlib.contextmanager
+def forced_backend(backend):
+    """Within the scope, `tfhfp8.quantize` rounds with `backend` (this thread and any
+    other: meant for tracing a model, not for concurrent use).
+
+    `backend`: `"tf"` (the TensorFlow-ops functions, not XLA-compiled, so that a traced
+    graph holds only standard TensorFlow ops), `"cpp"`, or an object with the
+    functions of `tfhfp8.ops.tf_backend` (`quantize_float`, `quantize_fixed`,
+    `quantize_dfp`, and `quantize_block` of `tfhfp8.ops.tf_block`), as `tfhfp8.export`
+    passes to mark every quantization of a model.
+
+    >>> import tensorflow as tf, tfhfp8
+    >>> with tfhfp8.ops.forced_backend("tf"):
+    ...     tfhfp8.quantize(tf.constant([0.1]), "float8_e4m3fn").numpy()
+    array([0.1015625], dtype=float32)
+    """
+    if backend == "tf":
+        backend = _plain_tf
+    elif backend == "cpp":
+        if not _cpp_available():
+            raise RuntimeError(f"forced_backend('cpp'): the C++ kernels failed: {_cpp_error}")
+        backend = cpp_backend
+    elif not all(callable(getattr(backend, name, None)) for name in (
+            "quantize_float", "quantize_fixed", "quantize_dfp", "quantize_block")):
+        raise TypeError(f"backend must be 'tf', 'cpp' or an object with quantize_float, "
+                        f"quantize_fixed, quantize_dfp and quantize_block; got {backend!r}")
+    _forced.append(backend)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
 def active_backend(operation=None, rounding=None, size=None):
     """The backend to use here and now for `operation` (see XLA_FASTER) with `rounding`
-    on `size` elements (None: unknown); the `tf` one through `run_fused`, which leaves
-    calls inside XLA as they are."""
+    on `size` elements (None: unknown): the innermost `forced_backend` scope's if any;
+    the `tf` one through `run_fused`, which leaves calls inside XLA as they are."""
+    if _forced:
+        return _forced[-1]
     name, reason = _choose()
     if name == "cpp" and reason == _CPU_REASON and _xla_measured_faster(operation, rounding,
                                                                         size):
