@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import tfhfp8
-from tfhfp8 import datasets, fine_tuning
+from tfhfp8 import datasets, fine_tuning, pretrained
 
 onnx = pytest.importorskip("onnx", reason="the export extra: pip install 'tfhfp8[export]'")
 ort = pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime)")
@@ -199,7 +199,7 @@ def trained():
     backbone = keras_hub.models.BertBackbone(
         vocabulary_size=1000, num_layers=1, num_heads=2, hidden_dim=32,
         intermediate_dim=64, max_sequence_length=24)
-    bert = _fit(fine_tuning._text_classifier(
+    bert = _fit(pretrained.text_classifier(
         fine_tuning.unroll_transformer_encoder(backbone), 2), _bert_inputs(x), y)
     return {"small_cnn": (cnn, xt), "mobilenet": (mobile, xt_digits),
             "transformer": (transformer, xt_text), "bert": (bert, _bert_inputs(xt_text))}

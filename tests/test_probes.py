@@ -243,7 +243,7 @@ def test_low_precision_optimizer_steps_plain_tf_variables():
     variable = tf.Variable([1.0, 2.0, 3.0])
     reference = keras.Variable([1.0, 2.0, 3.0])
     for target in (variable, reference):
-        optimizer = tfhfp8.optimizers.LowPrecision(keras.optimizers.SGD(0.1),
+        optimizer = tfhfp8.optimizers.LowPrecisionOptimizer(keras.optimizers.SGD(0.1),
                                                    policy="hfp8")
         optimizer.apply_gradients([(tf.constant([0.5, 0.5, 0.5]), target)])
     np.testing.assert_array_equal(variable.numpy(), reference.numpy())
