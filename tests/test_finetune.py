@@ -169,3 +169,9 @@ def test_keras_hub_encoder_from_a_preset_directory_on_a_csv_of_reviews(tmp_path)
     assert emulated.count("MultiHeadAttention") == 2
     assert emulated.count("Dense") == 2 * 2 + 1
     assert "Embedding" in emulated
+
+
+def test_rotten_tomatoes_loads_as_labelled_texts():
+    data = fine_tuning.load_data("rotten_tomatoes", limit=20, test_limit=10)
+    assert data["kind"] == "text" and data["classes"] == ["rotten", "fresh"]
+    assert len(data["train"][0]) == 20 and all(isinstance(t, str) for t in data["train"][0])

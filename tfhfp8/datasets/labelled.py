@@ -104,11 +104,11 @@ def load_labelled(dataset, limit=None, test_limit=None, test_fraction=0.2, seed=
                          f"{dataset!r}")
     x_train, y_train = subset(x_train, y_train, limit)
     x_test, y_test = subset(x_test, y_test, test_limit)
-    text = isinstance(x_train, list) or (isinstance(x_train, np.ndarray)
-                                         and x_train.dtype.kind in "USO")
-    if text:
+    texts = isinstance(x_train, list) or (isinstance(x_train, np.ndarray)
+                                          and x_train.dtype.kind in "USO")
+    if texts:
         x_train, x_test = [str(t) for t in x_train], [str(t) for t in x_test]
     num_classes = int(max(np.max(y_train), np.max(y_test))) + 1
-    return dict(kind="text" if text else "image", train=(x_train, y_train.astype(np.int64)),
+    return dict(kind="text" if texts else "image", train=(x_train, y_train.astype(np.int64)),
                 test=(x_test, y_test.astype(np.int64)), num_classes=num_classes,
                 classes=classes)
