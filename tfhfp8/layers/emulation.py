@@ -366,9 +366,12 @@ class EmulatedLayer(EmulationState, _compat.AfterBuild):
         bias = getattr(self, "bias", None)
         if bias is not None:
             bias = tf.convert_to_tensor(bias)
-            if getattr(self, "data_format", "channels_last") == "channels_first":
-                outputs = tf.nn.bias_add(outputs, bias, data_format="NC...")
-            else:
+            first = getattr(self, "data_format", "channels_last") == "channels_first"
+            if bias.shape.rank == 1 and outputs.shape.rank >= 2:
+                # BiasAdd, as Keras' own layers add it (its gradient sums as theirs).
+                outputs = tf.nn.bias_add(outputs, bias,
+                                         data_format="NC..." if first else "N...C")
+            else:  # EinsumDense's bias of several axes, broadcast from the right
                 outputs = tf.add(outputs, bias)
         return outputs if self.activation is None else self.activation(outputs)
 
