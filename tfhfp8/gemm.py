@@ -23,7 +23,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from tfhfp8 import _compat, accumulation, formats, ops
+from tfhfp8 import _compat, accumulation, formats, ops, portable_conv
 from tfhfp8.ops import cpp_backend, tf_accumulate, tf_backend
 from tfhfp8.quantization import _as_float_tensor, _seed_tensor, quantize
 
@@ -424,24 +424,6 @@ def _patches(x, kernel_size, strides, dilations, pads):
     return tf.concat(slices, axis=-1) if len(slices) > 1 else slices[0], outs
 
 
-def _dilate(x, strides):
-    """`s - 1` zeros inserted between neighbours along each spatial axis of
-    channels-last `x` (static spatial sizes)."""
-    for i, s in enumerate(strides):
-        if s == 1:
-            continue
-        axis, n = 1 + i, x.shape[1 + i]
-        x = tf.expand_dims(x, axis + 1)
-        pad = [[0, 0]] * x.shape.rank
-        pad[axis + 1] = [0, s - 1]
-        shape = tf.shape(x)
-        x = tf.reshape(tf.pad(x, pad), tf.concat([shape[:axis], [n * s], shape[axis + 2:]], 0))
-        size = [-1] * x.shape.rank
-        size[axis] = (n - 1) * s + 1
-        x = tf.slice(x, [0] * x.shape.rank, size)
-    return x
-
-
 def conv(x, kernel, strides=1, padding="valid", dilation_rate=1, accumulator="float32",
          x_format=None, kernel_format=None, grad_format=None, seed=None, stats=None):
     """N-d convolution (1, 2 or 3 spatial dims, channels last) as a GEMM of patches,
@@ -536,8 +518,8 @@ def _conv_input_grad(dy, kernel, geo, accumulator, dy_fmt, k_fmt, seed):
     g = geo.groups
     full_pads = _backward_pads(geo.spatial, geo.kernel_size, geo.strides, geo.dilations,
                                geo.pads, geo.outs)
-    dpatches, _ = _patches(_dilate(dy, geo.strides), geo.kernel_size, (1,) * rank,
-                           geo.dilations, full_pads)
+    dpatches, _ = _patches(portable_conv.zero_insert(dy, geo.strides), geo.kernel_size,
+                           (1,) * rank, geo.dilations, full_pads)
     flipped = tf.reverse(kernel, list(range(rank)))  # [*k, C_in/G, C_out]
     flipped = tf.reshape(flipped, [geo.kpos, c_in_g, g, c_out // g])
     flipped = tf.transpose(flipped, [2, 0, 3, 1])  # [G, kpos, C_out/G, C_in/G]
@@ -700,8 +682,8 @@ def _depthwise(x, kernel, strides, dilations, padding, accs, x_fmt, k_fmt, grad_
             stats.record("weight_gradient", s2, o2, n_dw)
             dw = tf.reshape(tf.transpose(dw, [1, 0, 2]), kernel.shape)
             full = _backward_pads(spatial, kernel_size, strides, dilations, pads, outs)
-            dpatches, _ = _patches(_dilate(dy, strides), kernel_size, (1,) * rank, dilations,
-                                   full)
+            dpatches, _ = _patches(portable_conv.zero_insert(dy, strides), kernel_size,
+                                   (1,) * rank, dilations, full)
             drows = tf.reshape(dpatches, [-1, kpos, channels, mult])
             drows = tf.reshape(tf.transpose(drows, [2, 0, 1, 3]), [channels, -1, kpos * mult])
             flipped = tf.reshape(tf.reverse(kernel, list(range(rank))), [kpos, channels, mult])
