@@ -14,3 +14,21 @@
 
 The reference model builders themselves are `tfhfp8.models`.
 """
+
+import os
+import pathlib
+import platform
+
+
+def cpu_name():
+    """This machine's CPU as /proc/cpuinfo names it, and its core count (results name
+    the CPU they were measured on)."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"

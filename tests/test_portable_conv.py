@@ -52,6 +52,18 @@ GEOMETRIES = [  # rank, strides, dilation, padding, spatial size
     if rank == 1 or n == 5]
 
 
+def assert_matches(fn, x, kernel, dy, data_format, expected):
+    """fn's (y, dx, dw) on channels-last x and dy (transposed in and out for
+    channels_first) equal `expected` bit for bit."""
+    first = data_format == "channels_first"
+    y, dx, dw = value_and_grads(fn, to_first(x) if first else x, kernel,
+                                to_first(dy) if first else dy)
+    if first:
+        y, dx = to_last(y), to_last(dx)
+    for got, want in zip((y, dx, dw), expected):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("rank, s, d, padding, n", GEOMETRIES)
 def test_conv_transpose_equals_the_reference(rank, s, d, padding, n, data_format):
@@ -65,14 +77,7 @@ def test_conv_transpose_equals_the_reference(rank, s, d, padding, n, data_format
     expected_y = reference.conv_transpose(x, kernel, (s,) * rank, (d,) * rank, padding, outs)
     expected_dx, expected_dw = reference.conv_transpose_grads(
         x, kernel, dz, (s,) * rank, (d,) * rank, padding)
-    first = data_format == "channels_first"
-    y, dx, dw = value_and_grads(fn, to_first(x) if first else x, kernel,
-                                to_first(dz) if first else dz)
-    if first:
-        y, dx = to_last(y), to_last(dx)
-    np.testing.assert_array_equal(y, expected_y)
-    np.testing.assert_array_equal(dx, expected_dx)
-    np.testing.assert_array_equal(dw, expected_dw)
+    assert_matches(fn, x, kernel, dz, data_format, (expected_y, expected_dx, expected_dw))
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
@@ -85,14 +90,7 @@ def test_conv_equals_the_reference(rank, s, d, padding, n, data_format):
     dy = ints(*expected_y.shape)
     expected_dx, expected_dw = reference.conv_grads(x, kernel, dy, (s,) * rank, (d,) * rank,
                                                     padding)
-    first = data_format == "channels_first"
-    y, dx, dw = value_and_grads(fn, to_first(x) if first else x, kernel,
-                                to_first(dy) if first else dy)
-    if first:
-        y, dx = to_last(y), to_last(dx)
-    np.testing.assert_array_equal(y, expected_y)
-    np.testing.assert_array_equal(dx, expected_dx)
-    np.testing.assert_array_equal(dw, expected_dw)
+    assert_matches(fn, x, kernel, dy, data_format, (expected_y, expected_dx, expected_dw))
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])

