@@ -149,20 +149,22 @@ def test_ptq_prints_the_three_accuracies_and_saves_a_model_that_reloads(tmp_path
     ("--learning_rate_schedule=linear", "--learning_rate_schedule"),
     ("--gradient_communication=float9", "--gradient_communication must be one of"),
 ])
-def test_bad_train_flags_are_rejected_before_training(flag, message, tmp_path):
-    result = _run("train", "--model=small_cnn", "--dataset=digits", "--policies=float32",
-                  f"--output_dir={tmp_path / 'out'}", flag)
+def test_bad_train_flags_are_rejected_before_training(flag, message, tmp_path,
+                                                     command_in_process):
+    result = command_in_process("train", "--model=small_cnn", "--dataset=digits",
+                                "--policies=float32", f"--output_dir={tmp_path / 'out'}", flag)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert "Epoch" not in result.stdout + result.stderr  # nothing was trained
 
 
-def test_unwritable_output_dir_is_found_before_training(tmp_path):
+def test_unwritable_output_dir_is_found_before_training(tmp_path, command_in_process):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    result = _run("train", "--model=small_cnn", "--dataset=digits", "--policies=float32",
-                  "--epochs=1", f"--output_dir={blocker / 'out'}")
+    result = command_in_process("train", "--model=small_cnn", "--dataset=digits",
+                                "--policies=float32", "--epochs=1",
+                                f"--output_dir={blocker / 'out'}")
     assert result.returncode != 0
     assert "output_dir: cannot write in" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "Epoch" not in result.stdout
@@ -170,7 +172,7 @@ def test_unwritable_output_dir_is_found_before_training(tmp_path):
 
 @pytest.mark.parametrize("case", ["no_x", "not_npz", "no_model", "not_a_model",
                                   "bad_output", "unknown_data"])
-def test_bad_ptq_inputs_are_clear_errors(case, tmp_path):
+def test_bad_ptq_inputs_are_clear_errors(case, tmp_path, command_in_process):
     import keras
     import numpy as np
 
@@ -201,7 +203,8 @@ def test_bad_ptq_inputs_are_clear_errors(case, tmp_path):
         extra = [f"--output={tmp_path / 'out.txt'}"]
     else:
         args["data"] = "imagenet"
-    result = _run("ptq", f"--model={args['model']}", f"--data={args['data']}", *extra)
+    result = command_in_process("ptq", f"--model={args['model']}", f"--data={args['data']}",
+                                *extra)
     assert result.returncode != 0
     assert expected in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr

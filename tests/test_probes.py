@@ -319,7 +319,8 @@ def test_usage_errors_are_one_line():
         assert "tfhfp8" in lines[0] and ("Usage" in lines[0] or "--model" in lines[0])
 
 
-def test_commands_refuse_to_overwrite_files_unless_asked(tmp_path):
+def test_commands_refuse_to_overwrite_files_unless_asked(tmp_path, command_in_process):
+    _cli = command_in_process
     _, path, _ = _saved_model(tmp_path)
     data = tmp_path / "data.npz"
     np.savez(data, x=np.random.default_rng(0).normal(size=(16, 4)).astype("float32"))
