@@ -60,11 +60,11 @@ class _Package(types.ModuleType):
     attribute would be a copy the submodule never reads)."""
 
     @property
-    def DEFAULT_MAX_STEPS(self):  # noqa: N802 (a module constant's name)
+    def DEFAULT_MAX_STEPS(self):
         return data.DEFAULT_MAX_STEPS
 
     @DEFAULT_MAX_STEPS.setter
-    def DEFAULT_MAX_STEPS(self, steps):  # noqa: N802
+    def DEFAULT_MAX_STEPS(self, steps):
         data.DEFAULT_MAX_STEPS = steps
 
 

@@ -66,10 +66,15 @@ def _require():
 
 _require()
 
-from tfhfp8.tfmot.quantize_configs import (  # noqa: E402  (after the checks)
-    GEMM_LAYERS, ErrorsBiasActivation, MasterWeightRounding, NoOpQuantizeConfig,
-    QuantizeConfig, Quantizer)
-from tfhfp8.tfmot.scheme import LayoutTransform, Registry, Scheme, quantize_scope  # noqa: E402
+from tfhfp8.tfmot.quantize_configs import (  # only after _require()
+    GEMM_LAYERS,
+    ErrorsBiasActivation,
+    MasterWeightRounding,
+    NoOpQuantizeConfig,
+    QuantizeConfig,
+    Quantizer,
+)
+from tfhfp8.tfmot.scheme import LayoutTransform, Registry, Scheme, quantize_scope
 
 __all__ = ["Quantizer", "QuantizeConfig", "NoOpQuantizeConfig", "MasterWeightRounding",
            "ErrorsBiasActivation", "Registry", "LayoutTransform", "Scheme", "quantize_scope",

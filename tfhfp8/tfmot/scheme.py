@@ -9,9 +9,15 @@ import tf_keras
 import tensorflow_model_optimization as _tfmot
 
 from tfhfp8 import _compat
-from tfhfp8.tfmot.quantize_configs import (GEMM_LAYERS, ErrorsBiasActivation,
-                                           MasterWeightRounding, NoOpQuantizeConfig,
-                                           QuantizeConfig, Quantizer, check_policy)
+from tfhfp8.tfmot.quantize_configs import (
+    GEMM_LAYERS,
+    ErrorsBiasActivation,
+    MasterWeightRounding,
+    NoOpQuantizeConfig,
+    QuantizeConfig,
+    Quantizer,
+    check_policy,
+)
 
 _keras = _tfmot.quantization.keras
 _transforms = _keras.graph_transformations.transforms
