@@ -409,6 +409,17 @@ def test_an_endless_generator_without_steps_stops_at_the_default(monkeypatch):
     assert batches.num_batches == 5  # what was read and cached
 
 
+def test_the_default_limit_is_set_on_the_package_and_read_where_it_is_used():
+    before = calibration.DEFAULT_MAX_STEPS
+    try:
+        calibration.DEFAULT_MAX_STEPS = 7  # as users set it
+        assert calibration.data.DEFAULT_MAX_STEPS == 7
+        assert calibration.Batches(iter([images(2)] * 9)).steps == 7
+    finally:
+        calibration.DEFAULT_MAX_STEPS = before
+    assert calibration.data.DEFAULT_MAX_STEPS == before == 1000
+
+
 def test_a_finite_generator_under_the_default_limit_does_not_warn():
     import warnings
     x = images(30)

@@ -15,7 +15,8 @@ import pytest
 import tensorflow as tf
 
 import tfhfp8
-from tfhfp8 import loss_scaling
+from tfhfp8 import loss_scaling, loss_scaling_spec
+from tfhfp8.loss_scaling_spec import LossScalingSpec
 
 E5M2 = tfhfp8.formats.get("float8_e5m2")
 
@@ -183,11 +184,51 @@ def test_loss_scaling_on_policy_serializes():
     policy = tfhfp8.Policy("hfp8", loss_scaling=loss_scaling.Adaptive(underflow_rate=1e-4, every=2))
     restored = tfhfp8.Policy.from_config(json.loads(json.dumps(policy.get_config())))
     assert restored == policy
-    assert restored.loss_scaling.underflow_rate == 1e-4 and restored.loss_scaling.every == 2
+    assert restored.loss_scaling.config == {"underflow_rate": 1e-4, "every": 2,
+                                            "max_scale": 2.0**24}
+    rule = loss_scaling.from_spec(restored.loss_scaling)
+    assert type(rule) is loss_scaling.Adaptive
+    assert rule.underflow_rate == 1e-4 and rule.every == 2
     with pytest.raises(ValueError, match="underflow_rate"):
         loss_scaling.Adaptive(underflow_rate=2)
     with pytest.raises(ValueError, match="loss_scaling"):
         tfhfp8.Policy(loss_scaling="sometimes")
+
+
+def test_policy_holds_a_loss_scaling_spec_the_layer_builds():
+    policy = tfhfp8.Policy("hfp8", loss_scaling="absmax")
+    assert policy.loss_scaling == LossScalingSpec("tfhfp8>AbsMax")
+    hash(policy.loss_scaling)  # a value
+    assert policy.get_config()["loss_scaling"] == "absmax"
+    layer = tfhfp8.layers.Dense(2, policy=policy)
+    layer.build((None, 3))
+    assert layer.loss_scaling_rule == loss_scaling.AbsMax()
+    plain = tfhfp8.layers.Dense(2, policy="hfp8")
+    plain.build((None, 3))
+    assert plain.loss_scaling_rule is None
+
+
+def test_loss_scaling_specs_from_every_identifier():
+    built_in = {name: keras.saving.get_registered_name(cls)
+                for name, cls in loss_scaling.REGISTRY.entries.items()}
+    assert loss_scaling_spec.BUILT_IN_RULES == built_in
+    saved = keras.saving.serialize_keras_object(loss_scaling.AbsMax(history=4))
+    from_saved = loss_scaling_spec.spec(json.loads(json.dumps(saved)))
+    assert from_saved == loss_scaling_spec.spec(loss_scaling.AbsMax(history=4))
+    assert loss_scaling.from_spec(from_saved) == loss_scaling.AbsMax(history=4)
+    old = {"class_name": "Adaptive", "config": {"every": 3}}  # files before the registry
+    assert loss_scaling.from_spec(loss_scaling_spec.spec(old)) == loss_scaling.Adaptive(every=3)
+    assert loss_scaling_spec.spec("none") is None and loss_scaling_spec.spec(None) is None
+
+    class Unregistered(loss_scaling.Adaptive):
+        pass
+
+    with pytest.raises(ValueError, match="not registered"):
+        tfhfp8.Policy(errors="float8_e5m2", loss_scaling=Unregistered())
+    with pytest.raises(TypeError, match="loss_scaling"):
+        tfhfp8.Policy(errors="float8_e5m2", loss_scaling=3)
+    with pytest.raises(ValueError, match="loss_scaling"):
+        loss_scaling.from_spec(LossScalingSpec("tfhfp8>Policy"))
 
 
 def _linear_model():

@@ -91,14 +91,14 @@ def _format(value):
 def _to_float64(x):
     c = tf_backend.CONTAINERS[tf.float32]
     magnitude = tf.bitcast(x, tf.uint32) & tf.constant(0x7FFFFFFF, tf.uint32)
-    return tf.where(tf.math.is_finite(x), tf_block._to_float64(x, magnitude, c),
+    return tf.where(tf.math.is_finite(x), tf_block.float32_to_float64_exact(x, magnitude, c),
                     tf.cast(x, tf.float64))
 
 
 def _to_float32(y):
     """float64 -> float32 rounded to nearest even, subnormals included."""
     rounded = quantize(y, _FLOAT32)  # overflow to inf, as a cast
-    return tf.where(tf.math.is_finite(rounded), tf_block._float64_to_float32(rounded),
+    return tf.where(tf.math.is_finite(rounded), tf_block.float64_to_float32_exact(rounded),
                     tf.cast(rounded, tf.float32))
 
 

@@ -10,8 +10,9 @@ from tfhfp8.layers import EMULATED, EmulatedLayer, walk
 # The Keras class each emulated class stands for.
 _KERAS_CLASS = {emulated: keras_class for keras_class, emulated in EMULATED.items()}
 
-# Layers that compute no GEMM and stay FP32 by design.
-_NON_GEMM = (
+# Keras layers that compute no GEMM and stay FP32 by design: `summary` says so, and
+# `tfhfp8.pretrained` checks a downloaded model's other layers against them.
+NON_GEMM_LAYERS = (
     keras.layers.BatchNormalization, keras.layers.LayerNormalization,
     keras.layers.GroupNormalization, keras.layers.UnitNormalization,
     keras.layers.Activation, keras.layers.ReLU, keras.layers.Softmax,
@@ -147,7 +148,7 @@ def _describe(layer):
         return " ".join(parts) or "float32", note
     if type(layer) in EMULATED:
         return "float32", "exempt (kept in FP32)"
-    if isinstance(layer, _NON_GEMM) or not layer.weights:
+    if isinstance(layer, NON_GEMM_LAYERS) or not layer.weights:
         return "float32", "not a GEMM layer"
     return "float32", f"unsupported layer type {type(layer).__name__}: left in FP32"
 

@@ -218,6 +218,18 @@ def serialize(loss_scaling):
     return REGISTRY.serialize(loss_scaling)
 
 
+def from_spec(spec):
+    """The rule a `tfhfp8.loss_scaling_spec.LossScalingSpec` names, built with its
+    arguments (None stays None): what a layer scales its errors with."""
+    if spec is None:
+        return None
+    cls = keras.saving.get_registered_object(spec.rule)
+    if not (isinstance(cls, type) and issubclass(cls, LossScaling)):
+        raise ValueError(f"loss_scaling: {spec.rule!r} is not a registered "
+                         f"tfhfp8.loss_scaling.LossScaling class (known: {', '.join(names())})")
+    return cls.from_config(spec.config)
+
+
 def _parse_schedule(schedule):
     """`min_scale_schedule` as a sorted list of `(int step, float floor)`."""
     if schedule is None:

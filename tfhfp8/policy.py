@@ -27,7 +27,7 @@ import functools
 import keras
 
 from tfhfp8 import _compat, accumulation as accumulation_lib, formats, registry
-from tfhfp8 import loss_scaling as loss_scaling_lib
+from tfhfp8 import loss_scaling_spec
 from tfhfp8.accumulation import GEMM_KINDS  # noqa: F401 (a name of this module before)
 from tfhfp8.formats import ROUNDINGS
 from tfhfp8.policy_presets import PRESETS
@@ -95,9 +95,11 @@ class Policy(keras.DTypePolicy):
         model in `exempt_format` instead of this policy's formats.
       exempt_format: the format of exempt layers (None: FP32); by default the
         preset's (`"bfloat16"` for `nvfp4`), else `"float16"`.
-      loss_scaling: per-GEMM error scaling: `"adaptive"`, `"absmax"` or a
-        `tfhfp8.loss_scaling.LossScaling` (see that module); `"none"` or None for no
-        scaling.
+      loss_scaling: per-GEMM error scaling: `"adaptive"`, `"absmax"`, a
+        `tfhfp8.loss_scaling.LossScaling` (see that module) or its config; `"none"` or
+        None for no scaling. The policy keeps it as data, a
+        `tfhfp8.loss_scaling_spec.LossScalingSpec` (`policy.loss_scaling`: the rule's
+        registered name and arguments); each layer builds the rule from it.
       quantize_attention: False keeps the two products inside attention (`QK^T`,
         `scores x V`) in FP32 (NVFP4's recipe); their projections follow the policy.
       exempt_of: set on the policy of a layer that another policy exempts (the first
@@ -186,9 +188,7 @@ class Policy(keras.DTypePolicy):
         self.exempt_format = _format_or_none("exempt_format", exempt_format)
         if loss_scaling is None:
             loss_scaling = settings.get("loss_scaling")
-        # "none", as the command line spells it, is no scaling.
-        self.loss_scaling = loss_scaling_lib.get(None if loss_scaling == "none"
-                                                 else loss_scaling)
+        self.loss_scaling = loss_scaling_spec.spec(loss_scaling)
         if exempt_of is not None and not isinstance(exempt_of, str):
             raise TypeError(f"exempt_of must be None or a policy name, got {exempt_of!r}")
         self.exempt_of = exempt_of
@@ -272,7 +272,8 @@ class Policy(keras.DTypePolicy):
             "saturate": self.saturate,
             "exempt_first_last": self.exempt_first_last,
             "exempt_format": formats.serialize(self.exempt_format),
-            "loss_scaling": loss_scaling_lib.serialize(self.loss_scaling),
+            "loss_scaling": (None if self.loss_scaling is None
+                             else self.loss_scaling.get_config()),
             **({"exempt_of": self.exempt_of} if self.exempt_of is not None else {}),
             # Only when emulated: configs of FP32-summing policies stay as they were.
             **({"accumulation": accumulation_lib.serialize_per_gemm(self.accumulation)}

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 
 from tfhfp8 import _compat, experiment
-from tfhfp8.conversion import _NON_GEMM  # (conversion.py should make it public)
+from tfhfp8.conversion import NON_GEMM_LAYERS
 from tfhfp8.layers import EMULATED, walk
 
 
@@ -126,7 +126,7 @@ def check_convertible(model):
                 f"model: layer {layer.name!r} is a {type(layer).__name__}, a subclass of "
                 f"{next(c.__name__ for c in supported if isinstance(layer, c))} that tfhfp8 "
                 "cannot emulate (its GEMM would stay FP32); rebuild it from the Keras layer")
-        if isinstance(layer, _NON_GEMM):
+        if isinstance(layer, NON_GEMM_LAYERS):
             continue
         inner = [sub for sub in _compat.sublayers(layer) if isinstance(sub, supported)]
         kernels = [v.path for v in layer.weights if "kernel" in v.path.split("/")[-1]]

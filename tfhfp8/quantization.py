@@ -51,7 +51,7 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
     <tf.Tensor: shape=(3,), dtype=float32, numpy=array([ 1.       ,  0.1015625, 30.       ], dtype=float32)>
     """
     fmt = formats.get(fmt)
-    _check_arguments(rounding, saturate)
+    check_rounding_and_saturate(rounding, saturate)
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
     x = _as_float_tensor(x)
@@ -104,7 +104,7 @@ def quantize_gradient(x, fmt, rounding="nearest_even", saturate=True, seed=None)
     """
     fmt = formats.get(fmt)
     # Bad arguments are errors now, not in the backward pass.
-    _check_arguments(rounding, saturate)
+    check_rounding_and_saturate(rounding, saturate)
     if seed is not None:
         _seed_tensor(seed)
 
@@ -117,7 +117,9 @@ def quantize_gradient(x, fmt, rounding="nearest_even", saturate=True, seed=None)
     return _identity(_as_float_tensor(x))
 
 
-def _check_arguments(rounding, saturate):
+def check_rounding_and_saturate(rounding, saturate):
+    """A ValueError naming the argument unless `rounding` is one of `ROUNDINGS` and
+    `saturate` a bool: what every quantizer checks before it rounds anything."""
     if not isinstance(rounding, str) or rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     if not isinstance(saturate, bool):

@@ -30,8 +30,12 @@ variances of the BatchNormalization layers are re-estimated, no weight changes.
 True
 """
 
+import sys
+import types
+
+from tfhfp8.calibration import data
 from tfhfp8.calibration.batchnorm import MODES, recalibrate_batchnorm
-from tfhfp8.calibration.data import DEFAULT_MAX_STEPS, Batches
+from tfhfp8.calibration.data import Batches
 from tfhfp8.calibration.evaluation import evaluate_ptq, predict_classes, ptq
 from tfhfp8.calibration.folding import FoldedBatchNormalization, fold_batchnorm
 from tfhfp8.calibration.graph import batchnorm_layers
@@ -48,3 +52,20 @@ __all__ = [
     "ptq",
     "recalibrate_batchnorm",
 ]
+
+
+class _Package(types.ModuleType):
+    """This package, whose `DEFAULT_MAX_STEPS` is `tfhfp8.calibration.data`'s, where it is
+    used: `tfhfp8.calibration.DEFAULT_MAX_STEPS = n` changes the limit (a plain module
+    attribute would be a copy the submodule never reads)."""
+
+    @property
+    def DEFAULT_MAX_STEPS(self):
+        return data.DEFAULT_MAX_STEPS
+
+    @DEFAULT_MAX_STEPS.setter
+    def DEFAULT_MAX_STEPS(self, steps):
+        data.DEFAULT_MAX_STEPS = steps
+
+
+sys.modules[__name__].__class__ = _Package

@@ -13,15 +13,13 @@ from tfhfp8 import _compat
 #: At most this many batches are read from calibration data of unknown length (a
 #: generator or other iterator, a `tf.data.Dataset` of unknown cardinality) when no
 #: `steps` is given: an endless generator stops there (with a warning) instead of running,
-#: and being cached, forever.
+#: and being cached, forever. Users change it as `tfhfp8.calibration.DEFAULT_MAX_STEPS`
+#: (the package reads and writes this one); it is read when data is wrapped.
 DEFAULT_MAX_STEPS = 1000
 
 
 def _default_max_steps():
-    # Read from the package, where users change it (tfhfp8.calibration.DEFAULT_MAX_STEPS).
-    from tfhfp8 import calibration
-
-    return calibration.DEFAULT_MAX_STEPS
+    return DEFAULT_MAX_STEPS
 
 
 def _is_array(value):

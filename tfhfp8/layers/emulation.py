@@ -210,7 +210,7 @@ class EmulatedLayer(EmulationState, _compat.AfterBuild):
         spec = gemm_axes.GemmAxes(equation, a.shape.rank, b.shape.rank)
         (role_a, role_b), (key_a, key_b) = roles, keys
         fmt_e = self.policy.errors
-        scaling, state = self.policy.loss_scaling, self.error_state[name]
+        scaling, state = self.loss_scaling_rule, self.error_state[name]
         collect = self.collect_stats
         fan_in = self.backward_fan_in(kernels[0]) if kernels else 1
 
@@ -336,7 +336,7 @@ class EmulatedLayer(EmulationState, _compat.AfterBuild):
         fmt = self.policy.errors
         if fmt is None:
             return y
-        scaling, state = self.policy.loss_scaling, self.error_state[name]
+        scaling, state = self.loss_scaling_rule, self.error_state[name]
         rounding, saturate = self.policy.rounding["errors"], self.policy.saturate
         collect = self.collect_stats
         seed = self._role_seed(step, "errors", name)

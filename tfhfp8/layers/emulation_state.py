@@ -11,7 +11,7 @@ import functools
 import keras
 import tensorflow as tf
 
-from tfhfp8 import accumulation
+from tfhfp8 import accumulation, loss_scaling
 from tfhfp8 import policy as policy_lib
 from tfhfp8.rounding import MasterWeightRounding, stochastic_seed
 
@@ -77,12 +77,13 @@ class EmulationState:
                     fmt, self.policy.rounding["master_weights"], variable.constraint, seed)
 
     def _create_error_state(self):
-        """Per GEMM: the loss-scaling variables, when the policy scales errors."""
-        scaling = self.policy.loss_scaling
+        """Per GEMM: the loss-scaling variables, when the policy scales errors; and
+        `loss_scaling_rule`, the rule the policy's loss-scaling spec names (or None)."""
+        self.loss_scaling_rule = loss_scaling.from_spec(self.policy.loss_scaling)
         self.error_state = {name: {} for name in self.GEMMS}
-        if self.policy.errors is not None and scaling is not None:
+        if self.policy.errors is not None and self.loss_scaling_rule is not None:
             for name in self.GEMMS:
-                self.error_state[name] = scaling.create_state(self, name)
+                self.error_state[name] = self.loss_scaling_rule.create_state(self, name)
                 for key, variable in self.error_state[name].items():
                     # Attributes, so that tf.train.Checkpoint tracks them too.
                     setattr(self, f"_{name}_{key}", variable)

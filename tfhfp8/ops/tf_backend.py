@@ -56,11 +56,13 @@ CONTAINERS = {
 }
 
 
-def _u(value, c):
+def uint_constant(value, c):
+    """`value` as a constant of the container's unsigned type (`c.uint`)."""
     return tf.constant(value, c.uint)
 
 
-def _shr(x, n):
+def shift_right(x, n):
+    """`x >> n` on unsigned bits, `n` cast to `x`'s type."""
     return tf.bitwise.right_shift(x, tf.cast(n, x.dtype))
 
 
@@ -70,11 +72,11 @@ def _shl(x, n):
 
 def _mix32(x):
     """lowbias32 (C. Wellons): a bijective 32-bit integer hash."""
-    x = x ^ _shr(x, 16)
+    x = x ^ shift_right(x, 16)
     x = x * tf.constant(0x7FEB352D, tf.uint32)
-    x = x ^ _shr(x, 15)
+    x = x ^ shift_right(x, 15)
     x = x * tf.constant(0x846CA68B, tf.uint32)
-    return x ^ _shr(x, 16)
+    return x ^ shift_right(x, 16)
 
 
 def _keys(seed):
@@ -132,14 +134,14 @@ def _round_static(v, d, rounding, rand, c):
     """Drops the `d` low bits of the unsigned integers `v` (d a Python int)."""
     if d == 0:
         return v
-    kept = _shr(v, d)
+    kept = shift_right(v, d)
     if rounding == "toward_zero":
         return kept
     if rounding == "nearest_even":
-        half_minus_one = _u((1 << (d - 1)) - 1, c)
-        return _shr(v + half_minus_one + (kept & _u(1, c)), d)
-    dropped = v & _u((1 << d) - 1, c)
-    threshold = _shr(rand, c.width - d)  # d uniform random bits
+        half_minus_one = uint_constant((1 << (d - 1)) - 1, c)
+        return shift_right(v + half_minus_one + (kept & uint_constant(1, c)), d)
+    dropped = v & uint_constant((1 << d) - 1, c)
+    threshold = shift_right(rand, c.width - d)  # d uniform random bits
     return kept + tf.cast(threshold < dropped, c.uint)
 
 
@@ -153,31 +155,32 @@ def _round_variable(sig, s, rounding, rand, c):
     """
     w = c.width
     shift = tf.cast(tf.minimum(s, c.mantissa + 2), c.uint)  # sig >> shift == 0 beyond
-    kept = _shr(sig, shift)
+    kept = shift_right(sig, shift)
     if rounding == "toward_zero":
         return kept
     if rounding == "nearest_even":
         lsb = tf.cast(shift > 0, c.uint)  # s == 0: nothing dropped
-        half_minus_one = _shr(_shl(_u(1, c), shift), 1) - lsb
-        return _shr(sig + half_minus_one + (kept & lsb), shift)
-    dropped = sig & (_shl(_u(1, c), shift) - _u(1, c))
+        half_minus_one = shift_right(_shl(uint_constant(1, c), shift), 1) - lsb
+        return shift_right(sig + half_minus_one + (kept & lsb), shift)
+    dropped = sig & (_shl(uint_constant(1, c), shift) - uint_constant(1, c))
     up_shift = tf.cast(tf.clip_by_value(w - s, 0, w - 1), c.uint)
     down_shift = tf.cast(tf.clip_by_value(s - w, 0, w - 1), c.uint)
-    fraction = tf.where(s <= w, _shl(dropped, up_shift), _shr(sig, down_shift))
+    fraction = tf.where(s <= w, _shl(dropped, up_shift), shift_right(sig, down_shift))
     return kept + tf.cast(rand < fraction, c.uint)
 
 
-def _split(x, c):
+def split_sign(x, c):
+    """(sign bit, magnitude bits) of `x`'s bits in the container `c`."""
     bits = tf.bitcast(x, c.uint)
-    sign_mask = _u(1 << (c.width - 1), c)
+    sign_mask = uint_constant(1 << (c.width - 1), c)
     return bits & sign_mask, bits & ~sign_mask
 
 
-def _significand(a, c):
+def exponent_and_significand(a, c):
     """(biased exponent clamped to >= 1, significand with its implicit bit)."""
-    exponent = tf.cast(_shr(a, c.mantissa), tf.int32)
-    implicit = tf.where(exponent > 0, _u(1 << c.mantissa, c), _u(0, c))
-    sig = (a & _u((1 << c.mantissa) - 1, c)) | implicit
+    exponent = tf.cast(shift_right(a, c.mantissa), tf.int32)
+    implicit = tf.where(exponent > 0, uint_constant(1 << c.mantissa, c), uint_constant(0, c))
+    sig = (a & uint_constant((1 << c.mantissa) - 1, c)) | implicit
     return tf.maximum(exponent, 1), sig
 
 
@@ -195,44 +198,44 @@ def quantize_float(x, fmt, rounding, saturate, seed, rand=None):
     if rounding == "stochastic" and rand is None:
         rand = random_bits(tf.shape(x), seed, c, x.shape.num_elements())
 
-    sign, a = _split(x, c)
-    exponent = tf.cast(_shr(a, c.mantissa), tf.int32)
+    sign, a = split_sign(x, c)
+    exponent = tf.cast(shift_right(a, c.mantissa), tf.int32)
     normal = exponent >= emin
 
     # Normal path: the code of the target format and its bits in the container.
     d = c.mantissa - m
-    code = _round_static(a - _u(rebias, c), d, rounding, rand, c)
-    normal_bits = _shl(code, d) + _u(rebias, c)
-    overflow = normal & (code > _u(fmt.max_code, c))
+    code = _round_static(a - uint_constant(rebias, c), d, rounding, rand, c)
+    normal_bits = _shl(code, d) + uint_constant(rebias, c)
+    overflow = normal & (code > uint_constant(fmt.max_code, c))
 
     # Fixed-quantum path: subnormals of the format, and zero.
-    exponent1, sig = _significand(a, c)
+    exponent1, sig = exponent_and_significand(a, c)
     # s == 0 only for the container's own subnormals (e.g. FloatFormat(8, 23)): exact.
     s = tf.maximum(c.mantissa - sub_mantissa + emin - exponent1, 0)
     sub_code = _round_variable(sig, s, rounding, rand, c)
-    sub_bits = _scaled_bits(sub_code, 1 - fmt.bias - sub_mantissa, c)
+    sub_bits = scaled_bits(sub_code, 1 - fmt.bias - sub_mantissa, c)
 
     magnitude = tf.where(normal, normal_bits, sub_bits)
     if saturate or fmt.specials == "finite":
         overflow_bits = tf.bitcast(tf.constant(fmt.max, x.dtype), c.uint)
     elif fmt.specials == "ieee":
-        overflow_bits = _u(c.inf_bits, c)
+        overflow_bits = uint_constant(c.inf_bits, c)
     else:
-        overflow_bits = _u(c.inf_bits | 1 << (c.mantissa - 1), c)  # quiet NaN
+        overflow_bits = uint_constant(c.inf_bits | 1 << (c.mantissa - 1), c)  # quiet NaN
     if rounding == "toward_zero":
         # Toward zero never grows a magnitude: a finite overflow gives max (IEEE 754 §7.4).
         max_bits = tf.bitcast(tf.constant(fmt.max, x.dtype), c.uint)
-        overflow_bits = tf.where(a == _u(c.inf_bits, c), overflow_bits, max_bits)
+        overflow_bits = tf.where(a == uint_constant(c.inf_bits, c), overflow_bits, max_bits)
     magnitude = tf.where(overflow, overflow_bits, magnitude)
     if not fmt.has_negative_zero:
-        sign = tf.where(magnitude == 0, _u(0, c), sign)
+        sign = tf.where(magnitude == 0, uint_constant(0, c), sign)
 
-    is_nan = a > _u(c.inf_bits, c)
+    is_nan = a > uint_constant(c.inf_bits, c)
     if fmt.has_nan or saturate:
-        nan_bits = sign | _u(c.inf_bits | 1 << (c.mantissa - 1), c)
+        nan_bits = sign | uint_constant(c.inf_bits | 1 << (c.mantissa - 1), c)
     else:
         # ml_dtypes casts NaN to a zero of the opposite sign in formats without NaN.
-        nan_bits = sign ^ _u(1 << (c.width - 1), c)
+        nan_bits = sign ^ uint_constant(1 << (c.width - 1), c)
     out = tf.where(is_nan, nan_bits, sign | magnitude)
     return tf.bitcast(out, x.dtype)
 
@@ -255,25 +258,25 @@ def quantize_fixed(x, exponent, inner, bits, rounding, saturate, seed):
     if rounding == "stochastic":
         rand = random_bits(shape, seed, c, x.shape.num_elements())
 
-    sign, a = _split(x, c)
-    exponent1, sig = _significand(a, c)
+    sign, a = split_sign(x, c)
+    exponent1, sig = exponent_and_significand(a, c)
     s = k + c.exponent_bias + c.mantissa - exponent1
     code = _round_variable(sig, tf.maximum(s, 1), rounding, rand, c)
     # s <= 0: x is already a multiple of 2^k (k at the container's smallest exponent).
-    magnitude = tf.where(s > 0, _scaled_bits(code, k, c), a)
+    magnitude = tf.where(s > 0, scaled_bits(code, k, c), a)
 
-    is_inf = a == _u(c.inf_bits, c)
+    is_inf = a == uint_constant(c.inf_bits, c)
     if saturate:
-        largest = _scaled_bits(_u((1 << (bits - 1)) - 1, c), k, c)  # broadcasts
+        largest = scaled_bits(uint_constant((1 << (bits - 1)) - 1, c), k, c)  # broadcasts
         magnitude = tf.where(is_inf, largest, magnitude)
     else:
-        magnitude = tf.where(is_inf, _u(c.inf_bits, c), magnitude)
-    is_nan = a > _u(c.inf_bits, c)
+        magnitude = tf.where(is_inf, uint_constant(c.inf_bits, c), magnitude)
+    is_nan = a > uint_constant(c.inf_bits, c)
     out = tf.where(is_nan, a, magnitude) | sign
     return tf.bitcast(out, x.dtype)
 
 
-def _scaled_bits(code, qe, c):
+def scaled_bits(code, qe, c):
     """Bits of `code * 2^qe`, exactly, for `qe >= c.min_exponent` (int or int32 tensor).
 
     Integer arithmetic only: TensorFlow's threads flush subnormal products to zero.
@@ -282,7 +285,7 @@ def _scaled_bits(code, qe, c):
     """
     qe = tf.convert_to_tensor(qe, tf.int32)
     limit = tf.maximum(2 - c.exponent_bias - qe, 0)
-    linear = code < _shl(_u(1, c), limit)
+    linear = code < _shl(uint_constant(1, c), limit)
     linear_bits = _shl(code, tf.minimum(qe - c.min_exponent, c.width - 1))
     offset = _shl(tf.bitcast(tf.cast(qe, tf.int64 if c.width == 64 else tf.int32), c.uint),
                   c.mantissa)

@@ -42,12 +42,12 @@ def _ldexp(x, k, c):
     Results below the container's smallest subnormal are truncated toward zero.
     Finite `x` only.
     """
-    sign, a = tb._split(x, c)
-    exponent1, sig = tb._significand(a, c)
+    sign, a = tb.split_sign(x, c)
+    exponent1, sig = tb.exponent_and_significand(a, c)
     qe = exponent1 - (c.exponent_bias + c.mantissa) + k
     shift = tf.clip_by_value(c.min_exponent - qe, 0, c.width - 1)
-    code = tb._shr(sig, shift)
-    bits = tb._scaled_bits(code, tf.maximum(qe, c.min_exponent), c)
+    code = tb.shift_right(sig, shift)
+    bits = tb.scaled_bits(code, tf.maximum(qe, c.min_exponent), c)
     return tf.bitcast(sign | bits, c.dtype)
 
 
@@ -56,15 +56,15 @@ def _floor_log2(a, c):
 
     `a` > 0 finite. The second value is the fraction field of `v` scaled into [1, 2).
     """
-    exponent = tf.cast(tb._shr(a, c.mantissa), tf.int32)
-    mantissa = a & tb._u((1 << c.mantissa) - 1, c)
+    exponent = tf.cast(tb.shift_right(a, c.mantissa), tf.int32)
+    mantissa = a & tb.uint_constant((1 << c.mantissa) - 1, c)
     subnormal = exponent == 0
     # A subnormal's integer mantissa field converts exactly to a float with the same
     # significand; its exponent gives the position of the top bit.
     as_float = tf.bitcast(tf.cast(mantissa, c.dtype), c.uint)
-    top = tf.cast(tb._shr(as_float, c.mantissa), tf.int32) - c.exponent_bias
+    top = tf.cast(tb.shift_right(as_float, c.mantissa), tf.int32) - c.exponent_bias
     e = tf.where(subnormal, top + c.min_exponent, exponent - c.exponent_bias)
-    fraction = tf.where(subnormal, as_float, a) & tb._u((1 << c.mantissa) - 1, c)
+    fraction = tf.where(subnormal, as_float, a) & tb.uint_constant((1 << c.mantissa) - 1, c)
     return e, fraction
 
 
@@ -120,35 +120,35 @@ def quantize_block(x, fmt, rounding, saturate, seed):
     signed = tf.int32 if c.width == 32 else tf.int64
     blocks = _Blocks(x, fmt.axis, fmt.block_size)
 
-    sign, a = tb._split(x, c)
-    inf_bits = tb._u(c.inf_bits, c)
+    sign, a = tb.split_sign(x, c)
+    inf_bits = tb.uint_constant(c.inf_bits, c)
     is_inf = a == inf_bits
     if saturate:  # an infinity counts as the largest finite value
-        a = tf.where(is_inf, inf_bits - tb._u(1, c), a)
+        a = tf.where(is_inf, inf_bits - tb.uint_constant(1, c), a)
         x = tf.bitcast(sign | a, c.dtype)
     amax = tf.bitcast(blocks.reduce_max(tf.bitcast(a, signed)), c.uint)
     # NaN (or, not saturating, inf) anywhere in a block: a NaN scale.
     bad = amax >= inf_bits
-    amax = tf.where(bad, tb._u(0, c), amax)
+    amax = tf.where(bad, tb.uint_constant(0, c), amax)
 
     if fmt.power_of_two_scale:
         y, bad = _power_of_two(x, amax, bad, fmt, blocks, rounding, saturate, seed, c)
     else:
         y = _float_scale(x, a, amax, fmt, blocks, rounding, seed, c)
-    nan = tf.bitcast(tb._u(c.inf_bits | 1 << (c.mantissa - 1), c), c.dtype)
+    nan = tf.bitcast(tb.uint_constant(c.inf_bits | 1 << (c.mantissa - 1), c), c.dtype)
     y = tf.where(blocks.expand(bad), nan, y)
     return tf.reshape(y, shape) if scalar else y
 
 
 def _power_of_two(x, amax, bad, fmt, blocks, rounding, saturate, seed, c):
     """OCP MX: scale 2^k, k from the block's amax (see tfhfp8.block_formats)."""
-    e, fraction = _floor_log2(tf.maximum(amax, tb._u(1, c)), c)
+    e, fraction = _floor_log2(tf.maximum(amax, tb.uint_constant(1, c)), c)
     k = e - fmt.emax_element
     if fmt.scale_rounding == "ceil":  # up when amax's significand exceeds max's
         uint = np.uint32 if c.width == 32 else np.uint64
         max_bits = int(np.array(fmt.element.max, c.dtype.as_numpy_dtype).view(uint))
         max_fraction = max_bits & ((1 << c.mantissa) - 1)
-        k += tf.cast(fraction > tb._u(max_fraction, c), tf.int32)
+        k += tf.cast(fraction > tb.uint_constant(max_fraction, c), tf.int32)
     k = tf.where(amax == 0, -_E8M0_MAX_EXPONENT, k)
     # Only float64 inputs can need more than 2^127: NaN (E8M0 has no inf) or clamp.
     if not saturate:
@@ -161,7 +161,7 @@ def _power_of_two(x, amax, bad, fmt, blocks, rounding, saturate, seed, c):
     return _ldexp(q, k, c), bad
 
 
-def _to_float64(x, a, c):
+def float32_to_float64_exact(x, a, c):
     """float32 (sign from x, magnitude bits a) to float64, exactly, subnormals included."""
     if c.width == 64:
         return x
@@ -176,10 +176,10 @@ def _to_float64(x, a, c):
     return tf.where(tf.bitcast(x, tf.uint32) >= 1 << 31, -value, value)
 
 
-def _float64_to_float32(y):
+def float64_to_float32_exact(y):
     """A float64 tensor holding float32 values (subnormals too) as float32, on the bits."""
     c64 = tb.CONTAINERS[tf.float64]
-    sign, a = tb._split(y, c64)
+    sign, a = tb.split_sign(y, c64)
     exponent = tf.cast(tf.bitwise.right_shift(a, tf.constant(52, tf.uint64)), tf.int32)
     fraction = a & tf.constant((1 << 52) - 1, tf.uint64)
     normal_bits = tf.bitwise.left_shift(tf.cast(tf.maximum(exponent - 896, 0), tf.uint64),
@@ -200,14 +200,14 @@ def _float_scale(x, a, amax, fmt, blocks, rounding, seed, c):
     element_max = fmt.element.max
     scale_rounding = {"nearest_even": "nearest_even", "floor": "toward_zero"}[
         fmt.scale_rounding]
-    x64 = _to_float64(x, a, c)
-    amax64 = _to_float64(tf.bitcast(amax, c.dtype), amax, c)
+    x64 = float32_to_float64_exact(x, a, c)
+    amax64 = float32_to_float64_exact(tf.bitcast(amax, c.dtype), amax, c)
     if fmt.tensor_scale:
-        finite = tf.where(a < tb._u(c.inf_bits, c), a, tb._u(0, c))
+        finite = tf.where(a < tb.uint_constant(c.inf_bits, c), a, tb.uint_constant(0, c))
         tensor_amax = tf.reduce_max(tf.reshape(tf.bitcast(finite, tf.int32 if c.width == 32
                                                           else tf.int64), [-1]))
         tensor_amax = tf.bitcast(tf.maximum(tensor_amax, 0), c.uint)
-        t64 = _to_float64(tf.bitcast(tensor_amax, c.dtype), tensor_amax, c)
+        t64 = float32_to_float64_exact(tf.bitcast(tensor_amax, c.dtype), tensor_amax, c)
         s = tb.quantize_float(t64 / (fmt.scale.max * element_max), _FLOAT32, "nearest_even",
                               True, zero_seed)
         s = tf.where(t64 == 0, tf.constant(1.0, tf.float64), tf.maximum(s, 2.0**-149))
@@ -222,7 +222,7 @@ def _float_scale(x, a, amax, fmt, blocks, rounding, seed, c):
     y = tf.where(zero, x64 * 0.0, q * d)
     if c.width == 64:
         return y
-    return _float64_to_float32(tb.quantize_float(y, _FLOAT32, "nearest_even", True, zero_seed))
+    return float64_to_float32_exact(tb.quantize_float(y, _FLOAT32, "nearest_even", True, zero_seed))
 
 
 def dfp_block_exponents(x, fmt, rounding):
@@ -267,7 +267,7 @@ def tensor_amax(x):
     if x.dtype not in (tf.float32, tf.float64):
         return tf.cast(tf.reduce_max(tf.abs(x)), tf.float32)
     c = tb.CONTAINERS[x.dtype]
-    _, a = tb._split(x, c)
+    _, a = tb.split_sign(x, c)
     signed = tf.int32 if c.width == 32 else tf.int64
     top = tf.maximum(tf.reduce_max(tf.reshape(tf.bitcast(a, signed), [-1])), 0)  # empty: 0
     return tf.cast(tf.bitcast(top, x.dtype), tf.float32)
@@ -334,17 +334,17 @@ def _scaled_on_the_bits(x, s, fmt, rounding, seed, quantize_float):
     s64 = tf.cast(s, tf.float64)  # s >= 2^-126: normal
 
     def to_float32(y64):
-        return _float64_to_float32(tb.quantize_float(y64, _FLOAT32, "nearest_even", True,
-                                                     zero_seed))
+        return float64_to_float32_exact(tb.quantize_float(y64, _FLOAT32, "nearest_even",
+                                                          True, zero_seed))
 
-    _, a = tb._split(x, c)
-    finite = a < tb._u(c.inf_bits, c)
+    _, a = tb.split_sign(x, c)
+    finite = a < tb.uint_constant(c.inf_bits, c)
     safe_x = tf.where(finite, x, tf.zeros_like(x))
-    quotient = tf.where(finite, to_float32(_to_float64(safe_x, tb._split(safe_x, c)[1], c)
-                                           / s64), x / s)
+    exact_x = float32_to_float64_exact(safe_x, tb.split_sign(safe_x, c)[1], c)
+    quotient = tf.where(finite, to_float32(exact_x / s64), x / s)
     q = quantize_float(quotient, fmt.element, rounding, True, seed)
-    _, qa = tb._split(q, c)
-    q_finite = qa < tb._u(c.inf_bits, c)
+    _, qa = tb.split_sign(q, c)
+    q_finite = qa < tb.uint_constant(c.inf_bits, c)
     safe_q = tf.where(q_finite, q, tf.zeros_like(q))
-    product = to_float32(_to_float64(safe_q, tb._split(safe_q, c)[1], c) * s64)
+    product = to_float32(float32_to_float64_exact(safe_q, tb.split_sign(safe_q, c)[1], c) * s64)
     return tf.where(q_finite, product, q)

@@ -10,6 +10,7 @@
 #include "accumulate_types.h"
 #include "cpu_dispatch.h"
 #include "format_attrs.h"
+#include "kernel_util.h"
 #include "rounding.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -38,9 +39,8 @@ namespace {
 
 // The loops of the CPU variant that the quantization kernels run (cpu_dispatch.h).
 absl::Status SelectAccumulateLoops(const AccumulateLoops** loops) {
-  std::string error;
-  const Loops* quantize = SelectLoops(&error);
-  if (quantize == nullptr) return InvalidArgument(error);
+  const Loops* quantize;
+  TF_RETURN_IF_ERROR(SelectLoopsOrError(&quantize));
   for (const AccumulateLoops* candidate : {
 #if defined(__x86_64__)
            &kAccumulateLoops_x86_64_v4, &kAccumulateLoops_x86_64_v3,
@@ -138,12 +138,28 @@ void PackPanel(const T* b, int64_t k, int64_t n, int64_t j0, T* panel) {
   }
 }
 
-// Runs body(begin, end) over the tiles on the intra-op thread pool.
-template <typename Body>
-void ForTiles(OpKernelContext* context, const Tiling& tiling, int64_t cost_per_tile,
-              Body body) {
-  const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
-  tensorflow::Shard(workers.num_threads, workers.workers, tiling.count(), cost_per_tile, body);
+// What both GEMM kernels start with: a [B, M, K] and b [B, K, N] (inputs 0 and 1), the
+// output c [B, M, N] (output 0) and a counter (output 1: swamped additions or overflows).
+struct MatmulStart {
+  int64_t batch, m, k, n;
+  Tensor* c = nullptr;
+  Tensor* counter = nullptr;
+};
+
+// The start of both GEMM kernels' Compute: the loops, the shapes, c, the counter (zero).
+// `*done` when there is nothing to sum: c is empty, or K = 0 (c is then +0, an empty
+// sum, which the tile loops would not write).
+absl::Status StartMatmul(OpKernelContext* context, const AccumulateLoops** loops,
+                         MatmulStart* start, bool* done) {
+  TF_RETURN_IF_ERROR(SelectAccumulateLoops(loops));
+  TF_RETURN_IF_ERROR(MatmulShapes(context->input(0), context->input(1), &start->batch,
+                                  &start->m, &start->k, &start->n));
+  TF_RETURN_IF_ERROR(context->allocate_output(
+      0, TensorShape({start->batch, start->m, start->n}), &start->c));
+  TF_RETURN_IF_ERROR(ZeroCounterOutput(context, 1, &start->counter));
+  *done = start->c->NumElements() == 0 || start->k == 0;
+  if (start->c->NumElements() != 0 && start->k == 0) start->c->flat<float>().setZero();
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -155,15 +171,12 @@ class AccumulatingMatmulOp : public OpKernel {
     constexpr int kMaxMantissa = 21;
     FloatFormatAttrs inner, outer, products;
     bool saturate;
-    std::string rounding;
     OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "", kMaxMantissa, &inner));
     OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "outer_", kMaxMantissa, &outer));
     OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "products_", 23, &products));
     OP_REQUIRES_OK(context, context->GetAttr("has_products", &has_products_));
-    OP_REQUIRES_OK(context, context->GetAttr("rounding", &rounding));
-    OP_REQUIRES_OK(context, context->GetAttr("saturate", &saturate));
+    OP_REQUIRES_OK(context, ReadRoundingAttrs(context, &rounding_, &saturate));
     OP_REQUIRES_OK(context, ReadChunkSize(context, &chunk_size_));
-    rounding_ = ParseRounding(rounding);
     auto params = [saturate](const FloatFormatAttrs& f) {
       return MakeFloatParams<float>(f.exponent_bits, f.mantissa_bits, f.bias, f.specials,
                                     f.subnormals, saturate);
@@ -174,27 +187,18 @@ class AccumulatingMatmulOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* context) override {
+    int64_t signed_seed = 0;
+    OP_REQUIRES_OK(context, ReadSeed(context->input(2), &signed_seed));
+    const uint64_t seed = static_cast<uint64_t>(signed_seed);
     const AccumulateLoops* loops;
-    OP_REQUIRES_OK(context, SelectAccumulateLoops(&loops));
+    MatmulStart start;
+    bool done = false;
+    OP_REQUIRES_OK(context, StartMatmul(context, &loops, &start, &done));
+    if (done) return;
+    const int64_t batch = start.batch, m = start.m, k = start.k, n = start.n;
     const Tensor& a = context->input(0);
     const Tensor& b = context->input(1);
-    const Tensor& seed_tensor = context->input(2);
-    int64_t batch, m, k, n;
-    OP_REQUIRES_OK(context, MatmulShapes(a, b, &batch, &m, &k, &n));
-    OP_REQUIRES(context, TensorShapeUtils::IsScalar(seed_tensor.shape()),
-                InvalidArgument("seed must be a scalar, got shape ",
-                                seed_tensor.shape().DebugString()));
-    const uint64_t seed = static_cast<uint64_t>(seed_tensor.scalar<int64_t>()());
-    Tensor* c = nullptr;
-    Tensor* swamped_tensor = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({batch, m, n}), &c));
-    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({}), &swamped_tensor));
-    swamped_tensor->scalar<int64_t>()() = 0;
-    if (c->NumElements() == 0) return;
-    if (k == 0) {  // an empty sum is +0 (the tile loops write nothing)
-      c->flat<float>().setZero();
-      return;
-    }
+    Tensor* c = start.c;
 
     FloatAccumulation acc;
     acc.inner = inner_;
@@ -222,7 +226,7 @@ class AccumulatingMatmulOp : public OpKernel {
     std::atomic<int64_t> swamped{0};
     // About 8 cycles per rounded addition (Shard's cost unit is about a cycle).
     const int64_t cost = std::max<int64_t>(k, 1) * kTileRows * kTileCols * 8;
-    ForTiles(context, tiling, cost, [&](int64_t begin, int64_t end) {
+    ParallelFor(context, tiling.count(), cost, [&](int64_t begin, int64_t end) {
       // TwoSum needs IEEE subnormals; TF's threads flush them to zero.
       tensorflow::port::ScopedDontFlushDenormal ieee_subnormals;
       std::vector<float> panel(std::max<int64_t>(k, 1) * kTileCols);
@@ -244,7 +248,7 @@ class AccumulatingMatmulOp : public OpKernel {
       }
       swamped += local;
     });
-    swamped_tensor->scalar<int64_t>()() = swamped.load();
+    start.counter->scalar<int64_t>()() = swamped.load();
   }
 
  private:
@@ -265,21 +269,14 @@ class Int32MatmulOp : public OpKernel {
 
   void Compute(OpKernelContext* context) override {
     const AccumulateLoops* loops;
-    OP_REQUIRES_OK(context, SelectAccumulateLoops(&loops));
+    MatmulStart start;
+    bool done = false;
+    OP_REQUIRES_OK(context, StartMatmul(context, &loops, &start, &done));
+    if (done) return;
+    const int64_t batch = start.batch, m = start.m, k = start.k, n = start.n;
     const Tensor& a = context->input(0);
     const Tensor& b = context->input(1);
-    int64_t batch, m, k, n;
-    OP_REQUIRES_OK(context, MatmulShapes(a, b, &batch, &m, &k, &n));
-    Tensor* c = nullptr;
-    Tensor* overflow_tensor = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({batch, m, n}), &c));
-    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({}), &overflow_tensor));
-    overflow_tensor->scalar<int64_t>()() = 0;
-    if (c->NumElements() == 0) return;
-    if (k == 0) {  // an empty sum is +0 (the tile loops write nothing)
-      c->flat<float>().setZero();
-      return;
-    }
+    Tensor* c = start.c;
 
     Int32Accumulation acc;
     acc.k = k;
@@ -305,22 +302,22 @@ class Int32MatmulOp : public OpKernel {
     const Tiling row_tiling(batch, m, k, 1);
     std::vector<int32_t> pairs_a(row_tiling.count() * tile_words);
     std::vector<char> a_fits(row_tiling.count());
-    ForTiles(context, row_tiling, std::max<int64_t>(k, 1) * kTileRows * 4,
-             [&](int64_t begin, int64_t end) {
-               for (int64_t t = begin; t < end; ++t) {
-                 int64_t bi, i0, j0;
-                 row_tiling.Locate(t, &bi, &i0, &j0);
-                 const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m - i0));
-                 const int32_t* a_rows = a_data + (bi * m + i0) * k;
-                 a_fits[t] = Fits16(a_rows, rows * k);
-                 if (!a_fits[t]) continue;
-                 int32_t* out = pairs_a.data() + t * tile_words;
-                 for (int r = 0; r < rows; ++r) {
-                   PackPairs(a_rows + r * k, 1, 1, acc, out + r * packed_k);
-                 }
-               }
-             });
-    ForTiles(context, tiling, cost, [&](int64_t begin, int64_t end) {
+    ParallelFor(context, row_tiling.count(), std::max<int64_t>(k, 1) * kTileRows * 4,
+                [&](int64_t begin, int64_t end) {
+                  for (int64_t t = begin; t < end; ++t) {
+                    int64_t bi, i0, j0;
+                    row_tiling.Locate(t, &bi, &i0, &j0);
+                    const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m - i0));
+                    const int32_t* a_rows = a_data + (bi * m + i0) * k;
+                    a_fits[t] = Fits16(a_rows, rows * k);
+                    if (!a_fits[t]) continue;
+                    int32_t* out = pairs_a.data() + t * tile_words;
+                    for (int r = 0; r < rows; ++r) {
+                      PackPairs(a_rows + r * k, 1, 1, acc, out + r * packed_k);
+                    }
+                  }
+                });
+    ParallelFor(context, tiling.count(), cost, [&](int64_t begin, int64_t end) {
       const int64_t rows_k = std::max<int64_t>(k, 1);
       std::vector<int32_t> panel(rows_k * kTileCols), pairs_panel(rows_k * kTileCols);
       int64_t panel_of = -1;
@@ -355,7 +352,7 @@ class Int32MatmulOp : public OpKernel {
       }
       overflows += local;
     });
-    overflow_tensor->scalar<int64_t>()() = overflows.load();
+    start.counter->scalar<int64_t>()() = overflows.load();
   }
 
  private:

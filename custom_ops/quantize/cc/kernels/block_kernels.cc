@@ -61,15 +61,14 @@ template <typename T>
 class QuantizeBlockOp : public OpKernel {
  public:
   explicit QuantizeBlockOp(OpKernelConstruction* context) : OpKernel(context) {
-    std::string scale, rounding, scale_rounding;
+    std::string scale, scale_rounding;
     FloatFormatAttrs element{}, scale_format{};
     OP_REQUIRES_OK(context, context->GetAttr("axis", &axis_));
     OP_REQUIRES_OK(context, context->GetAttr("block_size", &block_size_));
     OP_REQUIRES_OK(context, context->GetAttr("scale", &scale));
     OP_REQUIRES_OK(context, context->GetAttr("scale_rounding", &scale_rounding));
     OP_REQUIRES_OK(context, context->GetAttr("tensor_scale", &tensor_scale_));
-    OP_REQUIRES_OK(context, context->GetAttr("rounding", &rounding));
-    OP_REQUIRES_OK(context, context->GetAttr("saturate", &saturate_));
+    OP_REQUIRES_OK(context, ReadRoundingAttrs(context, &rounding_, &saturate_));
     OP_REQUIRES(context, block_size_ >= 1 && block_size_ <= (1 << 16),
                 InvalidArgument("block_size must be in [1, 65536], got ", block_size_));
     OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "element_", 23, &element));
@@ -90,16 +89,14 @@ class QuantizeBlockOp : public OpKernel {
     params32_ = MakeBlockParams<float>(element, scale_attrs, scale_rounding, saturate_);
     params64_ = MakeBlockParams<double>(element, scale_attrs, scale_rounding, saturate_);
     scale_max_ = power_of_two ? 0.0 : FromBits<double>(params64_.scale64.max_bits);
-    rounding_ = ParseRounding(rounding);
   }
 
   void Compute(OpKernelContext* context) override {
     using UInt = typename Container<T>::UInt;
     const Loops* loops;
-    OP_REQUIRES_OK(context, SelectLoopsOrError(&loops));
-    const Tensor& input = context->input(0);
     int64_t seed = 0;
-    OP_REQUIRES_OK(context, ReadSeed(context->input(1), &seed));
+    OP_REQUIRES_OK(context, StartQuantize(context, 1, &loops, &seed));
+    const Tensor& input = context->input(0);
     const int rank = input.dims();
     const int dims = std::max(rank, 1);  // a scalar is one block of one element
     OP_REQUIRES(context, axis_ >= -dims && axis_ < dims,
@@ -147,8 +144,7 @@ class QuantizeBlockOp : public OpKernel {
     }
 
     Tensor* output = nullptr;
-    OP_REQUIRES_OK(context,
-                   context->forward_input_or_allocate_output({0}, 0, input.shape(), &output));
+    OP_REQUIRES_OK(context, OutputLikeInput(context, &output));
     T* out = output->flat<T>().data();
     const BlockLoop<T> loop = TypedLoops<T>::Block(*loops, rounding_);
     const Keys keys = MakeSeedKeys(seed);

@@ -18,6 +18,16 @@ inline Rounding ParseRounding(const std::string& name) {
   return Rounding::kNearestEven;
 }
 
+// The `rounding` and `saturate` attributes every rounding kernel takes.
+inline absl::Status ReadRoundingAttrs(tensorflow::OpKernelConstruction* context,
+                                      Rounding* rounding, bool* saturate) {
+  std::string name;
+  TF_RETURN_IF_ERROR(context->GetAttr("rounding", &name));
+  TF_RETURN_IF_ERROR(context->GetAttr("saturate", saturate));
+  *rounding = ParseRounding(name);
+  return absl::OkStatus();
+}
+
 inline Specials ParseSpecials(const std::string& name) {
   if (name == "fn") return Specials::kFn;
   if (name == "fnuz") return Specials::kFnuz;

@@ -1,6 +1,7 @@
-// Helpers shared by the TensorFlow kernels of quantize_kernels.cc and block_kernels.cc:
-// the thread pool, the seed, the loops of a container type (attributes: format_attrs.h).
-// Compiled for the baseline only, with TensorFlow's headers.
+// Helpers shared by the TensorFlow kernels (quantize_kernels.cc, block_kernels.cc and
+// accumulate/cc/kernels/accumulate_kernels.cc): the thread pool, the seed input, the
+// outputs, the start of a quantizing kernel's Compute, the loops of a container type
+// (attributes: format_attrs.h). Compiled for the baseline only, with TensorFlow's headers.
 
 #ifndef TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_KERNEL_UTIL_H_
 #define TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_KERNEL_UTIL_H_
@@ -35,6 +36,7 @@ inline void ParallelFor(OpKernelContext* context, int64_t n, int64_t cost_per_el
   tensorflow::Shard(workers.num_threads, workers.workers, n, cost_per_element, body);
 }
 
+// The seed of a stochastic rounding: a scalar int64 input.
 inline absl::Status ReadSeed(const Tensor& tensor, int64_t* seed) {
   if (!TensorShapeUtils::IsScalar(tensor.shape())) {
     return InvalidArgument("seed must be a scalar, got shape ", tensor.shape().DebugString());
@@ -43,10 +45,31 @@ inline absl::Status ReadSeed(const Tensor& tensor, int64_t* seed) {
   return absl::OkStatus();
 }
 
+// The loops of the CPU variant the kernels run (cpu_dispatch.h), or why there are none.
 inline absl::Status SelectLoopsOrError(const Loops** loops) {
   std::string error;
   *loops = SelectLoops(&error);
   return *loops != nullptr ? absl::OkStatus() : InvalidArgument(error);
+}
+
+// The start of a quantizing kernel's Compute: the loops and the seed (input `seed_input`).
+inline absl::Status StartQuantize(OpKernelContext* context, int seed_input, const Loops** loops,
+                                  int64_t* seed) {
+  TF_RETURN_IF_ERROR(SelectLoopsOrError(loops));
+  return ReadSeed(context->input(seed_input), seed);
+}
+
+// Output 0 with the shape of input 0, in input 0's buffer when TensorFlow can forward it
+// (the loops read each element before they write it).
+inline absl::Status OutputLikeInput(OpKernelContext* context, Tensor** output) {
+  return context->forward_input_or_allocate_output({0}, 0, context->input(0).shape(), output);
+}
+
+// A scalar int64 output `index` (a counter of the kernel), set to 0.
+inline absl::Status ZeroCounterOutput(OpKernelContext* context, int index, Tensor** counter) {
+  TF_RETURN_IF_ERROR(context->allocate_output(index, tensorflow::TensorShape({}), counter));
+  (*counter)->scalar<int64_t>()() = 0;
+  return absl::OkStatus();
 }
 
 // The loops of one container type, indexed by rounding.

@@ -100,26 +100,21 @@ class QuantizeFloatOp : public OpKernel {
   explicit QuantizeFloatOp(OpKernelConstruction* context) : OpKernel(context) {
     FloatFormatAttrs f;
     bool saturate;
-    std::string rounding;
     OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "", 23, &f));
-    OP_REQUIRES_OK(context, context->GetAttr("rounding", &rounding));
-    OP_REQUIRES_OK(context, context->GetAttr("saturate", &saturate));
+    OP_REQUIRES_OK(context, ReadRoundingAttrs(context, &rounding_, &saturate));
     params32_ = MakeFloatParams<float>(f.exponent_bits, f.mantissa_bits, f.bias, f.specials,
                                        f.subnormals, saturate);
     params64_ = MakeFloatParams<double>(f.exponent_bits, f.mantissa_bits, f.bias, f.specials,
                                         f.subnormals, saturate);
-    rounding_ = ParseRounding(rounding);
   }
 
   void Compute(OpKernelContext* context) override {
     const Loops* loops;
-    OP_REQUIRES_OK(context, SelectLoopsOrError(&loops));
-    const Tensor& input = context->input(0);
     int64_t seed = 0;
-    OP_REQUIRES_OK(context, ReadSeed(context->input(1), &seed));
+    OP_REQUIRES_OK(context, StartQuantize(context, 1, &loops, &seed));
+    const Tensor& input = context->input(0);
     Tensor* output = nullptr;
-    OP_REQUIRES_OK(context,
-                   context->forward_input_or_allocate_output({0}, 0, input.shape(), &output));
+    OP_REQUIRES_OK(context, OutputLikeInput(context, &output));
     const FloatLoop<T> loop = TypedLoops<T>::Float(*loops, rounding_);
     const FloatParams<T>& params = Params(static_cast<T*>(nullptr));
     const T* in = input.flat<T>().data();
@@ -141,12 +136,9 @@ class QuantizeFloatOp : public OpKernel {
 // Reads the attributes shared by the dynamic-fixed-point ops.
 absl::Status ReadFixedAttrs(OpKernelConstruction* context, int* bits, Rounding* rounding,
                             bool* saturate) {
-  std::string name;
   TF_RETURN_IF_ERROR(context->GetAttr("bits", bits));
-  TF_RETURN_IF_ERROR(context->GetAttr("rounding", &name));
-  TF_RETURN_IF_ERROR(context->GetAttr("saturate", saturate));
+  TF_RETURN_IF_ERROR(ReadRoundingAttrs(context, rounding, saturate));
   if (*bits < 2 || *bits > 24) return InvalidArgument("bits must be in [2, 24], got ", *bits);
-  *rounding = ParseRounding(name);
   return absl::OkStatus();
 }
 
@@ -192,8 +184,7 @@ class QuantizeFixedOp : public OpKernel {
                                   MaxSharedExponent<T>(), "], got ", k[j]));
     }
     Tensor* output = nullptr;
-    OP_REQUIRES_OK(context,
-                   context->forward_input_or_allocate_output({0}, 0, input.shape(), &output));
+    OP_REQUIRES_OK(context, OutputLikeInput(context, &output));
     RunFixed<T>(context, *loops, rounding_, bits_, saturate_, input.flat<T>().data(),
                 output->flat<T>().data(), n, k, slots, inner, seed);
   }
@@ -216,10 +207,9 @@ class QuantizeDfpOp : public OpKernel {
   void Compute(OpKernelContext* context) override {
     using UInt = typename Container<T>::UInt;
     const Loops* loops;
-    OP_REQUIRES_OK(context, SelectLoopsOrError(&loops));
-    const Tensor& input = context->input(0);
     int64_t seed = 0;
-    OP_REQUIRES_OK(context, ReadSeed(context->input(1), &seed));
+    OP_REQUIRES_OK(context, StartQuantize(context, 1, &loops, &seed));
+    const Tensor& input = context->input(0);
     const T* in = input.flat<T>().data();
     const int64_t n = input.NumElements();
     const MaxAbsLoop<T> max_abs = TypedLoops<T>::MaxAbs(*loops);
@@ -232,8 +222,7 @@ class QuantizeDfpOp : public OpKernel {
     });
     const int32_t k = SharedExponent<T>(largest, bits_, rounding_);
     Tensor* output = nullptr;
-    OP_REQUIRES_OK(context,
-                   context->forward_input_or_allocate_output({0}, 0, input.shape(), &output));
+    OP_REQUIRES_OK(context, OutputLikeInput(context, &output));
     Tensor* exponent = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(1, {}, &exponent));
     exponent->scalar<int32_t>()() = k;

@@ -1,80 +1,19 @@
-"""tfhfp8's formats inside tensorflow-model-optimization (tfmot) quantization-aware training.
+"""The tfmot quantizers and per-layer configs of the bridge (`tfhfp8.tfmot`): what one
+annotated GEMM layer rounds, and the policy checks the bridge makes.
 
-tfmot 0.8 works with legacy tf-keras only: install the extra (`pip install
-"tfhfp8[tfmot]"`, which brings `tensorflow-model-optimization` and the `tf-keras` release
-of your TensorFlow) and set `TF_USE_LEGACY_KERAS=1` before TensorFlow is imported. That
-switches `tf.keras` to tf-keras for the whole process, so run tfmot code in its own
-process; `import tfhfp8` alone never imports tfmot nor touches `tf.keras`.
-
-    import os; os.environ["TF_USE_LEGACY_KERAS"] = "1"
-    import tensorflow as tf, tensorflow_model_optimization as tfmot, tfhfp8.tfmot
-
-    annotate = tfmot.quantization.keras.quantize_annotate_layer
-    model = tf.keras.Sequential([
-        tf.keras.Input((28, 28, 1)),
-        annotate(tf.keras.layers.Conv2D(16, 3, activation="relu")),
-        tf.keras.layers.MaxPooling2D(), tf.keras.layers.Flatten(),
-        annotate(tf.keras.layers.Dense(64, activation="relu")),
-        annotate(tf.keras.layers.Dense(10))])
-    qat = tfmot.quantization.keras.quantize_apply(model, scheme=tfhfp8.tfmot.Scheme("hfp8"))
-
-Each annotated GEMM layer (Dense, Conv1D/2D/3D) then computes what the Keras 3 layer
-`tfhfp8.layers.<Layer>(policy=...)` computes, bit for bit, outputs and gradients:
-`Q_a` on its inputs (a `QuantizeLayer` the scheme inserts before it), `Q_w(Q_g(W))` on
-its kernel, `Q_e` (`tfhfp8.quantize_gradient`) on the gradient of the GEMM's output
-(before the FP32 bias and the activation), and the policy's master-weight rounding after
-each optimizer step (a kernel and bias constraint). As `tfhfp8.quantize_model`, a policy
-with `exempt_first_last` keeps the first and last annotated GEMM layers in its
-`exempt_format`; other layers stay FP32.
-
-Not carried over: per-GEMM loss scaling (a policy with `loss_scaling` is a ValueError:
-use tf-keras' `LossScaleOptimizer`), emulated accumulation (`accumulation=`, also a
-ValueError), and the checkpointed stochastic-rounding seeds of
-tfhfp8's layers (stochastic rounding here draws from TensorFlow's random state).
-Save quantized models as `.h5` and load them inside `tfhfp8.tfmot.quantize_scope()`:
-tfmot's models (its default scheme's too) do not reload from tf-keras' `.keras` format.
+Imported through `tfhfp8.tfmot`, which first checks that tf-keras and tfmot can be used.
 """
 
-import importlib.util
-import os
+import keras  # Keras 3, as in tfhfp8's layers (tf.keras is tf_keras here)
+import tensorflow as tf
+import tf_keras
+import tensorflow_model_optimization as _tfmot
 
-_HOW = ('pip install "tfhfp8[tfmot]" (tensorflow-model-optimization and the tf-keras '
-        'release of your TensorFlow), then set TF_USE_LEGACY_KERAS=1 before TensorFlow is '
-        'imported, e.g. `TF_USE_LEGACY_KERAS=1 python train.py`, and run the tfmot code in '
-        'its own process (the setting switches tf.keras for the whole process)')
-
-
-def _require():
-    """Checks that tf-keras and tfmot can be used here, or says what to do instead.
-    Imports neither before all checks pass (tfmot would change this process's Keras)."""
-    if os.environ.get("TF_USE_LEGACY_KERAS", "").lower() not in ("1", "true", "yes"):
-        raise ImportError("tfhfp8.tfmot needs tensorflow-model-optimization, which works only "
-                          "with legacy tf-keras: TF_USE_LEGACY_KERAS is not set. " + _HOW)
-    for module in ("tf_keras", "tensorflow_model_optimization"):
-        if importlib.util.find_spec(module) is None:
-            raise ImportError(f"tfhfp8.tfmot: {module} is not installed. " + _HOW)
-    import tensorflow as tf
-    if not tf.keras.__name__.startswith("tf_keras"):
-        raise ImportError("tfhfp8.tfmot: tf.keras is Keras 3 in this process although "
-                          "TF_USE_LEGACY_KERAS is set now: TensorFlow reads it when tf.keras "
-                          "is first used. " + _HOW)
-
-
-_require()
-
-import keras  # noqa: E402  (Keras 3, as in tfhfp8's layers; tf.keras is tf_keras here)
-import tensorflow as tf  # noqa: E402
-import tf_keras  # noqa: E402
-import tensorflow_model_optimization as _tfmot  # noqa: E402
-
-from tfhfp8 import _compat  # noqa: E402
-from tfhfp8 import formats as _formats  # noqa: E402
-from tfhfp8 import policy as _policy  # noqa: E402
-from tfhfp8.quantization import _check_arguments, quantize, quantize_gradient  # noqa: E402
+from tfhfp8 import formats as _formats
+from tfhfp8 import policy as _policy
+from tfhfp8.quantization import check_rounding_and_saturate, quantize, quantize_gradient
 
 _keras = _tfmot.quantization.keras
-_transforms = _keras.graph_transformations.transforms
-_model_transformer = _keras.graph_transformations.model_transformer
 _register = tf_keras.utils.register_keras_serializable(package="tfhfp8")
 
 # The GEMM layers the bridge emulates: tf-keras class name -> attribute of the kernel.
@@ -82,7 +21,9 @@ _register = tf_keras.utils.register_keras_serializable(package="tfhfp8")
 GEMM_LAYERS = {"Dense": "kernel", "Conv1D": "kernel", "Conv2D": "kernel", "Conv3D": "kernel"}
 
 
-def _check_policy(policy):
+def check_policy(policy):
+    """`policy` as a Policy, or a ValueError naming what the bridge does not carry over
+    (per-GEMM loss scaling, emulated accumulation) and what to use instead."""
     policy = _policy.get(policy)
     if policy.loss_scaling is not None:
         raise ValueError(f"policy {policy.name!r} has loss_scaling="
@@ -114,8 +55,8 @@ class Quantizer(_keras.quantizers.Quantizer):
         self.gradient_format = (None if gradient_format is None
                                 else _formats.get(gradient_format))
         # Checked now, not in the first training step.
-        _check_arguments(rounding, saturate)
-        _check_arguments(gradient_rounding, saturate)
+        check_rounding_and_saturate(rounding, saturate)
+        check_rounding_and_saturate(gradient_rounding, saturate)
         self.rounding, self.gradient_rounding = rounding, gradient_rounding
         self.saturate = saturate
 
@@ -226,7 +167,7 @@ class QuantizeConfig(NoOpQuantizeConfig):
     """
 
     def __init__(self, policy="hfp8"):
-        self.policy = _check_policy(policy)
+        self.policy = check_policy(policy)
         self._activations, self._weights, self._errors = _roles(self.policy)
 
     @staticmethod
@@ -308,110 +249,3 @@ class MasterWeightRounding(tf_keras.constraints.Constraint):
         return {"format": _formats.serialize(self.format), "rounding": self.rounding,
                 "inner": None if self.inner is None else tf_keras.constraints.serialize(
                     self.inner, use_legacy_format=True)}
-
-
-class Registry(_keras.QuantizeRegistry):
-    """Every layer has a config: GEMM layers `QuantizeConfig(policy)`, others none."""
-
-    def __init__(self, policy="hfp8"):
-        self.policy = _check_policy(policy)
-
-    def supports(self, layer):
-        return True
-
-    def get_quantize_config(self, layer):
-        if type(layer).__name__ in GEMM_LAYERS:
-            return QuantizeConfig(self.policy)
-        return NoOpQuantizeConfig()
-
-
-class _QuantizeInputs(_transforms.Transform):
-    """GEMM layer `L` with a tfhfp8 `QuantizeConfig` => `QuantizeLayer(Q_a)` -> `L`, `L`'s
-    kernel and bias constrained to the policy's master-weight format."""
-
-    def __init__(self, layer_quantize_map):
-        self.layer_quantize_map = layer_quantize_map
-
-    def pattern(self):
-        return _transforms.LayerPattern("|".join(GEMM_LAYERS))
-
-    def replacement(self, match_layer):
-        config = match_layer.layer["config"]
-        quantize_config = self.layer_quantize_map.get(config["name"], {}).get(
-            "quantize_config")
-        if not isinstance(quantize_config, QuantizeConfig):
-            return match_layer  # another scheme's layer: left as it is
-        for key in ("kernel_constraint", "bias_constraint"):
-            inner = config.get(key)
-            constraint = quantize_config.master_weight_constraint(inner)
-            if constraint is not None and constraint is not inner:
-                config[key] = tf_keras.constraints.serialize(constraint,
-                                                            use_legacy_format=True)
-        inputs = _quantize_layer_class()(quantize_config.input_quantizer(),
-                                         name=f"{config['name']}_inputs")
-        inputs_config = tf_keras.layers.serialize(inputs, use_legacy_format=True)
-        inputs_config["name"] = inputs.name
-        return _transforms.LayerNode(
-            match_layer.layer, weights=match_layer.weights,
-            input_layers=[_transforms.LayerNode(inputs_config)],
-            metadata=match_layer.metadata, names_and_weights=match_layer.names_and_weights)
-
-    def custom_objects(self):
-        return {"QuantizeLayer": _quantize_layer_class(), "Quantizer": Quantizer,
-                "MasterWeightRounding": MasterWeightRounding}
-
-
-def _quantize_layer_class():
-    return _compat.tfmot_quantize_layer()
-
-
-class LayoutTransform(_keras.QuantizeLayoutTransform):
-    """Gives annotated GEMM layers without a config the policy's `QuantizeConfig` (the
-    first and last of them the exempt policy's, when the policy exempts them), and puts
-    `Q_a` before each GEMM layer with a tfhfp8 config."""
-
-    def __init__(self, policy="hfp8"):
-        self.policy = _check_policy(policy)
-
-    def apply(self, model, layer_quantize_map):
-        layer_quantize_map = {name: dict(entry) for name, entry in layer_quantize_map.items()}
-        gemms = [layer.name for layer in model.layers
-                 if layer.name in layer_quantize_map
-                 and type(layer).__name__ in GEMM_LAYERS
-                 and layer_quantize_map[layer.name].get("quantize_config") is None]
-        exempt = ({gemms[0], gemms[-1]} if gemms and self.policy.exempt_first_last
-                  else set())
-        for name in gemms:
-            policy = self.policy.for_exempt_layer() if name in exempt else self.policy
-            layer_quantize_map[name]["quantize_config"] = QuantizeConfig(policy)
-        return _model_transformer.ModelTransformer(
-            model, [_QuantizeInputs(layer_quantize_map)], set(layer_quantize_map),
-            layer_quantize_map).transform()
-
-
-class Scheme(_keras.QuantizeScheme):
-    """A tfmot `QuantizeScheme` training in a tfhfp8 policy (preset name, `tfhfp8.Policy`
-    or config), for `tfmot.quantization.keras.quantize_apply(model, scheme=...)`."""
-
-    def __init__(self, policy="hfp8"):
-        self.policy = _check_policy(policy)
-
-    def get_layout_transformer(self):
-        return LayoutTransform(self.policy)
-
-    def get_quantize_registry(self):
-        return Registry(self.policy)
-
-
-def quantize_scope():
-    """`tfmot.quantization.keras.quantize_scope` with the bridge's classes, for
-    `tf.keras.models.load_model` of a saved quantized model."""
-    return _keras.quantize_scope({
-        "Quantizer": Quantizer, "QuantizeConfig": QuantizeConfig,
-        "NoOpQuantizeConfig": NoOpQuantizeConfig, "MasterWeightRounding": MasterWeightRounding,
-        "ErrorsBiasActivation": ErrorsBiasActivation, "QuantizeLayer": _quantize_layer_class()})
-
-
-__all__ = ["Quantizer", "QuantizeConfig", "NoOpQuantizeConfig", "MasterWeightRounding",
-           "ErrorsBiasActivation", "Registry", "LayoutTransform", "Scheme", "quantize_scope",
-           "GEMM_LAYERS"]
