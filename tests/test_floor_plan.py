@@ -43,9 +43,6 @@ KNOWN_EXCEPTIONS = {
     # The axis algebra of block-scaled GEMM operands lives under layers/ (issue 25:
     # it moves into a gemm package).
     ("tfhfp8.gemm", "tfhfp8.layers.gemm_axes"),
-    # The C++ accumulating GEMM reads the Accumulator spec (issue 25: the accumulator
-    # spec moves down, or ops/ chooses the accumulating backend).
-    ("tfhfp8.ops.cpp_backend", "tfhfp8.accumulation"),
     # A setting users change on the package (`calibration.DEFAULT_MAX_STEPS`), read
     # lazily by the submodule that uses it.
     ("tfhfp8.calibration.data", "tfhfp8.calibration"),

@@ -18,13 +18,11 @@ einsums `dC,B->A` and `A,dC->B` likewise).
 """
 
 import dataclasses
-import functools
-
 import numpy as np
 import tensorflow as tf
 
-from tfhfp8 import _compat, accumulation, formats, ops, portable_conv
-from tfhfp8.ops import cpp_backend, tf_accumulate, tf_backend
+from tfhfp8 import accumulation, formats, ops, portable_conv
+from tfhfp8.ops import tf_backend
 from tfhfp8.quantization import _as_float_tensor, _seed_tensor, quantize
 
 GEMM_KINDS = ("forward", "input_gradient", "weight_gradient")
@@ -67,33 +65,6 @@ def check_operands(accumulator, first, second, names):
                     f"(DynamicFixedPoint(bits, axis=None)); got {fmt!r}")
 
 
-# -- the kernels, on either backend --------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _compiled(function, *static):
-    return tf.function(lambda *args: function(*args[:2], *static, *args[2:]),
-                       jit_compile=True, autograph=False)
-
-
-def _use_cpp():
-    return ops.active_backend() is cpp_backend and hasattr(cpp_backend, "accumulating_matmul")
-
-
-def _float_kernel(a, b, accumulator, seed):
-    if _use_cpp():
-        return cpp_backend.accumulating_matmul(a, b, accumulator, seed)
-    if _compat.in_xla_context():
-        return tf_accumulate.accumulating_matmul(a, b, accumulator, seed)
-    return _compiled(tf_accumulate.accumulating_matmul, accumulator)(a, b, seed)
-
-
-def _int32_kernel(a, b, chunk_size, overflow):
-    if _use_cpp() and hasattr(cpp_backend, "int32_matmul"):
-        return cpp_backend.int32_matmul(a, b, chunk_size, overflow)
-    if _compat.in_xla_context():
-        return tf_accumulate.int32_matmul(a, b, chunk_size, overflow)
-    return _compiled(tf_accumulate.int32_matmul, chunk_size, overflow)(a, b)
-
-
 def _mantissas(x, fmt):
     """(int32 mantissas, shared exponent) of `x`, already rounded to the per-tensor DFP
     `fmt`: the exponent the quantizer picks for `x` itself, so every value is exact."""
@@ -131,11 +102,11 @@ def _product(a, b, accumulator, a_fmt, b_fmt, seed):
     a3, b3, out_shape = _as_3d(tf.stop_gradient(a), tf.stop_gradient(b))
     additions = tf.cast(tf.size(a3), tf.int64) * tf.cast(tf.shape(b3)[-1], tf.int64)
     if accumulator.kind == "float":
-        c, swamped = _float_kernel(a3, b3, accumulator, seed)
+        c, swamped = ops.accumulating_matmul(a3, b3, *accumulator.kernel_arguments(), seed)
         return tf.reshape(c, out_shape), swamped, zero, additions
     ma, ea = _mantissas(a3, a_fmt)
     mb, eb = _mantissas(b3, b_fmt)
-    c, overflows = _int32_kernel(ma, mb, accumulator.chunk_size or 0, accumulator.overflow)
+    c, overflows = ops.int32_matmul(ma, mb, accumulator.chunk_size or 0, accumulator.overflow)
     scale = tf.pow(tf.constant(2.0, tf.float64), tf.cast(ea + eb, tf.float64))
     c = tf.cast(tf.cast(c, tf.float64) * scale, tf.float32)
     return tf.reshape(c, out_shape), zero, overflows, additions
