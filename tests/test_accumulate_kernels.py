@@ -187,7 +187,8 @@ def test_batches_and_tiles_index_the_random_bits_by_output_element():
     a = _fp(rng.standard_normal((3, 6, 20)), "float8_e4m3fn")
     b = _fp(rng.standard_normal((3, 20, 35)), "float8_e4m3fn")
     acc = Accumulator("bfloat16", chunk_size=6, rounding="stochastic", products=E5M2)
-    got, swamped = cpp_backend.accumulating_matmul(a, b, *_arguments(acc), 2**63 - 1)  # seed + 1 wraps
+    # seed + 1 wraps around
+    got, swamped = cpp_backend.accumulating_matmul(a, b, *_arguments(acc), 2**63 - 1)
     total = 0
     for batch in range(3):
         want, s = AR.float_matmul(a[batch], b[batch], acc, 2**63 - 1, first_index=batch * 6 * 35)
@@ -212,8 +213,8 @@ def test_fast_nearest_even_rounding_is_quantize():
     for fmt in formats:
         for saturate in (False, True):
             acc = Accumulator(fmt, saturate=saturate)
-            c, _ = cpp_backend.accumulating_matmul(x[None, :, None], np.ones([1, 1, 1],
-                                                                             np.float32), *_arguments(acc), 0)
+            c, _ = cpp_backend.accumulating_matmul(
+                x[None, :, None], np.ones([1, 1, 1], np.float32), *_arguments(acc), 0)
             want = tfhfp8.quantize(tf.constant(x), fmt, saturate=saturate).numpy()
             assert_same_bits(c.numpy()[0, :, 0], want, x, f"{fmt} saturate={saturate}")
 
@@ -445,8 +446,9 @@ def test_cpp_and_tf_ops_backends_agree_bit_for_bit():
                 Accumulator(E5M2, rounding="toward_zero", saturate=True),
                 Accumulator("float16", rounding="stochastic", products=E5M2),
                 Accumulator("float8_e4m3fnuz", chunk_size=150)]:
-        fn = tf.function(lambda x, y, seed: tf_accumulate.accumulating_matmul(x, y, *_arguments(acc), seed),
-                         jit_compile=True, autograph=False)
+        fn = tf.function(
+            lambda x, y, seed: tf_accumulate.accumulating_matmul(x, y, *_arguments(acc), seed),
+            jit_compile=True, autograph=False)
         for seed in (0, -3):
             c, swamped = cpp_backend.accumulating_matmul(a, b, *_arguments(acc), seed)
             c_tf, swamped_tf = fn(tf.constant(a), tf.constant(b), tf.constant(seed, tf.int64))
@@ -481,7 +483,8 @@ def test_contract_edge_cases_on_both_backends():
         want, _ = AR.float_matmul(a[0], b[0], acc, 7)
         assert_same_bits(c.numpy()[0], want, want, f"reference {acc!r}")
         c_tf, _ = tf.function(lambda x, y: tf_accumulate.accumulating_matmul(
-            x, y, *_arguments(acc), tf.constant(7, tf.int64)), jit_compile=True, autograph=False)(a, b)
+            x, y, *_arguments(acc), tf.constant(7, tf.int64)), jit_compile=True,
+            autograph=False)(a, b)
         assert_same_bits(c.numpy(), c_tf.numpy(), c_tf.numpy(), f"tf-ops {acc!r}")
     c, _ = cpp_backend.accumulating_matmul(a, b, *_arguments(cases[0][0]), 0)
     assert c.numpy()[0, 0, 0] == big and c.numpy()[0, 1, 0] == -big  # toward zero: max
