@@ -59,10 +59,10 @@ def _conv_input_grad(dy, kernel, geo, accumulator, dy_fmt, k_fmt, seed):
     rank = len(geo.strides)
     c_in_g, c_out = kernel.shape[-2], kernel.shape[-1]
     g = geo.groups
-    full_pads = geometry.backward_pads(geo.spatial, geo.kernel_size, geo.strides, geo.dilations,
-                               geo.pads, geo.outs)
-    dpatches, _ = geometry.patches(portable_conv.zero_insert(dy, geo.strides), geo.kernel_size,
-                           (1,) * rank, geo.dilations, full_pads)
+    full_pads = geometry.backward_pads(geo.spatial, geo.kernel_size, geo.strides,
+                                       geo.dilations, geo.pads, geo.outs)
+    dpatches, _ = geometry.patches(portable_conv.zero_insert(dy, geo.strides),
+                                   geo.kernel_size, (1,) * rank, geo.dilations, full_pads)
     flipped = tf.reverse(kernel, list(range(rank)))  # [*k, C_in/G, C_out]
     flipped = tf.reshape(flipped, [geo.kpos, c_in_g, g, c_out // g])
     flipped = tf.transpose(flipped, [2, 0, 3, 1])  # [G, kpos, C_out/G, C_in/G]
@@ -70,8 +70,8 @@ def _conv_input_grad(dy, kernel, geo, accumulator, dy_fmt, k_fmt, seed):
     if g == 1:
         flipped = flipped[0]
     drows = geo.split(tf.reshape(dpatches, [-1, geo.kpos * c_out]), c_out)
-    dx, swamped, overflows, additions = products.product(drows, flipped, accumulator, dy_fmt, k_fmt,
-                                                 seed)
+    dx, swamped, overflows, additions = products.product(drows, flipped, accumulator, dy_fmt,
+                                                         k_fmt, seed)
     padded_shape = [geo.spatial[i] + geo.pads[i][0] + geo.pads[i][1] for i in range(rank)]
     dx = tf.reshape(geo.join(dx), tf.concat([[tf.shape(dy)[0]], padded_shape, [-1]], 0))
     crop = tuple(slice(geo.pads[i][0], geo.pads[i][0] + geo.spatial[i]) for i in range(rank))

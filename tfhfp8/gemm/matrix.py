@@ -24,9 +24,10 @@ def matmul(a, b, accumulator="float32", transpose_a=False, transpose_b=False,
       transpose_a, transpose_b: as in `tf.linalg.matmul`.
       a_format, b_format: formats the operands are rounded to first (nearest even,
         saturating); block formats block them along K (`a`'s last axis, `b`'s
-        second-last after the transposes), whatever axis they name. A float accumulator needs formats whose products are exact in
-        float32 (`FloatFormat` with at most 11 mantissa bits, `DynamicFixedPoint` with
-        at most 13 bits); `"int32"` needs per-tensor `DynamicFixedPoint` formats.
+        second-last after the transposes), whatever axis they name. A float
+        accumulator needs formats whose products are exact in float32 (`FloatFormat`
+        with at most 11 mantissa bits, `DynamicFixedPoint` with at most 13 bits);
+        `"int32"` needs per-tensor `DynamicFixedPoint` formats.
       grad_format: the format the gradient of the output is rounded to before the
         gradient GEMMs. Without it they sum in FP32 (a dict asking for emulated
         gradient sums without it is a ValueError).
