@@ -98,7 +98,8 @@ def _cases(m, n, k):
     for variant in cpp_backend.cpu_variant()[1][::-1]:
         for label, acc in float_accs:
             cases.append((f"C++ {label} [{variant}]", _with_variant(
-                lambda acc=acc: cpp_backend.accumulating_matmul(a, b, acc, seed), variant)))
+                lambda acc=acc: cpp_backend.accumulating_matmul(
+                    a, b, *acc.kernel_arguments(), seed), variant)))
         for chunk, overflow, label in [(None, "wrap", "INT32"),
                                        (None, "saturate", "INT32 saturate"),
                                        (64, "wrap", "INT32 chunk 64")]:
@@ -111,8 +112,8 @@ def _cases(m, n, k):
             tf_accumulate = None
         if tf_accumulate is not None:
             acc = tfhfp8.Accumulator("float16")
-            fn = tf.function(lambda x, y: tf_accumulate.accumulating_matmul(x, y, acc, seed),
-                             jit_compile=True, autograph=False)
+            fn = tf.function(lambda x, y: tf_accumulate.accumulating_matmul(
+                x, y, *acc.kernel_arguments(), seed), jit_compile=True, autograph=False)
             cases.append(("TF-ops FP16 acc (XLA)", lambda: fn(a, b)))
             fn32 = tf.function(lambda x, y: tf_accumulate.int32_matmul(x, y, None, "wrap"),
                                jit_compile=True, autograph=False)

@@ -1,5 +1,5 @@
 """Draws docs/gemm_axes.png: along which axis each operand of a Dense layer's three
-GEMMs is blocked (what `tfhfp8.layers.gemm_axes` computes).
+GEMMs is blocked (what `tfhfp8.gemm.axes` computes).
 
     python docs/gemm_axes.py            # writes docs/gemm_axes.png
 """
@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from tfhfp8.layers.gemm_axes import GemmAxes  # noqa: E402
+from tfhfp8.gemm.axes import GemmAxes  # noqa: E402
 
 TOKENS, IN, OUT, BLOCK = 8, 8, 6, 4  # a small Dense layer, blocks of 4
 SIZES = {"x": (TOKENS, IN), "W": (IN, OUT), "dy": (TOKENS, OUT)}

@@ -29,9 +29,14 @@ def _fp(x, fmt):
     return tfhfp8.quantize(tf.constant(np.asarray(x, np.float32)), fmt).numpy()
 
 
+def _arguments(acc):
+    """The plain kernel arguments of the float accumulator `acc` (or its name)."""
+    return tfhfp8.accumulation.get(acc).kernel_arguments()
+
+
 def _cpp(a, b, acc, seed=0):
     c, swamped = cpp_backend.accumulating_matmul(tf.constant(a[None]), tf.constant(b[None]),
-                                                 acc, tf.constant(seed, tf.int64))
+                                                 *_arguments(acc), tf.constant(seed, tf.int64))
     return c.numpy()[0], int(swamped)
 
 
@@ -168,10 +173,10 @@ def test_signed_zeros_and_empty_sums():
     got = _check(a, b, acc, what="chunk >= K")
     assert got[3, 0] == 1.00390625  # e5m2 would round it to 1
     c, swamped = cpp_backend.accumulating_matmul(tf.zeros([2, 3, 0]), tf.zeros([2, 0, 4]),
-                                                 "float16", 0)
+                                                 *_arguments("float16"), 0)
     assert c.shape == (2, 3, 4) and not np.any(c.numpy()) and int(swamped) == 0
     c, _ = cpp_backend.accumulating_matmul(tf.zeros([1, 0, 5]), tf.zeros([1, 5, 4]),
-                                           "float16", 0)
+                                           *_arguments("float16"), 0)
     assert c.shape == (1, 0, 4)
 
 
@@ -182,7 +187,8 @@ def test_batches_and_tiles_index_the_random_bits_by_output_element():
     a = _fp(rng.standard_normal((3, 6, 20)), "float8_e4m3fn")
     b = _fp(rng.standard_normal((3, 20, 35)), "float8_e4m3fn")
     acc = Accumulator("bfloat16", chunk_size=6, rounding="stochastic", products=E5M2)
-    got, swamped = cpp_backend.accumulating_matmul(a, b, acc, 2**63 - 1)  # seed + 1 wraps
+    # seed + 1 wraps around
+    got, swamped = cpp_backend.accumulating_matmul(a, b, *_arguments(acc), 2**63 - 1)
     total = 0
     for batch in range(3):
         want, s = AR.float_matmul(a[batch], b[batch], acc, 2**63 - 1, first_index=batch * 6 * 35)
@@ -207,8 +213,8 @@ def test_fast_nearest_even_rounding_is_quantize():
     for fmt in formats:
         for saturate in (False, True):
             acc = Accumulator(fmt, saturate=saturate)
-            c, _ = cpp_backend.accumulating_matmul(x[None, :, None], np.ones([1, 1, 1],
-                                                                             np.float32), acc, 0)
+            c, _ = cpp_backend.accumulating_matmul(
+                x[None, :, None], np.ones([1, 1, 1], np.float32), *_arguments(acc), 0)
             want = tfhfp8.quantize(tf.constant(x), fmt, saturate=saturate).numpy()
             assert_same_bits(c.numpy()[0, :, 0], want, x, f"{fmt} saturate={saturate}")
 
@@ -412,8 +418,11 @@ def test_bad_inputs_are_clear_errors(name, call, message, mode, bad_call_results
 
 
 def test_wrappers_reject_other_accumulators():
-    with pytest.raises(ValueError, match="float accumulator"):
-        cpp_backend.accumulating_matmul(tf.ones([1, 2, 2]), tf.ones([1, 2, 2]), "int32", 0)
+    with pytest.raises(ValueError, match="fmt must be a FloatFormat"):
+        cpp_backend.accumulating_matmul(tf.ones([1, 2, 2]), tf.ones([1, 2, 2]), "int32", None,
+                                        None, "nearest_even", False, None, 0)
+    with pytest.raises(ValueError, match="not a float accumulator"):
+        tfhfp8.accumulation.get("int32").kernel_arguments()
     assert math.isfinite(float(ml_dtypes.finfo(ml_dtypes.bfloat16).max))
 
 
@@ -437,10 +446,11 @@ def test_cpp_and_tf_ops_backends_agree_bit_for_bit():
                 Accumulator(E5M2, rounding="toward_zero", saturate=True),
                 Accumulator("float16", rounding="stochastic", products=E5M2),
                 Accumulator("float8_e4m3fnuz", chunk_size=150)]:
-        fn = tf.function(lambda x, y, seed: tf_accumulate.accumulating_matmul(x, y, acc, seed),
-                         jit_compile=True, autograph=False)
+        fn = tf.function(
+            lambda x, y, seed: tf_accumulate.accumulating_matmul(x, y, *_arguments(acc), seed),
+            jit_compile=True, autograph=False)
         for seed in (0, -3):
-            c, swamped = cpp_backend.accumulating_matmul(a, b, acc, seed)
+            c, swamped = cpp_backend.accumulating_matmul(a, b, *_arguments(acc), seed)
             c_tf, swamped_tf = fn(tf.constant(a), tf.constant(b), tf.constant(seed, tf.int64))
             assert_same_bits(c.numpy(), c_tf.numpy(), c_tf.numpy(), f"{acc!r} seed {seed}")
             assert int(swamped) == int(swamped_tf), acc
@@ -469,13 +479,14 @@ def test_contract_edge_cases_on_both_backends():
              (Accumulator("bfloat16", rounding="nearest_even"), None),
              (Accumulator("float16", chunk_size=3, outer_format=E5M2), 3)]
     for acc, _ in cases:
-        c, _ = cpp_backend.accumulating_matmul(a, b, acc, 7)
+        c, _ = cpp_backend.accumulating_matmul(a, b, *_arguments(acc), 7)
         want, _ = AR.float_matmul(a[0], b[0], acc, 7)
         assert_same_bits(c.numpy()[0], want, want, f"reference {acc!r}")
         c_tf, _ = tf.function(lambda x, y: tf_accumulate.accumulating_matmul(
-            x, y, acc, tf.constant(7, tf.int64)), jit_compile=True, autograph=False)(a, b)
+            x, y, *_arguments(acc), tf.constant(7, tf.int64)), jit_compile=True,
+            autograph=False)(a, b)
         assert_same_bits(c.numpy(), c_tf.numpy(), c_tf.numpy(), f"tf-ops {acc!r}")
-    c, _ = cpp_backend.accumulating_matmul(a, b, cases[0][0], 0)
+    c, _ = cpp_backend.accumulating_matmul(a, b, *_arguments(cases[0][0]), 0)
     assert c.numpy()[0, 0, 0] == big and c.numpy()[0, 1, 0] == -big  # toward zero: max
-    c, _ = cpp_backend.accumulating_matmul(a, b, cases[3][0], 0)
+    c, _ = cpp_backend.accumulating_matmul(a, b, *_arguments(cases[3][0]), 0)
     assert np.signbit(c.numpy()[0, 2, 0]) and c.numpy()[0, 3, 0] == 1.00390625

@@ -164,7 +164,8 @@ def _operands(rng, m, k, n, fmt, scale=1.0):
 def _kernel(a, b, acc, seed=0):
     """The TF-ops kernel under XLA, as `tfhfp8.matmul` runs it."""
     c, swamped = tf.function(
-        lambda a, b: tf_accumulate.accumulating_matmul(a, b, acc, tf.constant(seed, tf.int64)),
+        lambda a, b: tf_accumulate.accumulating_matmul(a, b, *acc.kernel_arguments(),
+                                                       tf.constant(seed, tf.int64)),
         jit_compile=True)(tf.constant(a[None]), tf.constant(b[None]))
     return c.numpy()[0], int(swamped)
 
@@ -225,7 +226,8 @@ def _adversarial(rng, k=40):
 def test_float_accumulation_adversarial(acc):
     a, b = _adversarial(np.random.default_rng(1))
     got, _ = tf.function(
-        lambda a, b: tf_accumulate.accumulating_matmul(a, b, acc, tf.constant(0, tf.int64)),
+        lambda a, b: tf_accumulate.accumulating_matmul(a, b, *acc.kernel_arguments(),
+                                                       tf.constant(0, tf.int64)),
         jit_compile=True)(a, b)
     for case in range(4):
         _assert_bits(got[case], reference_matmul(a[case], b[case], acc))
@@ -719,8 +721,9 @@ def test_tf_ops_and_cpp_kernels_agree(acc):
     b[1, :2, 0] = 1.0
     seed = tf.constant(2**63 - 1, tf.int64)  # seed + 1 and seed + 2 wrap around
     tf_c, tf_swamped = tf.function(
-        lambda a, b: tf_accumulate.accumulating_matmul(a, b, acc, seed), jit_compile=True)(a, b)
-    cpp_c, cpp_swamped = cpp_backend.accumulating_matmul(a, b, acc, seed)
+        lambda a, b: tf_accumulate.accumulating_matmul(a, b, *acc.kernel_arguments(), seed),
+        jit_compile=True)(a, b)
+    cpp_c, cpp_swamped = cpp_backend.accumulating_matmul(a, b, *acc.kernel_arguments(), seed)
     _assert_bits(tf_c.numpy(), cpp_c.numpy())
     assert int(tf_swamped) == int(cpp_swamped)
 

@@ -19,7 +19,7 @@ import tensorflow as tf
 from keras import ops
 
 import tfhfp8
-from tfhfp8.layers import gemm_axes
+from tfhfp8.gemm import axes as gemm_axes
 
 A = tfhfp8.BlockScaled("float4_e2m1fn", block_size=4)  # activations
 W = tfhfp8.BlockScaled("float6_e2m3fn", block_size=4)  # weights

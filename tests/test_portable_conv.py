@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 import tfhfp8
-from tfhfp8 import portable_conv
+from tfhfp8.gemm import portable_conv
 
 RNG = np.random.default_rng(2024)
 

@@ -31,9 +31,9 @@ def test_cpp_kernels_write_zeros_when_k_is_zero():
                                                 tf.zeros([1, 0, 3], tf.int32), 0, "wrap")
         np.testing.assert_array_equal(bits_of(c.numpy()), np.zeros([1, 2, 3], np.uint32))
         assert int(overflows) == 0
-        c, _ = cpp_backend.accumulating_matmul(tf.zeros([1, 2, 0]), tf.zeros([1, 0, 3]),
-                                               tfhfp8.accumulation.get("float16"),
-                                               tf.constant(0, tf.int64))
+        c, _ = cpp_backend.accumulating_matmul(
+            tf.zeros([1, 2, 0]), tf.zeros([1, 0, 3]),
+            *tfhfp8.accumulation.get("float16").kernel_arguments(), tf.constant(0, tf.int64))
         np.testing.assert_array_equal(bits_of(c.numpy()), np.zeros([1, 2, 3], np.uint32))
 
 

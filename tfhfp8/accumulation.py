@@ -198,6 +198,15 @@ class Accumulator:
             return None
         return self.format if self.outer_format is None else self.outer_format
 
+    def kernel_arguments(self) -> tuple:
+        """A float accumulator as the plain arguments of the kernels'
+        `accumulating_matmul(a, b, *arguments, seed)` (`tfhfp8.ops`): `(format, outer,
+        products, rounding, saturate, chunk_size)`."""
+        if self.kind != "float":
+            raise ValueError(f"kernel_arguments: {self!r} is not a float accumulator")
+        return (self.format, self.outer, self.products, self.rounding, self.saturate,
+                self.chunk_size)
+
     # -- serialization ----------------------------------------------------------------
     def get_config(self) -> dict:
         config = {"format": self.format if self.kind != "float" else

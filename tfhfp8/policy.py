@@ -75,7 +75,7 @@ class Policy(keras.DTypePolicy):
         operand along that GEMM's own reduction axis, in the forward and both
         backward GEMMs, in Dense, EinsumDense, the convolutions (Conv1D/2D/3D,
         DepthwiseConv2D, SeparableConv2D, Conv2DTranspose) and attention
-        (`tfhfp8.layers.gemm_axes`); Embedding blocks along its last axis.
+        (`tfhfp8.gemm.axes`); Embedding blocks along its last axis.
         Per-tensor FP32 scales (`"e4m3_delayed"`, ...) follow Transformer Engine /
         Keras float8, delayed scaling keeping its amax history in the layer.
       master_weights: if set, the stored weights of emulated layers are rounded to

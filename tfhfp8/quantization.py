@@ -54,17 +54,17 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
     check_rounding_and_saturate(rounding, saturate)
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
-    x = _as_float_tensor(x)
+    x = as_float_tensor(x)
     if scale is not None:
         if not (isinstance(fmt, block_formats.BlockScaled) and fmt.per_tensor):
             raise ValueError(f"scale is for per-tensor scaled formats (BlockScaled with "
                              f"block_size=None) only, not {fmt!r}")
         scale = _checked_scale(scale)
     if rounding == "stochastic":
-        seed = _seed_tensor(seed)
+        seed = seed_tensor(seed)
     else:  # checked all the same: a bad seed is a bug wherever it is passed
         if seed is not None:
-            _seed_tensor(seed)
+            seed_tensor(seed)
         seed = tf.zeros([], tf.int64)
 
     def grad(dy):
@@ -106,7 +106,7 @@ def quantize_gradient(x, fmt, rounding="nearest_even", saturate=True, seed=None)
     # Bad arguments are errors now, not in the backward pass.
     check_rounding_and_saturate(rounding, saturate)
     if seed is not None:
-        _seed_tensor(seed)
+        seed_tensor(seed)
 
     @tf.custom_gradient
     def _identity(x):
@@ -114,7 +114,7 @@ def quantize_gradient(x, fmt, rounding="nearest_even", saturate=True, seed=None)
             return quantize(dy, fmt, rounding=rounding, saturate=saturate, seed=seed)
         return tf.identity(x), grad
 
-    return _identity(_as_float_tensor(x))
+    return _identity(as_float_tensor(x))
 
 
 def check_rounding_and_saturate(rounding, saturate):
@@ -149,7 +149,9 @@ def _checked_scale(scale):
         return tf.identity(scale)
 
 
-def _as_float_tensor(x, what="quantize"):
+def as_float_tensor(x, what="quantize"):
+    """`x` as a float16, bfloat16, float32 or float64 tensor (numpy data keeps its dtype,
+    Python numbers become float32), or a TypeError naming `what` and the dtype."""
     # Variables (Keras' included, which pass tf.is_tensor) are read here, outside the
     # custom-gradient functions, so gradients flow to them through the read.
     if not isinstance(x, tf.Tensor):
@@ -165,7 +167,7 @@ def _as_float_tensor(x, what="quantize"):
     return x
 
 
-def _seed_tensor(seed):
+def seed_tensor(seed):
     """The seed as an int64 scalar tensor; a TypeError or ValueError when it is not one."""
     if seed is None:
         return tf.random.uniform([], minval=tf.int64.min, maxval=tf.int64.max, dtype=tf.int64)

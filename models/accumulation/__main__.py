@@ -41,7 +41,7 @@ from absl import app, flags  # noqa: E402
 import keras  # noqa: E402
 
 import tfhfp8  # noqa: E402
-from tfhfp8 import datasets, gemm  # noqa: E402
+from tfhfp8 import datasets  # noqa: E402
 
 RUNS = {
     "float32": ("float32", None),
@@ -182,7 +182,7 @@ def main(argv):
                   downsample=_DOWNSAMPLE.value, int32_chunk=_INT32_CHUNK.value,
                   seeds=[int(s) for s in _SEEDS.value],
                   backend=tfhfp8.ops.backend_info()["backend"],
-                  accumulation_backend="cpp" if gemm._use_cpp() else "tf")
+                  accumulation_backend=tfhfp8.ops.accumulation_backend())
     results = {"config": config, "runs": []}
     for seed in config["seeds"]:
         for name in _RUNS.value:

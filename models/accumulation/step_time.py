@@ -18,7 +18,7 @@ from absl import app, flags  # noqa: E402
 import keras  # noqa: E402
 
 import tfhfp8  # noqa: E402
-from tfhfp8 import gemm, models  # noqa: E402
+from tfhfp8 import models  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per step.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per accumulation.")
@@ -29,7 +29,7 @@ _ACCUMULATIONS = flags.DEFINE_list("accumulations", "float32,float16,float16_chu
 def main(argv):
     del argv
     info = tfhfp8.ops.backend_info()
-    print(f"accumulation kernels: {'cpp' if gemm._use_cpp() else 'tf'} "
+    print(f"accumulation kernels: {tfhfp8.ops.accumulation_backend()} "
           f"({info.get('cpu_variant', '')}); batch {_BATCH.value}")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(_BATCH.value, 28, 28, 1)).astype("float32")

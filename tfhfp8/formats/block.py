@@ -113,7 +113,7 @@ class BlockScaled:
       axis: the axis the blocks run along when quantizing a tensor directly. In the
         GEMMs of emulated layers (`Dense`, `EinsumDense`, the convolutions,
         attention), each operand is blocked along that GEMM's own reduction axis
-        instead (see `tfhfp8.layers.gemm_axes`).
+        instead (see `tfhfp8.gemm.axes`).
       tensor_scale: a per-tensor FP32 scale above the block scales (NVFP4); only
         with a `FloatFormat` scale.
       scale_rounding: how `amax` becomes a scale: `"floor"` or `"ceil"` for

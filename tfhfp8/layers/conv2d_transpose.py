@@ -5,7 +5,8 @@ import functools
 import keras
 from keras import ops
 
-from tfhfp8 import portable_conv
+from tfhfp8 import gemm
+from tfhfp8.gemm import portable_conv
 from tfhfp8.layers import convolution
 from tfhfp8.layers.emulation import EmulatedLayer
 
@@ -29,7 +30,6 @@ class Conv2DTranspose(EmulatedLayer, keras.layers.Conv2DTranspose):
     KERNEL_INPUT_AXIS = -1
 
     def _accumulating_op(self, name):
-        from tfhfp8 import gemm  # noqa: PLC0415
 
         def op(x, kernel, **kwargs):
             # The output size as Keras computes it (the version's own formula).

@@ -9,7 +9,8 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tfhfp8 import portable_conv
+from tfhfp8 import gemm
+from tfhfp8.gemm import portable_conv
 from tfhfp8.layers.emulation import EmulatedLayer
 
 
@@ -104,7 +105,7 @@ class _EmulatedConv(EmulatedLayer):
     of its patches and its kernel (`patches`), whose three GEMMs block their operands
     along their own reduction axes (kernel window x input channels forward, output
     channels for `dx`, batch x output positions for `dW`; see
-    `tfhfp8.layers.gemm_axes`).
+    `tfhfp8.gemm.axes`).
     Grouped convolutions, and Conv3D with dilation, keep the plain convolution (blocks
     along each tensor's last axis).
     """
@@ -139,7 +140,6 @@ class _EmulatedConv(EmulatedLayer):
         return portable_conv.to_channels_first(y, self.data_format)
 
     def _accumulating_op(self, name):
-        from tfhfp8 import gemm  # noqa: PLC0415
         # Conv1D pads causal inputs itself before the convolution.
         padding = "valid" if self.padding == "causal" else self.padding
         return functools.partial(gemm.layer_conv, strides=self.strides, padding=padding,

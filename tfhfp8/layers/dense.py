@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from tfhfp8 import gemm
 from tfhfp8.layers.emulation import EmulatedLayer
 
 
@@ -22,7 +23,6 @@ class Dense(EmulatedLayer, keras.layers.Dense):
     _BLOCKED_GEMMS_ACCUMULATE = True
 
     def _accumulating_op(self, name):
-        from tfhfp8 import gemm  # noqa: PLC0415
         return gemm.layer_matmul
 
     def call(self, inputs, training=None):

@@ -5,7 +5,8 @@ import functools
 import keras
 from keras import ops
 
-from tfhfp8 import portable_conv
+from tfhfp8 import gemm
+from tfhfp8.gemm import portable_conv
 from tfhfp8.layers import convolution
 from tfhfp8.layers.emulation import EmulatedLayer
 
@@ -26,7 +27,6 @@ class DepthwiseConv2D(EmulatedLayer, keras.layers.DepthwiseConv2D):
     """
 
     def _accumulating_op(self, name):
-        from tfhfp8 import gemm  # noqa: PLC0415
         return functools.partial(gemm.layer_depthwise_conv, strides=self.strides,
                                  padding=self.padding, dilation_rate=self.dilation_rate,
                                  data_format=self.data_format)

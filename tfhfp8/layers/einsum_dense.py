@@ -6,6 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from tfhfp8 import gemm
 from tfhfp8.layers.emulation import EmulatedLayer
 
 
@@ -29,7 +30,6 @@ class EinsumDense(EmulatedLayer, keras.layers.EinsumDense):
     _BLOCKED_GEMMS_ACCUMULATE = True
 
     def _accumulating_op(self, name):
-        from tfhfp8 import gemm  # noqa: PLC0415
         return functools.partial(gemm.layer_einsum, equation=self.equation)
 
     def call(self, inputs, training=None):

@@ -16,7 +16,7 @@ power-of-two `s` kept in a state variable.
 Block-scaled formats depend on the axis their blocks run along. When a role of the
 policy has one and the layer describes its product by an einsum equation
 (`_gemm(..., equation=...)`), each GEMM quantizes its own operands along its own
-reduction axis (`tfhfp8.layers.gemm_axes`): `x` and `W` along the forward reduction,
+reduction axis (`tfhfp8.gemm.axes`): `x` and `W` along the forward reduction,
 `dy` and `W` again along the `dx` GEMM's, `x` and `dy` again along the `dW` GEMM's.
 
 Per-tensor scaled formats with delayed scaling (`BlockScaled(..., block_size=None,
@@ -34,9 +34,9 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tfhfp8 import _compat
+from tfhfp8 import _compat, gemm
 from tfhfp8 import policy as policy_lib
-from tfhfp8.layers import gemm_axes
+from tfhfp8.gemm import axes as gemm_axes
 from tfhfp8.layers.emulation_state import EmulationState, record_error_stats
 from tfhfp8.ops import tf_block
 from tfhfp8.quantization import quantize, quantize_gradient
@@ -294,7 +294,6 @@ class EmulatedLayer(EmulationState, _compat.AfterBuild):
 
     def _accumulation_setup(self, name, step):
         """(accumulators, seed, statistics) of GEMM `name`."""
-        from tfhfp8 import gemm  # noqa: PLC0415 (gemm imports the quantizers, as we do)
         accs = self.policy.accumulation
         if self._sums_stochastically():  # the layer's counter (see _rounding_step)
             seed = stochastic_seed(step, self.name, "accumulation", name)
@@ -313,7 +312,6 @@ class EmulatedLayer(EmulationState, _compat.AfterBuild):
     def _accumulating_per_axis(self, spec, name, step, operand_formats):
         """The forward, input-gradient and kernel-gradient einsums of `spec` (a
         `GemmAxes`) with the policy's accumulators, for `_gemm_per_axis`."""
-        from tfhfp8 import gemm  # noqa: PLC0415
         accs, seed, stats = self._accumulation_setup(name, step)
         fmt_a, fmt_b = operand_formats
         ta, tb, tc = spec.terms
@@ -321,7 +319,7 @@ class EmulatedLayer(EmulationState, _compat.AfterBuild):
         def einsum(kind, terms, fmts, offset):
             @_in_float32
             def product(x, y):
-                c, swamped, overflows, additions = gemm._einsum_product(
+                c, swamped, overflows, additions = gemm.einsum_product(
                     x, y, terms, accs[kind], *fmts, seed + offset)
                 stats.record(kind, swamped, overflows, additions)
                 return c

@@ -5,7 +5,7 @@ import functools
 import keras
 from keras import ops
 
-from tfhfp8 import _compat
+from tfhfp8 import _compat, gemm
 from tfhfp8.layers.einsum_dense import EinsumDense
 from tfhfp8.layers.emulation import EmulatedLayer
 
@@ -32,7 +32,6 @@ class MultiHeadAttention(_compat.AttentionHooks, EmulatedLayer, keras.layers.Mul
     _BLOCKED_GEMMS_ACCUMULATE = True
 
     def _accumulating_op(self, name):
-        from tfhfp8 import gemm  # noqa: PLC0415
         spec = self.attention_spec()
         equation = spec.scores_equation if name == "scores" else spec.combine_equation
 
@@ -50,7 +49,6 @@ class MultiHeadAttention(_compat.AttentionHooks, EmulatedLayer, keras.layers.Mul
         # The policy checked activations x weights, errors x weights and activations x
         # errors; both attention products multiply two activations, and their input
         # gradient errors x activations.
-        from tfhfp8 import gemm  # noqa: PLC0415
         if not self.policy.quantize_attention:
             return
         policy, accs = self.policy, self.policy.accumulation
@@ -74,12 +72,12 @@ class MultiHeadAttention(_compat.AttentionHooks, EmulatedLayer, keras.layers.Mul
         spec = self.attention_spec()
         query = ops.multiply(query, ops.cast(spec.scale, query.dtype))
         # quantize_attention=False (NVFP4's recipe): both products in FP32.
-        gemm = self._gemm if self.policy.quantize_attention else (
+        product = self._gemm if self.policy.quantize_attention else (
             lambda op, operands, name, equation: op(*operands))
-        scores = gemm(functools.partial(ops.einsum, spec.scores_equation),
-                      [key, query], name="scores", equation=spec.scores_equation)
+        scores = product(functools.partial(ops.einsum, spec.scores_equation),
+                         [key, query], name="scores", equation=spec.scores_equation)
         scores = spec.masked_softmax(scores, attention_mask)
         dropped = spec.dropout(scores, training)
-        output = gemm(functools.partial(ops.einsum, spec.combine_equation),
-                      [dropped, value], name="context", equation=spec.combine_equation)
+        output = product(functools.partial(ops.einsum, spec.combine_equation),
+                         [dropped, value], name="context", equation=spec.combine_equation)
         return output, scores

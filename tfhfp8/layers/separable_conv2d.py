@@ -5,7 +5,8 @@ import functools
 import keras
 from keras import ops
 
-from tfhfp8 import portable_conv
+from tfhfp8 import gemm
+from tfhfp8.gemm import portable_conv
 from tfhfp8.layers import convolution
 from tfhfp8.layers.emulation import EmulatedLayer
 
@@ -30,7 +31,6 @@ class SeparableConv2D(EmulatedLayer, keras.layers.SeparableConv2D):
     GEMMS = ("depthwise", "pointwise")
 
     def _accumulating_op(self, name):
-        from tfhfp8 import gemm  # noqa: PLC0415
         if name == "depthwise":
             return functools.partial(gemm.layer_depthwise_conv, strides=self.strides,
                                      padding=self.padding, dilation_rate=self.dilation_rate,

@@ -1,4 +1,5 @@
-"""The two backends of `tfhfp8.quantize`, bit-identical, chosen per call.
+"""The two backends of `tfhfp8.quantize` and of the accumulating GEMMs, bit-identical,
+chosen per call.
 
 - `cpp`: C++ CPU kernels on TF's intra-op thread pool (fastest on CPU), with the
   per-element loops compiled for several CPU variants and the best one chosen at run
@@ -13,7 +14,9 @@ otherwise `cpp`, when its library builds, except for the operations that XLA's f
 of the `tf` code was measured to run faster than the C++ loops of the CPU variant in
 use (`XLA_FASTER`). `TFHFP8_BACKEND=tf|cpp` forces one outside XLA-compiled functions
 (inside them, always `tf`: XLA cannot compile the C++ ops); `forced_backend(...)` does
-so for the code inside a `with` block.
+so for the code inside a `with` block. The accumulating GEMMs of `tfhfp8.gemm`
+(`accumulating_matmul`, `int32_matmul`) run the C++ kernels wherever `quantize` runs
+the `cpp` backend, and the TF-ops ones (`tf_accumulate`, XLA-compiled) otherwise.
 """
 
 import contextlib
@@ -24,7 +27,7 @@ import warnings
 import tensorflow as tf
 
 from tfhfp8 import _compat
-from tfhfp8.ops import build, cpp_backend, tf_backend, tf_block
+from tfhfp8.ops import build, cpp_backend, tf_accumulate, tf_backend, tf_block
 
 _BACKENDS = {"tf": tf_backend, "cpp": cpp_backend}
 _cpp_error = None  # why the C++ library is unavailable, once we know
@@ -214,3 +217,42 @@ def backend_info():
     elif _cpp_error:
         info["cpp_error"] = _cpp_error
     return info
+
+
+# -- the accumulating GEMMs ----------------------------------------------------------------
+def accumulation_backend():
+    """`"cpp"` or `"tf"`: the backend of the accumulating GEMMs here and now (the C++
+    kernels wherever `quantize` runs the `cpp` backend)."""
+    return "cpp" if active_backend() is cpp_backend else "tf"
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_gemm(function, *static):
+    """`function(a, b, *static, *rest)` as an XLA-compiled tf.function, one per `static`."""
+    return tf.function(lambda *args: function(*args[:2], *static, *args[2:]),
+                       jit_compile=True, autograph=False)
+
+
+def accumulating_matmul(a, b, fmt, outer_format, products, rounding, saturate, chunk_size,
+                        seed):
+    """`(c, swamped)`: float32 `a` `[B, M, K]` @ `b` `[B, K, N]` summed in the float
+    format `fmt`, on the backend `accumulation_backend` names (the arguments and
+    results of `tfhfp8.ops.cpp_backend.accumulating_matmul`)."""
+    static = (fmt, outer_format, products, rounding, saturate, chunk_size)
+    if accumulation_backend() == "cpp":
+        return cpp_backend.accumulating_matmul(a, b, *static, seed)
+    if _compat.in_xla_context():
+        return tf_accumulate.accumulating_matmul(a, b, *static, seed)
+    return _compiled_gemm(tf_accumulate.accumulating_matmul, *static)(a, b, seed)
+
+
+def int32_matmul(a_mantissas, b_mantissas, chunk_size, overflow):
+    """`(c, overflows)`: the int32 mantissas `a_mantissas` `[B, M, K]` @ `b_mantissas`
+    `[B, K, N]` summed in a 32-bit integer accumulator, on the backend
+    `accumulation_backend` names (see `tfhfp8.ops.cpp_backend.int32_matmul`)."""
+    if accumulation_backend() == "cpp":
+        return cpp_backend.int32_matmul(a_mantissas, b_mantissas, chunk_size, overflow)
+    if _compat.in_xla_context():
+        return tf_accumulate.int32_matmul(a_mantissas, b_mantissas, chunk_size, overflow)
+    return _compiled_gemm(tf_accumulate.int32_matmul, chunk_size, overflow)(a_mantissas,
+                                                                            b_mantissas)

@@ -2,6 +2,7 @@
 
 import tensorflow as tf
 
+from tfhfp8 import formats
 from tfhfp8.ops import build, tf_backend, tf_block
 
 _library = None
@@ -71,24 +72,29 @@ def _format_attrs(fmt, prefix=""):
             prefix + "specials": fmt.specials, prefix + "subnormals": bool(fmt.subnormals)}
 
 
-def accumulating_matmul(a, b, accumulator, seed):
-    """`a @ b` for float32 `a` [batch, M, K] and `b` [batch, K, N], summed by the float
-    accumulator `accumulator` (a `tfhfp8.Accumulator`; see its definition), with the
-    stochastic roundings' `seed` (int64 scalar).
+def accumulating_matmul(a, b, fmt, outer_format, products, rounding, saturate, chunk_size,
+                        seed):
+    """`a @ b` for float32 `a` [batch, M, K] and `b` [batch, K, N], summed in the float
+    format `fmt` (the definition is `tfhfp8.Accumulator`'s docstring): chunks of
+    `chunk_size` products (None: one chunk) added up in `outer_format` (None: `fmt`),
+    the products rounded to `products` first (None: exact), with `rounding` (a name of
+    `tfhfp8.formats.ROUNDINGS`), `saturate`, and the stochastic roundings' `seed`
+    (int64 scalar).
 
     Returns (c [batch, M, N] float32, swamped: the int64 number of additions of a
     nonzero term that left the running sum unchanged).
     """
-    from tfhfp8 import accumulation  # imports this module's package
-
-    acc = accumulation.get(accumulator)
-    if acc.kind != "float":
-        raise ValueError(f"accumulator must be a float accumulator, got {acc!r}")
-    attrs = {**_format_attrs(acc.format), **_format_attrs(acc.outer, "outer_"),
-             **_format_attrs(acc.products or acc.format, "products_")}
+    outer_format = fmt if outer_format is None else outer_format
+    for name, value in (("fmt", fmt), ("outer_format", outer_format),
+                        ("products", products)):
+        if not isinstance(value, formats.FloatFormat) and (value is not None or name == "fmt"):
+            raise ValueError(f"{name} must be a FloatFormat (a float accumulator's format), "
+                             f"got {value!r}")
+    attrs = {**_format_attrs(fmt), **_format_attrs(outer_format, "outer_"),
+             **_format_attrs(products or fmt, "products_")}
     return load().hfp8_accumulating_matmul(
-        a, b, tf.cast(seed, tf.int64), has_products=acc.products is not None,
-        rounding=acc.rounding, saturate=acc.saturate, chunk_size=acc.chunk_size or 0, **attrs)
+        a, b, tf.cast(seed, tf.int64), has_products=products is not None,
+        rounding=rounding, saturate=saturate, chunk_size=chunk_size or 0, **attrs)
 
 
 def int32_matmul(a_mantissas, b_mantissas, chunk_size, overflow):

@@ -77,8 +77,10 @@ def _chunks(k, chunk_size):
     return chunk, tf.maximum((k + chunk - 1) // chunk, 1)
 
 
-def accumulating_matmul(a, b, accumulator, seed):
-    """`(c, swamped)`: `a @ b` summed as the float `accumulator` defines.
+def accumulating_matmul(a, b, fmt, outer_format, products, rounding, saturate, chunk_size,
+                        seed):
+    """`(c, swamped)`: `a @ b` summed in the float format `fmt` (the arguments of
+    `tfhfp8.ops.cpp_backend.accumulating_matmul`; `outer_format` None: `fmt`).
 
     `a`: float32 `[B, M, K]`, `b`: float32 `[B, K, N]` with static shapes, `seed`: an
     int64 scalar. `swamped`: int64, the number of inner additions of a non-zero
@@ -87,9 +89,8 @@ def accumulating_matmul(a, b, accumulator, seed):
     a = tf.convert_to_tensor(a, tf.float32)
     b = tf.convert_to_tensor(b, tf.float32)
     out_shape, k = _shapes(a, b)
-    fmt, outer_fmt, products = accumulator.format, accumulator.outer, accumulator.products
-    rounding, saturate = accumulator.rounding, accumulator.saturate
-    chunk, num_chunks = _chunks(k, accumulator.chunk_size)
+    outer_format = fmt if outer_format is None else outer_format
+    chunk, num_chunks = _chunks(k, chunk_size)
     zeros = tf.zeros(out_shape, tf.float32)
     if a.shape[2] == 0:  # an empty sum (XLA cannot even slice an empty axis)
         return zeros, tf.constant(0, tf.int64)
@@ -124,14 +125,13 @@ def accumulating_matmul(a, b, accumulator, seed):
     swamped0 = tf.constant(0, tf.int64)
     # One chunk (none asked, or chunk_size >= K): the result is its sum, no outer addition.
     static_k = a.shape[2]
-    if not accumulator.chunk_size or (static_k is not None
-                                      and accumulator.chunk_size >= static_k):
+    if not chunk_size or (static_k is not None and chunk_size >= static_k):
         return run_chunk(tf.constant(0), k, swamped0)
 
     def outer(c, total, swamped):
         start = c * chunk
         acc, swamped = run_chunk(start, tf.minimum(start + chunk, k), swamped)
-        total = add(total, acc, outer_fmt, outer_bits(c) if stochastic else None)
+        total = add(total, acc, outer_format, outer_bits(c) if stochastic else None)
         return c + 1, total, swamped
 
     def chunked():
