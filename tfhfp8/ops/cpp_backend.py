@@ -41,7 +41,8 @@ def quantize_dfp(x, fmt, rounding, saturate, seed):
 def quantize_block(x, fmt, rounding, saturate, seed):
     """Block-scaled rounding (`fmt` a BlockScaled): per block the amax, the scale and the
     element rounding in one kernel; the same bits as `tf_block.quantize_block`."""
-    tf_block._layout(x, fmt.axis)  # the same errors as the TF-ops path, before the kernel
+    # The same errors as the TF-ops path, before the kernel.
+    tf_block.block_axis_layout(x, fmt.axis)
     element = fmt.element
     attrs = dict(
         axis=fmt.axis, block_size=fmt.block_size,

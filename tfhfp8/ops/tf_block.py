@@ -68,7 +68,10 @@ def _floor_log2(a, c):
     return e, fraction
 
 
-def _layout(x, axis):
+def block_axis_layout(x, axis):
+    """(axis, perm) of the block axis `axis` of `x`: the axis made non-negative and the
+    permutation that moves it last. Raises the ValueError both backends give for a
+    tensor of unknown rank or an axis out of range."""
     rank = x.shape.rank
     if rank is None:
         raise ValueError("a block-scaled format needs a tensor of known rank")
@@ -84,7 +87,7 @@ class _Blocks:
     """Moves the block axis last, pads it to whole blocks and back."""
 
     def __init__(self, x, axis, block_size):
-        self.axis, self.perm = _layout(x, axis)
+        self.axis, self.perm = block_axis_layout(x, axis)
         self.rank = x.shape.rank
         self.block_size = block_size
         self.moved = self.perm != list(range(self.rank))
