@@ -23,6 +23,7 @@ FLOORS = {
     "tfhfp8.ops": 2,
     # 3: quantize, accumulators, the stochastic-rounding seed and master-weight rounding.
     "tfhfp8.quantization": 3, "tfhfp8.accumulation": 3, "tfhfp8.rounding": 3,
+    "tfhfp8.fused_accumulation": 3,
     # 4: the GEMMs (products, einsum, convolutions and their geometry, the axis algebra
     # of blocked operands, the portable convolution ops; `tfhfp8.portable_conv`: the
     # old name of the last).

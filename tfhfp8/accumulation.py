@@ -6,7 +6,9 @@ others are exact emulations of a narrower running sum, computed by
 `tfhfp8.matmul` (see `tfhfp8.ops.tf_accumulate` and the C++ kernels).
 
 Named accumulators: `"float32"`, `"float16"`, `"bfloat16"`, `"float16_chunk64"`
-(Wang et al. 2018), `"int32"` (Das et al. 2018).
+(Wang et al. 2018), `"int32"` (Das et al. 2018), and the matrix units of
+`tfhfp8.fused_accumulation.HARDWARE` (`"nvidia_hopper_fp8"`, ...), which sum as
+`FusedAccumulator`s.
 
 >>> import tfhfp8
 >>> tfhfp8.accumulation.get("float16_chunk64").chunk_size
@@ -20,6 +22,7 @@ import keras
 import numpy as np
 
 from tfhfp8 import formats, registry
+from tfhfp8.fused_accumulation import HARDWARE, FusedAccumulator
 from tfhfp8.formats import ROUNDINGS
 
 OVERFLOWS = ("wrap", "saturate")
@@ -278,10 +281,10 @@ _NAMED = {acc.name: acc for acc in (
     _named("bfloat16", "bfloat16"),
     _named("float16_chunk64", "float16", chunk_size=64),
     _named("int32", "int32"),
-)}
+)} | HARDWARE
 
 REGISTRY = registry.Registry(
-    "accumulator", Accumulator, _NAMED, from_plain_config=Accumulator.from_config,
+    "accumulator", (Accumulator, FusedAccumulator), _NAMED, from_plain_config=Accumulator.from_config,
     hint="; or build one with tfhfp8.Accumulator(format, chunk_size=...).")
 
 
@@ -369,6 +372,8 @@ def per_gemm(accumulation, role_formats):
             try:
                 if acc.kind == "float":
                     check_operand(role, fmt)
+                elif acc.kind == "fused":
+                    acc.input_type(role, fmt)
                 elif not (isinstance(fmt, formats.DynamicFixedPoint) and fmt.axis is None
                           and fmt.block_size is None):
                     raise ValueError(f"{role}: the 'int32' accumulator needs per-tensor "

@@ -45,6 +45,9 @@ def check_operands(accumulator, first, second, names):
     if accumulator.kind == "float":
         for name, fmt in zip(names, (first, second)):
             accumulation.check_operand(name, fmt)
+    elif accumulator.kind == "fused":
+        for name, fmt in zip(names, (first, second)):
+            accumulator.input_type(name, fmt)
     elif accumulator.kind == "int32":
         for name, fmt in zip(names, (first, second)):
             if not (isinstance(fmt, formats.DynamicFixedPoint) and fmt.axis is None
@@ -131,6 +134,11 @@ def product(a, b, accumulator, a_fmt, b_fmt, seed):
     additions = tf.cast(tf.size(a3), tf.int64) * tf.cast(tf.shape(b3)[-1], tf.int64)
     if accumulator.kind == "float":
         c, swamped = ops.accumulating_matmul(a3, b3, *accumulator.kernel_arguments(), seed)
+        return tf.reshape(c, out_shape), swamped, zero, additions
+    if accumulator.kind == "fused":
+        arguments = accumulator.kernel_arguments(accumulator.input_type("a", a_fmt),
+                                                 accumulator.input_type("b", b_fmt))
+        c, swamped = ops.fused_matmul(a3, b3, *arguments)
         return tf.reshape(c, out_shape), swamped, zero, additions
     ma, ea = _mantissas(a3, a_fmt)
     mb, eb = _mantissas(b3, b_fmt)

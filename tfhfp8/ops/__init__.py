@@ -27,7 +27,7 @@ import warnings
 import tensorflow as tf
 
 from tfhfp8 import _compat
-from tfhfp8.ops import build, cpp_backend, tf_accumulate, tf_backend, tf_block
+from tfhfp8.ops import build, cpp_backend, tf_accumulate, tf_backend, tf_block, tf_fused
 
 _BACKENDS = {"tf": tf_backend, "cpp": cpp_backend}
 _cpp_error = None  # why the C++ library is unavailable, once we know
@@ -256,3 +256,12 @@ def int32_matmul(a_mantissas, b_mantissas, chunk_size, overflow):
         return tf_accumulate.int32_matmul(a_mantissas, b_mantissas, chunk_size, overflow)
     return _compiled_gemm(tf_accumulate.int32_matmul, chunk_size, overflow)(a_mantissas,
                                                                             b_mantissas)
+
+
+def fused_matmul(a, b, *arguments):
+    """`(c, swamped)`: float32 `a` `[B, M, K]` @ `b` `[B, K, N]` summed by a matrix
+    unit's fused dot-adds (`tfhfp8.ops.tf_fused.fused_matmul`, whose arguments follow
+    `a` and `b`; TF ops only: no C++ kernel yet), XLA-compiled outside XLA."""
+    if _compat.in_xla_context():
+        return tf_fused.fused_matmul(a, b, *arguments)
+    return _compiled_gemm(tf_fused.fused_matmul, *arguments)(a, b)

@@ -1,0 +1,164 @@
+"""Fused (block-FMA) accumulators: how a matrix unit sums a dot product.
+
+A tensor core does not round after every addition. It adds a group of `group_size`
+products and the running accumulator `c` in one fixed-point adder: every product is
+exact; each term (the products and `c`) is truncated toward zero to `fraction_bits`
+bits after the binary point of the largest exponent among them; the truncated terms
+are summed exactly; the sum is normalized and rounded once to the output format (Fasi,
+Higham, Mikaitis & Pranesh, PeerJ CS 2021; Khattak & Mikaitis, arXiv 2512.07004; Xie
+et al., MMA-Sim, arXiv 2511.10909). Exponents, as MMA-Sim counts them: an operand's is
+`floor(log2|x|)`, or its input type's minimum normal exponent for a subnormal; a
+product's is the sum of its operands' (its significand lies in [1, 4)); `c`'s is its
+own as an FP32 value; a zero, operand or `c`, counts as exponent -126.
+
+`FusedAccumulator(group_size, fraction_bits, output, chunk_size)` is that arithmetic;
+with `chunk_size` the fused chain restarts from 0 every `chunk_size` products and its
+result is added into an FP32 total, rounded to nearest even (DeepSeek-V3's promotion
+to CUDA cores, arXiv 2412.19437 section 3.3.2). `HARDWARE` names the published models
+of NVIDIA's instructions. Accumulators go wherever `tfhfp8.Accumulator` goes
+(`tfhfp8.matmul`, `Policy(accumulation=...)`), computed by `tfhfp8.ops.fused_matmul`
+(TF ops).
+
+Not yet emulated: TF32 instructions (their truncation of FP32 inputs), Blackwell's
+block-scaled instructions (MX, NVFP4 scales folded into the products), the C++
+backend.
+
+>>> import tensorflow as tf, tfhfp8
+>>> acc = tfhfp8.accumulation.get("nvidia_hopper_fp8")
+>>> acc.group_size, acc.fraction_bits, acc.output
+(32, 13, 'e8m13')
+>>> a = tf.constant([[256.0] + [2.0 ** -6] * 31])   # E4M3 values
+>>> b = tf.ones([32, 1])
+>>> float(tfhfp8.matmul(a, b, acc, a_format="float8_e4m3fn",
+...                     b_format="float8_e4m3fn")[0, 0])
+256.0
+>>> float(tfhfp8.matmul(a, b, a_format="float8_e4m3fn",
+...                     b_format="float8_e4m3fn")[0, 0])
+256.484375
+
+Each 2^-6 lies below the last of the 13 bits kept after 256's binary point (2^-5).
+"""
+
+import dataclasses
+from typing import Optional, Tuple
+
+import keras
+
+from tfhfp8 import formats
+
+# Output format -> (mantissa bits, minimum normal exponent, rounding).
+OUTPUTS = {"float32": (23, -126, "toward_zero"), "e8m13": (13, -126, "toward_zero"),
+           "float16": (10, -14, "nearest_even")}
+
+# The input types of the instructions below (IEEE half, bfloat16, OCP FP8).
+_INPUT_TYPES = {name: formats.get(name) for name in
+                ("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")}
+
+
+@keras.saving.register_keras_serializable(package="tfhfp8")
+@dataclasses.dataclass(frozen=True)
+class FusedAccumulator:
+    """A matrix unit's fused dot-add (see the module docstring for the arithmetic).
+
+    Args:
+      group_size: products per fused dot-add (K is padded with zeros to whole groups).
+      fraction_bits: bits kept after the binary point of the largest term's exponent.
+      output: `"float32"` (toward zero), `"e8m13"` (FP32 truncated to 13 mantissa bits:
+        Hopper's and Ada's FP8 path) or `"float16"` (nearest even); overflow gives inf.
+      chunk_size: None, or a multiple of `group_size`: every `chunk_size` products the
+        fused chain restarts from 0 and its result is added into an FP32 total (nearest
+        even).
+      input_types: names of the formats the instruction takes; an operand format must
+        be exactly representable in one of them (its subnormals then count with that
+        type's minimum normal exponent). Empty: any format with at most 11 mantissa
+        bits, its own minimum normal exponent.
+      name: display name.
+    """
+
+    group_size: int
+    fraction_bits: int
+    output: str = "float32"
+    chunk_size: Optional[int] = None
+    input_types: Tuple[str, ...] = ()
+    name: Optional[str] = dataclasses.field(default=None, compare=False)
+
+    def __post_init__(self):
+        formats.check_int("group_size", self.group_size, 1, 1024)
+        formats.check_int("fraction_bits", self.fraction_bits, 1, 40)
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {sorted(OUTPUTS)}, got {self.output!r}")
+        if self.chunk_size is not None:
+            formats.check_int("chunk_size", self.chunk_size, 1, 2**31 - 1)
+            if self.chunk_size % self.group_size:
+                raise ValueError(f"chunk_size must be a multiple of group_size "
+                                 f"({self.group_size}), got {self.chunk_size}")
+        unknown = [t for t in self.input_types if t not in _INPUT_TYPES]
+        if unknown:
+            raise ValueError(f"input_types: {unknown} are not among {sorted(_INPUT_TYPES)}")
+        object.__setattr__(self, "input_types", tuple(self.input_types))
+
+    kind = "fused"
+    emulates = True
+
+    def input_type(self, parameter, fmt):
+        """The instruction's input type that holds every value of `fmt`, or a ValueError
+        naming `parameter`, the format and the instruction."""
+        element = fmt if isinstance(fmt, formats.FloatFormat) else None
+        candidates = [_INPUT_TYPES[t] for t in self.input_types] or (
+            [element] if element is not None and element.mantissa_bits <= 11 else [])
+        for candidate in candidates:
+            if element is not None and _fits(element, candidate):
+                return candidate
+        takes = ", ".join(self.input_types) or "a FloatFormat with at most 11 mantissa bits"
+        raise ValueError(f"{parameter}: {self} takes operands in {takes} (block-scaled, "
+                         f"fixed-point and unrounded FP32 operands are not emulated yet); "
+                         f"got {fmt!r}")
+
+    def kernel_arguments(self, a_type, b_type):
+        """The plain arguments of `tfhfp8.ops.fused_matmul(a, b, *arguments)`."""
+        bits, min_exponent, rounding = OUTPUTS[self.output]
+        return (1 - a_type.bias, 1 - b_type.bias, self.group_size, self.fraction_bits,
+                bits, min_exponent, rounding, self.chunk_size or 0)
+
+    def get_config(self):
+        return {"group_size": self.group_size, "fraction_bits": self.fraction_bits,
+                "output": self.output, "chunk_size": self.chunk_size,
+                "input_types": list(self.input_types), "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __str__(self):
+        return self.name or repr(self)
+
+
+def _fits(fmt, input_type):
+    """Every value of `fmt` is one of `input_type` (both grids are powers of two apart)."""
+    return (fmt.mantissa_bits <= input_type.mantissa_bits
+            and fmt.min_subnormal >= input_type.min_subnormal
+            and fmt.max <= input_type.max)
+
+
+def _hardware(name, group, bits, output="float32", types=(), chunk=None):
+    return FusedAccumulator(group, bits, output, chunk, types, name=name)
+
+
+_FP16, _BF16, _FP8 = ("float16",), ("bfloat16",), ("float8_e4m3fn", "float8_e5m2")
+
+# Published models of NVIDIA's matrix instructions (Khattak & Mikaitis 2025, Table 2;
+# MMA-Sim's NVIDIA models): instruction, products per fused addition, fraction bits.
+HARDWARE = {acc.name: acc for acc in (
+    _hardware("nvidia_volta_fp16", 4, 23, types=_FP16),        # V100 mma.m8n8k4 f16
+    _hardware("nvidia_ampere_fp16", 8, 24, types=_FP16),       # A100 mma.m16n8k16: 2 x 8
+    _hardware("nvidia_ampere_bf16", 8, 24, types=_BF16),
+    _hardware("nvidia_ada_fp8", 16, 13, "e8m13", _FP8),        # L40S mma.m16n8k32: 2 x 16
+    _hardware("nvidia_hopper_fp16", 16, 25, types=_FP16),      # H100 wgmma k16
+    _hardware("nvidia_hopper_bf16", 16, 25, types=_BF16),
+    _hardware("nvidia_hopper_fp8", 32, 13, "e8m13", _FP8),     # H100 wgmma k32
+    # DeepSeek-V3 (arXiv 2412.19437, 3.3.2): 4 x wgmma k32, then an FP32 add on CUDA cores.
+    _hardware("nvidia_hopper_fp8_promote128", 32, 13, "e8m13", _FP8, chunk=128),
+    _hardware("nvidia_blackwell_fp16", 16, 25, types=_FP16),   # B200 tcgen05.mma kind::f16
+    _hardware("nvidia_blackwell_bf16", 16, 25, types=_BF16),
+    _hardware("nvidia_blackwell_fp8", 32, 25, types=_FP8),     # tcgen05.mma kind::f8f6f4
+)}

@@ -1,0 +1,109 @@
+"""Fused (block-FMA) dot products in TF ops: `tfhfp8.fused_accumulation`'s arithmetic.
+
+All of it is exact in float64: a product of two operands with at most 12 significand
+bits has at most 24; a term truncated to `fraction_bits` (<= 40) bits after the binary
+point of the group's largest exponent is an integer below 2^(fraction_bits + 2) in
+units of `2^(E - fraction_bits)`, and a group's sum of at most 1,025 such integers stays
+below 2^53. Powers of two are built from their bits (no `pow`), and every rounding is a
+truncation or a half-even rounding of an exactly scaled float64.
+"""
+
+import tensorflow as tf
+
+_ZERO_EXPONENT = -126  # MMA-Sim's exponent of a zero operand or accumulator
+
+
+def _pow2(n):
+    """2.0**n in float64, exact, for int32 `n` in [-1022, 1023]."""
+    return tf.bitcast(tf.bitwise.left_shift(tf.cast(n + 1023, tf.int64), 52), tf.float64)
+
+
+def _floor_log2(x):
+    """floor(log2|x|) of finite nonzero float64 `x` (normal in float64), int32."""
+    bits = tf.bitcast(x, tf.int64)
+    biased = tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 52), 0x7FF)
+    return tf.cast(biased, tf.int32) - 1023
+
+
+def _exponents(x, min_exponent):
+    """MMA-Sim's exponent of each operand or accumulator value (float64 `x`)."""
+    safe = tf.where(x == 0, tf.ones_like(x), x)
+    return tf.where(x == 0, _ZERO_EXPONENT, tf.maximum(_floor_log2(safe), min_exponent))
+
+
+def round_to_bits(x, mantissa_bits, min_exponent, rounding):
+    """Finite float64 `x` rounded to an IEEE-like format of `mantissa_bits` bits whose
+    smallest normal exponent is `min_exponent` (largest: `1 - min_exponent`), toward zero
+    or to nearest even (half-way to even: `tf.math.round`); beyond the largest finite
+    value, inf."""
+    safe = tf.where(x == 0, tf.ones_like(x), x)
+    quantum = tf.maximum(_floor_log2(safe), min_exponent) - mantissa_bits
+    units = x * _pow2(-quantum)
+    if rounding == "nearest_even":
+        units = tf.math.round(units)
+    else:
+        units = tf.math.sign(units) * tf.floor(tf.abs(units))
+    y = units * _pow2(quantum)
+    limit = 2.0 ** (2 - min_exponent)
+    return tf.where(tf.abs(y) >= limit, tf.math.sign(y) * float("inf"), y)
+
+
+def _fused_group(c, a, b, ea, eb, fraction_bits, output):
+    """One fused dot-add: `c` [B, M, N] plus the products of `a` [B, M, g] and `b`
+    [B, g, N], each term truncated at the largest exponent; (new c, swamped count)."""
+    products = a[:, :, :, None] * b[:, None, :, :]                  # [B, M, g, N]
+    exponents = ea[:, :, :, None] + eb[:, None, :, :]
+    ec = _exponents(c, -126)
+    top = tf.maximum(tf.reduce_max(exponents, axis=2), ec)          # [B, M, N]
+    scale = _pow2(fraction_bits - top)
+
+    def truncated(v, s):
+        return tf.math.sign(v) * tf.floor(tf.abs(v) * s)
+
+    terms = truncated(products, scale[:, :, None, :])
+    total = tf.reduce_sum(terms, axis=2) + truncated(c, scale)
+    exact = round_to_bits(total * _pow2(top - fraction_bits), *output)
+    finite = tf.reduce_all(tf.math.is_finite(products), axis=2) & tf.math.is_finite(c)
+    special = tf.reduce_sum(products, axis=2) + c                   # NaN or +-inf
+    swamped = tf.math.count_nonzero((terms == 0) & (products != 0), dtype=tf.int64)
+    return tf.where(finite, exact, special), swamped
+
+
+def fused_matmul(a, b, a_min_exponent, b_min_exponent, group_size, fraction_bits,
+                 output_bits, output_min_exponent, output_rounding, chunk_size):
+    """`[B, M, K] @ [B, K, N]` float32 operands (values of the instruction's input types,
+    whose minimum normal exponents are `a_min_exponent`, `b_min_exponent`) summed by
+    fused dot-adds of `group_size` products; `chunk_size` > 0: promoted into an FP32
+    total (nearest even) every `chunk_size` products. Returns (float32 [B, M, N],
+    int64 number of nonzero products truncated to zero)."""
+    output = (output_bits, output_min_exponent, output_rounding)
+    a, b = tf.cast(a, tf.float64), tf.cast(b, tf.float64)
+    k = tf.shape(a)[2]
+    groups = (k + group_size - 1) // group_size
+    pad = groups * group_size - k
+    a = tf.pad(a, [[0, 0], [0, 0], [0, pad]])
+    b = tf.pad(b, [[0, 0], [0, pad], [0, 0]])
+    batch, m, n = tf.shape(a)[0], tf.shape(a)[1], tf.shape(b)[2]
+    a = tf.reshape(a, [batch, m, groups, group_size])     # group j: a[:, :, j]
+    b = tf.reshape(b, [batch, groups, group_size, n])     # group j: b[:, j]
+    ea, eb = _exponents(a, a_min_exponent), _exponents(b, b_min_exponent)
+    per_chunk = chunk_size // group_size if chunk_size else groups + 1
+    zeros = tf.zeros([batch, m, n], tf.float64)
+
+    def step(j, c, total, swamped):
+        c, lost = _fused_group(c, tf.gather(a, j, axis=2), tf.gather(b, j, axis=1),
+                               tf.gather(ea, j, axis=2), tf.gather(eb, j, axis=1),
+                               fraction_bits, output)
+        if chunk_size:
+            promote = tf.logical_or((j + 1) % per_chunk == 0, j + 1 == groups)
+            promoted = round_to_bits(total + c, 23, -126, "nearest_even")
+            total = tf.where(promote, tf.where(tf.math.is_finite(total + c), promoted,
+                                               total + c), total)
+            c = tf.where(promote, tf.zeros_like(c), c)
+        return j + 1, c, total, swamped + lost
+
+    _, c, total, swamped = tf.while_loop(
+        lambda j, *_: j < groups, step,
+        [tf.constant(0), zeros, zeros, tf.constant(0, tf.int64)])
+    result = total if chunk_size else c
+    return tf.cast(result, tf.float32), swamped
