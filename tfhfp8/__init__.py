@@ -11,6 +11,7 @@ from tfhfp8.calibration import evaluate_ptq, fold_batchnorm, ptq, recalibrate_ba
 from tfhfp8.conversion import quantize_model, summary
 from tfhfp8.export import export
 from tfhfp8.accumulation import Accumulator
+from tfhfp8.fused_accumulation import FusedAccumulator
 from tfhfp8.fine_tuning import finetune
 from tfhfp8.formats import BlockScaled, DynamicFixedPoint, FloatFormat
 from tfhfp8.gemm import matmul
