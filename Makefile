@@ -46,7 +46,7 @@ test: ops data cross
 	$(PY) -c "import sys; from importlib.metadata import version; print('Python', sys.version.split()[0], \
 	  *(f'| {name} {version(name)}' for name in ('tensorflow', 'keras', 'numpy', 'ml_dtypes')), \
 	  '| TF_ENABLE_ONEDNN_OPTS=' + __import__('os').environ.get('TF_ENABLE_ONEDNN_OPTS', '(TF chooses)'))"
-	$(PY) -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 # The lower bound of the version window in setup.cfg (TensorFlow, Keras and ml_dtypes
 # pinned in .ci/oldest.txt, which says why these): the same build, data and full test

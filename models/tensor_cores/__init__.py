@@ -1,0 +1,1 @@
+"""python -m models.tensor_cores: see __main__.py."""
