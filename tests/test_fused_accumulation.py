@@ -155,3 +155,14 @@ def test_products_lost_to_the_alignment_are_counted():
     c, swamped = tfhfp8.ops.fused_matmul(a, np.ones((1, 33, 1), np.float32),
                                          *acc.kernel_arguments(e4m3, e4m3))
     assert float(c[0, 0, 0]) == 257.0 and int(swamped) == 31
+
+
+def test_bfloat16_subnormal_operands_and_results_are_kept():
+    # bfloat16 shares float32's range: subnormal operands and float32-subnormal sums,
+    # which TF's CPU kernels would flush to zero in a cast.
+    acc = tfhfp8.accumulation.get("nvidia_hopper_bf16")
+    a = np.array([[2.0 ** -133, 2.0 ** -130], [2.0 ** -120, -(2.0 ** -126)]], np.float32)
+    b = np.array([[2.0 ** -10], [1.0]], np.float32)
+    _check(a, b, acc, "bfloat16", "bfloat16")
+    got = tfhfp8.matmul(a, b, acc, a_format="bfloat16", b_format="bfloat16").numpy()
+    assert got[0, 0] == np.float32(2.0 ** -143 + 2.0 ** -130)

@@ -21,7 +21,7 @@ of NVIDIA's instructions. Accumulators go wherever `tfhfp8.Accumulator` goes
 
 Not yet emulated: TF32 instructions (their truncation of FP32 inputs), Blackwell's
 block-scaled instructions (MX, NVFP4 scales folded into the products), the C++
-backend.
+backend. Checked bit for bit against MMA-Sim: `models/tensor_cores/mmasim_check.py`.
 
 >>> import tensorflow as tf, tfhfp8
 >>> acc = tfhfp8.accumulation.get("nvidia_hopper_fp8")

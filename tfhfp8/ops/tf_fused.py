@@ -5,10 +5,14 @@ bits has at most 24; a term truncated to `fraction_bits` (<= 40) bits after the 
 point of the group's largest exponent is an integer below 2^(fraction_bits + 2) in
 units of `2^(E - fraction_bits)`, and a group's sum of at most 1,025 such integers stays
 below 2^53. Powers of two are built from their bits (no `pow`), and every rounding is a
-truncation or a half-even rounding of an exactly scaled float64.
+truncation or a half-even rounding of an exactly scaled float64. float32 subnormals
+(bfloat16 operands and results share float32's range) convert on their bits: TF's CPU
+kernels flush them to zero in a cast.
 """
 
 import tensorflow as tf
+
+from tfhfp8.ops import tf_backend, tf_block
 
 _ZERO_EXPONENT = -126  # MMA-Sim's exponent of a zero operand or accumulator
 
@@ -48,6 +52,21 @@ def round_to_bits(x, mantissa_bits, min_exponent, rounding):
     return tf.where(tf.abs(y) >= limit, tf.math.sign(y) * float("inf"), y)
 
 
+def _to_float64(x):
+    """float32 `x` as float64, subnormals kept."""
+    c32 = tf_backend.CONTAINERS[tf.float32]
+    _, magnitude = tf_backend.split_sign(x, c32)
+    exact = tf_block.float32_to_float64_exact(x, magnitude, c32)
+    return tf.where(tf.math.is_finite(x), exact, tf.cast(x, tf.float64))
+
+
+def _to_float32(y):
+    """float64 `y` holding float32 values (or inf, NaN) as float32, subnormals kept."""
+    finite = tf.math.is_finite(y)
+    exact = tf_block.float64_to_float32_exact(tf.where(finite, y, tf.zeros_like(y)))
+    return tf.where(finite, exact, tf.cast(y, tf.float32))
+
+
 def _fused_group(c, a, b, ea, eb, fraction_bits, output):
     """One fused dot-add: `c` [B, M, N] plus the products of `a` [B, M, g] and `b`
     [B, g, N], each term truncated at the largest exponent; (new c, swamped count)."""
@@ -77,7 +96,7 @@ def fused_matmul(a, b, a_min_exponent, b_min_exponent, group_size, fraction_bits
     total (nearest even) every `chunk_size` products. Returns (float32 [B, M, N],
     int64 number of nonzero products truncated to zero)."""
     output = (output_bits, output_min_exponent, output_rounding)
-    a, b = tf.cast(a, tf.float64), tf.cast(b, tf.float64)
+    a, b = _to_float64(a), _to_float64(b)
     k = tf.shape(a)[2]
     groups = (k + group_size - 1) // group_size
     pad = groups * group_size - k
@@ -106,4 +125,4 @@ def fused_matmul(a, b, a_min_exponent, b_min_exponent, group_size, fraction_bits
         lambda j, *_: j < groups, step,
         [tf.constant(0), zeros, zeros, tf.constant(0, tf.int64)])
     result = total if chunk_size else c
-    return tf.cast(result, tf.float32), swamped
+    return _to_float32(result), swamped
