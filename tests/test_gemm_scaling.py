@@ -272,7 +272,7 @@ def test_attention_products_block_along_their_own_axes():
     query = tf.constant(RNG.randn(2, 3, 2, 6).astype(np.float32))
     with tf.GradientTape() as tape:
         tape.watch([key, query])
-        s = layer._gemm(functools.partial(ops.einsum, equation), [key, query],
+        s = layer.emulated_gemm(functools.partial(ops.einsum, equation), [key, query],
                         name="scores", equation=equation)
     ds = RNG.randn(*s.shape).astype(np.float32)
     dk, dq = tape.gradient(s, [key, query], output_gradients=tf.constant(ds))

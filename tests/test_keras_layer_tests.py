@@ -7,7 +7,7 @@ tfhfp8's classes in place of the emulated ones, so that classes bound when the m
 is imported (in `parameterized` arguments) are tfhfp8's as well. Its test classes are
 collected here under `<policy>_<class>`.
 
-- float32: tfhfp8's layers run their own code (`call` through `EmulatedLayer._gemm`, the
+- float32: tfhfp8's layers run their own code (`call` through `EmulatedLayer.emulated_gemm`, the
   attention products through `compute_attention`) with every rounding an identity,
   so Keras' checks against its NumPy references hold as they stand.
 - hfp8 (weights and activations in E4M3 bias 11, errors in E5M2 with stochastic

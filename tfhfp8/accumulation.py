@@ -284,8 +284,10 @@ _NAMED = {acc.name: acc for acc in (
 )} | HARDWARE
 
 REGISTRY = registry.Registry(
-    "accumulator", (Accumulator, FusedAccumulator), _NAMED, from_plain_config=Accumulator.from_config,
-    hint="; or build one with tfhfp8.Accumulator(format, chunk_size=...).")
+    "accumulator", (Accumulator, FusedAccumulator), _NAMED,
+    from_plain_config=Accumulator.from_config,
+    hint="; or build one with tfhfp8.Accumulator(format, chunk_size=...) or "
+         "tfhfp8.FusedAccumulator(group_size, fraction_bits, ...).")
 
 
 def names():

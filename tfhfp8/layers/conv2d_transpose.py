@@ -56,4 +56,4 @@ class Conv2DTranspose(EmulatedLayer, keras.layers.Conv2DTranspose):
             portable_conv.conv_transpose, strides=list(self.strides), padding=self.padding,
             output_padding=self.output_padding, dilation_rate=self.dilation_rate,
             data_format=self.data_format)
-        return self._bias_and_activation(self._gemm(op, [inputs], [self.kernel]))
+        return self._bias_and_activation(self.emulated_gemm(op, [inputs], [self.kernel]))

@@ -124,7 +124,7 @@ class _EmulatedConv(EmulatedLayer):
             return y
         op = functools.partial(portable_conv.conv, strides=list(self.strides), padding=padding,
                                dilation_rate=self.dilation_rate, data_format=self.data_format)
-        return self._gemm(op, [inputs], [kernel])
+        return self.emulated_gemm(op, [inputs], [kernel])
 
     def _conv_as_gemm(self, inputs, kernel, padding):
         if not self._blocks_per_gemm() or self.groups != 1 or padding not in ("same", "valid"):
@@ -136,7 +136,7 @@ class _EmulatedConv(EmulatedLayer):
         if columns is None:
             return None
         matrix = ops.reshape(kernel, (-1, kernel.shape[-1]))
-        y = self._gemm(ops.matmul, [columns], [matrix], equation="...k,ko->...o")
+        y = self.emulated_gemm(ops.matmul, [columns], [matrix], equation="...k,ko->...o")
         return portable_conv.to_channels_first(y, self.data_format)
 
     def _accumulating_op(self, name):
@@ -189,7 +189,7 @@ class Conv3D(_EmulatedConv, keras.layers.Conv3D):
 
 def depthwise_as_gemm(layer, inputs, kernel, name="gemm"):
     """A channels-last depthwise convolution as the per-channel GEMM of its patches,
-    `y[..., c, m] = sum_w x_patch[..., w, c] W[w, c, m]` (`layer._gemm` with its
+    `y[..., c, m] = sum_w x_patch[..., w, c] W[w, c, m]` (`layer.emulated_gemm` with its
     equation): the forward GEMM blocks along the kernel window of each channel, the
     `dx` GEMM along the depth multiplier (each product its own block when it is 1;
     the window is then summed in FP32 by the patches' scatter-add), the `dW` GEMM
@@ -202,7 +202,7 @@ def depthwise_as_gemm(layer, inputs, kernel, name="gemm"):
     window = int(np.prod(layer.kernel_size))
     matrix = ops.reshape(kernel, (window,) + tuple(kernel.shape[-2:]))
     equation = "...wc,wcm->...cm"
-    y = layer._gemm(functools.partial(tf.einsum, equation), [stacked], [matrix], name=name,
+    y = layer.emulated_gemm(functools.partial(tf.einsum, equation), [stacked], [matrix], name=name,
                     equation=equation)
     return tf.reshape(y, tf.concat([tf.shape(y)[:-2], [-1]], 0))
 
@@ -226,7 +226,7 @@ def transposed_as_gemm(layer, inputs, kernel, spatial):
     # Rows are batch x input positions (TF 2.18's einsum "...c,kc->...k" mixes up the
     # batch entries of a 4-D operand, so the GEMM is written on matrices).
     rows = tf.reshape(inputs, [-1, inputs.shape[-1]])
-    columns = layer._gemm(functools.partial(tf.einsum, "nc,kc->nk"), [rows], [matrix],
+    columns = layer.emulated_gemm(functools.partial(tf.einsum, "nc,kc->nk"), [rows], [matrix],
                           equation="nc,kc->nk")
     columns = tf.reshape(columns, tf.concat([tf.shape(inputs)[:-1], [matrix.shape[0]]], 0))
     return unpatches(columns, spatial, layer.kernel_size, layer.strides, layer.padding,

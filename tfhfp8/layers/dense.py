@@ -26,5 +26,5 @@ class Dense(EmulatedLayer, keras.layers.Dense):
         return gemm.layer_matmul
 
     def call(self, inputs, training=None):
-        x = self._gemm(ops.matmul, [inputs], [self.kernel], equation="...i,io->...o")
+        x = self.emulated_gemm(ops.matmul, [inputs], [self.kernel], equation="...i,io->...o")
         return self._bias_and_activation(x)

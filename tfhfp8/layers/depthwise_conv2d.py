@@ -38,6 +38,7 @@ class DepthwiseConv2D(EmulatedLayer, keras.layers.DepthwiseConv2D):
             if y is not None:
                 y = portable_conv.to_channels_first(y, self.data_format)
                 return self._bias_and_activation(y)
-        op = functools.partial(portable_conv.depthwise_conv, strides=self.strides, padding=self.padding,
-                               dilation_rate=self.dilation_rate, data_format=self.data_format)
-        return self._bias_and_activation(self._gemm(op, [inputs], [self.kernel]))
+        op = functools.partial(portable_conv.depthwise_conv, strides=self.strides,
+                               padding=self.padding, dilation_rate=self.dilation_rate,
+                               data_format=self.data_format)
+        return self._bias_and_activation(self.emulated_gemm(op, [inputs], [self.kernel]))

@@ -33,6 +33,6 @@ class EinsumDense(EmulatedLayer, keras.layers.EinsumDense):
         return functools.partial(gemm.layer_einsum, equation=self.equation)
 
     def call(self, inputs, training=None):
-        x = self._gemm(functools.partial(ops.einsum, self.equation), [inputs], [self.kernel],
-                       equation=self.equation)
+        x = self.emulated_gemm(functools.partial(ops.einsum, self.equation), [inputs],
+                               [self.kernel], equation=self.equation)
         return self._bias_and_activation(x)

@@ -1,7 +1,7 @@
 """The one mechanism every emulated layer uses to quantize its GEMMs.
 
 `EmulatedLayer` is a mixin placed before a Keras layer class. A layer computes each
-of its GEMM-like products through `self._gemm(op, inputs, kernels)`:
+of its GEMM-like products through `self.emulated_gemm(op, inputs, kernels)`:
 
     y = Q_e^backward( op(Q_a(inputs)..., Q_w(Q_g^backward(kernel))...) )
 
@@ -15,14 +15,15 @@ power-of-two `s` kept in a state variable.
 
 Block-scaled formats depend on the axis their blocks run along. When a role of the
 policy has one and the layer describes its product by an einsum equation
-(`_gemm(..., equation=...)`), each GEMM quantizes its own operands along its own
-reduction axis (`tfhfp8.gemm.axes`): `x` and `W` along the forward reduction,
+(`emulated_gemm(..., equation=...)`), each GEMM quantizes its own operands along its
+own reduction axis (`tfhfp8.gemm.axes`): `x` and `W` along the forward reduction,
 `dy` and `W` again along the `dx` GEMM's, `x` and `dy` again along the `dW` GEMM's.
 
 Per-tensor scaled formats with delayed scaling (`BlockScaled(..., block_size=None,
 amax_history=H)`) keep, per GEMM operand, an amax history and the scale in the
-layer's state (saved with the model), updated as Keras' float8 layers update theirs. When statistics are switched on
-(`tfhfp8.callbacks.QuantizationStats`), each GEMM also records the fraction of its
+layer's state (saved with the model), updated as Keras' float8 layers update theirs.
+When statistics are switched on (`tfhfp8.callbacks.QuantizationStats`), each GEMM
+also records the fraction of its
 errors that underflowed to zero or saturated in `Q_e`.
 """
 
@@ -164,8 +165,10 @@ class EmulatedLayer(EmulationState, _compat.AfterBuild):
         return any(gemm_axes.axis_dependent(self.policy.formats[role])
                    for role in ("activations", "weights", "errors"))
 
-    def _gemm(self, op, inputs, kernels=(), name="gemm", equation=None):
-        """`op(*inputs, *kernels)` with activations, weights and errors quantized.
+    def emulated_gemm(self, op, inputs, kernels=(), name="gemm", equation=None):
+        """`op(*inputs, *kernels)` with activations, weights and errors quantized: how
+        an emulated layer (tfhfp8's, or one of yours built on `EmulatedLayer`) computes
+        each of its GEMM-like products.
 
         `equation`: the einsum equation `op` computes (two operands), if any; with a
         block-scaled role, each GEMM then blocks its operands along its own reduction

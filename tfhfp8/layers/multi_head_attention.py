@@ -72,7 +72,7 @@ class MultiHeadAttention(_compat.AttentionHooks, EmulatedLayer, keras.layers.Mul
         spec = self.attention_spec()
         query = ops.multiply(query, ops.cast(spec.scale, query.dtype))
         # quantize_attention=False (NVFP4's recipe): both products in FP32.
-        product = self._gemm if self.policy.quantize_attention else (
+        product = self.emulated_gemm if self.policy.quantize_attention else (
             lambda op, operands, name, equation: op(*operands))
         scores = product(functools.partial(ops.einsum, spec.scores_equation),
                          [key, query], name="scores", equation=spec.scores_equation)

@@ -45,7 +45,7 @@ class SeparableConv2D(EmulatedLayer, keras.layers.SeparableConv2D):
             if x is not None:
                 kernel = self.pointwise_kernel
                 matrix = ops.reshape(kernel, tuple(kernel.shape[-2:]))
-                y = self._gemm(ops.matmul, [x], [matrix], name="pointwise",
+                y = self.emulated_gemm(ops.matmul, [x], [matrix], name="pointwise",
                                equation="...k,ko->...o")
                 return self._bias_and_activation(
                     portable_conv.to_channels_first(y, self.data_format))
@@ -54,6 +54,6 @@ class SeparableConv2D(EmulatedLayer, keras.layers.SeparableConv2D):
             dilation_rate=self.dilation_rate, data_format=self.data_format)
         pointwise = functools.partial(portable_conv.conv, strides=1, padding="valid",
                                       data_format=self.data_format)
-        x = self._gemm(depthwise, [inputs], [self.depthwise_kernel], name="depthwise")
-        x = self._gemm(pointwise, [x], [self.pointwise_kernel], name="pointwise")
+        x = self.emulated_gemm(depthwise, [inputs], [self.depthwise_kernel], name="depthwise")
+        x = self.emulated_gemm(pointwise, [x], [self.pointwise_kernel], name="pointwise")
         return self._bias_and_activation(x)
