@@ -250,6 +250,7 @@ def _run_thread_script(threads, backend_name):
     root = pathlib.Path(tfhfp8.__file__).resolve().parent.parent
     env = dict(os.environ, TFHFP8_BACKEND=backend_name, TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    env.pop("TF_NUM_INTRAOP_THREADS", None)  # threads=0: TensorFlow's own default
     return subprocess.Popen([sys.executable, "-c", _THREAD_SCRIPT, str(threads)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
