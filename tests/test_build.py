@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 
 import tfhfp8
-from tfhfp8.ops import build, cpp_backend
+from tfhfp8.ops import build
 
 from helpers import assert_same_bits
 

@@ -1,7 +1,6 @@
 """The `tfhfp8` command line and the main job behind it."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import keras
 import pytest
 
 import tfhfp8
-from tfhfp8 import cli, datasets, experiment
+from tfhfp8 import datasets, experiment
 
 
 def _run(*args, cwd=None):

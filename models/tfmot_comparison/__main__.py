@@ -28,7 +28,7 @@ import time  # noqa: E402
 from importlib.metadata import version  # noqa: E402
 
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 import models  # noqa: E402
 
