@@ -107,23 +107,26 @@ class GemmAxes:
     def _axes(term, letters):
         return tuple(i for i, ch in enumerate(term) if ch in letters)
 
+    def _contracted(self, x, y, z):
+        """The axes of terms `x` and `y` over the labels they share and `z` lacks (the
+        reduction of the GEMM `x, y -> z`)."""
+        k = set(x) & set(y) - set(z)
+        return self._axes(x, k), self._axes(y, k)
+
     @property
     def forward(self):
         a, b, c = self.terms
-        k = set(a) & set(b) - set(c)
-        return self._axes(a, k), self._axes(b, k)
+        return self._contracted(a, b, c)
 
     @property
     def input_grad(self):
         a, b, c = self.terms
-        k = set(c) & set(b) - set(a)
-        return self._axes(c, k), self._axes(b, k)
+        return self._contracted(c, b, a)
 
     @property
     def kernel_grad(self):
         a, b, c = self.terms
-        k = set(a) & set(c) - set(b)
-        return self._axes(a, k), self._axes(c, k)
+        return self._contracted(a, c, b)
 
     @property
     def input_grad_equation(self):

@@ -115,9 +115,10 @@ def fused_matmul(a, b, a_min_exponent, b_min_exponent, group_size, fraction_bits
                                fraction_bits, output)
         if chunk_size:
             promote = tf.logical_or((j + 1) % per_chunk == 0, j + 1 == groups)
-            promoted = round_to_bits(total + c, 23, -126, "nearest_even")
-            total = tf.where(promote, tf.where(tf.math.is_finite(total + c), promoted,
-                                               total + c), total)
+            summed = total + c
+            promoted = round_to_bits(summed, 23, -126, "nearest_even")
+            total = tf.where(promote, tf.where(tf.math.is_finite(summed), promoted, summed),
+                             total)
             c = tf.where(promote, tf.zeros_like(c), c)
         return j + 1, c, total, swamped + lost
 
