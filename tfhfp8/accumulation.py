@@ -23,7 +23,7 @@ import numpy as np
 
 from tfhfp8 import formats, registry
 from tfhfp8.fused_accumulation import HARDWARE, FusedAccumulator
-from tfhfp8.formats import ROUNDINGS
+from tfhfp8.formats.roundings import BASIC_ROUNDINGS
 
 OVERFLOWS = ("wrap", "saturate")
 
@@ -174,8 +174,9 @@ class Accumulator:
             raise ValueError("overflow: only an argument of the 'int32' accumulator; float "
                              "accumulators overflow as their format does (or saturate=True)")
         set_("format", _float_format("format", self.format))
-        if not isinstance(self.rounding, str) or self.rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if not isinstance(self.rounding, str) or self.rounding not in BASIC_ROUNDINGS:
+            raise ValueError(f"rounding must be one of {BASIC_ROUNDINGS}, got "
+                             f"{self.rounding!r}")
         if not isinstance(self.saturate, (bool, np.bool_)):
             raise ValueError(f"saturate must be True or False, got {self.saturate!r}")
         set_("saturate", bool(self.saturate))

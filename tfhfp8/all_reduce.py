@@ -60,7 +60,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfhfp8 import formats, registry
-from tfhfp8.formats import ROUNDINGS
+from tfhfp8.formats.roundings import BASIC_ROUNDINGS
 from tfhfp8.ops import tf_backend, tf_block
 from tfhfp8.quantization import quantize
 from tfhfp8.replicas import gather_replicas
@@ -131,8 +131,8 @@ class GradientCommunication:
         self.format = _format(format)
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-        if not isinstance(rounding, str) or rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        if not isinstance(rounding, str) or rounding not in BASIC_ROUNDINGS:
+            raise ValueError(f"rounding must be one of {BASIC_ROUNDINGS}, got {rounding!r}")
         if scaling not in SCALINGS:
             raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
         if not isinstance(saturate, bool):

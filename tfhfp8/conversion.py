@@ -134,8 +134,8 @@ def _describe(layer):
         for short, role in roles:
             fmt = policy.formats[role]
             if fmt is not None:
-                rounding = {"stochastic": "/sr", "toward_zero": "/rz"}.get(
-                    policy.rounding[role], "")
+                rounding = {"nearest_even": "", "stochastic": "/sr", "toward_zero": "/rz"}.get(
+                    policy.rounding[role], "/" + policy.rounding[role])
                 parts.append(f"{short}:{fmt.name or repr(fmt)}{rounding}")
         if policy.accumulates:  # how the sums run (forward/dx/dW when they differ)
             parts.append(f"sum:{policy_lib.describe_accumulation(policy)}")

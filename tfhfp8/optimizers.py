@@ -41,6 +41,7 @@ import tensorflow as tf
 from tfhfp8 import _compat
 from tfhfp8 import policy as policy_lib
 from tfhfp8.quantization import quantize
+from tfhfp8.formats import roundings
 from tfhfp8.rounding import MasterWeightRounding, stochastic_seed
 
 _FORWARDED = ("weight_decay", "clipnorm", "global_clipnorm", "clipvalue", "use_ema",
@@ -211,7 +212,7 @@ class LowPrecisionOptimizer(WrappedOptimizer):
         if rounding == "kahan":
             rounding = "nearest_even"
         seed = None
-        if rounding == "stochastic":  # the step (saved with the optimizer), role, index
+        if roundings.is_stochastic(rounding):  # the step (saved with the optimizer), role, index
             step = tf.cast(tf.convert_to_tensor(self.iterations), tf.int64)
             seed = stochastic_seed(step, "tfhfp8.optimizers", role, index)
         return quantize(value, self.policy.formats[role], rounding=rounding, saturate=True,

@@ -29,7 +29,7 @@ import keras
 from tfhfp8 import _compat, accumulation as accumulation_lib, formats, registry
 from tfhfp8 import loss_scaling_spec
 from tfhfp8.accumulation import GEMM_KINDS  # noqa: F401 (a name of this module before)
-from tfhfp8.formats import ROUNDINGS
+from tfhfp8.formats import roundings
 from tfhfp8.policy_presets import PRESETS
 
 ROLES = ("weights", "activations", "errors", "weight_gradients", "master_weights",
@@ -40,7 +40,7 @@ LAYER_ROLES = ROLES[:5]
 # Master weights may also use Kahan-compensated summation (Zamirai et al., "Revisiting
 # BFloat16 Training"): a compensation buffer per weight, which
 # `tfhfp8.optimizers.LowPrecisionOptimizer` keeps.
-MASTER_ROUNDINGS = ROUNDINGS + ("kahan",)
+
 
 _PRESET = object()  # an argument left to the preset
 
@@ -214,9 +214,13 @@ class Policy(keras.DTypePolicy):
         if unknown:
             raise ValueError(f"rounding: unknown roles {sorted(unknown)}; roles are {ROLES}")
         for role, value in rounding.items():
-            allowed = MASTER_ROUNDINGS if role == "master_weights" else ROUNDINGS
-            if value not in allowed:
-                raise ValueError(f"rounding[{role!r}] must be one of {allowed}, got {value!r}")
+            if role == "master_weights" and value == "kahan":
+                continue
+            try:
+                roundings.parse(value)
+            except ValueError as error:
+                extra = " (or 'kahan')" if role == "master_weights" else ""
+                raise ValueError(f"rounding[{role!r}]{extra}: {error}") from None
         return {role: rounding.get(role, "nearest_even") for role in ROLES}
 
     # -- roles ------------------------------------------------------------------

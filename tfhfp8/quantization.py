@@ -7,15 +7,15 @@ import numpy as np
 import tensorflow as tf
 
 from tfhfp8 import _compat, block_formats, formats, ops
+from tfhfp8.formats import roundings
 from tfhfp8.ops import tf_block
-from tfhfp8.ops.tf_backend import ROUNDINGS
 
 GRADIENTS = ("straight_through", "zero_overflow")
 _DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
 
 def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
-             gradient="straight_through", scale=None):
+             gradient="straight_through", scale=None, random_bits=None, noise=None):
     """Returns `x` rounded to the nearest values of `fmt`, same shape and dtype.
 
     Args:
@@ -24,13 +24,20 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
       fmt: a format name (`tfhfp8.formats.names()`), `FloatFormat`,
         `DynamicFixedPoint` or `BlockScaled` (blocks along the format's `axis`, each
         with its own scale; see `tfhfp8.block_formats`).
-      rounding: `"nearest_even"`, `"stochastic"` or `"toward_zero"`.
-      saturate: False follows the format's own cast semantics exactly like
-        `x.astype(ml_dtypes.<fmt>).astype(x.dtype)` (overflow to inf, to NaN, or
-        saturation; fnuz turns -0 into +0). True clamps overflow, infinities
-        included, to +-max and keeps NaN as NaN (what training uses). Block-scaled
-        formats always saturate their elements (OCP MX); there False makes a block
-        holding an infinity all NaN, True counts the infinity as the largest float.
+      rounding: `"nearest_even"`, `"nearest_away"`, `"toward_zero"`,
+        `"toward_positive"`, `"toward_negative"`, `"stochastic"`, or a stochastic
+        rounding on a given number of random bits (`"stochastic_r8"`,
+        `"stochastic_odd_r8"`, `"stochastic_fast_r8"`; see
+        `tfhfp8.formats.roundings`). Dynamic fixed point and block-scaled formats
+        take `"nearest_even"`, `"stochastic"` and `"toward_zero"`.
+      saturate: False (or `"ovf_inf"`) follows the format's own cast semantics exactly
+        like `x.astype(ml_dtypes.<fmt>).astype(x.dtype)` (overflow to inf, to NaN, or
+        saturation; fnuz turns -0 into +0). True (or `"sat_finite"`) clamps overflow,
+        infinities included, to +-max and keeps NaN as NaN (what training uses).
+        `"sat_propagate"` clamps finite overflow and keeps infinities (P3109's three
+        behaviours). Block-scaled formats always saturate their elements (OCP MX);
+        there False makes a block holding an infinity all NaN, True counts the
+        infinity as the largest float.
       seed: for stochastic rounding, an integer (Python or NumPy) or an integer
         scalar tensor (another type is a TypeError, another shape a ValueError); the same
         seed gives the same bits on every backend and thread count. None draws a
@@ -43,6 +50,13 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
         smaller ones to 0); a known value outside that range is a ValueError, a traced
         one an InvalidArgumentError when it runs. None uses the scale of `x`'s own
         amax (current scaling).
+      random_bits: with `rounding` `"stochastic"`, `"stochastic_odd"` or
+        `"stochastic_fast"`: the number of random bits per element, 1..23 (the
+        same as `rounding="stochastic_r<r>"`, and so on).
+      noise: with an r-bit stochastic rounding and a `FloatFormat`: the random bits
+        themselves, an integer tensor of `x`'s shape with values in [0, 2^r) (the bits
+        a chip would draw; gfloat's `srbits`), instead of the counter-based hash of
+        `seed`. Rounded by the TF-ops backend.
 
     Example:
 
@@ -51,7 +65,9 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
     <tf.Tensor: shape=(3,), dtype=float32, numpy=array([ 1.       ,  0.1015625, 30.       ], dtype=float32)>
     """
     fmt = formats.get(fmt)
-    check_rounding_and_saturate(rounding, saturate)
+    if random_bits is not None:
+        rounding = roundings.with_random_bits(rounding, random_bits)
+    saturate = check_rounding_and_saturate(rounding, saturate, fmt)
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
     x = as_float_tensor(x)
@@ -60,7 +76,9 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
             raise ValueError(f"scale is for per-tensor scaled formats (BlockScaled with "
                              f"block_size=None) only, not {fmt!r}")
         scale = _checked_scale(scale)
-    if rounding == "stochastic":
+    if noise is not None:
+        noise = _checked_noise(noise, x, fmt, rounding)
+    if roundings.is_stochastic(rounding) and noise is None:
         seed = seed_tensor(seed)
     else:  # checked all the same: a bad seed is a bug wherever it is passed
         if seed is not None:
@@ -80,7 +98,10 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
         # the straight-through tangent here, before tf.custom_gradient passes it on (in a
         # traced function, an accumulator ignores the custom gradient and keeps the
         # first tangent it computes for a tensor).
-        y = _round(tf.stop_gradient(x), fmt, rounding, saturate, seed, scale)
+        if noise is not None:
+            y = _round_with_noise(tf.stop_gradient(x), fmt, rounding, saturate, noise)
+        else:
+            y = _round(tf.stop_gradient(x), fmt, rounding, saturate, seed, scale)
         _compat.record_forward_gradient("Hfp8Quantize", [y], [x], lambda dy: [grad(dy)])
         return y, grad
 
@@ -104,7 +125,7 @@ def quantize_gradient(x, fmt, rounding="nearest_even", saturate=True, seed=None)
     """
     fmt = formats.get(fmt)
     # Bad arguments are errors now, not in the backward pass.
-    check_rounding_and_saturate(rounding, saturate)
+    check_rounding_and_saturate(rounding, saturate, fmt)
     if seed is not None:
         seed_tensor(seed)
 
@@ -117,13 +138,53 @@ def quantize_gradient(x, fmt, rounding="nearest_even", saturate=True, seed=None)
     return _identity(as_float_tensor(x))
 
 
-def check_rounding_and_saturate(rounding, saturate):
-    """A ValueError naming the argument unless `rounding` is one of `ROUNDINGS` and
-    `saturate` a bool: what every quantizer checks before it rounds anything."""
-    if not isinstance(rounding, str) or rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    if not isinstance(saturate, bool):
-        raise ValueError(f"saturate must be True or False, got {saturate!r}")
+def check_rounding_and_saturate(rounding, saturate, fmt=None):
+    """`saturate` as the backends take it (`roundings.overflow`), or a ValueError naming
+    the argument unless `rounding` is a rounding name (`tfhfp8.formats.roundings`) that
+    `fmt` takes and `saturate` an overflow behaviour: what every quantizer checks before
+    it rounds anything."""
+    roundings.check(rounding)
+    if fmt is not None and not isinstance(fmt, formats.FloatFormat):
+        if rounding not in roundings.BASIC_ROUNDINGS:
+            raise ValueError(
+                f"rounding {rounding!r} is for FloatFormat formats; {type(fmt).__name__} "
+                f"formats take one of {roundings.BASIC_ROUNDINGS}")
+    return roundings.overflow(saturate)
+
+
+def _checked_noise(noise, x, fmt, rounding):
+    """The user's random bits as a uint32 tensor of `x`'s shape: a ValueError or
+    TypeError naming `noise` unless it fits `rounding` and `fmt`."""
+    parsed = roundings.parse(rounding)
+    if parsed.random_bits is None:
+        raise ValueError(f"noise is for the stochastic roundings with random_bits (e.g. "
+                         f"rounding='stochastic', random_bits=8), not rounding={rounding!r}")
+    if not isinstance(fmt, formats.FloatFormat):
+        raise ValueError(f"noise is for FloatFormat formats, not {fmt!r}")
+    noise = tf.convert_to_tensor(noise)
+    if not noise.dtype.is_integer:
+        raise TypeError(f"noise must be an integer tensor, got {noise.dtype.name}")
+    if not noise.shape.is_compatible_with(x.shape):
+        raise ValueError(f"noise must have x's shape {x.shape}, got {noise.shape}")
+    limit = 1 << parsed.random_bits
+    value = tf.get_static_value(noise)
+    if value is not None and value.size and not (0 <= value.min() and value.max() < limit):
+        raise ValueError(f"noise values must be in [0, 2^{parsed.random_bits}) for "
+                         f"random_bits={parsed.random_bits}, got [{value.min()}, {value.max()}]")
+    noise = tf.cast(noise, tf.int64)
+    check = tf.debugging.Assert(
+        tf.reduce_all((noise >= 0) & (noise < limit)),
+        [f"noise values must be in [0, 2^{parsed.random_bits})"])
+    with tf.control_dependencies([check]):
+        return tf.cast(noise, tf.uint32)
+
+
+def _round_with_noise(x, fmt, rounding, saturate, noise):
+    """`x` rounded to the FloatFormat `fmt` with the random bits `noise` (TF ops)."""
+    container = tf.float64 if x.dtype == tf.float64 else tf.float32
+    y = ops.tf_backend.quantize_float(tf.cast(x, container), fmt, rounding, saturate, None,
+                                      rand=noise)
+    return tf.cast(y, x.dtype)
 
 
 _SCALE_RANGE = "scale must be a finite float32 of at least 2^-126 (a normal float32)"
@@ -220,6 +281,8 @@ def _round(x, fmt, rounding, saturate, seed, scale=None):
         return tf.reshape(y, shape)
     container = tf.float64 if x.dtype == tf.float64 else tf.float32
     xc = tf.cast(x, container)
+    if saturate == "sat_propagate" and not isinstance(fmt, formats.FloatFormat):
+        saturate = False  # infinities stay as they are (block formats: a NaN block)
     if isinstance(fmt, formats.FloatFormat) or (
             isinstance(fmt, block_formats.BlockScaled) and fmt.per_tensor):
         operation = "float"

@@ -14,6 +14,7 @@ import zlib
 import keras
 import tensorflow as tf
 
+from tfhfp8.formats import roundings
 from tfhfp8.quantization import quantize
 
 
@@ -54,5 +55,6 @@ class MasterWeightRounding(keras.constraints.Constraint):
                 "master_weights")
         if self.inner is not None:
             w = self.inner(w)
-        seed = None if self.seed is None or self.rounding != "stochastic" else self.seed()
+        seed = None if self.seed is None or not roundings.is_stochastic(self.rounding) else (
+            self.seed())
         return quantize(w, self.fmt, rounding=self.rounding, saturate=True, seed=seed)

@@ -17,14 +17,18 @@ import numpy as np
 
 from tfhfp8 import registry
 
-SPECIALS = ("ieee", "fn", "fnuz", "finite")
-"""Special-value conventions (ml_dtypes suffixes):
+SPECIALS = ("ieee", "fn", "fnuz", "finite", "p3109_extended", "p3109_finite")
+"""Special-value conventions (ml_dtypes suffixes, and IEEE P3109's two domains):
 
 - `"ieee"`: top exponent code reserved for inf (mantissa 0) and NaN.
 - `"fn"`: no inf; only the all-ones code is NaN, the rest of the top binade is finite.
 - `"fnuz"`: no inf, no negative zero; the negative-zero code is the single NaN.
 - `"finite"`: no inf and no NaN (ml_dtypes' 6- and 4-bit `fn` types).
+- `"p3109_extended"`: one NaN (the negative-zero code; unsigned: the all-ones code), no
+  negative zero, +-inf in the all-ones magnitude (unsigned: the code below NaN).
+- `"p3109_finite"`: the same without infinities (signed, it is `"fnuz"`).
 """
+P3109_SPECIALS = ("p3109_extended", "p3109_finite")
 
 
 def check_int(name, value, low, high):
@@ -63,12 +67,20 @@ class FloatFormat:
       specials: one of `"ieee"`, `"fn"`, `"fnuz"`, `"finite"` (see `SPECIALS`).
       subnormals: when False, values below `min_normal` round to 0 or `min_normal`.
       name: optional display name.
+      signed: False for P3109's unsigned formats (no sign bit; P3109 specials only):
+        a negative value that does not round to zero is outside the format's range
+        (NaN, or 0 when saturating), -0 becomes +0.
 
     Example:
 
     >>> fmt = FloatFormat(exponent_bits=3, mantissa_bits=4, bias=5)
     >>> fmt.max, fmt.min_normal, fmt.epsilon
     (3.875, 0.0625, 0.0625)
+
+    IEEE P3109's formats (`FloatFormat.p3109`) are named as gfloat names them:
+
+    >>> get("p3109_k8p3se") == FloatFormat.p3109(8, 3)
+    True
     """
 
     exponent_bits: int
@@ -77,6 +89,7 @@ class FloatFormat:
     specials: str = "ieee"
     subnormals: bool = True
     name: Optional[str] = dataclasses.field(default=None, compare=False)
+    signed: bool = True
 
     def __post_init__(self):
         e = check_int("exponent_bits", self.exponent_bits, 1, 8)
@@ -85,6 +98,11 @@ class FloatFormat:
             raise ValueError(f"specials must be one of {SPECIALS}, got {self.specials!r}")
         if not isinstance(self.subnormals, (bool, np.bool_)):
             raise ValueError(f"subnormals must be True or False, got {self.subnormals!r}")
+        if not isinstance(self.signed, (bool, np.bool_)):
+            raise ValueError(f"signed must be True or False, got {self.signed!r}")
+        if not self.signed and self.specials not in P3109_SPECIALS:
+            raise ValueError(f"signed=False is for the P3109 specials {P3109_SPECIALS}, "
+                             f"got specials={self.specials!r}")
         if self.specials == "ieee" and e < 2:
             raise ValueError(
                 "exponent_bits must be in [2, 8] for specials='ieee' (the top exponent "
@@ -107,9 +125,35 @@ class FloatFormat:
         object.__setattr__(self, "bias", check_int("bias", bias, low, high))
 
     # -- codes ------------------------------------------------------------------
+    @classmethod
+    def p3109(cls, k, precision, signed=True, domain="extended"):
+        """IEEE P3109's K-bit format of precision P (gfloat's `format_info_p3109`).
+
+        Args:
+          k: the width in bits, 3..8.
+          precision: significand bits, the implicit one included: 1..k-1 signed,
+            1..k unsigned. The exponent field has `k - precision` bits (one more
+            unsigned), the bias is 2^(that - 1).
+          signed: False for the unsigned formats (no sign bit).
+          domain: `"extended"` (with +-inf) or `"finite"`.
+
+        >>> FloatFormat.p3109(8, 4).max, FloatFormat.p3109(8, 4, domain="finite").max
+        (224.0, 240.0)
+        """
+        k = check_int("k", k, 3, 8)
+        if not isinstance(signed, (bool, np.bool_)):
+            raise ValueError(f"signed must be True or False, got {signed!r}")
+        precision = check_int("precision", precision, 1, k - 1 if signed else k)
+        if domain not in ("extended", "finite"):
+            raise ValueError(f"domain must be 'extended' or 'finite', got {domain!r}")
+        exponent_bits = k - precision + (0 if signed else 1)
+        name = f"p3109_k{k}p{precision}{'s' if signed else 'u'}{domain[0]}"
+        return cls(exponent_bits, precision - 1, bias=1 << (exponent_bits - 1),
+                   specials=f"p3109_{domain}", name=name, signed=bool(signed))
+
     @property
     def bits(self) -> int:
-        return 1 + self.exponent_bits + self.mantissa_bits
+        return int(self.signed) + self.exponent_bits + self.mantissa_bits
 
     @property
     def max_code(self) -> int:
@@ -117,9 +161,9 @@ class FloatFormat:
         all_ones = (1 << (self.exponent_bits + self.mantissa_bits)) - 1
         if self.specials == "ieee":
             return ((1 << self.exponent_bits) - 1 << self.mantissa_bits) - 1
-        if self.specials == "fn":
-            return all_ones - 1
-        return all_ones
+        # Above max: fn's NaN or P3109's inf; unsigned P3109 keeps its NaN at the top.
+        reserved = int(self.specials in ("fn", "p3109_extended")) + int(not self.signed)
+        return all_ones - reserved
 
     def decode(self, code: int) -> float:
         """The magnitude of an unsigned code `(E << m) | M`, as a Python float."""
@@ -152,7 +196,7 @@ class FloatFormat:
 
     @property
     def has_inf(self) -> bool:
-        return self.specials == "ieee"
+        return self.specials in ("ieee", "p3109_extended")
 
     @property
     def has_nan(self) -> bool:
@@ -160,7 +204,7 @@ class FloatFormat:
 
     @property
     def has_negative_zero(self) -> bool:
-        return self.specials != "fnuz"
+        return self.signed and self.specials not in ("fnuz",) + P3109_SPECIALS
 
     def values(self) -> np.ndarray:
         """Every finite non-negative value of the format, ascending (float64)."""
@@ -174,6 +218,7 @@ class FloatFormat:
             "exponent_bits": self.exponent_bits, "mantissa_bits": self.mantissa_bits,
             "bias": self.bias, "specials": self.specials,
             "subnormals": bool(self.subnormals), "name": self.name,
+            **({} if self.signed else {"signed": False}),  # older configs: as they were
         }
 
     @classmethod
@@ -182,7 +227,8 @@ class FloatFormat:
 
     def __repr__(self):
         title = f"{self.name!r}, " if self.name else ""
-        extra = "" if self.subnormals else ", no subnormals"
+        extra = ("" if self.subnormals else ", no subnormals") + (
+            "" if self.signed else ", unsigned")
         return (
             f"FloatFormat({title}1-{self.exponent_bits}-{self.mantissa_bits}, "
             f"bias={self.bias}, {self.specials}{extra}, max={self.max:g}, "
@@ -280,6 +326,14 @@ NAMED = {
         DynamicFixedPoint(16, name="int16_dfp"),
     )
 }
+# IEEE P3109's formats of 3 to 8 bits, named as gfloat names them (p3109_k8p3se: K = 8,
+# P = 3, signed, extended domain). p3109_k8p1ue is left out: its smallest normal,
+# 2^-127, is not a float32 normal (the rounding runs in float32).
+NAMED.update({fmt.name: fmt for fmt in (
+    FloatFormat.p3109(k, p, signed, domain)
+    for k in range(3, 9) for signed in (True, False) for domain in ("extended", "finite")
+    for p in range(1, k + (0 if signed else 1))
+    if (k, p, signed) != (8, 1, False))})
 ALIASES = {
     "hfp8_fwd": "float8_e4m3b11fnuz",  # HFP8 forward 1-4-3 (Sun et al. 2019)
     "hfp8_bwd": "float8_e5m2",  # HFP8 backward 1-5-2

@@ -37,6 +37,7 @@ from keras import ops
 
 from tfhfp8 import _compat, gemm
 from tfhfp8 import policy as policy_lib
+from tfhfp8.formats import roundings
 from tfhfp8.gemm import axes as gemm_axes
 from tfhfp8.layers.emulation_state import EmulationState, record_error_stats
 from tfhfp8.ops import tf_block
@@ -139,7 +140,7 @@ class EmulatedLayer(EmulationState, _compat.AfterBuild):
                                  seed=self._role_seed(step, role, *key))
 
     def _role_seed(self, step, role, *key):
-        if step is None or self.policy.rounding[role] != "stochastic":
+        if step is None or not roundings.is_stochastic(self.policy.rounding[role]):
             return None
         return stochastic_seed(step, self.name, role, *key)
 
@@ -154,7 +155,7 @@ class EmulatedLayer(EmulationState, _compat.AfterBuild):
             return None
         forward = self._sums_stochastically() or any(
             self.policy.formats[role] is not None
-            and self.policy.rounding[role] == "stochastic"
+            and roundings.is_stochastic(self.policy.rounding[role])
             for role in ("activations", "weights"))
         if not (forward or _compat.gradients_may_be_recorded()):
             return None

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from tfhfp8 import accumulation, loss_scaling
 from tfhfp8 import policy as policy_lib
+from tfhfp8.formats import roundings
 from tfhfp8.rounding import MasterWeightRounding, stochastic_seed
 
 
@@ -52,7 +53,7 @@ class EmulationState:
     def _create_rounding_step(self):
         if self._sums_stochastically() or any(
                 self.policy.formats[role] is not None
-                and self.policy.rounding[role] == "stochastic"
+                and roundings.is_stochastic(self.policy.rounding[role])
                 for role in policy_lib.LAYER_ROLES):
             self._rounding_step_holder = _RoundingStep(self)
 

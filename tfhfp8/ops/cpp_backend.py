@@ -3,6 +3,7 @@
 import tensorflow as tf
 
 from tfhfp8 import formats
+from tfhfp8.formats import roundings
 from tfhfp8.ops import build, tf_backend, tf_block
 
 _library = None
@@ -17,10 +18,15 @@ def load():
 
 
 def quantize_float(x, fmt, rounding, saturate, seed):
+    """`rounding` any name of `tfhfp8.formats.roundings`, `saturate` False, True or
+    "sat_propagate" (the arguments of `tf_backend.quantize_float`)."""
+    parsed = roundings.parse(rounding)
+    op_rounding = parsed.mode if parsed.random_bits is None else parsed.mode + "_bits"
     return load().hfp8_quantize_float(
         x, seed, exponent_bits=fmt.exponent_bits, mantissa_bits=fmt.mantissa_bits,
         bias=fmt.bias, specials=fmt.specials, subnormals=bool(fmt.subnormals),
-        rounding=rounding, saturate=saturate)
+        signed=bool(fmt.signed), rounding=op_rounding, random_bits=parsed.random_bits or 0,
+        saturate=bool(saturate), propagate_inf=saturate == "sat_propagate")
 
 
 def quantize_fixed(x, exponent, inner, bits, rounding, saturate, seed):
@@ -49,6 +55,7 @@ def quantize_block(x, fmt, rounding, saturate, seed):
         element_exponent_bits=element.exponent_bits,
         element_mantissa_bits=element.mantissa_bits, element_bias=element.bias,
         element_specials=element.specials, element_subnormals=bool(element.subnormals),
+        element_signed=bool(element.signed),
         scale="e8m0" if fmt.power_of_two_scale else "float",
         scale_rounding=fmt.scale_rounding, tensor_scale=fmt.tensor_scale,
         rounding=rounding, saturate=saturate)

@@ -25,7 +25,7 @@ namespace {
 template <typename T>
 FloatParams<T> Saturating(const FloatFormatAttrs& f) {
   return MakeFloatParams<T>(f.exponent_bits, f.mantissa_bits, f.bias, f.specials, f.subnormals,
-                            /*saturate=*/true);
+                            /*saturate=*/true, f.is_signed);
 }
 
 template <typename T>

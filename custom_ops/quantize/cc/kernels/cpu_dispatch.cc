@@ -90,11 +90,15 @@ std::string SupportedVariants() {
 
 template <typename T>
 FloatParams<T> MakeFloatParams(int exponent_bits, int mantissa_bits, int bias, Specials specials,
-                               bool subnormals, bool saturate) {
-  return ComputeFloatParams<T>(exponent_bits, mantissa_bits, bias, specials, subnormals, saturate);
+                               bool subnormals, bool saturate, bool is_signed,
+                               bool propagate_inf, int random_bits) {
+  return ComputeFloatParams<T>(exponent_bits, mantissa_bits, bias, specials, subnormals, saturate,
+                               is_signed, propagate_inf, random_bits);
 }
-template FloatParams<float> MakeFloatParams<float>(int, int, int, Specials, bool, bool);
-template FloatParams<double> MakeFloatParams<double>(int, int, int, Specials, bool, bool);
+template FloatParams<float> MakeFloatParams<float>(int, int, int, Specials, bool, bool, bool,
+                                                   bool, int);
+template FloatParams<double> MakeFloatParams<double>(int, int, int, Specials, bool, bool, bool,
+                                                     bool, int);
 
 Keys MakeSeedKeys(int64_t seed) { return MakeKeys(seed); }
 

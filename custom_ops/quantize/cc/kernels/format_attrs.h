@@ -12,9 +12,16 @@
 
 namespace tfhfp8 {
 
+// The op's attribute lists allow only these names (tfhfp8.formats.roundings).
 inline Rounding ParseRounding(const std::string& name) {
   if (name == "stochastic") return Rounding::kStochastic;
   if (name == "toward_zero") return Rounding::kTowardZero;
+  if (name == "nearest_away") return Rounding::kNearestAway;
+  if (name == "toward_positive") return Rounding::kTowardPositive;
+  if (name == "toward_negative") return Rounding::kTowardNegative;
+  if (name == "stochastic_bits") return Rounding::kStochasticBits;
+  if (name == "stochastic_odd_bits") return Rounding::kStochasticOddBits;
+  if (name == "stochastic_fast_bits") return Rounding::kStochasticFastBits;
   return Rounding::kNearestEven;
 }
 
@@ -32,6 +39,8 @@ inline Specials ParseSpecials(const std::string& name) {
   if (name == "fn") return Specials::kFn;
   if (name == "fnuz") return Specials::kFnuz;
   if (name == "finite") return Specials::kFinite;
+  if (name == "p3109_extended") return Specials::kP3109Extended;
+  if (name == "p3109_finite") return Specials::kP3109Finite;
   return Specials::kIeee;
 }
 
@@ -43,6 +52,7 @@ struct FloatFormatAttrs {
   int bias;
   Specials specials;
   bool subnormals;
+  bool is_signed;  // `<prefix>signed` (P3109's unsigned formats), true where the op has none
 };
 
 // Reads and validates them; `max_mantissa_bits` bounds mantissa_bits (23: any format).
@@ -58,6 +68,15 @@ inline absl::Status ReadFloatFormatAttrs(tensorflow::OpKernelConstruction* conte
   TF_RETURN_IF_ERROR(context->GetAttr(prefix + "bias", &bias));
   TF_RETURN_IF_ERROR(context->GetAttr(prefix + "specials", &specials));
   TF_RETURN_IF_ERROR(context->GetAttr(prefix + "subnormals", &subnormals));
+  bool is_signed = true;
+  if (context->HasAttr(prefix + "signed")) {
+    TF_RETURN_IF_ERROR(context->GetAttr(prefix + "signed", &is_signed));
+  }
+  const bool p3109 = specials == "p3109_extended" || specials == "p3109_finite";
+  if (!is_signed && !p3109) {
+    return InvalidArgument(prefix, "signed=false is for the P3109 specials, got specials='",
+                           specials, "'");
+  }
   if (exponent_bits < 1 || exponent_bits > 8) {
     return InvalidArgument(prefix, "exponent_bits must be in [1, 8], got ", exponent_bits);
   }
@@ -71,10 +90,11 @@ inline absl::Status ReadFloatFormatAttrs(tensorflow::OpKernelConstruction* conte
   }
   // As tfhfp8.FloatFormat: normal numbers must be float32 normals.
   const int64_t all_ones = (int64_t{1} << (exponent_bits + mantissa_bits)) - 1;
+  const int64_t reserved = (specials == "fn" || specials == "p3109_extended" ? 1 : 0) +
+                           (is_signed ? 0 : 1);
   const int64_t max_code =
       specials == "ieee" ? ((((int64_t{1} << exponent_bits) - 1) << mantissa_bits) - 1)
-      : specials == "fn" ? all_ones - 1
-                         : all_ones;
+                         : all_ones - reserved;
   if (max_code < (int64_t{1} << mantissa_bits)) {
     return InvalidArgument("a format with ", prefix, "exponent_bits=", exponent_bits, ", ",
                            prefix, "mantissa_bits=", mantissa_bits, " and specials='",
@@ -88,7 +108,8 @@ inline absl::Status ReadFloatFormatAttrs(tensorflow::OpKernelConstruction* conte
   if (bias < low || bias > 127) {
     return InvalidArgument(prefix, "bias must be in [", low, ", 127], got ", bias);
   }
-  *format = {exponent_bits, mantissa_bits, bias, ParseSpecials(specials), subnormals};
+  *format = {exponent_bits, mantissa_bits, bias, ParseSpecials(specials), subnormals,
+             is_signed};
   return absl::OkStatus();
 }
 

@@ -99,13 +99,22 @@ class QuantizeFloatOp : public OpKernel {
  public:
   explicit QuantizeFloatOp(OpKernelConstruction* context) : OpKernel(context) {
     FloatFormatAttrs f;
-    bool saturate;
+    bool saturate, propagate_inf;
+    int random_bits;
     OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "", 23, &f));
     OP_REQUIRES_OK(context, ReadRoundingAttrs(context, &rounding_, &saturate));
+    OP_REQUIRES_OK(context, context->GetAttr("propagate_inf", &propagate_inf));
+    OP_REQUIRES_OK(context, context->GetAttr("random_bits", &random_bits));
+    const bool takes_bits = rounding_ >= Rounding::kStochasticBits;
+    OP_REQUIRES(context, takes_bits ? (random_bits >= 1 && random_bits <= 23) : random_bits == 0,
+                InvalidArgument("random_bits must be in [1, 23] for the *_bits roundings and "
+                                "0 otherwise, got ", random_bits));
     params32_ = MakeFloatParams<float>(f.exponent_bits, f.mantissa_bits, f.bias, f.specials,
-                                       f.subnormals, saturate);
+                                       f.subnormals, saturate, f.is_signed, propagate_inf,
+                                       random_bits);
     params64_ = MakeFloatParams<double>(f.exponent_bits, f.mantissa_bits, f.bias, f.specials,
-                                        f.subnormals, saturate);
+                                        f.subnormals, saturate, f.is_signed, propagate_inf,
+                                        random_bits);
   }
 
   void Compute(OpKernelContext* context) override {

@@ -31,6 +31,13 @@ void BlockLoopOf(const T* in, T* out, const BlockShape& shape, int64_t begin, in
 
 #define TFHFP8_BY_ROUNDING(F, T) \
   { F<T, Rounding::kNearestEven>, F<T, Rounding::kStochastic>, F<T, Rounding::kTowardZero> }
+#define TFHFP8_BY_FLOAT_ROUNDING(F, T)                                                      \
+  {                                                                                         \
+    F<T, Rounding::kNearestEven>, F<T, Rounding::kStochastic>, F<T, Rounding::kTowardZero>, \
+        F<T, Rounding::kNearestAway>, F<T, Rounding::kTowardPositive>,                      \
+        F<T, Rounding::kTowardNegative>, F<T, Rounding::kStochasticBits>,                   \
+        F<T, Rounding::kStochasticOddBits>, F<T, Rounding::kStochasticFastBits>             \
+  }
 
 }  // namespace
 
@@ -41,8 +48,8 @@ void BlockLoopOf(const T* in, T* out, const BlockShape& shape, int64_t begin, in
 
 extern const Loops TFHFP8_CONCAT(kLoops_, TFHFP8_VARIANT) = {
     TFHFP8_STRINGIFY(TFHFP8_VARIANT),
-    TFHFP8_BY_ROUNDING(FloatLoopOf, float),
-    TFHFP8_BY_ROUNDING(FloatLoopOf, double),
+    TFHFP8_BY_FLOAT_ROUNDING(FloatLoopOf, float),
+    TFHFP8_BY_FLOAT_ROUNDING(FloatLoopOf, double),
     TFHFP8_BY_ROUNDING(FixedLoopOf, float),
     TFHFP8_BY_ROUNDING(FixedLoopOf, double),
     MaxAbsBitsRange<float>,

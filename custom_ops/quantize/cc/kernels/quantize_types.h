@@ -12,9 +12,15 @@
 
 namespace tfhfp8 {
 
-enum class Rounding { kNearestEven = 0, kStochastic = 1, kTowardZero = 2 };
+// The first kRoundings have loops for every kind of format; the float loops have all
+// kFloatRoundings (tfhfp8.formats.roundings: the *Bits ones draw `random_bits` bits).
+enum class Rounding {
+  kNearestEven = 0, kStochastic = 1, kTowardZero = 2, kNearestAway = 3, kTowardPositive = 4,
+  kTowardNegative = 5, kStochasticBits = 6, kStochasticOddBits = 7, kStochasticFastBits = 8
+};
 constexpr int kRoundings = 3;
-enum class Specials { kIeee, kFn, kFnuz, kFinite };
+constexpr int kFloatRoundings = 9;
+enum class Specials { kIeee, kFn, kFnuz, kFinite, kP3109Extended, kP3109Finite };
 
 // Bit layout of the float type the rounding runs in.
 template <typename T>
@@ -54,7 +60,13 @@ struct FloatParams {
   UInt lsb;            // d > 0
   UInt max_code;       // largest finite code (E << m) | M
   UInt max_bits;       // the largest finite value in the container
-  UInt overflow_bits;  // magnitude given to overflowing values
+  UInt overflow_bits;  // magnitude given to finite values that overflow
+  UInt inf_bits_out;   // magnitude given to infinities
+  bool saturate_finite;  // finite overflows give max whatever the rounding (saturating)
+  bool is_unsigned;    // P3109 unsigned: a negative nonzero result is below the range
+  UInt below_bits;     // ... and becomes this (0 or NaN), an infinite one below_inf_bits
+  UInt below_inf_bits;
+  int random_bits;     // the *Bits stochastic roundings' r
   UInt nan_xor;        // NaN output = sign ^ nan_xor (a NaN, or ml_dtypes' zero)
   UInt zero_sign_mask;  // sign bits kept on a zero: none for fnuz (-0 becomes +0)
   int quantum_exponent;  // one code unit on the fixed-quantum path is 2^this
@@ -126,8 +138,8 @@ using TensorAmaxLoop = typename Container<T>::UInt (*)(const T* in, int64_t begi
 // One CPU variant's loops, indexed by Rounding.
 struct Loops {
   const char* name;
-  FloatLoop<float> float32[kRoundings];
-  FloatLoop<double> float64[kRoundings];
+  FloatLoop<float> float32[kFloatRoundings];
+  FloatLoop<double> float64[kFloatRoundings];
   FixedLoop<float> fixed32[kRoundings];
   FixedLoop<double> fixed64[kRoundings];
   MaxAbsLoop<float> max_abs32;

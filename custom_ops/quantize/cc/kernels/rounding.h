@@ -103,15 +103,67 @@ inline uint64_t RandomBits<uint64_t>(uint64_t index, const Keys& keys) {
 // ---------------------------------------------------------------------------------
 // Integer rounding primitives.
 
+constexpr bool DrawsBits(Rounding r) {
+  return r == Rounding::kStochastic || r >= Rounding::kStochasticBits;
+}
+
+// The dropped fraction `dropped / 2^d` of v = kept * 2^d + dropped as a `bits`-bit
+// integer (bits <= 24), rounded to nearest (ties to odd when `odd`) or truncated
+// (`nearest` false). d may exceed kLimit only where v < 2^(kLimit - 1), whose bits all
+// narrow to 0 then.
+template <int kLimit, typename UInt>
+inline UInt FractionBits(UInt v, UInt kept, UInt dropped, int d, int bits, bool nearest,
+                         bool odd) {
+  constexpr int kWidth = sizeof(UInt) * 8;
+  const int up = bits - d < 0 ? 0 : (bits - d > kWidth - 1 ? kWidth - 1 : bits - d);
+  const UInt wide = dropped << up;
+  const int shift = d - bits < 1 ? 1 : (d - bits > kLimit ? kLimit : d - bits);
+  const UInt low = (v >> shift) & 1;
+  const UInt tie_up = odd ? UInt{1} - low : low;
+  const UInt rounded = (v + ((UInt{1} << (shift - 1)) - 1) + tie_up) >> shift;
+  const UInt narrowed = (nearest ? rounded : v >> shift) - (kept << bits);
+  // d == bits + 1 when truncating: `shift` 1 is right, as for any d > bits.
+  return d > bits ? narrowed : wide;
+}
+
+// Whether the roundings other than nearest even, toward zero and the full-precision
+// stochastic one add one to `kept` (see tf_backend._round_up): `d` dropped bits, at most
+// kLimit of them for nearest-away; `rand` the r = `bits` random bits.
+template <Rounding R, int kLimit, typename UInt>
+inline UInt RoundUp(UInt v, UInt kept, UInt dropped, int d, bool negative, UInt rand,
+                    int bits) {
+  if (R == Rounding::kNearestAway) {
+    const int clamped = d < kLimit ? d : kLimit;
+    const UInt half = (UInt{1} << clamped) >> 1;
+    return static_cast<UInt>((dropped >= half) & (half > 0));
+  }
+  if (R == Rounding::kTowardPositive) return static_cast<UInt>((dropped != 0) & !negative);
+  if (R == Rounding::kTowardNegative) return static_cast<UInt>((dropped != 0) & negative);
+  if (R == Rounding::kStochasticFastBits) {
+    // delta + (0.5 + rand) 2^-r >= 1: floor(delta 2^(r+1)) + 2 rand + 1 reaches 2^(r+1).
+    const UInt t = FractionBits<kLimit>(v, kept, dropped, d, bits + 1, false, false);
+    return static_cast<UInt>(t + (rand << 1) + 1 >= (UInt{1} << (bits + 1)));
+  }
+  const bool odd = R == Rounding::kStochasticOddBits;
+  const UInt f = FractionBits<kLimit>(v, kept, dropped, d, bits, true, odd);
+  return static_cast<UInt>(f + rand >= (UInt{1} << bits));
+}
+
 // Drops the d low bits of v (0 <= d < width). `half_minus_one` = 2^(d-1) - 1 and
-// `lsb` = (d > 0) are precomputed so that d == 0 needs no branch.
+// `lsb` = (d > 0) are precomputed so that d == 0 needs no branch. `negative` and
+// `bits` (the r of the *Bits roundings) only matter to the roundings beyond the first
+// three.
 template <Rounding R, typename UInt>
-inline UInt RoundStatic(UInt v, int d, UInt half_minus_one, UInt lsb, UInt rand) {
+inline UInt RoundStatic(UInt v, int d, UInt half_minus_one, UInt lsb, UInt rand,
+                        bool negative = false, int bits = 0) {
   constexpr int kWidth = sizeof(UInt) * 8;
   const UInt kept = v >> d;
   if (R == Rounding::kTowardZero) return kept;
   if (R == Rounding::kNearestEven) return (v + half_minus_one + (kept & lsb)) >> d;
   const UInt dropped = v & ((UInt{1} << d) - 1);
+  if (R != Rounding::kStochastic) {
+    return kept + RoundUp<R, kWidth - 1>(v, kept, dropped, d, negative, rand, bits);
+  }
   const UInt threshold = d == 0 ? UInt{0} : rand >> ((kWidth - d) & (kWidth - 1));
   return kept + static_cast<UInt>(threshold < dropped);
 }
@@ -120,7 +172,8 @@ inline UInt RoundStatic(UInt v, int d, UInt half_minus_one, UInt lsb, UInt rand)
 // the subnormals of a format with the container's own layout, e.g. FloatFormat(8, 23).)
 template <Rounding R, typename T>
 inline typename Container<T>::UInt RoundVariable(typename Container<T>::UInt sig, int s,
-                                                 typename Container<T>::UInt rand) {
+                                                 typename Container<T>::UInt rand,
+                                                 bool negative = false, int bits = 0) {
   using C = Container<T>;
   using UInt = typename C::UInt;
   constexpr int kWidth = C::kWidth;
@@ -133,6 +186,9 @@ inline typename Container<T>::UInt RoundVariable(typename Container<T>::UInt sig
     return (sig + half_minus_one + (kept & lsb)) >> shift;
   }
   const UInt dropped = sig & ((UInt{1} << shift) - 1);
+  if (R != Rounding::kStochastic) {
+    return kept + RoundUp<R, C::kMantissa + 2>(sig, kept, dropped, s, negative, rand, bits);
+  }
   const int up_shift = kWidth - s < 0 ? 0 : (kWidth - s > kWidth - 1 ? kWidth - 1 : kWidth - s);
   const int down_shift = s - kWidth < 0 ? 0 : (s - kWidth > kWidth - 1 ? kWidth - 1 : s - kWidth);
   const UInt fraction = s <= kWidth ? dropped << up_shift : sig >> down_shift;
@@ -174,10 +230,13 @@ inline typename Container<T>::UInt ScaledBits(typename Container<T>::UInt code, 
 // ---------------------------------------------------------------------------------
 // Rounding to a FloatFormat.
 
-// The parameters of the rounding to a FloatFormat.
+// The parameters of the rounding to a FloatFormat. `saturate` with `propagate_inf`:
+// P3109's sat_propagate (finite overflows saturate, infinities stay).
 template <typename T>
 inline FloatParams<T> ComputeFloatParams(int exponent_bits, int mantissa_bits, int bias,
-                                         Specials specials, bool subnormals, bool saturate) {
+                                         Specials specials, bool subnormals, bool saturate,
+                                         bool is_signed = true, bool propagate_inf = false,
+                                         int random_bits = 0) {
   using UInt = typename Container<T>::UInt;
   FloatParams<T> p;
   using C = Container<T>;
@@ -189,24 +248,30 @@ inline FloatParams<T> ComputeFloatParams(int exponent_bits, int mantissa_bits, i
   p.half_minus_one = p.d > 0 ? (UInt{1} << (p.d - 1)) - 1 : 0;
   p.lsb = p.d > 0 ? 1 : 0;
   const UInt all_ones = (UInt{1} << (exponent_bits + m)) - 1;
+  const bool p3109 = specials == Specials::kP3109Extended || specials == Specials::kP3109Finite;
   if (specials == Specials::kIeee) {
     p.max_code = (((UInt{1} << exponent_bits) - 1) << m) - 1;
-  } else if (specials == Specials::kFn) {
-    p.max_code = all_ones - 1;
   } else {
-    p.max_code = all_ones;
+    // As tfhfp8.FloatFormat.max_code: fn's NaN or P3109's inf above max, and unsigned
+    // P3109's NaN at the top.
+    const bool reserved = specials == Specials::kFn || specials == Specials::kP3109Extended;
+    p.max_code = all_ones - (reserved ? 1 : 0) - (is_signed ? 0 : 1);
   }
   p.max_bits = (p.max_code << p.d) + p.rebias;
-  if (saturate || specials == Specials::kFinite) {
-    p.overflow_bits = p.max_bits;
-  } else if (specials == Specials::kIeee) {
-    p.overflow_bits = InfBits<T>();
-  } else {
-    p.overflow_bits = QuietNanBits<T>();
-  }
+  const bool has_inf = specials == Specials::kIeee || specials == Specials::kP3109Extended;
+  const UInt unsaturated = specials == Specials::kFinite ? p.max_bits
+                           : has_inf                     ? InfBits<T>()
+                                                         : QuietNanBits<T>();
+  p.overflow_bits = saturate ? p.max_bits : unsaturated;
+  p.inf_bits_out = saturate && !propagate_inf ? p.max_bits : unsaturated;
+  p.saturate_finite = saturate && propagate_inf;
   const bool has_nan = specials != Specials::kFinite;
   p.nan_xor = (has_nan || saturate) ? QuietNanBits<T>() : SignBit<T>();
-  p.zero_sign_mask = specials == Specials::kFnuz ? UInt{0} : SignBit<T>();
+  p.zero_sign_mask = specials == Specials::kFnuz || p3109 ? UInt{0} : SignBit<T>();
+  p.is_unsigned = !is_signed;
+  p.below_bits = saturate ? UInt{0} : QuietNanBits<T>();
+  p.below_inf_bits = saturate && !propagate_inf ? UInt{0} : QuietNanBits<T>();
+  p.random_bits = random_bits;
   p.quantum_exponent = 1 - bias - p.sub_mantissa;
   return p;
 }
@@ -223,9 +288,13 @@ __attribute__((always_inline)) inline T QuantizeFloatElement(
   const UInt a = bits & ~SignBit<T>();
   const int exponent = static_cast<int>(a >> C::kMantissa);
   const bool normal = exponent >= p.emin;
+  const bool negative = sign != 0;
+  // The *Bits roundings use the top r bits.
+  if (R >= Rounding::kStochasticBits) rand >>= (C::kWidth - p.random_bits) & (C::kWidth - 1);
 
   // Normal path: the target code, then its bits in the container.
-  const UInt code = RoundStatic<R, UInt>(a - p.rebias, p.d, p.half_minus_one, p.lsb, rand);
+  const UInt code = RoundStatic<R, UInt>(a - p.rebias, p.d, p.half_minus_one, p.lsb, rand,
+                                         negative, p.random_bits);
   const UInt normal_bits = (code << p.d) + p.rebias;
   const bool overflow = normal & (code > p.max_code);  // `&`: no branch
 
@@ -235,16 +304,24 @@ __attribute__((always_inline)) inline T QuantizeFloatElement(
   Significand<T>(a, &exponent1, &sig);
   const int s_raw = C::kMantissa - p.sub_mantissa + p.emin - exponent1;
   const int s = s_raw > 0 ? s_raw : 0;  // 0: the container's own subnormals, exact
-  const UInt sub_code = RoundVariable<R, T>(sig, s, rand);
+  const UInt sub_code = RoundVariable<R, T>(sig, s, rand, negative, p.random_bits);
   const UInt sub_bits = ScaledBits<T>(sub_code, p.quantum_exponent);
 
   UInt magnitude = normal ? normal_bits : sub_bits;
-  // Toward zero never grows a magnitude: a finite overflow gives max (IEEE 754 §7.4).
-  const bool to_max = R == Rounding::kTowardZero && a != InfBits<T>();
-  magnitude = overflow ? (to_max ? p.max_bits : p.overflow_bits) : magnitude;
+  // A rounding toward zero never grows a magnitude: a finite overflow gives max (IEEE
+  // 754 §7.4), as under sat_propagate.
+  const bool toward_zero = R == Rounding::kTowardZero ||
+                           (R == Rounding::kTowardPositive && negative) ||
+                           (R == Rounding::kTowardNegative && !negative);
+  const bool is_inf = a == InfBits<T>();
+  const UInt finite_overflow = (toward_zero | p.saturate_finite) ? p.max_bits : p.overflow_bits;
+  magnitude = overflow ? (is_inf ? p.inf_bits_out : finite_overflow) : magnitude;
   sign = magnitude == 0 ? (sign & p.zero_sign_mask) : sign;
   const bool is_nan = a > InfBits<T>();
-  return FromBits<T>(is_nan ? (sign ^ p.nan_xor) : (sign | magnitude));
+  // Unsigned: a negative nonzero result is below the range (a zero's sign is gone).
+  const UInt below = is_inf ? p.below_inf_bits : p.below_bits;
+  const UInt result = (p.is_unsigned & (sign != 0)) ? below : (sign | magnitude);
+  return FromBits<T>(is_nan ? (sign ^ p.nan_xor) : result);
 }
 
 // QuantizeFloatElement<float, Rounding::kNearestEven>(x, p, 0) in about half the
@@ -417,7 +494,7 @@ inline void QuantizeRangeIndexed(const T* in, T* out, int64_t begin, int64_t end
   ForEachIndexWord(begin, end, [&](uint32_t lo, int64_t count, uint32_t hi, int64_t offset) {
     const T* src = in + begin + offset;
     T* dst = out + begin + offset;
-    if constexpr (R != Rounding::kStochastic) {
+    if constexpr (!DrawsBits(R)) {
       MapElements(src, dst, count,
                   [=](T x, int64_t j) { return element(x, Rand{0}, offset + j); });
     } else if constexpr (sizeof(Rand) == 4) {
@@ -463,10 +540,12 @@ inline void QuantizeRange(const T* in, T* out, int64_t begin, int64_t end, const
 template <typename T, Rounding R>
 bool QuantizeFloatFast(const T* in, T* out, int64_t begin, int64_t end,
                        const FloatParams<T>& params) {
-  if constexpr (sizeof(T) != 4 || R == Rounding::kStochastic) {
+  if constexpr (sizeof(T) != 4 || (R != Rounding::kNearestEven && R != Rounding::kTowardZero)) {
     return false;
   } else {
     const FloatParams<float> p = params;
+    // Neither unsigned formats nor sat_propagate: the fast forms leave them out.
+    if (p.is_unsigned || p.saturate_finite) return false;
     const bool linear = LinearNearestEven(p);
     if (!NearestEvenFastApplies(p) || !(linear || NearestEvenIgnoresFlush(p))) return false;
     const auto run = [&](auto linear_type) {

@@ -32,14 +32,22 @@ REGISTER_OP("Hfp8QuantizeFloat")
     .Attr("exponent_bits: int")
     .Attr("mantissa_bits: int")
     .Attr("bias: int")
-    .Attr("specials: {'ieee', 'fn', 'fnuz', 'finite'}")
+    .Attr("specials: {'ieee', 'fn', 'fnuz', 'finite', 'p3109_extended', 'p3109_finite'}")
     .Attr("subnormals: bool")
-    .Attr("rounding: {'nearest_even', 'stochastic', 'toward_zero'}")
+    .Attr("signed: bool = true")
+    .Attr(
+        "rounding: {'nearest_even', 'stochastic', 'toward_zero', 'nearest_away', "
+        "'toward_positive', 'toward_negative', 'stochastic_bits', 'stochastic_odd_bits', "
+        "'stochastic_fast_bits'}")
+    .Attr("random_bits: int = 0")
     .Attr("saturate: bool")
+    .Attr("propagate_inf: bool = false")
     .SetShapeFn([](InferenceContext* c) { return QuantizeShape(c, {1}); })
     .Doc(R"doc(
 Rounds x to the nearest values of a binary floating-point format (see tfhfp8.FloatFormat).
 seed: int64 scalar for stochastic rounding; the same seed gives the same bits.
+random_bits: r, 1..23, for the *_bits stochastic roundings (tfhfp8.formats.roundings).
+propagate_inf: with saturate, infinities stay infinite (P3109's sat_propagate).
 )doc");
 
 REGISTER_OP("Hfp8QuantizeFixed")
