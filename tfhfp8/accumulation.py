@@ -42,6 +42,9 @@ def _float_format(parameter, value):
         raise ValueError(f"{parameter}: {error}") from None
     if not isinstance(fmt, formats.FloatFormat):
         raise ValueError(f"{parameter} must be a FloatFormat (or its name), got {fmt!r}")
+    if fmt.specials in formats.scalar.P3109_SPECIALS:
+        raise ValueError(f"{parameter}: the accumulators take the IEEE, fn, fnuz and finite "
+                         f"formats, not P3109's ({fmt!r})")
     if fmt.mantissa_bits > MAX_ACCUMULATOR_MANTISSA_BITS:
         raise ValueError(
             f"{parameter} must have at most {MAX_ACCUMULATOR_MANTISSA_BITS} mantissa bits "

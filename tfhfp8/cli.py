@@ -205,7 +205,6 @@ def formats_table():
                          f"{'':>9}  {fmt.bits}-bit integers x shared 2^E per tensor")
             continue
         if isinstance(fmt, block_formats.BlockScaled):
-            # bits: average per element (the scale shared by the block included).
             # bits: average per element (the scale shared by the block included);
             # max: the element's largest value, before scaling.
             element = fmt.element
@@ -225,7 +224,8 @@ def formats_table():
                 f"{'':>11} {'':>9}  {blocks}; element {element.name}")
             continue
         specials = ", ".join(s for s, on in (("inf", fmt.has_inf), ("NaN", fmt.has_nan),
-                                               ("-0", fmt.has_negative_zero)) if on) or "none"
+                                               ("-0", fmt.has_negative_zero),
+                                               ("unsigned", not fmt.signed)) if on) or "none"
         alias = f" (= {aliases[name]})" if name in aliases else ""
         lines.append(f"{name:<20} {fmt.bits:>4} {fmt.exponent_bits}-{fmt.mantissa_bits:<3} "
                      f"{fmt.bias:>4} {fmt.max:>11.6g} {fmt.min_normal:>11.4g} "

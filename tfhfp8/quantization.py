@@ -28,8 +28,8 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
         `"toward_positive"`, `"toward_negative"`, `"stochastic"`, or a stochastic
         rounding on a given number of random bits (`"stochastic_r8"`,
         `"stochastic_odd_r8"`, `"stochastic_fast_r8"`; see
-        `tfhfp8.formats.roundings`). Dynamic fixed point and block-scaled formats
-        take `"nearest_even"`, `"stochastic"` and `"toward_zero"`.
+        `tfhfp8.formats.roundings`). Block-scaled formats take `"nearest_even"`,
+        `"stochastic"` and `"toward_zero"`.
       saturate: False (or `"ovf_inf"`) follows the format's own cast semantics exactly
         like `x.astype(ml_dtypes.<fmt>).astype(x.dtype)` (overflow to inf, to NaN, or
         saturation; fnuz turns -0 into +0). True (or `"sat_finite"`) clamps overflow,
@@ -144,11 +144,9 @@ def check_rounding_and_saturate(rounding, saturate, fmt=None):
     `fmt` takes and `saturate` an overflow behaviour: what every quantizer checks before
     it rounds anything."""
     roundings.check(rounding)
-    if fmt is not None and not isinstance(fmt, formats.FloatFormat):
-        if rounding not in roundings.BASIC_ROUNDINGS:
-            raise ValueError(
-                f"rounding {rounding!r} is for FloatFormat formats; {type(fmt).__name__} "
-                f"formats take one of {roundings.BASIC_ROUNDINGS}")
+    if isinstance(fmt, block_formats.BlockScaled) and rounding not in roundings.BASIC_ROUNDINGS:
+        raise ValueError(f"rounding {rounding!r} is for FloatFormat and DynamicFixedPoint "
+                         f"formats; BlockScaled formats take one of {roundings.BASIC_ROUNDINGS}")
     return roundings.overflow(saturate)
 
 

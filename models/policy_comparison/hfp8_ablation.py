@@ -21,6 +21,8 @@ stay what they were when the `hfp8` preset changes:
 - `hfp8_adaptive_fp16_states`: `hfp8_adaptive` with Adam's moments in FP16 and every
   weight (BatchNorm's and the exempt layers' too) stored in FP16
   (`tfhfp8.optimizers.LowPrecisionOptimizer`): pure 16-bit weight update.
+- `hfp8_adaptive_sr<r>_errors` (r = 2, 4, 8, 16; not in the default set):
+  `hfp8_adaptive_sr_errors` with r random bits per stochastic rounding.
 - `hfp8_sources`: loss scaling plus stochastic rounding of the errors and of the
   master-weight update (Rodriguez's summary of Sun et al.; Wang et al.'s SR update):
   the `hfp8` preset as `tfhfp8 train` runs it (adaptive loss scaling by default).
@@ -49,6 +51,9 @@ _HFP8 = dict(_FORWARD, errors="float8_e5m2", weight_gradients="float16",
              master_weights="float16")
 
 
+RANDOM_BITS = (2, 4, 8, 16)
+
+
 def _variants():
     """name -> (policy, loss_scaling of `train_policies`)."""
     sr_errors = {"errors": "stochastic"}
@@ -66,6 +71,11 @@ def _variants():
                                              optimizer_states="float16"), "adaptive"),
         "hfp8_sources": (Policy("hfp8_sources", **_HFP8,
                                 rounding={**sr_errors, **sr_master}), "adaptive"),
+        # Stochastic rounding of the errors on r random bits (P3109 / ARITH 2025: how
+        # many random bits does training need?); `hfp8_adaptive_sr_errors` draws all.
+        **{f"hfp8_adaptive_sr{r}_errors": (
+            Policy(f"hfp8_sr{r}_errors", **_HFP8, rounding={"errors": f"stochastic_r{r}"}),
+            "adaptive") for r in RANDOM_BITS},
         # The earlier one-seed ablation's other variants.
         "hfp8_adaptive_fp32_master": (Policy("hfp8_fp32_master",
                                              **dict(_HFP8, master_weights=None)), "adaptive"),

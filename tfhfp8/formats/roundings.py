@@ -15,8 +15,10 @@ three of `BASIC_ROUNDINGS`):
   `srnumbits=r`: the first rounds the distance to the lower neighbour (as a fraction of
   the gap) to `r` bits, ties to even, and rounds away from zero when that plus the `r`
   random bits reaches 2^r; `_odd` breaks those ties to odd; `_fast` rounds away when
-  the distance plus (0.5 + bits) / 2^r reaches 1. Only the first is unbiased at the
-  resolution of `r` bits; the other two are biased (Fitzgibbon and Felix, ARITH 2025).
+  the distance plus (0.5 + bits) / 2^r reaches 1. Each is off by the distance's
+  rounding to r bits (at most 2^-(r+1) of the gap); the first two average that out over
+  ties, `_fast` is biased away from zero by 2^-(r+1) on every tie (gfloat's note;
+  Fitzgibbon and Felix, ARITH 2025; docs/results.md measures it).
   `with_random_bits("stochastic", r)` spells the name.
 
 Overflow behaviours (`saturate=` of the quantizers; IEEE P3109's names):
@@ -46,7 +48,7 @@ BASIC_ROUNDINGS = ("nearest_even", "stochastic", "toward_zero")
 MAX_RANDOM_BITS = 23
 OVERFLOWS = ("ovf_inf", "sat_finite", "sat_propagate")
 
-_WITH_BITS = re.compile(r"^(stochastic|stochastic_odd|stochastic_fast)_r(\d+)$")
+_WITH_BITS = re.compile(r"^(stochastic|stochastic_odd|stochastic_fast)_r([1-9]\d?)$")
 _ALLOWED = (f"one of {ROUNDINGS}, or 'stochastic_r<r>', 'stochastic_odd_r<r>' or "
             f"'stochastic_fast_r<r>' with 1 <= r <= {MAX_RANDOM_BITS}")
 

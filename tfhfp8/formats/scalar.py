@@ -148,8 +148,13 @@ class FloatFormat:
             raise ValueError(f"domain must be 'extended' or 'finite', got {domain!r}")
         exponent_bits = k - precision + (0 if signed else 1)
         name = f"p3109_k{k}p{precision}{'s' if signed else 'u'}{domain[0]}"
-        return cls(exponent_bits, precision - 1, bias=1 << (exponent_bits - 1),
-                   specials=f"p3109_{domain}", name=name, signed=bool(signed))
+        bias = 1 << (exponent_bits - 1)
+        if 1 - bias < -126:
+            raise ValueError(f"{name} (k={k}, precision={precision}, signed={signed}) has "
+                             f"the smallest normal 2^{1 - bias}, not a float32 normal: tfhfp8 "
+                             "rounds in float32")
+        return cls(exponent_bits, precision - 1, bias=bias, specials=f"p3109_{domain}",
+                   name=name, signed=bool(signed))
 
     @property
     def bits(self) -> int:
@@ -327,8 +332,8 @@ NAMED = {
     )
 }
 # IEEE P3109's formats of 3 to 8 bits, named as gfloat names them (p3109_k8p3se: K = 8,
-# P = 3, signed, extended domain). p3109_k8p1ue is left out: its smallest normal,
-# 2^-127, is not a float32 normal (the rounding runs in float32).
+# P = 3, signed, extended domain). p3109_k8p1ue and p3109_k8p1uf are left out: their
+# smallest normal, 2^-127, is not a float32 normal (the rounding runs in float32).
 NAMED.update({fmt.name: fmt for fmt in (
     FloatFormat.p3109(k, p, signed, domain)
     for k in range(3, 9) for signed in (True, False) for domain in ("extended", "finite")

@@ -20,24 +20,31 @@ def load():
 def quantize_float(x, fmt, rounding, saturate, seed):
     """`rounding` any name of `tfhfp8.formats.roundings`, `saturate` False, True or
     "sat_propagate" (the arguments of `tf_backend.quantize_float`)."""
-    parsed = roundings.parse(rounding)
-    op_rounding = parsed.mode if parsed.random_bits is None else parsed.mode + "_bits"
     return load().hfp8_quantize_float(
         x, seed, exponent_bits=fmt.exponent_bits, mantissa_bits=fmt.mantissa_bits,
         bias=fmt.bias, specials=fmt.specials, subnormals=bool(fmt.subnormals),
-        signed=bool(fmt.signed), rounding=op_rounding, random_bits=parsed.random_bits or 0,
-        saturate=bool(saturate), propagate_inf=saturate == "sat_propagate")
+        signed=bool(fmt.signed), **_rounding_attrs(rounding), saturate=bool(saturate),
+        propagate_inf=saturate == "sat_propagate")
+
+
+def _rounding_attrs(rounding):
+    """The ops' `rounding` and `random_bits` attributes for a rounding name: the r-bit
+    roundings are `<variant>_bits` with `random_bits` r."""
+    parsed = roundings.parse(rounding)
+    if parsed.random_bits is None:
+        return {"rounding": parsed.mode, "random_bits": 0}
+    return {"rounding": parsed.mode + "_bits", "random_bits": parsed.random_bits}
 
 
 def quantize_fixed(x, exponent, inner, bits, rounding, saturate, seed):
     return load().hfp8_quantize_fixed(
-        x, exponent, inner, seed, bits=bits, rounding=rounding, saturate=saturate)
+        x, exponent, inner, seed, bits=bits, **_rounding_attrs(rounding), saturate=saturate)
 
 
 def quantize_dfp(x, fmt, rounding, saturate, seed):
     """Dynamic fixed point; per tensor, the shared exponent is found in the same kernel."""
     if fmt.axis is None:
-        y, _ = load().hfp8_quantize_dfp(x, seed, bits=fmt.bits, rounding=rounding,
+        y, _ = load().hfp8_quantize_dfp(x, seed, bits=fmt.bits, **_rounding_attrs(rounding),
                                         saturate=saturate)
         return y
     exponent, inner = tf_backend.shared_exponents(x, fmt, rounding)

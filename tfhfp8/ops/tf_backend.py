@@ -432,12 +432,13 @@ def shared_exponents(x, fmt, rounding):
     fraction = tf.bitcast(nbits & ((1 << c.mantissa) - 1) | one_bits, c.dtype)
     needed = fraction * 2.0 ** (fmt.bits - 2)
     limit = 2.0 ** (fmt.bits - 1) - 1
-    if rounding == "nearest_even":
+    mode = roundings.parse(rounding).mode
+    if mode in ("nearest_even", "nearest_away"):
         bump = needed >= limit + 0.5
-    elif rounding == "stochastic":
-        bump = needed > limit
-    else:
+    elif mode == "toward_zero":
         bump = tf.zeros_like(needed, tf.bool)
+    else:  # stochastic and directed: whenever max|x| may round up (whatever its sign)
+        bump = needed > limit
     exponent = e_max - (fmt.bits - 2) + tf.cast(bump, tf.int32)
     return tf.maximum(exponent, c.min_exponent), inner
 

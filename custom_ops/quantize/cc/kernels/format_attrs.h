@@ -35,6 +35,19 @@ inline absl::Status ReadRoundingAttrs(tensorflow::OpKernelConstruction* context,
   return absl::OkStatus();
 }
 
+// The `random_bits` attribute: the r (1..23) of the *_bits roundings, 0 for the others.
+inline absl::Status ReadRandomBits(tensorflow::OpKernelConstruction* context,
+                                   Rounding rounding, int* random_bits) {
+  TF_RETURN_IF_ERROR(context->GetAttr("random_bits", random_bits));
+  const bool takes_bits = rounding >= Rounding::kStochasticBits;
+  if (takes_bits ? (*random_bits < 1 || *random_bits > 23) : *random_bits != 0) {
+    return tensorflow::errors::InvalidArgument(
+        "random_bits must be in [1, 23] for the *_bits roundings and 0 otherwise, got ",
+        *random_bits);
+  }
+  return absl::OkStatus();
+}
+
 inline Specials ParseSpecials(const std::string& name) {
   if (name == "fn") return Specials::kFn;
   if (name == "fnuz") return Specials::kFnuz;

@@ -41,8 +41,8 @@ constexpr int MaxSharedExponent() {
 // Rounds in[0, n) to multiples of 2^k[run % slots], one run per `inner` elements.
 template <typename T>
 void RunFixed(OpKernelContext* context, const Loops& loops, Rounding rounding, int bits,
-              bool saturate, const T* in, T* out, int64_t n, const int32_t* k, int64_t slots,
-              int64_t inner, int64_t seed) {
+              int random_bits, bool saturate, const T* in, T* out, int64_t n, const int32_t* k,
+              int64_t slots, int64_t inner, int64_t seed) {
   using UInt = typename Container<T>::UInt;
   const FixedLoop<T> loop = TypedLoops<T>::Fixed(loops, rounding);
   const Keys keys = MakeSeedKeys(seed);
@@ -55,7 +55,7 @@ void RunFixed(OpKernelContext* context, const Loops& loops, Rounding rounding, i
       const int exponent = k[run % slots];
       const UInt inf_magnitude =
           saturate ? ScaledValueBits<T>(max_mantissa, exponent) : InfBits<T>();
-      loop(in, out, i, stop, exponent, inf_magnitude, keys);
+      loop(in, out, i, stop, exponent, inf_magnitude, random_bits, keys);
       i = stop;
     }
   });
@@ -83,11 +83,16 @@ int SharedExponent(typename Container<T>::UInt largest, int bits, Rounding round
     sig = largest << (p - top);
   }
   // max|x| * 2^-(E_max - (bits-2)) = sig / 2^p * 2^(bits-2) against the largest mantissa
-  // 2^(bits-1) - 1 (stochastic: may round up beyond it) or 2^(bits-1) - 1/2 (nearest).
+  // 2^(bits-1) - 1 (the roundings that may round up beyond it: stochastic and directed)
+  // or 2^(bits-1) - 1/2 (nearest); toward zero never rounds up.
   const UInt top_sig = UInt{1} << (p + 1);
+  const bool nearest = rounding == Rounding::kNearestEven || rounding == Rounding::kNearestAway;
   bool bump = false;
-  if (rounding == Rounding::kNearestEven) bump = sig >= top_sig - (UInt{1} << (p + 1 - bits));
-  if (rounding == Rounding::kStochastic) bump = sig > top_sig - (UInt{1} << (p + 2 - bits));
+  if (nearest) {
+    bump = sig >= top_sig - (UInt{1} << (p + 1 - bits));
+  } else if (rounding != Rounding::kTowardZero) {
+    bump = sig > top_sig - (UInt{1} << (p + 2 - bits));
+  }
   const int exponent = e_max - (bits - 2) + (bump ? 1 : 0);
   return std::max(exponent, MinSharedExponent<T>());
 }
@@ -104,11 +109,7 @@ class QuantizeFloatOp : public OpKernel {
     OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "", 23, &f));
     OP_REQUIRES_OK(context, ReadRoundingAttrs(context, &rounding_, &saturate));
     OP_REQUIRES_OK(context, context->GetAttr("propagate_inf", &propagate_inf));
-    OP_REQUIRES_OK(context, context->GetAttr("random_bits", &random_bits));
-    const bool takes_bits = rounding_ >= Rounding::kStochasticBits;
-    OP_REQUIRES(context, takes_bits ? (random_bits >= 1 && random_bits <= 23) : random_bits == 0,
-                InvalidArgument("random_bits must be in [1, 23] for the *_bits roundings and "
-                                "0 otherwise, got ", random_bits));
+    OP_REQUIRES_OK(context, ReadRandomBits(context, rounding_, &random_bits));
     params32_ = MakeFloatParams<float>(f.exponent_bits, f.mantissa_bits, f.bias, f.specials,
                                        f.subnormals, saturate, f.is_signed, propagate_inf,
                                        random_bits);
@@ -144,9 +145,10 @@ class QuantizeFloatOp : public OpKernel {
 
 // Reads the attributes shared by the dynamic-fixed-point ops.
 absl::Status ReadFixedAttrs(OpKernelConstruction* context, int* bits, Rounding* rounding,
-                            bool* saturate) {
+                            int* random_bits, bool* saturate) {
   TF_RETURN_IF_ERROR(context->GetAttr("bits", bits));
   TF_RETURN_IF_ERROR(ReadRoundingAttrs(context, rounding, saturate));
+  TF_RETURN_IF_ERROR(ReadRandomBits(context, *rounding, random_bits));
   if (*bits < 2 || *bits > 24) return InvalidArgument("bits must be in [2, 24], got ", *bits);
   return absl::OkStatus();
 }
@@ -155,7 +157,8 @@ template <typename T>
 class QuantizeFixedOp : public OpKernel {
  public:
   explicit QuantizeFixedOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, ReadFixedAttrs(context, &bits_, &rounding_, &saturate_));
+    OP_REQUIRES_OK(context, ReadFixedAttrs(context, &bits_, &rounding_, &random_bits_,
+                                           &saturate_));
   }
 
   void Compute(OpKernelContext* context) override {
@@ -194,12 +197,14 @@ class QuantizeFixedOp : public OpKernel {
     }
     Tensor* output = nullptr;
     OP_REQUIRES_OK(context, OutputLikeInput(context, &output));
-    RunFixed<T>(context, *loops, rounding_, bits_, saturate_, input.flat<T>().data(),
+    RunFixed<T>(context, *loops, rounding_, bits_, random_bits_, saturate_,
+                input.flat<T>().data(),
                 output->flat<T>().data(), n, k, slots, inner, seed);
   }
 
  private:
   int bits_;
+  int random_bits_;
   bool saturate_;
   Rounding rounding_;
 };
@@ -210,7 +215,8 @@ template <typename T>
 class QuantizeDfpOp : public OpKernel {
  public:
   explicit QuantizeDfpOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, ReadFixedAttrs(context, &bits_, &rounding_, &saturate_));
+    OP_REQUIRES_OK(context, ReadFixedAttrs(context, &bits_, &rounding_, &random_bits_,
+                                           &saturate_));
   }
 
   void Compute(OpKernelContext* context) override {
@@ -236,12 +242,13 @@ class QuantizeDfpOp : public OpKernel {
     OP_REQUIRES_OK(context, context->allocate_output(1, {}, &exponent));
     exponent->scalar<int32_t>()() = k;
     if (n == 0) return;
-    RunFixed<T>(context, *loops, rounding_, bits_, saturate_, in, output->flat<T>().data(), n,
-                &k, 1, n, seed);
+    RunFixed<T>(context, *loops, rounding_, bits_, random_bits_, saturate_, in,
+                output->flat<T>().data(), n, &k, 1, n, seed);
   }
 
  private:
   int bits_;
+  int random_bits_;
   bool saturate_;
   Rounding rounding_;
 };

@@ -19,8 +19,8 @@ void FloatLoopOf(const T* in, T* out, int64_t begin, int64_t end, const FloatPar
 
 template <typename T, Rounding R>
 void FixedLoopOf(const T* in, T* out, int64_t begin, int64_t end, int k,
-                 typename Container<T>::UInt inf_magnitude, const Keys& keys) {
-  QuantizeFixedRange<T, R>(in, out, begin, end, k, inf_magnitude, keys);
+                 typename Container<T>::UInt inf_magnitude, int random_bits, const Keys& keys) {
+  QuantizeFixedRange<T, R>(in, out, begin, end, k, inf_magnitude, random_bits, keys);
 }
 
 template <typename T, Rounding R>
@@ -50,8 +50,8 @@ extern const Loops TFHFP8_CONCAT(kLoops_, TFHFP8_VARIANT) = {
     TFHFP8_STRINGIFY(TFHFP8_VARIANT),
     TFHFP8_BY_FLOAT_ROUNDING(FloatLoopOf, float),
     TFHFP8_BY_FLOAT_ROUNDING(FloatLoopOf, double),
-    TFHFP8_BY_ROUNDING(FixedLoopOf, float),
-    TFHFP8_BY_ROUNDING(FixedLoopOf, double),
+    TFHFP8_BY_FLOAT_ROUNDING(FixedLoopOf, float),
+    TFHFP8_BY_FLOAT_ROUNDING(FixedLoopOf, double),
     MaxAbsBitsRange<float>,
     MaxAbsBitsRange<double>,
     TFHFP8_BY_ROUNDING(BlockLoopOf, float),

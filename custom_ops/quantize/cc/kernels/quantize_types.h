@@ -12,8 +12,8 @@
 
 namespace tfhfp8 {
 
-// The first kRoundings have loops for every kind of format; the float loops have all
-// kFloatRoundings (tfhfp8.formats.roundings: the *Bits ones draw `random_bits` bits).
+// The first kRoundings have loops for every kind of format; the float and fixed-point
+// loops have all kFloatRoundings (tfhfp8.formats.roundings: the *Bits ones draw `random_bits` bits).
 enum class Rounding {
   kNearestEven = 0, kStochastic = 1, kTowardZero = 2, kNearestAway = 3, kTowardPositive = 4,
   kTowardNegative = 5, kStochasticBits = 6, kStochasticOddBits = 7, kStochasticFastBits = 8
@@ -62,8 +62,10 @@ struct FloatParams {
   UInt max_bits;       // the largest finite value in the container
   UInt overflow_bits;  // magnitude given to finite values that overflow
   UInt inf_bits_out;   // magnitude given to infinities
-  bool saturate_finite;  // finite overflows give max whatever the rounding (saturating)
-  bool is_unsigned;    // P3109 unsigned: a negative nonzero result is below the range
+  // Flags as UInt (0 or 1), not bool: a bool field read in a loop keeps GCC from
+  // vectorizing it.
+  UInt saturate_finite;  // finite overflows give max whatever the rounding (saturating)
+  UInt is_unsigned;    // P3109 unsigned: a negative nonzero result is below the range
   UInt below_bits;     // ... and becomes this (0 or NaN), an infinite one below_inf_bits
   UInt below_inf_bits;
   int random_bits;     // the *Bits stochastic roundings' r
@@ -77,10 +79,12 @@ template <typename T>
 using FloatLoop = void (*)(const T* in, T* out, int64_t begin, int64_t end,
                            const FloatParams<T>& params, const Keys& keys);
 // out[begin, end) = rounding of in[begin, end) to multiples of 2^k; infinities become
-// `inf_magnitude` (inf, or the largest mantissa times 2^k when saturating).
+// `inf_magnitude` (inf, or the largest mantissa times 2^k when saturating);
+// `random_bits`: the r of the *Bits roundings.
 template <typename T>
 using FixedLoop = void (*)(const T* in, T* out, int64_t begin, int64_t end, int k,
-                           typename Container<T>::UInt inf_magnitude, const Keys& keys);
+                           typename Container<T>::UInt inf_magnitude, int random_bits,
+                           const Keys& keys);
 // The largest finite |in[j]| over [begin, end), as its bits (0 if none).
 template <typename T>
 using MaxAbsLoop = typename Container<T>::UInt (*)(const T* in, int64_t begin, int64_t end);
@@ -140,8 +144,8 @@ struct Loops {
   const char* name;
   FloatLoop<float> float32[kFloatRoundings];
   FloatLoop<double> float64[kFloatRoundings];
-  FixedLoop<float> fixed32[kRoundings];
-  FixedLoop<double> fixed64[kRoundings];
+  FixedLoop<float> fixed32[kFloatRoundings];
+  FixedLoop<double> fixed64[kFloatRoundings];
   MaxAbsLoop<float> max_abs32;
   MaxAbsLoop<double> max_abs64;
   BlockLoop<float> block32[kRoundings];

@@ -276,6 +276,35 @@ inline FloatParams<T> ComputeFloatParams(int exponent_bits, int mantissa_bits, i
   return p;
 }
 
+// What every rounding to a FloatFormat ends with, given the input's magnitude bits `a`
+// and sign bit, the rounded magnitude and whether it overflows: the overflow
+// behaviour, the sign of zero, NaN, and the range of unsigned formats.
+template <typename T, Rounding R>
+__attribute__((always_inline)) inline T FinishFloat(typename Container<T>::UInt a,
+                                                    typename Container<T>::UInt sign,
+                                                    typename Container<T>::UInt magnitude,
+                                                    bool overflow, const FloatParams<T>& p) {
+  using UInt = typename Container<T>::UInt;
+  // A rounding toward zero never grows a magnitude: a finite overflow gives max (IEEE
+  // 754 §7.4), as under sat_propagate. (Masks, not bools: GCC vectorizes bool selects
+  // on the sign only for some R.)
+  const UInt negative_mask = UInt{0} - (sign >> (Container<T>::kWidth - 1));
+  const UInt toward_zero_mask = R == Rounding::kTowardZero       ? ~UInt{0}
+                                : R == Rounding::kTowardPositive ? negative_mask
+                                : R == Rounding::kTowardNegative ? ~negative_mask
+                                                                 : UInt{0};
+  const UInt max_mask = toward_zero_mask | (UInt{0} - p.saturate_finite);
+  const bool is_inf = a == InfBits<T>();
+  const UInt finite_overflow = (p.max_bits & max_mask) | (p.overflow_bits & ~max_mask);
+  magnitude = overflow ? (is_inf ? p.inf_bits_out : finite_overflow) : magnitude;
+  sign = magnitude == 0 ? (sign & p.zero_sign_mask) : sign;
+  const bool is_nan = a > InfBits<T>();
+  // Unsigned: a negative nonzero result is below the range (a zero's sign is gone).
+  const UInt below = is_inf ? p.below_inf_bits : p.below_bits;
+  const UInt result = ((p.is_unsigned != 0) & (sign != 0)) ? below : (sign | magnitude);
+  return FromBits<T>(is_nan ? (sign ^ p.nan_xor) : result);
+}
+
 // Always inlined: a loop that calls it (block_rounding.h's float64 element rounding
 // in a float32 loop) vectorizes only then, and GCC's heuristics do not always do it.
 template <typename T, Rounding R>
@@ -307,21 +336,65 @@ __attribute__((always_inline)) inline T QuantizeFloatElement(
   const UInt sub_code = RoundVariable<R, T>(sig, s, rand, negative, p.random_bits);
   const UInt sub_bits = ScaledBits<T>(sub_code, p.quantum_exponent);
 
-  UInt magnitude = normal ? normal_bits : sub_bits;
-  // A rounding toward zero never grows a magnitude: a finite overflow gives max (IEEE
-  // 754 §7.4), as under sat_propagate.
-  const bool toward_zero = R == Rounding::kTowardZero ||
-                           (R == Rounding::kTowardPositive && negative) ||
-                           (R == Rounding::kTowardNegative && !negative);
-  const bool is_inf = a == InfBits<T>();
-  const UInt finite_overflow = (toward_zero | p.saturate_finite) ? p.max_bits : p.overflow_bits;
-  magnitude = overflow ? (is_inf ? p.inf_bits_out : finite_overflow) : magnitude;
-  sign = magnitude == 0 ? (sign & p.zero_sign_mask) : sign;
-  const bool is_nan = a > InfBits<T>();
-  // Unsigned: a negative nonzero result is below the range (a zero's sign is gone).
-  const UInt below = is_inf ? p.below_inf_bits : p.below_bits;
-  const UInt result = (p.is_unsigned & (sign != 0)) ? below : (sign | magnitude);
-  return FromBits<T>(is_nan ? (sign ^ p.nan_xor) : result);
+  return FinishFloat<T, R>(a, sign, normal ? normal_bits : sub_bits, overflow, p);
+}
+
+
+// QuantizeFloatElement<float, R>(x, p, rand) for the roundings beyond nearest even, toward
+// zero and the full-precision stochastic one, in float arithmetic that vectorizes
+// without variable shifts, when ScaledPathApplies(p): |x| times the reciprocal of its
+// quantum 2^q (a power of two: exact) splits into an integer code and the dropped
+// fraction (floor, and an exact subtraction), the rounding decides on that fraction,
+// and code times 2^q is the result. Every intermediate is a normal float32, so TF's
+// flush-to-zero changes nothing, except a float32 subnormal input: below 2^-26 of a
+// quantum, only a directed rounding away from zero moves it (to the quantum).
+inline bool ScaledPathApplies(const FloatParams<float>& p) { return p.quantum_exponent >= -100; }
+
+template <Rounding R>
+__attribute__((always_inline)) inline float QuantizeFloatScaled(float x,
+                                                                const FloatParams<float>& p,
+                                                                uint32_t rand) {
+  const uint32_t bits = ToBits(x);
+  const uint32_t sign = bits & SignBit<float>();
+  const uint32_t a = bits & ~SignBit<float>();
+  const bool negative = sign != 0;
+  const int exponent = static_cast<int>(a >> 23);
+  // The biased exponent of the quantum: the binade's last mantissa bit, or the fixed
+  // quantum below min normal; at most 253, so that its reciprocal is a normal float.
+  const int normal_q = exponent - (23 - p.d);
+  int q = exponent >= p.emin ? normal_q : p.quantum_exponent + 127;
+  q = q < 253 ? q : 253;
+  const float y = FromBits<float>(a) * FromBits<float>(static_cast<uint32_t>(254 - q) << 23);
+  const float kept = __builtin_floorf(y);
+  const float fraction = y - kept;
+  bool up;
+  if constexpr (R == Rounding::kNearestAway) {
+    up = fraction >= 0.5f;
+  } else if constexpr (R == Rounding::kTowardPositive || R == Rounding::kTowardNegative) {
+    const bool tiny = (a != 0) & (a < (uint32_t{1} << 23));
+    const bool away = R == Rounding::kTowardPositive ? !negative : negative;
+    up = ((fraction > 0.0f) | tiny) & away;
+  } else {
+    const int r = p.random_bits;
+    const uint32_t draw = rand >> (32 - r);
+    if constexpr (R == Rounding::kStochasticFastBits) {
+      // floor(delta 2^(r+1)) + 2 draw + 1 >= 2^(r+1), in integers (up to 2^25).
+      const int t = static_cast<int>(fraction * FromBits<float>((128u + r) << 23));
+      up = t + static_cast<int>(2 * draw + 1) >= (1 << (r + 1));
+    } else {
+      // delta rounded to r bits (ties to even, or to odd), plus the draw, reaches 2^r.
+      const float v = fraction * FromBits<float>((127u + r) << 23);
+      const int whole = static_cast<int>(v);  // v >= 0: the floor
+      const float rest = v - static_cast<float>(whole);
+      const int odd = whole & 1;
+      const int tie_up = R == Rounding::kStochasticOddBits ? 1 - odd : odd;
+      const int d = whole + ((rest > 0.5f) ? 1 : (rest == 0.5f) ? tie_up : 0);
+      up = d + static_cast<int>(draw) >= (1 << r);
+    }
+  }
+  const float code = kept + (up ? 1.0f : 0.0f);
+  const uint32_t magnitude = ToBits(code * FromBits<float>(static_cast<uint32_t>(q) << 23));
+  return FinishFloat<float, R>(a, sign, magnitude, magnitude > p.max_bits, p);
 }
 
 // QuantizeFloatElement<float, Rounding::kNearestEven>(x, p, 0) in about half the
@@ -411,6 +484,96 @@ inline float QuantizeFloatTowardZero(float x, const FloatParams<float>& p) {
   return FromBits<float>(a > InfBits<float>() ? (sign ^ p.nan_xor) : (kept_sign | magnitude));
 }
 
+// Whether QuantizeFloatFastForm<R> gives the bits of QuantizeFloatElement<float, R> on
+// TF's threads: as NearestEvenIgnoresFlush or kLinear (the format's subnormals are
+// float32's own: no FPU step), and for the r-bit roundings a quantum of at least 2^-100,
+// so that a float32 subnormal input, which the FPU reads as 0, lies below 2^-26 of a
+// quantum, where any r <= 23 bits round it to 0 as well.
+inline bool FastFormApplies(const FloatParams<float>& p, Rounding rounding) {
+  if (LinearNearestEven(p)) return true;
+  const int limit = rounding >= Rounding::kStochasticBits ? -100 : -125;
+  return p.quantum_exponent + 23 <= 127 && p.quantum_exponent >= limit;
+}
+
+// Whether a value whose dropped fraction of a quantum is `fraction` (a float in [0, 1),
+// exact) rounds away from zero, for nearest-away and the r-bit roundings (`draw`: the r
+// random bits).
+template <Rounding R>
+inline bool UpFromFraction(float fraction, uint32_t draw, int r) {
+  if constexpr (R == Rounding::kNearestAway) {
+    return fraction >= 0.5f;
+  } else if constexpr (R == Rounding::kStochasticFastBits) {
+    // floor(delta 2^(r+1)) + 2 draw + 1 >= 2^(r+1), in integers (below 2^25).
+    const int t = static_cast<int>(fraction * FromBits<float>((128u + r) << 23));
+    return t + static_cast<int>(2 * draw + 1) >= (1 << (r + 1));
+  } else {
+    // delta rounded to r bits (ties to even, or to odd), plus the draw, reaches 2^r.
+    const float v = fraction * FromBits<float>((127u + r) << 23);
+    const int whole = static_cast<int>(v);  // v >= 0: the floor
+    const float rest = v - static_cast<float>(whole);
+    const int odd = whole & 1;
+    const int tie_up = R == Rounding::kStochasticOddBits ? 1 - odd : odd;
+    const int d = whole + ((rest > 0.5f) ? 1 : (rest == 0.5f) ? tie_up : 0);
+    return d + static_cast<int>(draw) >= (1 << r);
+  }
+}
+
+// QuantizeFloatElement<float, R>(x, p, rand) for nearest-away, the directed and the r-bit
+// roundings, when FastFormApplies(p, R), in a third of the instructions: the normal range
+// on the bits with the fixed shift d; below min_normal the FPU's rounding to the quantum,
+// truncated (as QuantizeFloatTowardZero), and the dropped fraction of a quantum (an exact
+// difference, scaled by a power of two) decides.
+template <Rounding R, bool kLinear>
+__attribute__((always_inline)) inline float QuantizeFloatFastForm(float x,
+                                                                  const FloatParams<float>& p,
+                                                                  uint32_t rand) {
+  using UInt = uint32_t;
+  const UInt bits = ToBits(x);
+  const UInt sign = bits & SignBit<float>();
+  const UInt a = bits & ~SignBit<float>();
+  const bool negative = sign != 0;
+  const int r = p.random_bits;
+  const UInt draw = R >= Rounding::kStochasticBits ? rand >> ((32 - r) & 31) : 0;
+  // Normal range: a carry into the exponent field is the right result, and the rebias,
+  // a multiple of 2^d, changes nothing.
+  const UInt low = (UInt{1} << p.d) - 1;
+  // Directed: masks, not bools: GCC vectorizes bool selects on the sign only for some R.
+  constexpr bool kDirected = R == Rounding::kTowardPositive || R == Rounding::kTowardNegative;
+  const UInt negative_mask = UInt{0} - (sign >> 31);
+  const UInt away_mask = R == Rounding::kTowardPositive ? ~negative_mask : negative_mask;
+  UInt magnitude;
+  if constexpr (R == Rounding::kNearestAway) {
+    magnitude = (a + ((low + 1) >> 1)) & ~low;
+  } else if constexpr (kDirected) {
+    magnitude = (a + (low & away_mask)) & ~low;
+  } else {
+    // Unsigned arithmetic: a's code shifted by r may wrap, the difference in
+    // FractionBits does not.
+    magnitude = RoundStatic<R, UInt>(a, p.d, 0, 0, draw, negative, r) << p.d;
+  }
+  if constexpr (!kLinear) {
+    const float magic = FromBits<float>(static_cast<UInt>(p.quantum_exponent + 23 + 127) << 23);
+    const float quantum = FromBits<float>(static_cast<UInt>(p.quantum_exponent + 127) << 23);
+    const float per_quantum = FromBits<float>(static_cast<UInt>(127 - p.quantum_exponent) << 23);
+    const float fa = FromBits<float>(a);
+    const float nearest = (fa + magic) - magic;
+    const float truncated = nearest > fa ? nearest - quantum : nearest;
+    UInt sub;
+    if constexpr (kDirected) {
+      // A float32 subnormal input, read as 0, moves away from zero too.
+      const UInt tiny = static_cast<UInt>((a != 0) & (a < (UInt{1} << 23)));
+      const UInt inexact = static_cast<UInt>(fa > truncated) | tiny;
+      const UInt up_mask = (UInt{0} - inexact) & away_mask;
+      sub = (ToBits(truncated + quantum) & up_mask) | (ToBits(truncated) & ~up_mask);
+    } else {
+      const bool up = UpFromFraction<R>((fa - truncated) * per_quantum, draw, r);
+      sub = ToBits(truncated + (up ? quantum : 0.0f));
+    }
+    magnitude = a < (static_cast<UInt>(p.emin) << 23) ? sub : magnitude;
+  }
+  return FinishFloat<float, R>(a, sign, magnitude, magnitude > p.max_bits, p);
+}
+
 // ---------------------------------------------------------------------------------
 // Rounding to a multiple of 2^k (dynamic fixed point).
 
@@ -418,7 +581,7 @@ inline float QuantizeFloatTowardZero(float x, const FloatParams<float>& p) {
 // saturating).
 template <typename T, Rounding R>
 inline T QuantizeFixedElement(T x, int k, typename Container<T>::UInt inf_magnitude,
-                              typename Container<T>::UInt rand) {
+                              typename Container<T>::UInt rand, int random_bits) {
   using C = Container<T>;
   using UInt = typename C::UInt;
   const UInt bits = ToBits(x);
@@ -429,7 +592,8 @@ inline T QuantizeFixedElement(T x, int k, typename Container<T>::UInt inf_magnit
   Significand<T>(a, &exponent1, &sig);
   const int s_raw = k + C::kExponentBias + C::kMantissa - exponent1;
   const int s = s_raw > 1 ? s_raw : 1;
-  const UInt code = RoundVariable<R, T>(sig, s, rand);
+  if (R >= Rounding::kStochasticBits) rand >>= (C::kWidth - random_bits) & (C::kWidth - 1);
+  const UInt code = RoundVariable<R, T>(sig, s, rand, sign != 0, random_bits);
   // s_raw <= 0: x is already a multiple of 2^k (k at the container's smallest exponent).
   UInt magnitude = s_raw > 0 ? ScaledBits<T>(code, k) : a;
   magnitude = a == InfBits<T>() ? inf_magnitude : magnitude;
@@ -545,7 +709,7 @@ bool QuantizeFloatFast(const T* in, T* out, int64_t begin, int64_t end,
   } else {
     const FloatParams<float> p = params;
     // Neither unsigned formats nor sat_propagate: the fast forms leave them out.
-    if (p.is_unsigned || p.saturate_finite) return false;
+    if (p.is_unsigned != 0 || p.saturate_finite != 0) return false;
     const bool linear = LinearNearestEven(p);
     if (!NearestEvenFastApplies(p) || !(linear || NearestEvenIgnoresFlush(p))) return false;
     const auto run = [&](auto linear_type) {
@@ -570,6 +734,23 @@ void QuantizeFloatRange(const T* in, T* out, int64_t begin, int64_t end,
                         const FloatParams<T>& params, const Keys& keys) {
   if (QuantizeFloatFast<T, R>(in, out, begin, end, params)) return;
   const FloatParams<T> p = params;
+  if constexpr (sizeof(T) == 4 && R >= Rounding::kNearestAway) {
+    if (FastFormApplies(p, R)) {
+      const auto run = [&](auto linear_type) {
+        constexpr bool kLinear = decltype(linear_type)::value;
+        QuantizeRangeIndexed<float, R, uint32_t>(
+            in, out, begin, end, keys, [=](float x, uint32_t rand, int64_t) {
+              return QuantizeFloatFastForm<R, kLinear>(x, p, rand);
+            });
+      };
+      if (LinearNearestEven(p)) {
+        run(std::true_type{});
+      } else {
+        run(std::false_type{});
+      }
+      return;
+    }
+  }
   QuantizeRange<T, R>(in, out, begin, end, keys, [=](T x, typename Container<T>::UInt rand) {
     return QuantizeFloatElement<T, R>(x, p, rand);
   });
@@ -578,9 +759,10 @@ void QuantizeFloatRange(const T* in, T* out, int64_t begin, int64_t end,
 // Dynamic fixed point over [begin, end), every element with the shared exponent k.
 template <typename T, Rounding R>
 void QuantizeFixedRange(const T* in, T* out, int64_t begin, int64_t end, int k,
-                        typename Container<T>::UInt inf_magnitude, const Keys& keys) {
+                        typename Container<T>::UInt inf_magnitude, int random_bits,
+                        const Keys& keys) {
   QuantizeRange<T, R>(in, out, begin, end, keys, [=](T x, typename Container<T>::UInt rand) {
-    return QuantizeFixedElement<T, R>(x, k, inf_magnitude, rand);
+    return QuantizeFixedElement<T, R>(x, k, inf_magnitude, rand, random_bits);
   });
 }
 

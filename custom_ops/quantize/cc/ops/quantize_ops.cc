@@ -22,6 +22,12 @@ absl::Status QuantizeShape(InferenceContext* c, std::initializer_list<int> scala
   return absl::OkStatus();
 }
 
+// Every rounding of tfhfp8.formats.roundings; the *_bits ones take `random_bits`.
+constexpr char kAllRoundings[] =
+    "rounding: {'nearest_even', 'stochastic', 'toward_zero', 'nearest_away', "
+    "'toward_positive', 'toward_negative', 'stochastic_bits', 'stochastic_odd_bits', "
+    "'stochastic_fast_bits'}";
+
 }  // namespace
 
 REGISTER_OP("Hfp8QuantizeFloat")
@@ -35,10 +41,7 @@ REGISTER_OP("Hfp8QuantizeFloat")
     .Attr("specials: {'ieee', 'fn', 'fnuz', 'finite', 'p3109_extended', 'p3109_finite'}")
     .Attr("subnormals: bool")
     .Attr("signed: bool = true")
-    .Attr(
-        "rounding: {'nearest_even', 'stochastic', 'toward_zero', 'nearest_away', "
-        "'toward_positive', 'toward_negative', 'stochastic_bits', 'stochastic_odd_bits', "
-        "'stochastic_fast_bits'}")
+    .Attr(kAllRoundings)
     .Attr("random_bits: int = 0")
     .Attr("saturate: bool")
     .Attr("propagate_inf: bool = false")
@@ -58,7 +61,8 @@ REGISTER_OP("Hfp8QuantizeFixed")
     .Output("y: T")
     .Attr("T: {float, double}")
     .Attr("bits: int")
-    .Attr("rounding: {'nearest_even', 'stochastic', 'toward_zero'}")
+    .Attr(kAllRoundings)
+    .Attr("random_bits: int = 0")
     .Attr("saturate: bool")
     .SetShapeFn([](InferenceContext* c) { return QuantizeShape(c, {2, 3}, 1); })
     .Doc(R"doc(
@@ -73,7 +77,8 @@ REGISTER_OP("Hfp8QuantizeDfp")
     .Output("exponent: int32")
     .Attr("T: {float, double}")
     .Attr("bits: int")
-    .Attr("rounding: {'nearest_even', 'stochastic', 'toward_zero'}")
+    .Attr(kAllRoundings)
+    .Attr("random_bits: int = 0")
     .Attr("saturate: bool")
     .SetShapeFn([](InferenceContext* c) {
       TF_RETURN_IF_ERROR(QuantizeShape(c, {1}));

@@ -1,0 +1,1 @@
+"""python -m models.stochastic_bits: see __main__.py."""

@@ -1,0 +1,112 @@
+"""The roundings beyond nearest even, stochastic and toward zero on dynamic fixed point
+(against gfloat, through a float format whose subnormals are the multiples of the shared
+exponent), and on every CPU variant of the C++ float and fixed-point loops (against the
+TF-ops backend, which tests/test_p3109.py checks against gfloat)."""
+
+import gfloat
+import numpy as np
+import pytest
+import tensorflow as tf
+from gfloat.types import Domain, FormatInfo, RoundMode
+from helpers import assert_same_bits
+
+import tfhfp8
+from tfhfp8.formats import roundings
+from tfhfp8.ops import tf_backend
+
+MODES = {"nearest_even": RoundMode.TiesToEven, "nearest_away": RoundMode.TiesToAway,
+         "toward_zero": RoundMode.TowardZero, "toward_positive": RoundMode.TowardPositive,
+         "toward_negative": RoundMode.TowardNegative, "stochastic": RoundMode.Stochastic,
+         "stochastic_odd": RoundMode.StochasticOdd, "stochastic_fast": RoundMode.StochasticFast}
+NEW_ROUNDINGS = ["nearest_away", "toward_positive", "toward_negative", "stochastic_r1",
+                 "stochastic_r5", "stochastic_odd_r3", "stochastic_fast_r8", "stochastic_r23"]
+SEED = 20261207
+
+
+def _inputs(bits, count=3000):
+    """Values on, between and just beside the multiples of 2^-8, up to 2^(bits - 9) in
+    magnitude, both signs, and a largest magnitude whose rounding up overflows or not."""
+    rng = np.random.default_rng(bits)
+    top = 2.0 ** (bits - 9)
+    grid = rng.integers(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1), count) / 256.0
+    offsets = rng.choice([0.0, 0.5, 0.25, 0.75, 1 / 3, 2 ** -20], count) / 256.0
+    x = (grid + np.sign(grid) * offsets).astype(np.float32)
+    return np.concatenate([x, np.float32([top * (1 - 2.0 ** -bits), -top * 0.999, 0.0])])
+
+
+def _reference_dfp(x, bits, rounding, seed):
+    """Dynamic fixed point per tensor, from the definition: E_s = E_max - (bits - 2), one
+    more where max|x| may round up to 2^(bits-1) (to nearest: from half an ulp below it;
+    stochastic and directed: from anything above 2^(bits-1) - 1); every element rounded by
+    gfloat to a float format whose subnormals are the multiples of 2^E_s and that holds
+    every |x| below its smallest normal."""
+    parsed = roundings.parse(rounding)
+    largest = float(np.max(np.abs(x)))
+    e_max = int(np.floor(np.log2(largest)))
+    needed = largest / 2.0 ** (e_max - (bits - 2))
+    limit = 2 ** (bits - 1) - 1
+    if parsed.mode in ("nearest_even", "nearest_away"):
+        bump = needed >= limit + 0.5
+    else:
+        bump = parsed.mode != "toward_zero" and needed > limit
+    exponent = e_max - (bits - 2) + int(bump)
+    # Subnormal quantum 2^(1 - bias - (precision - 1)) = 2^exponent.
+    info = FormatInfo("dfp", k=bits + 9, precision=bits, bias=2 - bits - exponent,
+                      has_nz=True, domain=Domain.Extended, num_high_nans=2 ** (bits - 1) - 1,
+                      has_subnormals=True, is_signed=True, is_twos_complement=False)
+    r = parsed.random_bits
+    if r is None:
+        draws = np.zeros(x.size, np.int64)
+    else:
+        c = tf_backend.CONTAINERS[tf.float32]
+        hashed = tf_backend.random_bits(tf.shape(x), tf.constant(seed, tf.int64), c)
+        draws = (hashed.numpy() >> (32 - r)).astype(np.int64)
+    return np.array([gfloat.round_float(info, float(v), MODES[parsed.mode], False, int(s),
+                                        r or 0) for v, s in zip(x, draws)], np.float32)
+
+
+@pytest.mark.parametrize("backend", ["tf", "cpp"])
+@pytest.mark.parametrize("rounding", NEW_ROUNDINGS)
+@pytest.mark.parametrize("bits", [8, 16])
+def test_dynamic_fixed_point_matches_gfloat(backend, rounding, bits):
+    x = _inputs(bits)
+    with tfhfp8.ops.forced_backend(backend):
+        got = tfhfp8.quantize(tf.constant(x), tfhfp8.DynamicFixedPoint(bits), rounding,
+                              seed=SEED).numpy()
+    assert_same_bits(got, _reference_dfp(x, bits, rounding, SEED), x, rounding)
+
+
+@pytest.mark.parametrize("rounding", NEW_ROUNDINGS)
+def test_dynamic_fixed_point_per_slice_and_block_agree_across_backends(rounding):
+    x = tf.constant(_inputs(12, 4000)[:4000].reshape(40, 100))
+    for fmt in (tfhfp8.DynamicFixedPoint(12, axis=0), tfhfp8.DynamicFixedPoint(12, block_size=32)):
+        results = []
+        for backend in ("tf", "cpp"):
+            with tfhfp8.ops.forced_backend(backend):
+                results.append(tfhfp8.quantize(x, fmt, rounding, seed=SEED).numpy())
+        assert_same_bits(results[1], results[0], x, f"{fmt} {rounding}")
+
+
+@pytest.mark.parametrize("name", ["p3109_k8p3se", "p3109_k8p4uf", "float8_e4m3fn", "bfloat16"])
+def test_every_cpu_variant_rounds_as_the_tf_ops(monkeypatch, name):
+    rng = np.random.default_rng(1)
+    fmt = tfhfp8.formats.get(name)
+    x = np.concatenate([rng.normal(size=5000) * fmt.max / 8, fmt.values()[:200] * 1.37,
+                        [fmt.max * 1.5, np.inf, -np.inf, np.nan]]).astype(np.float32)
+    x = np.concatenate([x, -x])
+    cases = [(rounding, saturate) for rounding in NEW_ROUNDINGS
+             for saturate in (False, True, "sat_propagate")]
+    with tfhfp8.ops.forced_backend("tf"):
+        expected = [tfhfp8.quantize(x, fmt, r, s, seed=SEED).numpy() for r, s in cases]
+    variants = tfhfp8.ops.backend_info()["cpu_variants_supported"]
+    for variant in variants:
+        monkeypatch.setenv("TFHFP8_CPU_VARIANT", variant)
+        with tfhfp8.ops.forced_backend("cpp"):
+            for (rounding, saturate), want in zip(cases, expected):
+                got = tfhfp8.quantize(x, fmt, rounding, saturate, seed=SEED).numpy()
+                assert_same_bits(got, want, x, f"{variant} {name} {rounding} {saturate}")
+                dfp = tfhfp8.DynamicFixedPoint(10)
+                with tfhfp8.ops.forced_backend("tf"):
+                    want_dfp = tfhfp8.quantize(x[:-1], dfp, rounding, seed=SEED).numpy()
+                got_dfp = tfhfp8.quantize(x[:-1], dfp, rounding, seed=SEED).numpy()
+                assert_same_bits(got_dfp, want_dfp, x[:-1], f"{variant} DFP {rounding}")
