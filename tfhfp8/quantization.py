@@ -24,12 +24,10 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
       fmt: a format name (`tfhfp8.formats.names()`), `FloatFormat`,
         `DynamicFixedPoint` or `BlockScaled` (blocks along the format's `axis`, each
         with its own scale; see `tfhfp8.block_formats`).
-      rounding: `"nearest_even"`, `"nearest_away"`, `"toward_zero"`,
-        `"toward_positive"`, `"toward_negative"`, `"stochastic"`, or a stochastic
-        rounding on a given number of random bits (`"stochastic_r8"`,
-        `"stochastic_odd_r8"`, `"stochastic_fast_r8"`; see
-        `tfhfp8.formats.roundings`). Block-scaled formats take `"nearest_even"`,
-        `"stochastic"` and `"toward_zero"`.
+      rounding: a name of `tfhfp8.formats.roundings`: `"nearest_even"`,
+        `"nearest_away"`, `"toward_zero"`, `"toward_positive"`, `"toward_negative"`,
+        `"stochastic"`, or `"stochastic_r8"` and the like (r random bits). Block-scaled
+        formats take `"nearest_even"`, `"stochastic"` and `"toward_zero"`.
       saturate: False (or `"ovf_inf"`) follows the format's own cast semantics exactly
         like `x.astype(ml_dtypes.<fmt>).astype(x.dtype)` (overflow to inf, to NaN, or
         saturation; fnuz turns -0 into +0). True (or `"sat_finite"`) clamps overflow,
@@ -50,13 +48,11 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
         smaller ones to 0); a known value outside that range is a ValueError, a traced
         one an InvalidArgumentError when it runs. None uses the scale of `x`'s own
         amax (current scaling).
-      random_bits: with `rounding` `"stochastic"`, `"stochastic_odd"` or
-        `"stochastic_fast"`: the number of random bits per element, 1..23 (the
-        same as `rounding="stochastic_r<r>"`, and so on).
-      noise: with an r-bit stochastic rounding and a `FloatFormat`: the random bits
-        themselves, an integer tensor of `x`'s shape with values in [0, 2^r) (the bits
-        a chip would draw; gfloat's `srbits`), instead of the counter-based hash of
-        `seed`. Rounded by the TF-ops backend.
+      random_bits: 1..23 random bits per element for `rounding` `"stochastic"`,
+        `"stochastic_odd"` or `"stochastic_fast"` (as `rounding="stochastic_r<r>"`).
+      noise: the r random bits themselves (r-bit roundings, `FloatFormat`s): an
+        integer tensor of `x`'s shape with values in [0, 2^r), gfloat's `srbits`,
+        instead of the hash of `seed`; rounded by the TF-ops backend.
 
     Example:
 
@@ -76,14 +72,8 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
             raise ValueError(f"scale is for per-tensor scaled formats (BlockScaled with "
                              f"block_size=None) only, not {fmt!r}")
         scale = _checked_scale(scale)
-    if noise is not None:
-        noise = _checked_noise(noise, x, fmt, rounding)
-    if roundings.is_stochastic(rounding) and noise is None:
-        seed = seed_tensor(seed)
-    else:  # checked all the same: a bad seed is a bug wherever it is passed
-        if seed is not None:
-            seed_tensor(seed)
-        seed = tf.zeros([], tf.int64)
+    noise = None if noise is None else _checked_noise(noise, x, fmt, rounding)
+    seed = _seed_of_the_draws(seed, rounding, noise)
 
     def grad(dy):
         if gradient == "zero_overflow" and isinstance(fmt, formats.FloatFormat):
@@ -92,12 +82,10 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
 
     @tf.custom_gradient
     def _quantize(x):
-        # The rounding has no derivative of its own: stop_gradient keeps forward-mode
-        # differentiation (tf.autodiff.ForwardAccumulator) out of its ops (no registered
-        # gradient for the C++ kernels, zero for the TF ops), and the rounded tensor gets
-        # the straight-through tangent here, before tf.custom_gradient passes it on (in a
-        # traced function, an accumulator ignores the custom gradient and keeps the
-        # first tangent it computes for a tensor).
+        # stop_gradient keeps forward-mode differentiation out of the rounding's ops (no
+        # gradient for the C++ kernels, zero for the TF ops); the straight-through
+        # tangent is recorded here, before tf.custom_gradient (in a traced function an
+        # accumulator ignores the custom gradient and keeps the first tangent it gets).
         if noise is not None:
             y = _round_with_noise(tf.stop_gradient(x), fmt, rounding, saturate, noise)
         else:
@@ -106,6 +94,17 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
         return y, grad
 
     return _quantize(x)
+
+
+def _seed_of_the_draws(seed, rounding, noise):
+    """The int64 seed tensor of a stochastic rounding that draws its own bits; a zero
+    otherwise, after checking `seed` all the same (a bad seed is a bug wherever it is
+    passed)."""
+    if roundings.is_stochastic(rounding) and noise is None:
+        return seed_tensor(seed)
+    if seed is not None:
+        seed_tensor(seed)
+    return tf.zeros([], tf.int64)
 
 
 def quantize_gradient(x, fmt, rounding="nearest_even", saturate=True, seed=None):

@@ -16,119 +16,11 @@ The algorithm (mirrored line by line in `custom_ops/quantize/cc/kernels`):
   reproducible whatever the thread count and no random tensor is stored.
 """
 
-import dataclasses
-
 import tensorflow as tf
 
 from tfhfp8.formats import roundings
-
-# Hash constants (shared with the C++ kernel).
-_GOLDEN = 0x9E3779B9
-_INDEX_HI = 0x85EBCA77
-_INDEX_LO2 = 0xC2B2AE3D
-_INDEX_HI2 = 0x27D4EB2F
-_SEED_SALT = 0x2545F491
-_KEY_SALT = 0x68E31DA4
-
-
-@dataclasses.dataclass(frozen=True)
-class _Container:
-    """Bit layout of the float type the rounding runs in."""
-    dtype: tf.DType
-    uint: tf.DType
-    width: int
-    mantissa: int
-    exponent_bias: int
-
-    @property
-    def inf_bits(self):
-        return ((1 << (self.width - self.mantissa - 1)) - 1) << self.mantissa
-
-    @property
-    def min_exponent(self):
-        """Exponent of the smallest positive subnormal."""
-        return 1 - self.exponent_bias - self.mantissa
-
-
-CONTAINERS = {
-    tf.float32: _Container(tf.float32, tf.uint32, 32, 23, 127),
-    tf.float64: _Container(tf.float64, tf.uint64, 64, 52, 1023),
-}
-
-
-def uint_constant(value, c):
-    """`value` as a constant of the container's unsigned type (`c.uint`)."""
-    return tf.constant(value, c.uint)
-
-
-def shift_right(x, n):
-    """`x >> n` on unsigned bits, `n` cast to `x`'s type."""
-    return tf.bitwise.right_shift(x, tf.cast(n, x.dtype))
-
-
-def _shl(x, n):
-    return tf.bitwise.left_shift(x, tf.cast(n, x.dtype))
-
-
-def _mix32(x):
-    """lowbias32 (C. Wellons): a bijective 32-bit integer hash."""
-    x = x ^ shift_right(x, 16)
-    x = x * tf.constant(0x7FEB352D, tf.uint32)
-    x = x ^ shift_right(x, 15)
-    x = x * tf.constant(0x846CA68B, tf.uint32)
-    return x ^ shift_right(x, 16)
-
-
-def _keys(seed):
-    seed = tf.cast(seed, tf.int64)
-    lo = tf.cast(seed, tf.uint32)
-    hi = tf.cast(tf.bitwise.right_shift(seed, 32), tf.uint32)
-    key0 = _mix32(lo ^ _mix32(hi ^ tf.constant(_SEED_SALT, tf.uint32)))
-    key1 = _mix32(key0 ^ tf.constant(_KEY_SALT, tf.uint32))
-    return key0, key1
-
-
-def _flat_index(shape, size=None):
-    """(low, high) 32-bit words of each element's flat index, as uint32 tensors.
-
-    When the element count is static and below 2^31 (always, in practice) the high
-    word is the constant 0 and the low word an int32 iota: no 64-bit arithmetic per
-    element, which keeps XLA's fused loop on 32-bit lanes.
-    """
-    if size is None:
-        size = tf.get_static_value(tf.reduce_prod(shape))
-    if size is not None and size <= 2**31:
-        lo = tf.bitcast(tf.range(int(size), dtype=tf.int32), tf.uint32)
-        return tf.reshape(lo, shape), None
-    index = tf.reshape(tf.range(tf.reduce_prod(tf.cast(shape, tf.int64)), dtype=tf.int64), shape)
-    lo = tf.cast(index, tf.uint32)
-    hi = tf.cast(tf.bitwise.right_shift(index, 32), tf.uint32)
-    return lo, hi
-
-
-def random_bits(shape, seed, c, size=None):
-    """`c.width` random bits per element: a hash of the seed and the flat index.
-
-    `size`: the number of elements when known statically (a Python int), else None.
-    """
-    lo, hi = _flat_index(shape, size)
-    return index_bits(lo, hi, seed, c)
-
-
-def index_bits(lo, hi, seed, c):
-    """`c.width` random bits per element for the flat indices whose 32-bit words are
-    `lo` and `hi` (uint32 tensors; `hi` None means 0): the hash `random_bits` uses."""
-    key0, key1 = _keys(seed)
-    u32 = lambda v: tf.constant(v, tf.uint32)
-    # hi == None means hi == 0, whose products vanish from the xor.
-    word0 = lo * u32(_GOLDEN) if hi is None else lo * u32(_GOLDEN) ^ hi * u32(_INDEX_HI)
-    word0 = _mix32(word0 ^ key0)
-    if c.width == 32:
-        return word0
-    word1 = lo * u32(_INDEX_LO2) if hi is None else lo * u32(_INDEX_LO2) ^ hi * u32(_INDEX_HI2)
-    word1 = _mix32(word1 ^ key1)
-    return _shl(tf.cast(word0, tf.uint64), 32) | tf.cast(word1, tf.uint64)
-
+from tfhfp8.ops.tf_bits import (  # noqa: F401 (CONTAINERS, index_bits: read here by others)
+    CONTAINERS, index_bits, random_bits, shift_right, shl, uint_constant)
 
 def _rn(v, shift, ties_odd, c):
     """`v / 2^shift` rounded to the nearest integer (`shift >= 1`, a Python int or a
@@ -137,7 +29,7 @@ def _rn(v, shift, ties_odd, c):
     one = uint_constant(1, c)
     low = shift_right(v, shift) & one
     tie_up = one - low if ties_odd else low
-    return shift_right(v + (_shl(one, shift - one) - one) + tie_up, shift)
+    return shift_right(v + (shl(one, shift - one) - one) + tie_up, shift)
 
 
 def _fraction_bits(v, kept, dropped, d, bits, ties, c):
@@ -150,8 +42,8 @@ def _fraction_bits(v, kept, dropped, d, bits, ties, c):
         narrowed = shift_right(v, tf.clip_by_value(d - bits, 0, c.mantissa + 2))
     else:
         narrowed = _rn(v, tf.clip_by_value(d - bits, 1, c.mantissa + 2), ties == "odd", c)
-    wide = _shl(dropped, tf.clip_by_value(bits - d, 0, c.width - 1))
-    return tf.where(d > bits, narrowed - _shl(kept, bits), wide)
+    wide = shl(dropped, tf.clip_by_value(bits - d, 0, c.width - 1))
+    return tf.where(d > bits, narrowed - shl(kept, bits), wide)
 
 
 def _round_up(kept, dropped, v, d, rounding, sign, rand, c):
@@ -163,7 +55,7 @@ def _round_up(kept, dropped, v, d, rounding, sign, rand, c):
     mode, r = rounding.mode, rounding.random_bits
     one = uint_constant(1, c)
     if mode == "nearest_away":
-        half = shift_right(_shl(one, tf.minimum(d, c.mantissa + 2)), 1)
+        half = shift_right(shl(one, tf.minimum(d, c.mantissa + 2)), 1)
         up = (dropped >= half) & (half > 0)
     elif mode in ("toward_positive", "toward_negative"):
         positive = sign == 0
@@ -172,7 +64,7 @@ def _round_up(kept, dropped, v, d, rounding, sign, rand, c):
         # up iff delta + (0.5 + bits) 2^-r >= 1, i.e. floor(delta 2^(r+1)) + 2 bits + 1
         # reaches 2^(r+1).
         t = _fraction_bits(v, kept, dropped, d, r + 1, None, c)
-        up = t + _shl(rand, 1) + one >= uint_constant(1 << (r + 1), c)
+        up = t + shl(rand, 1) + one >= uint_constant(1 << (r + 1), c)
     else:
         ties = "odd" if mode == "stochastic_odd" else "even"
         up = _fraction_bits(v, kept, dropped, d, r, ties, c) + rand >= uint_constant(1 << r, c)
@@ -211,13 +103,13 @@ def _round_variable(sig, s, rounding, rand, c, sign=None):
         return kept
     if rounding.mode == "nearest_even":
         lsb = tf.cast(shift > 0, c.uint)  # s == 0: nothing dropped
-        half_minus_one = shift_right(_shl(uint_constant(1, c), shift), 1) - lsb
+        half_minus_one = shift_right(shl(uint_constant(1, c), shift), 1) - lsb
         return shift_right(sig + half_minus_one + (kept & lsb), shift)
-    dropped = sig & (_shl(uint_constant(1, c), shift) - uint_constant(1, c))
+    dropped = sig & (shl(uint_constant(1, c), shift) - uint_constant(1, c))
     if rounding.stochastic and rounding.random_bits is None:
         up_shift = tf.cast(tf.clip_by_value(w - s, 0, w - 1), c.uint)
         down_shift = tf.cast(tf.clip_by_value(s - w, 0, w - 1), c.uint)
-        fraction = tf.where(s <= w, _shl(dropped, up_shift), shift_right(sig, down_shift))
+        fraction = tf.where(s <= w, shl(dropped, up_shift), shift_right(sig, down_shift))
         return kept + tf.cast(rand < fraction, c.uint)
     return kept + _round_up(kept, dropped, sig, s, rounding, sign, rand, c)
 
@@ -274,7 +166,7 @@ def quantize_float(x, fmt, rounding, saturate, seed, rand=None):
     # Normal path: the code of the target format and its bits in the container.
     d = c.mantissa - m
     code = _round_static(a - uint_constant(rebias, c), d, rounding, rand, c, sign)
-    normal_bits = _shl(code, d) + uint_constant(rebias, c)
+    normal_bits = shl(code, d) + uint_constant(rebias, c)
     overflow = normal & (code > uint_constant(fmt.max_code, c))
 
     # Fixed-quantum path: subnormals of the format, and zero.
@@ -382,9 +274,9 @@ def scaled_bits(code, qe, c):
     """
     qe = tf.convert_to_tensor(qe, tf.int32)
     limit = tf.maximum(2 - c.exponent_bias - qe, 0)
-    linear = code < _shl(uint_constant(1, c), limit)
-    linear_bits = _shl(code, tf.minimum(qe - c.min_exponent, c.width - 1))
-    offset = _shl(tf.bitcast(tf.cast(qe, tf.int64 if c.width == 64 else tf.int32), c.uint),
+    linear = code < shl(uint_constant(1, c), limit)
+    linear_bits = shl(code, tf.minimum(qe - c.min_exponent, c.width - 1))
+    offset = shl(tf.bitcast(tf.cast(qe, tf.int64 if c.width == 64 else tf.int32), c.uint),
                   c.mantissa)
     normal_bits = tf.bitcast(tf.cast(code, c.dtype), c.uint) + offset
     return tf.where(linear, linear_bits, normal_bits)
