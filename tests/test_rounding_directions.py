@@ -110,3 +110,26 @@ def test_every_cpu_variant_rounds_as_the_tf_ops(monkeypatch, name):
                     want_dfp = tfhfp8.quantize(x[:-1], dfp, rounding, seed=SEED).numpy()
                 got_dfp = tfhfp8.quantize(x[:-1], dfp, rounding, seed=SEED).numpy()
                 assert_same_bits(got_dfp, want_dfp, x[:-1], f"{variant} DFP {rounding}")
+
+
+@pytest.mark.parametrize("element", ["p3109_k8p4se", "p3109_k8p3sf", "p3109_k6p3se"])
+def test_p3109_elements_of_block_scaled_formats(element):
+    """A signed P3109 element in MX blocks: the same bits on both backends, every value a
+    block scale times an element value; an unsigned element is refused."""
+    x = tf.constant(np.random.default_rng(2).normal(size=(8, 96)).astype(np.float32))
+    fmt = tfhfp8.BlockScaled(element, 32)
+    results = []
+    for backend in ("tf", "cpp"):
+        with tfhfp8.ops.forced_backend(backend):
+            results.append(tfhfp8.quantize(x, fmt, saturate=True).numpy())
+    assert_same_bits(results[1], results[0], x, element)
+    values = tfhfp8.formats.get(element).values()
+    for block in results[0].reshape(-1, 32):
+        scale = 2.0 ** np.floor(np.log2(np.abs(block).max())) / 2.0 ** np.floor(
+            np.log2(values.max()))
+        assert np.isin(np.abs(block) / scale, values).all()
+
+
+def test_unsigned_elements_are_refused():
+    with pytest.raises(ValueError, match="element must be a signed format"):
+        tfhfp8.BlockScaled("p3109_k8p4ue", 32)

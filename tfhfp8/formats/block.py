@@ -93,6 +93,9 @@ def _element(value):
     if not isinstance(element, scalar.FloatFormat):
         raise ValueError(f"element must be a FloatFormat (or a name of one, or 'int8'), "
                          f"got {element!r}")
+    if not element.signed:
+        raise ValueError(f"element must be a signed format (a block's scale is a magnitude "
+                         f"and its values carry the signs), got {element!r}")
     return element
 
 
