@@ -60,7 +60,7 @@ test: ops data cross
 # has wheels for (3.9 to 3.12). Left out here, tested by `make test`, so that .ci/run,
 # which runs both, stays under 30 minutes on a 2-core machine: the colab notebooks and
 # the documentation's code blocks (end-to-end runs of what other tests cover piece by
-# piece, about 12 min of CPU), the build tests (the compiler and the library cache, not
+# piece), the build tests (the compiler and the library cache, not
 # TensorFlow's kernels) and the gfloat comparisons of tests/test_p3109.py (tfhfp8's own
 # integer rounding; tests/test_rounding_directions.py stays).
 OLDEST_PINS := .ci/oldest.txt
