@@ -279,7 +279,8 @@ inline FloatParams<T> ComputeFloatParams(int exponent_bits, int mantissa_bits, i
 // What every rounding to a FloatFormat ends with, given the input's magnitude bits `a`
 // and sign bit, the rounded magnitude and whether it overflows: the overflow
 // behaviour, the sign of zero, NaN, and the range of unsigned formats.
-template <typename T, Rounding R>
+// kSigned: p.is_unsigned and p.saturate_finite are known to be 0 (fewer instructions).
+template <typename T, Rounding R, bool kSigned = false>
 __attribute__((always_inline)) inline T FinishFloat(typename Container<T>::UInt a,
                                                     typename Container<T>::UInt sign,
                                                     typename Container<T>::UInt magnitude,
@@ -293,7 +294,7 @@ __attribute__((always_inline)) inline T FinishFloat(typename Container<T>::UInt 
                                 : R == Rounding::kTowardPositive ? negative_mask
                                 : R == Rounding::kTowardNegative ? ~negative_mask
                                                                  : UInt{0};
-  const UInt max_mask = toward_zero_mask | (UInt{0} - p.saturate_finite);
+  const UInt max_mask = kSigned ? toward_zero_mask : toward_zero_mask | (UInt{0} - p.saturate_finite);
   const bool is_inf = a == InfBits<T>();
   const UInt finite_overflow = (p.max_bits & max_mask) | (p.overflow_bits & ~max_mask);
   magnitude = overflow ? (is_inf ? p.inf_bits_out : finite_overflow) : magnitude;
@@ -301,7 +302,8 @@ __attribute__((always_inline)) inline T FinishFloat(typename Container<T>::UInt 
   const bool is_nan = a > InfBits<T>();
   // Unsigned: a negative nonzero result is below the range (a zero's sign is gone).
   const UInt below = is_inf ? p.below_inf_bits : p.below_bits;
-  const UInt result = ((p.is_unsigned != 0) & (sign != 0)) ? below : (sign | magnitude);
+  const UInt result =
+      (!kSigned & (p.is_unsigned != 0) & (sign != 0)) ? below : (sign | magnitude);
   return FromBits<T>(is_nan ? (sign ^ p.nan_xor) : result);
 }
 
@@ -339,63 +341,6 @@ __attribute__((always_inline)) inline T QuantizeFloatElement(
   return FinishFloat<T, R>(a, sign, normal ? normal_bits : sub_bits, overflow, p);
 }
 
-
-// QuantizeFloatElement<float, R>(x, p, rand) for the roundings beyond nearest even, toward
-// zero and the full-precision stochastic one, in float arithmetic that vectorizes
-// without variable shifts, when ScaledPathApplies(p): |x| times the reciprocal of its
-// quantum 2^q (a power of two: exact) splits into an integer code and the dropped
-// fraction (floor, and an exact subtraction), the rounding decides on that fraction,
-// and code times 2^q is the result. Every intermediate is a normal float32, so TF's
-// flush-to-zero changes nothing, except a float32 subnormal input: below 2^-26 of a
-// quantum, only a directed rounding away from zero moves it (to the quantum).
-inline bool ScaledPathApplies(const FloatParams<float>& p) { return p.quantum_exponent >= -100; }
-
-template <Rounding R>
-__attribute__((always_inline)) inline float QuantizeFloatScaled(float x,
-                                                                const FloatParams<float>& p,
-                                                                uint32_t rand) {
-  const uint32_t bits = ToBits(x);
-  const uint32_t sign = bits & SignBit<float>();
-  const uint32_t a = bits & ~SignBit<float>();
-  const bool negative = sign != 0;
-  const int exponent = static_cast<int>(a >> 23);
-  // The biased exponent of the quantum: the binade's last mantissa bit, or the fixed
-  // quantum below min normal; at most 253, so that its reciprocal is a normal float.
-  const int normal_q = exponent - (23 - p.d);
-  int q = exponent >= p.emin ? normal_q : p.quantum_exponent + 127;
-  q = q < 253 ? q : 253;
-  const float y = FromBits<float>(a) * FromBits<float>(static_cast<uint32_t>(254 - q) << 23);
-  const float kept = __builtin_floorf(y);
-  const float fraction = y - kept;
-  bool up;
-  if constexpr (R == Rounding::kNearestAway) {
-    up = fraction >= 0.5f;
-  } else if constexpr (R == Rounding::kTowardPositive || R == Rounding::kTowardNegative) {
-    const bool tiny = (a != 0) & (a < (uint32_t{1} << 23));
-    const bool away = R == Rounding::kTowardPositive ? !negative : negative;
-    up = ((fraction > 0.0f) | tiny) & away;
-  } else {
-    const int r = p.random_bits;
-    const uint32_t draw = rand >> (32 - r);
-    if constexpr (R == Rounding::kStochasticFastBits) {
-      // floor(delta 2^(r+1)) + 2 draw + 1 >= 2^(r+1), in integers (up to 2^25).
-      const int t = static_cast<int>(fraction * FromBits<float>((128u + r) << 23));
-      up = t + static_cast<int>(2 * draw + 1) >= (1 << (r + 1));
-    } else {
-      // delta rounded to r bits (ties to even, or to odd), plus the draw, reaches 2^r.
-      const float v = fraction * FromBits<float>((127u + r) << 23);
-      const int whole = static_cast<int>(v);  // v >= 0: the floor
-      const float rest = v - static_cast<float>(whole);
-      const int odd = whole & 1;
-      const int tie_up = R == Rounding::kStochasticOddBits ? 1 - odd : odd;
-      const int d = whole + ((rest > 0.5f) ? 1 : (rest == 0.5f) ? tie_up : 0);
-      up = d + static_cast<int>(draw) >= (1 << r);
-    }
-  }
-  const float code = kept + (up ? 1.0f : 0.0f);
-  const uint32_t magnitude = ToBits(code * FromBits<float>(static_cast<uint32_t>(q) << 23));
-  return FinishFloat<float, R>(a, sign, magnitude, magnitude > p.max_bits, p);
-}
 
 // QuantizeFloatElement<float, Rounding::kNearestEven>(x, p, 0) in about half the
 // instructions, for the inner loop of the accumulating matmul (accumulate_loops.cc):
@@ -496,13 +441,10 @@ inline bool FastFormApplies(const FloatParams<float>& p, Rounding rounding) {
 }
 
 // Whether a value whose dropped fraction of a quantum is `fraction` (a float in [0, 1),
-// exact) rounds away from zero, for nearest-away and the r-bit roundings (`draw`: the r
-// random bits).
+// exact) rounds away from zero, for the r-bit roundings (`draw`: the r random bits).
 template <Rounding R>
 inline bool UpFromFraction(float fraction, uint32_t draw, int r) {
-  if constexpr (R == Rounding::kNearestAway) {
-    return fraction >= 0.5f;
-  } else if constexpr (R == Rounding::kStochasticFastBits) {
+  if constexpr (R == Rounding::kStochasticFastBits) {
     // floor(delta 2^(r+1)) + 2 draw + 1 >= 2^(r+1), in integers (below 2^25).
     const int t = static_cast<int>(fraction * FromBits<float>((128u + r) << 23));
     return t + static_cast<int>(2 * draw + 1) >= (1 << (r + 1));
@@ -521,9 +463,10 @@ inline bool UpFromFraction(float fraction, uint32_t draw, int r) {
 // QuantizeFloatElement<float, R>(x, p, rand) for nearest-away, the directed and the r-bit
 // roundings, when FastFormApplies(p, R), in a third of the instructions: the normal range
 // on the bits with the fixed shift d; below min_normal the FPU's rounding to the quantum,
-// truncated (as QuantizeFloatTowardZero), and the dropped fraction of a quantum (an exact
-// difference, scaled by a power of two) decides.
-template <Rounding R, bool kLinear>
+// moved by one quantum on ties (nearest-away) or in the rounding's direction where inexact
+// (directed), or truncated (as QuantizeFloatTowardZero) with the dropped fraction of a
+// quantum (an exact difference, scaled by a power of two) deciding (r-bit roundings).
+template <Rounding R, bool kLinear, bool kSigned>
 __attribute__((always_inline)) inline float QuantizeFloatFastForm(float x,
                                                                   const FloatParams<float>& p,
                                                                   uint32_t rand) {
@@ -559,7 +502,11 @@ __attribute__((always_inline)) inline float QuantizeFloatFastForm(float x,
     const float nearest = (fa + magic) - magic;
     const float truncated = nearest > fa ? nearest - quantum : nearest;
     UInt sub;
-    if constexpr (kDirected) {
+    if constexpr (R == Rounding::kNearestAway) {
+      // Nearest even, one quantum up on the ties it rounded down (the difference is exact).
+      const float half = quantum * 0.5f;
+      sub = ToBits(fa - nearest == half ? nearest + quantum : nearest);
+    } else if constexpr (kDirected) {
       // A float32 subnormal input, read as 0, moves away from zero too.
       const UInt tiny = static_cast<UInt>((a != 0) & (a < (UInt{1} << 23)));
       const UInt inexact = static_cast<UInt>(fa > truncated) | tiny;
@@ -571,7 +518,7 @@ __attribute__((always_inline)) inline float QuantizeFloatFastForm(float x,
     }
     magnitude = a < (static_cast<UInt>(p.emin) << 23) ? sub : magnitude;
   }
-  return FinishFloat<float, R>(a, sign, magnitude, magnitude > p.max_bits, p);
+  return FinishFloat<float, R, kSigned>(a, sign, magnitude, magnitude > p.max_bits, p);
 }
 
 // ---------------------------------------------------------------------------------
@@ -736,17 +683,21 @@ void QuantizeFloatRange(const T* in, T* out, int64_t begin, int64_t end,
   const FloatParams<T> p = params;
   if constexpr (sizeof(T) == 4 && R >= Rounding::kNearestAway) {
     if (FastFormApplies(p, R)) {
-      const auto run = [&](auto linear_type) {
+      const auto run = [&](auto linear_type, auto signed_type) {
         constexpr bool kLinear = decltype(linear_type)::value;
+        constexpr bool kSigned = decltype(signed_type)::value;
         QuantizeRangeIndexed<float, R, uint32_t>(
             in, out, begin, end, keys, [=](float x, uint32_t rand, int64_t) {
-              return QuantizeFloatFastForm<R, kLinear>(x, p, rand);
+              return QuantizeFloatFastForm<R, kLinear, kSigned>(x, p, rand);
             });
       };
+      const bool plain = p.is_unsigned == 0 && p.saturate_finite == 0;
       if (LinearNearestEven(p)) {
-        run(std::true_type{});
+        run(std::true_type{}, std::false_type{});
+      } else if (plain) {
+        run(std::false_type{}, std::true_type{});
       } else {
-        run(std::false_type{});
+        run(std::false_type{}, std::false_type{});
       }
       return;
     }
