@@ -249,7 +249,9 @@ class DynamicFixedPoint:
     A tensor (or each slice along `axis`) is stored as integers `I` with
     `|I| <= 2^(bits-1) - 1` times a shared power of two `2^E_s`. `E_s` is the smallest
     exponent for which the largest magnitude does not overflow after rounding
-    (`E_max - (bits - 2)` or one more, `E_max` the exponent of `max|x|`).
+    (`E_max - (bits - 2)` or one more, `E_max` the exponent of `max|x|`); for the
+    stochastic and directed roundings, one more whenever it could round up beyond
+    `2^(bits-1) - 1`, whatever its sign.
 
     Args:
       bits: 2..24 (mantissas must be exact in float32).
