@@ -435,6 +435,8 @@ inline float QuantizeFloatTowardZero(float x, const FloatParams<float>& p) {
 // so that a float32 subnormal input, which the FPU reads as 0, lies below 2^-26 of a
 // quantum, where any r <= 23 bits round it to 0 as well.
 inline bool FastFormApplies(const FloatParams<float>& p, Rounding rounding) {
+  // Ties to even: the even float32 bit must be the code's (see NearestEvenFastApplies).
+  if (rounding == Rounding::kNearestEven && !NearestEvenFastApplies(p)) return false;
   if (LinearNearestEven(p)) return true;
   const int limit = rounding >= Rounding::kStochasticBits ? -100 : -125;
   return p.quantum_exponent + 23 <= 127 && p.quantum_exponent >= limit;
@@ -460,12 +462,14 @@ inline bool UpFromFraction(float fraction, uint32_t draw, int r) {
   }
 }
 
-// QuantizeFloatElement<float, R>(x, p, rand) for nearest-away, the directed and the r-bit
-// roundings, when FastFormApplies(p, R), in a third of the instructions: the normal range
-// on the bits with the fixed shift d; below min_normal the FPU's rounding to the quantum,
-// moved by one quantum on ties (nearest-away) or in the rounding's direction where inexact
-// (directed), or truncated (as QuantizeFloatTowardZero) with the dropped fraction of a
-// quantum (an exact difference, scaled by a power of two) deciding (r-bit roundings).
+// QuantizeFloatElement<float, R>(x, p, rand) for every rounding but the full-precision
+// stochastic one, when FastFormApplies(p, R), in a third of the instructions (nearest
+// even and toward zero come here for the unsigned formats and sat_propagate, which
+// QuantizeFloatFast leaves out): the normal range on the bits with the fixed shift d;
+// below min_normal the FPU's rounding to the quantum (nearest even), moved by one
+// quantum on ties (nearest-away) or in the rounding's direction where inexact (directed),
+// or truncated (as QuantizeFloatTowardZero) with the dropped fraction of a quantum (an
+// exact difference, scaled by a power of two) deciding (r-bit roundings).
 template <Rounding R, bool kLinear, bool kSigned>
 __attribute__((always_inline)) inline float QuantizeFloatFastForm(float x,
                                                                   const FloatParams<float>& p,
@@ -485,7 +489,11 @@ __attribute__((always_inline)) inline float QuantizeFloatFastForm(float x,
   const UInt negative_mask = UInt{0} - (sign >> 31);
   const UInt away_mask = R == Rounding::kTowardPositive ? ~negative_mask : negative_mask;
   UInt magnitude;
-  if constexpr (R == Rounding::kNearestAway) {
+  if constexpr (R == Rounding::kNearestEven) {
+    magnitude = (a + p.half_minus_one + ((a >> p.d) & p.lsb)) & ~low;
+  } else if constexpr (R == Rounding::kTowardZero) {
+    magnitude = a & ~low;
+  } else if constexpr (R == Rounding::kNearestAway) {
     magnitude = (a + ((low + 1) >> 1)) & ~low;
   } else if constexpr (kDirected) {
     magnitude = (a + (low & away_mask)) & ~low;
@@ -502,7 +510,11 @@ __attribute__((always_inline)) inline float QuantizeFloatFastForm(float x,
     const float nearest = (fa + magic) - magic;
     const float truncated = nearest > fa ? nearest - quantum : nearest;
     UInt sub;
-    if constexpr (R == Rounding::kNearestAway) {
+    if constexpr (R == Rounding::kNearestEven) {
+      sub = ToBits(nearest);
+    } else if constexpr (R == Rounding::kTowardZero) {
+      sub = ToBits(truncated);
+    } else if constexpr (R == Rounding::kNearestAway) {
       // Nearest even, one quantum up on the ties it rounded down (the difference is exact).
       const float half = quantum * 0.5f;
       sub = ToBits(fa - nearest == half ? nearest + quantum : nearest);
@@ -681,7 +693,7 @@ void QuantizeFloatRange(const T* in, T* out, int64_t begin, int64_t end,
                         const FloatParams<T>& params, const Keys& keys) {
   if (QuantizeFloatFast<T, R>(in, out, begin, end, params)) return;
   const FloatParams<T> p = params;
-  if constexpr (sizeof(T) == 4 && R >= Rounding::kNearestAway) {
+  if constexpr (sizeof(T) == 4 && R != Rounding::kStochastic) {
     if (FastFormApplies(p, R)) {
       const auto run = [&](auto linear_type, auto signed_type) {
         constexpr bool kLinear = decltype(linear_type)::value;
