@@ -95,6 +95,9 @@ FORMATS = {
     # policy format, the ONNX type of its stored weights, independent reference, limit
     "float8_e4m3b11fnuz": (onnx.TensorProto.FLOAT8E4M3FNUZ,
                            _float_reference(ml_dtypes.float8_e4m3b11fnuz, 30.0), 30.0),
+    # IEEE P3109's signed finite 1-4-3 is FLOAT8E4M3FNUZ exactly.
+    "p3109_k8p4sf": (onnx.TensorProto.FLOAT8E4M3FNUZ,
+                     _float_reference(ml_dtypes.float8_e4m3fnuz, 240.0), 240.0),
     "float8_e5m2": (onnx.TensorProto.FLOAT8E5M2,
                     _float_reference(ml_dtypes.float8_e5m2, 57344.0), 57344.0),
     "float16": (onnx.TensorProto.FLOAT16, _float_reference(np.float16, 65504.0), 65504.0),

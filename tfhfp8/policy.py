@@ -85,12 +85,14 @@ class Policy(keras.DTypePolicy):
         `tfhfp8.optimizers.LowPrecisionOptimizer(optimizer, policy)` (which also applies
         `master_weights` to every trainable weight).
       rounding: one rounding for every role, or a dict role -> rounding (missing
-        roles: `"nearest_even"`). Roundings: `"nearest_even"`, `"stochastic"`,
-        `"toward_zero"`; `master_weights` may also be `"kahan"` (Kahan-compensated
-        update with a buffer per weight, Zamirai et al.; needs
+        roles: `"nearest_even"`). Roundings: the names of `tfhfp8.formats.roundings`
+        (`"nearest_even"`, `"stochastic"`, `"toward_zero"`, the directed ones,
+        `"stochastic_r8"`, ...); `master_weights` may also be `"kahan"`
+        (Kahan-compensated update with a buffer per weight, Zamirai et al.; needs
         `tfhfp8.optimizers.LowPrecisionOptimizer`).
-      saturate: clamp overflow to the format's max (True, the default for training)
-        or follow the format's own overflow semantics.
+      saturate: clamp overflow to the format's max (True or `"sat_finite"`, the
+        default for training), follow the format's own overflow semantics (False or
+        `"ovf_inf"`), or clamp finite overflow and keep infinities (`"sat_propagate"`).
       exempt_first_last: `quantize_model` keeps the first and last GEMM layers of a
         model in `exempt_format` instead of this policy's formats.
       exempt_format: the format of exempt layers (None: FP32); by default the
@@ -181,9 +183,7 @@ class Policy(keras.DTypePolicy):
 
         self.formats = {role: _format_or_none(role, settings.get(role)) for role in ROLES}
         self.rounding = self._parse_rounding(rounding)
-        if not isinstance(saturate, bool):
-            raise ValueError(f"saturate must be True or False, got {saturate!r}")
-        self.saturate = saturate
+        self.saturate = roundings.overflow(saturate)
         self.exempt_first_last = bool(exempt_first_last)
         self.exempt_format = _format_or_none("exempt_format", exempt_format)
         if loss_scaling is None:

@@ -109,7 +109,9 @@ def _float_plan(fmt, name, saturate):
     if not fmt.subnormals:
         raise ValueError(f"format {name} has no subnormals; every ONNX float type has "
                          f"them. {OFFERS}")
-    key = (fmt.exponent_bits, fmt.mantissa_bits, fmt.specials)
+    # P3109's signed finite formats are fnuz ones (one NaN at -0, no inf, no -0).
+    specials = "fnuz" if fmt.specials == "p3109_finite" and fmt.signed else fmt.specials
+    key = (fmt.exponent_bits, fmt.mantissa_bits, specials)
     if key in _FLOAT8:
         onnx_type, onnx_bias, dtype = _FLOAT8[key]
         return Plan("float", onnx_type, dtype, FLOAT8_OPSET,
