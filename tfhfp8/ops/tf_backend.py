@@ -22,6 +22,7 @@ from tfhfp8.formats import roundings
 from tfhfp8.ops.tf_bits import (  # noqa: F401 (CONTAINERS, index_bits: read here by others)
     CONTAINERS, index_bits, random_bits, shift_right, shl, uint_constant)
 
+
 def _rn(v, shift, ties_odd, c):
     """`v / 2^shift` rounded to the nearest integer (`shift >= 1`, a Python int or a
     uint tensor), ties to odd or to even."""

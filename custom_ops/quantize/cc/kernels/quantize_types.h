@@ -13,7 +13,8 @@
 namespace tfhfp8 {
 
 // The first kRoundings have loops for every kind of format; the float and fixed-point
-// loops have all kFloatRoundings (tfhfp8.formats.roundings: the *Bits ones draw `random_bits` bits).
+// loops have all kFloatRoundings (tfhfp8.formats.roundings; the *Bits ones draw
+// `random_bits` bits).
 enum class Rounding {
   kNearestEven = 0, kStochastic = 1, kTowardZero = 2, kNearestAway = 3, kTowardPositive = 4,
   kTowardNegative = 5, kStochasticBits = 6, kStochasticOddBits = 7, kStochasticFastBits = 8

@@ -294,7 +294,8 @@ __attribute__((always_inline)) inline T FinishFloat(typename Container<T>::UInt 
                                 : R == Rounding::kTowardPositive ? negative_mask
                                 : R == Rounding::kTowardNegative ? ~negative_mask
                                                                  : UInt{0};
-  const UInt max_mask = kSigned ? toward_zero_mask : toward_zero_mask | (UInt{0} - p.saturate_finite);
+  const UInt max_mask =
+      kSigned ? toward_zero_mask : toward_zero_mask | (UInt{0} - p.saturate_finite);
   const bool is_inf = a == InfBits<T>();
   const UInt finite_overflow = (p.max_bits & max_mask) | (p.overflow_bits & ~max_mask);
   magnitude = overflow ? (is_inf ? p.inf_bits_out : finite_overflow) : magnitude;
