@@ -142,7 +142,7 @@ def check_rounding_and_saturate(rounding, saturate, fmt=None):
     the argument unless `rounding` is a rounding name (`tfhfp8.formats.roundings`) that
     `fmt` takes and `saturate` an overflow behaviour: what every quantizer checks before
     it rounds anything."""
-    roundings.check(rounding)
+    roundings.parse(rounding)
     if isinstance(fmt, block_formats.BlockScaled) and rounding not in roundings.BASIC_ROUNDINGS:
         raise ValueError(f"rounding {rounding!r} is for FloatFormat and DynamicFixedPoint "
                          f"formats; BlockScaled formats take one of {roundings.BASIC_ROUNDINGS}")

@@ -76,17 +76,6 @@ def parse(name) -> Rounding:
     raise ValueError(f"rounding must be {_ALLOWED}; got {name!r}")
 
 
-def check(name, allowed=None):
-    """`name` if it is a rounding name (one of `allowed` when given), else a ValueError
-    naming `rounding` and what is allowed."""
-    if allowed is not None:
-        if not isinstance(name, str) or name not in allowed:
-            raise ValueError(f"rounding must be one of {tuple(allowed)}, got {name!r}")
-        return name
-    parse(name)
-    return name
-
-
 def is_stochastic(name) -> bool:
     """Whether the rounding `name` draws random bits (and so takes a seed)."""
     return parse(name).stochastic

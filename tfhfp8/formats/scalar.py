@@ -79,7 +79,8 @@ class FloatFormat:
 
     IEEE P3109's formats (`FloatFormat.p3109`) are named as gfloat names them:
 
-    >>> get("p3109_k8p3se") == FloatFormat.p3109(8, 3)
+    >>> import tfhfp8
+    >>> tfhfp8.formats.get("p3109_k8p3se") == FloatFormat.p3109(8, 3)
     True
     """
 

@@ -92,9 +92,9 @@ def accumulating_matmul(a, b, fmt, outer_format, products, rounding, saturate, c
     """`a @ b` for float32 `a` [batch, M, K] and `b` [batch, K, N], summed in the float
     format `fmt` (the definition is `tfhfp8.Accumulator`'s docstring): chunks of
     `chunk_size` products (None: one chunk) added up in `outer_format` (None: `fmt`),
-    the products rounded to `products` first (None: exact), with `rounding` (a name of
-    `tfhfp8.formats.ROUNDINGS`), `saturate`, and the stochastic roundings' `seed`
-    (int64 scalar).
+    the products rounded to `products` first (None: exact), with `rounding` (one of
+    `tfhfp8.formats.roundings.BASIC_ROUNDINGS`), `saturate`, and the stochastic
+    roundings' `seed` (int64 scalar).
 
     Returns (c [batch, M, N] float32, swamped: the int64 number of additions of a
     nonzero term that left the running sum unchanged).
