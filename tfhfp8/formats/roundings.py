@@ -77,8 +77,9 @@ def parse(name) -> Rounding:
 
 
 def is_stochastic(name) -> bool:
-    """Whether the rounding `name` draws random bits (and so takes a seed)."""
-    return parse(name).stochastic
+    """Whether the rounding `name` draws random bits (and so takes a seed); False for
+    any other name, the master weights' `"kahan"` included."""
+    return name == "stochastic" or (isinstance(name, str) and _WITH_BITS.match(name) is not None)
 
 
 def with_random_bits(name, random_bits):
