@@ -14,7 +14,6 @@ shared and noisy, so compare ratios from one run, never absolute times across ru
 Prints one table; asserts nothing.
 """
 
-import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
@@ -77,9 +76,7 @@ def main(argv):
           f"{cpp_backend.cpu_variant()[0]} (supported: {' '.join(cpp_backend.cpu_variant()[1])})\n"
           f"load average before: {machine.load_average()}")
     cpp_backend.load()
-    rng = np.random.default_rng(0)
-    x_np = (rng.standard_normal(n, dtype=np.float32)
-            * np.exp2(rng.integers(-12, 6, n)).astype(np.float32))
+    x_np = machine.test_values(n)
     x = tf.constant(x_np.reshape(-1, 1024))
 
     cases = [(name, fn) for name, fn in _cases(x)

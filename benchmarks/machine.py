@@ -55,6 +55,14 @@ def with_env(fn, **env):
     return wrapped
 
 
+def test_values(n):
+    """The values every quantization benchmark rounds: n float32 normal samples times
+    powers of two from 2^-12 to 2^5 (many binades, as tensors in training hold)."""
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal(n, dtype=np.float32)
+            * np.exp2(rng.integers(-12, 6, n)).astype(np.float32))
+
+
 def copy_floor_cases(x):
     """The memory-copy floor `x * one` as two cases, a tf.function and an XLA-compiled
     one: which is faster varies by machine, and the faster is the floor."""

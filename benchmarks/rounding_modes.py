@@ -11,7 +11,6 @@ machine is noisy: compare ratios, never absolute times across runs); asserts not
         [--formats p3109_k8p4se,p3109_k8p3ue] [--random_bits 8] [--filter x86_64_v3]
 """
 
-import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
@@ -60,9 +59,7 @@ def main(argv):
           f"interleaved rounds after {_WARMUP.value} warm-up calls; saturating\n"
           f"load average before: {machine.load_average()}")
     cpp_backend.load()
-    rng = np.random.default_rng(0)
-    x = tf.constant(rng.standard_normal(n, dtype=np.float32)
-                    * np.exp2(rng.integers(-12, 6, n)).astype(np.float32))
+    x = tf.constant(machine.test_values(n))
     cases = [(name, fn) for name, fn in _cases(x)
              if not _FILTER.value or _FILTER.value in name or name.startswith("copy floor")]
     machine.print_throughput(cases, n, _REPEATS.value, _WARMUP.value)
