@@ -171,6 +171,7 @@ def _adversarial_rows(rng):
     return np.array(rows, np.float32)
 
 
+@pytest.mark.arithmetic
 @pytest.mark.parametrize("name", list(MX))
 @pytest.mark.parametrize("rounding", list(GF_ROUNDING))
 def test_mx_matches_gfloat_bit_for_bit(backend, monkeypatch, name, rounding):
@@ -192,6 +193,7 @@ def test_mxint8_differs_from_gfloat_only_at_minus_two(backend, monkeypatch):
     np.testing.assert_array_equal(ours[0, 1:], theirs[0, 1:])
 
 
+@pytest.mark.arithmetic
 @pytest.mark.parametrize("name", ["mxfp8_e4m3", "mxfp4_e2m1", "mxint8"])
 def test_partial_blocks_and_other_axes_match_gfloat(backend, monkeypatch, name):
     rng = np.random.default_rng(7)
@@ -404,6 +406,7 @@ def _mixed_tiny_blocks(rng):
     tfhfp8.BlockScaled("float6_e2m3fn", 8, scale="float8_e4m3fn", tensor_scale=True,
                        scale_rounding="floor"),
 ], ids=["nvfp4", "e4m3_scale_no_tensor_scale", "e2m3_floor"])
+@pytest.mark.arithmetic
 @pytest.mark.parametrize("rounding", ["nearest_even", "toward_zero"])
 def test_float_scales_match_the_fractions_reference(backend, monkeypatch, fmt, rounding):
     fmt = formats.get(fmt)

@@ -45,6 +45,7 @@ def _types(acc):
     return acc.input_types[0], acc.input_types[-1]
 
 
+@pytest.mark.arithmetic
 @pytest.mark.parametrize("name", sorted(HARDWARE))
 @pytest.mark.parametrize("k", [1, 7, 32, 33, 130])
 def test_named_accumulators_match_the_reference_on_random_inputs(name, k):

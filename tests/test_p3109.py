@@ -53,6 +53,7 @@ def on_backend(request):
         yield request.param
 
 
+@pytest.mark.arithmetic
 @pytest.mark.parametrize("overflow", roundings.OVERFLOWS)
 @pytest.mark.parametrize("rounding", roundings.DIRECTED)
 @pytest.mark.parametrize("name", FORMAT_NAMES)
@@ -63,6 +64,7 @@ def test_directed_roundings_match_gfloat(on_backend, name, rounding, overflow):
                      f"{name} {rounding} {overflow} ({on_backend})")
 
 
+@pytest.mark.arithmetic
 @pytest.mark.parametrize("name, rounding, overflow", r_bit_cases())
 def test_r_bit_roundings_with_noise_match_gfloat(name, rounding, overflow):
     # noise= always rounds with the TF-ops backend: one backend to test.
@@ -76,6 +78,7 @@ def test_r_bit_roundings_with_noise_match_gfloat(name, rounding, overflow):
                      f"{name} {rounding} {overflow} noise")
 
 
+@pytest.mark.arithmetic
 @pytest.mark.parametrize("name, rounding, overflow", r_bit_cases())
 def test_r_bit_roundings_with_seed_match_gfloat(on_backend, name, rounding, overflow):
     r = roundings.parse(rounding).random_bits
@@ -86,6 +89,7 @@ def test_r_bit_roundings_with_seed_match_gfloat(on_backend, name, rounding, over
                      f"{name} {rounding} {overflow} seed={seed} ({on_backend})")
 
 
+@pytest.mark.arithmetic
 @pytest.mark.parametrize("rounding", [f"{variant}_r{r}" for r in (1, 8, 16, 23)
                                       for variant in roundings.STOCHASTIC_VARIANTS])
 @pytest.mark.parametrize("name", ["bfloat16", "p3109_k8p3se", "p3109_k4p4uf"])
@@ -105,6 +109,7 @@ def test_float64_inputs_match_gfloat(on_backend, name, rounding):
                      f"{name} {rounding} {overflow} noise")
 
 
+@pytest.mark.arithmetic
 @pytest.mark.parametrize("name, rounding, overflow", [
     ("p3109_k8p3se", "toward_negative", "sat_propagate"),
     ("p3109_k8p4ue", "stochastic_odd_r4", "ovf_inf"),
@@ -145,6 +150,7 @@ def test_random_bits_argument_spells_the_rounding():
     assert not np.array_equal(by_name.numpy(), other_seed.numpy())  # the seed matters
 
 
+@pytest.mark.arithmetic
 @pytest.mark.parametrize("name", ["p3109_k8p3se", "p3109_k8p1se", "p3109_k8p4uf",
                                   "float8_e4m3fn"])
 def test_gfloat_round_ndarray_is_round_float(name):

@@ -126,6 +126,7 @@ def test_delayed_scaling_checks_a_traced_scale_when_it_runs():
     ("e4m3_current", ml_dtypes.float8_e4m3fn, 448.0),
     ("e5m2_current", ml_dtypes.float8_e5m2, 57344.0)])
 @pytest.mark.parametrize("amax", [1e-30, 5e-36, 1e-37, 1e-39, 3e-45])
+@pytest.mark.arithmetic
 def test_current_scaling_of_tiny_tensors_matches_the_reference(backend, name, element,
                                                                 maximum, amax):
     rng = np.random.default_rng(0)

@@ -23,6 +23,8 @@ from helpers import (FLOAT_NAMES, assert_same_bits, exact_float64_cast, format_v
                      ml_cast, np_type, quantize_np)
 from tfhfp8 import formats
 
+pytestmark = pytest.mark.arithmetic  # see setup.cfg
+
 F32_MAX = float(np.finfo(np.float32).max)
 
 

@@ -18,6 +18,8 @@ import tfhfp8
 from helpers import bits_of, format_values, mismatches, quantize_np
 from tfhfp8 import formats
 
+pytestmark = pytest.mark.arithmetic  # see setup.cfg
+
 N = 10**5
 POSITIONS = (2.0**-10, 0.1, 0.25, 0.5, 0.7, 0.9)
 

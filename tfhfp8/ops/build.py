@@ -4,7 +4,8 @@ A custom-op library only loads into the TensorFlow it was compiled against, so i
 is compiled on the user's machine: on first use (or `python -m tfhfp8.ops.build`),
 into `$TFHFP8_CACHE_DIR` (default `~/.cache/tfhfp8`), under a name that hashes the
 sources, the TensorFlow version and flags and the compiler, so a change of any of
-them rebuilds it.
+them rebuilds it. The object files are kept beside it (checksummed), so that a library
+damaged later is relinked, not recompiled.
 
 The library runs on every CPU of its architecture: TensorFlow's headers are compiled
 for the baseline instruction set only, and the quantization loops once per CPU
@@ -20,6 +21,7 @@ import pathlib
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,9 +111,16 @@ def _fingerprint(commands, link):
         if path.is_file():
             digest.update(str(path.relative_to(root)).encode())
             digest.update(path.read_bytes())
-    # The commands without the temporary directory they write to.
+    # The commands without the folders they write to and read from (the sources' contents
+    # and TensorFlow's version are hashed instead), so that a fresh clone or virtual
+    # environment reuses the library an identical one built.
+    folders = sorted({str(root), tf.sysconfig.get_include(), tf.sysconfig.get_lib()},
+                     key=len, reverse=True)
     for command in commands + [link]:
-        digest.update(" ".join(a for a in command if not a.endswith(".o")).encode())
+        text = " ".join(a for a in command if not a.endswith(".o"))
+        for index, folder in enumerate(folders):
+            text = text.replace(folder, f"<folder {index}>")
+        digest.update(text.encode())
     digest.update(tf.__version__.encode())
     digest.update(platform.machine().encode())
     try:
@@ -155,6 +164,60 @@ def _run(command, log):
     return None
 
 
+def _store_objects(objects, directory):
+    """Keeps the object files of a build beside its library, with their checksums, so
+    that a library damaged later is relinked in seconds instead of recompiled."""
+    staged = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, suffix=".objects"))
+    staged.chmod(0o755)  # as the library: readable by every user of a shared cache
+    for obj in objects:
+        shutil.copyfile(obj, staged / obj.name)
+    (staged / "SHA256SUMS").write_text(
+        "".join(f"{_checksum(obj)}  {obj.name}\n" for obj in objects))
+    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        os.replace(staged, directory)
+    except OSError:  # a concurrent build stored the same objects first
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _restore_objects(objects, directory):
+    """Copies the stored objects of an earlier build to `objects`; False if any is
+    missing or damaged (then everything is compiled again)."""
+    try:
+        sums = dict(reversed(line.split("  ", 1))
+                    for line in (directory / "SHA256SUMS").read_text().splitlines())
+        if any(sums.get(obj.name) != _checksum(directory / obj.name) for obj in objects):
+            return False
+    except (OSError, ValueError):
+        return False
+    for obj in objects:
+        shutil.copyfile(directory / obj.name, obj)
+    return True
+
+
+def _compile(commands, link, library, target):
+    """Compiles (unless the stored objects are intact) and links into `library`."""
+    objects = [pathlib.Path(a) for a in link if a.endswith(".o")]
+    objects_dir = target.with_suffix(".objects")
+    log, failures = [], []
+    if not _restore_objects(objects, objects_dir):
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            failures = [f for f in pool.map(lambda c: _run(c, log), commands) if f]
+        if not failures:
+            _store_objects(objects, objects_dir)
+    if not failures:
+        failures = [f for f in [_run(link + ["-o", str(library)], log)] if f]
+    if failures:
+        log_path = target.with_suffix(".log")
+        log_path.write_text("\n".join(log))
+        command, stderr = failures[0]
+        raise BuildError(
+            f"compiling the tfhfp8 ops failed ({len(failures)} of {len(commands) + 1} "
+            f"steps); first errors:\n{first_errors(stderr)}\n"
+            f"failed command: {' '.join(shlex.quote(a) for a in command)}\n"
+            f"full log: {log_path}")
+
+
 def library_path(verbose=False) -> pathlib.Path:
     """Path of the compiled library, building it first if needed; raises BuildError."""
     target_dir = cache_dir()
@@ -166,21 +229,8 @@ def library_path(verbose=False) -> pathlib.Path:
         target_dir.mkdir(parents=True, exist_ok=True)
         if verbose:
             print(f"Building tfhfp8 ops into {target}", file=sys.stderr)
-        log = []
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            failures = [f for f in pool.map(lambda c: _run(c, log), commands) if f]
         partial = pathlib.Path(tmp) / "library.so"
-        if not failures:
-            failures = [f for f in [_run(link + ["-o", str(partial)], log)] if f]
-        if failures:
-            log_path = target.with_suffix(".log")
-            log_path.write_text("\n".join(log))
-            command, stderr = failures[0]
-            raise BuildError(
-                f"compiling the tfhfp8 ops failed ({len(failures)} of {len(commands) + 1} "
-                f"steps); first errors:\n{first_errors(stderr)}\n"
-                f"failed command: {' '.join(shlex.quote(a) for a in command)}\n"
-                f"full log: {log_path}")
+        _compile(commands, link, partial, target)
         # Atomic: a concurrent build or load never sees a partial file; the checksum,
         # written last, also catches a file damaged later (it is rebuilt).
         staged = pathlib.Path(tempfile.mkstemp(dir=target_dir, suffix=".so")[1])
