@@ -1,9 +1,11 @@
 """The roundings beyond nearest even, stochastic and toward zero on dynamic fixed point
 (against gfloat, through a float format whose subnormals are the multiples of the shared
-exponent), and on every CPU variant of the C++ float and fixed-point loops (against the
-TF-ops backend, which tests/test_p3109.py checks against gfloat)."""
+exponent), on the elements of block-scaled formats (OCP MX against gfloat), and on every
+CPU variant of the C++ float and fixed-point loops (against the TF-ops backend, which
+tests/test_p3109.py checks against gfloat)."""
 
 import gfloat
+import gfloat.formats as gf
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -133,3 +135,102 @@ def test_p3109_elements_of_block_scaled_formats(element):
 def test_unsigned_elements_are_refused():
     with pytest.raises(ValueError, match="element must be a signed format"):
         tfhfp8.BlockScaled("p3109_k8p4ue", 32)
+
+
+# -- block-scaled formats: the elements round with every rounding --
+
+GF_BLOCKS = {"mxfp8_e4m3": gf.format_info_mxfp8_e4m3,
+             "mxfp6_e2m3": gf.format_info_mxfp6_e2m3,
+             "mxfp4_e2m1": gf.format_info_mxfp4_e2m1}
+
+
+def _block_inputs():
+    """Rows of 32-element blocks at magnitudes from 2^-20 to 2^20, and values on the
+    element grid's midpoints and quarter points (ties and near-ties for every rounding)."""
+    rng = np.random.default_rng(5)
+    scales = np.exp2(rng.integers(-20, 20, (6, 4, 1)))
+    x = rng.standard_normal((6, 4, 32)) * scales
+    x[0] = np.round(x[0] * 8) / 8 + rng.choice([0.5, 0.25, -0.5], x[0].shape) / 8
+    return x.reshape(6, 128).astype(np.float32)
+
+
+def _gfloat_mx(name, x, rounding, seed):
+    """OCP MX from gfloat: each block's scale by `compute_scale_amax`, its elements
+    rounded by `round_ndarray` (saturating) with the r random bits the TF-ops backend
+    draws for each element's flat index."""
+    info = GF_BLOCKS[name]
+    parsed = roundings.parse(rounding)
+    r = parsed.random_bits
+    if r is None:
+        draws = None
+    else:
+        c = tf_backend.CONTAINERS[tf.float32]
+        hashed = tf_backend.random_bits(tf.shape(x), tf.constant(seed, tf.int64), c)
+        draws = (hashed.numpy() >> (32 - r)).astype(np.int64)
+    out = np.empty(x.shape, np.float64)
+    for row in range(x.shape[0]):
+        for i in range(0, x.shape[1], info.k):
+            block = x[row, i:i + info.k].astype(np.float64)
+            scale = gfloat.compute_scale_amax(info.etype.emax, np.max(np.abs(block)))
+            bits = None if draws is None else draws[row, i:i + info.k]
+            out[row, i:i + info.k] = scale * gfloat.round_ndarray(
+                info.etype, block / scale, MODES[parsed.mode], True, bits, r or 0)
+    return out.astype(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(GF_BLOCKS))
+def test_mx_reference_is_gfloats_own_blocks(name):
+    """The reference above is gfloat's `quantize_block` where that applies (no random
+    bits)."""
+    x = _block_inputs()
+    for rounding in ("nearest_even", "toward_positive", "nearest_away"):
+        ours = _gfloat_mx(name, x, rounding, SEED)
+        theirs = np.concatenate([
+            gfloat.quantize_block(GF_BLOCKS[name], row[i:i + 32].astype(np.float64),
+                                  gfloat.compute_scale_amax, MODES[rounding])
+            for row in x for i in range(0, 128, 32)]).reshape(x.shape)
+        assert_same_bits(ours, theirs.astype(np.float32), x, f"{name} {rounding}")
+
+
+@pytest.mark.parametrize("backend", ["tf", "cpp"])
+@pytest.mark.parametrize("rounding", NEW_ROUNDINGS)
+@pytest.mark.parametrize("name", sorted(GF_BLOCKS))
+def test_mx_elements_take_every_rounding(monkeypatch, backend, rounding, name):
+    """On the C++ backend, with the loops of every CPU variant."""
+    x = _block_inputs()
+    expected = _gfloat_mx(name, x, rounding, SEED)
+    variants = tfhfp8.ops.backend_info()["cpu_variants_supported"] if backend == "cpp" else [""]
+    for variant in variants:
+        monkeypatch.setenv("TFHFP8_CPU_VARIANT", variant)
+        with tfhfp8.ops.forced_backend(backend):
+            got = tfhfp8.quantize(x, name, rounding, seed=SEED).numpy()
+        assert_same_bits(got, expected, x, f"{variant} {name} {rounding}")
+
+
+# Ties of each element grid under a scale of exactly 1: NVFP4's tensor scale is
+# amax / (448 * 6) and its block scale block_amax / 6; per-tensor current scaling's scale
+# is amax / 448. Each tie and the value nearest_away gives it.
+TIES = {"nvfp4": ([2688.0] + [0.0] * 15 + [6.0, 2.5, -2.5, 0.25, 1.25, 5.0, -0.75] + [0.0] * 9,
+                  {17: 3.0, 18: -3.0, 19: 0.5, 20: 1.5, 21: 6.0, 22: -1.0}),
+        "e4m3_current": ([448.0, 1.0625, -1.0625, 2.125, 0.4375 + 1 / 64] + [0.0] * 27,
+                         {1: 1.125, 2: -1.125, 3: 2.25, 4: 0.46875})}
+
+
+@pytest.mark.parametrize("rounding", NEW_ROUNDINGS)
+@pytest.mark.parametrize("name", ["nvfp4", "e4m3_current"])
+def test_float_scaled_formats_take_every_rounding_on_both_backends(rounding, name):
+    """NVFP4 (E4M3 block scales within an FP32 tensor scale) and per-tensor current
+    scaling: the elements round in float64 on both backends, with the same bits."""
+    x = _block_inputs()
+    results = []
+    for backend in ("tf", "cpp"):
+        with tfhfp8.ops.forced_backend(backend):
+            results.append(tfhfp8.quantize(x, name, rounding, seed=SEED).numpy())
+            ties, away = TIES[name]
+            tied = tfhfp8.quantize(np.float32([ties]), name, rounding, seed=SEED).numpy()[0]
+            if rounding == "nearest_away":
+                np.testing.assert_array_equal(tied[list(away)], list(away.values()))
+    assert_same_bits(results[1], results[0], x, f"{name} {rounding}")
+    if rounding != "nearest_away":  # which differs only on ties
+        nearest = tfhfp8.quantize(x, name).numpy()
+        assert np.mean(results[0] != nearest) > 0.05  # the rounding was applied

@@ -63,7 +63,7 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
     fmt = formats.get(fmt)
     if random_bits is not None:
         rounding = roundings.with_random_bits(rounding, random_bits)
-    saturate = check_rounding_and_saturate(rounding, saturate, fmt)
+    saturate = check_rounding_and_saturate(rounding, saturate)
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
     x = as_float_tensor(x)
@@ -124,7 +124,7 @@ def quantize_gradient(x, fmt, rounding="nearest_even", saturate=True, seed=None)
     """
     fmt = formats.get(fmt)
     # Bad arguments are errors now, not in the backward pass.
-    check_rounding_and_saturate(rounding, saturate, fmt)
+    check_rounding_and_saturate(rounding, saturate)
     if seed is not None:
         seed_tensor(seed)
 
@@ -137,15 +137,12 @@ def quantize_gradient(x, fmt, rounding="nearest_even", saturate=True, seed=None)
     return _identity(as_float_tensor(x))
 
 
-def check_rounding_and_saturate(rounding, saturate, fmt=None):
+def check_rounding_and_saturate(rounding, saturate):
     """`saturate` as the backends take it (`roundings.overflow`), or a ValueError naming
-    the argument unless `rounding` is a rounding name (`tfhfp8.formats.roundings`) that
-    `fmt` takes and `saturate` an overflow behaviour: what every quantizer checks before
-    it rounds anything."""
+    the argument unless `rounding` is a rounding name (`tfhfp8.formats.roundings`, every
+    format takes each) and `saturate` an overflow behaviour: what every quantizer checks
+    before it rounds anything."""
     roundings.parse(rounding)
-    if isinstance(fmt, block_formats.BlockScaled) and rounding not in roundings.BASIC_ROUNDINGS:
-        raise ValueError(f"rounding {rounding!r} is for FloatFormat and DynamicFixedPoint "
-                         f"formats; BlockScaled formats take one of {roundings.BASIC_ROUNDINGS}")
     return roundings.overflow(saturate)
 
 

@@ -1,7 +1,7 @@
 """How a value between two representable neighbours is rounded, and what overflows give.
 
-Rounding names (every quantizer takes them; the accumulators and the all-reduce the
-three of `BASIC_ROUNDINGS`):
+Rounding names (every quantizer and every format takes them; the accumulators and the
+all-reduce the three of `BASIC_ROUNDINGS`):
 
 - `"nearest_even"`: to the nearer neighbour, ties to the one with an even code.
 - `"nearest_away"`: to the nearer neighbour, ties away from zero.

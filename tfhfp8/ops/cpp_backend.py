@@ -65,7 +65,7 @@ def quantize_block(x, fmt, rounding, saturate, seed):
         element_signed=bool(element.signed),
         scale="e8m0" if fmt.power_of_two_scale else "float",
         scale_rounding=fmt.scale_rounding, tensor_scale=fmt.tensor_scale,
-        rounding=rounding, saturate=saturate)
+        **_rounding_attrs(rounding), saturate=saturate)
     if not fmt.power_of_two_scale:
         attrs.update(scale_exponent_bits=fmt.scale.exponent_bits,
                      scale_mantissa_bits=fmt.scale.mantissa_bits, scale_bias=fmt.scale.bias,

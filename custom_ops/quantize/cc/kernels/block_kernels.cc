@@ -23,23 +23,25 @@ using tensorflow::OpKernelConstruction;
 namespace {
 
 template <typename T>
-FloatParams<T> Saturating(const FloatFormatAttrs& f) {
+FloatParams<T> Saturating(const FloatFormatAttrs& f, int random_bits = 0) {
   return MakeFloatParams<T>(f.exponent_bits, f.mantissa_bits, f.bias, f.specials, f.subnormals,
-                            /*saturate=*/true, f.is_signed);
+                            /*saturate=*/true, f.is_signed, /*propagate_inf=*/false,
+                            random_bits);
 }
 
 template <typename T>
 BlockParams<T> MakeBlockParams(const FloatFormatAttrs& element, const FloatFormatAttrs* scale,
-                               const std::string& scale_rounding, bool saturate) {
+                               const std::string& scale_rounding, bool saturate,
+                               int random_bits) {
   using UInt = typename Container<T>::UInt;
   BlockParams<T> p{};
   p.power_of_two = scale == nullptr;
   p.saturate = saturate;
-  p.element = Saturating<T>(element);
+  p.element = Saturating<T>(element, random_bits);
   p.emax = static_cast<int>(p.element.max_code >> element.mantissa_bits) - element.bias;
   p.ceil = scale_rounding == "ceil";
   p.max_fraction = p.element.max_bits & ((UInt{1} << Container<T>::kMantissa) - 1);
-  p.element64 = Saturating<double>(element);
+  p.element64 = Saturating<double>(element, random_bits);
   if (scale != nullptr) p.scale64 = Saturating<double>(*scale);
   p.scale_toward_zero = scale_rounding == "floor";
   p.float32 = MakeFloatParams<double>(8, 23, 127, Specials::kIeee, true, true);
@@ -69,6 +71,8 @@ class QuantizeBlockOp : public OpKernel {
     OP_REQUIRES_OK(context, context->GetAttr("scale_rounding", &scale_rounding));
     OP_REQUIRES_OK(context, context->GetAttr("tensor_scale", &tensor_scale_));
     OP_REQUIRES_OK(context, ReadRoundingAttrs(context, &rounding_, &saturate_));
+    int random_bits = 0;
+    OP_REQUIRES_OK(context, ReadRandomBits(context, rounding_, &random_bits));
     OP_REQUIRES(context, block_size_ >= 1 && block_size_ <= (1 << 16),
                 InvalidArgument("block_size must be in [1, 65536], got ", block_size_));
     OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "element_", 23, &element));
@@ -86,8 +90,10 @@ class QuantizeBlockOp : public OpKernel {
                                   "scale='float', got '", scale_rounding, "'"));
     }
     const FloatFormatAttrs* scale_attrs = power_of_two ? nullptr : &scale_format;
-    params32_ = MakeBlockParams<float>(element, scale_attrs, scale_rounding, saturate_);
-    params64_ = MakeBlockParams<double>(element, scale_attrs, scale_rounding, saturate_);
+    params32_ =
+        MakeBlockParams<float>(element, scale_attrs, scale_rounding, saturate_, random_bits);
+    params64_ =
+        MakeBlockParams<double>(element, scale_attrs, scale_rounding, saturate_, random_bits);
     scale_max_ = power_of_two ? 0.0 : FromBits<double>(params64_.scale64.max_bits);
   }
 

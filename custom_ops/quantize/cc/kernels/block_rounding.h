@@ -152,9 +152,10 @@ struct FloatScaler {
   }
 
   // A float64 quotient v rounded to odd in float32 (toward zero, the last bit set when
-  // inexact): rounding that to nearest even or toward zero at precision p gives v's own
-  // rounding when p <= 22 (Boldo & Melquiond, "Emulation of FMA and correctly rounded
-  // sums: proved algorithms using rounding to odd", 2008), and so the exact quotient's
+  // inexact): rounding that to nearest (either tie), toward zero or toward +-infinity
+  // at precision p gives v's own rounding when p <= 22 (Boldo & Melquiond, "Emulation of
+  // FMA and correctly rounded sums: proved algorithms using rounding to odd", 2008), and
+  // so the exact quotient's
   // (a float64 quotient of a float32 by a 28-bit d is never closer to a midpoint of
   // the element than 2^-32 relatively, unless on it). Below 2^-126 a tiny odd value
   // and beyond float32 its largest (odd) value stand in: they round like v when the
@@ -490,9 +491,9 @@ inline void FloatRun(const T* in, T* out, int64_t start, int64_t count, int64_t 
     for (int64_t j = 0; j < count; ++j) d_of[j] = d_block[j / block_size];
   }
   const double* d_ptr = d_of;
-  if (R != Rounding::kStochastic && p.element_rounds_in_float32) {
-    // Round to nearest even or toward zero: the quotient rounded to odd in float32,
-    // then rounded to the element in float32 (FloatScaler::OddQuotient).
+  if (!DrawsBits(R) && p.element_rounds_in_float32) {
+    // A rounding that draws no bits: the quotient rounded to odd in float32, then
+    // rounded to the element in float32 (FloatScaler::OddQuotient).
     const FloatParams<float> element = p.element;
     QuantizeRangeIndexed<T, R, UInt>(in, out, start, start + count, keys,
                                      [=](T x, UInt, int64_t j) {

@@ -29,8 +29,6 @@ void BlockLoopOf(const T* in, T* out, const BlockShape& shape, int64_t begin, in
   BlockRange<T, R>(in, out, shape, begin, end, params, keys);
 }
 
-#define TFHFP8_BY_ROUNDING(F, T) \
-  { F<T, Rounding::kNearestEven>, F<T, Rounding::kStochastic>, F<T, Rounding::kTowardZero> }
 #define TFHFP8_BY_FLOAT_ROUNDING(F, T)                                                      \
   {                                                                                         \
     F<T, Rounding::kNearestEven>, F<T, Rounding::kStochastic>, F<T, Rounding::kTowardZero>, \
@@ -54,8 +52,8 @@ extern const Loops TFHFP8_CONCAT(kLoops_, TFHFP8_VARIANT) = {
     TFHFP8_BY_FLOAT_ROUNDING(FixedLoopOf, double),
     MaxAbsBitsRange<float>,
     MaxAbsBitsRange<double>,
-    TFHFP8_BY_ROUNDING(BlockLoopOf, float),
-    TFHFP8_BY_ROUNDING(BlockLoopOf, double),
+    TFHFP8_BY_FLOAT_ROUNDING(BlockLoopOf, float),
+    TFHFP8_BY_FLOAT_ROUNDING(BlockLoopOf, double),
     TensorAmaxRange<float>,
     TensorAmaxRange<double>,
 };

@@ -12,9 +12,8 @@
 
 namespace tfhfp8 {
 
-// The first kRoundings have loops for every kind of format; the float and fixed-point
-// loops have all kFloatRoundings (tfhfp8.formats.roundings; the *Bits ones draw
-// `random_bits` bits).
+// The quantization loops have all kFloatRoundings (tfhfp8.formats.roundings; the *Bits
+// ones draw `random_bits` bits); the accumulating GEMMs the first kRoundings.
 enum class Rounding {
   kNearestEven = 0, kStochastic = 1, kTowardZero = 2, kNearestAway = 3, kTowardPositive = 4,
   kTowardNegative = 5, kStochasticBits = 6, kStochasticOddBits = 7, kStochasticFastBits = 8
@@ -149,8 +148,8 @@ struct Loops {
   FixedLoop<double> fixed64[kFloatRoundings];
   MaxAbsLoop<float> max_abs32;
   MaxAbsLoop<double> max_abs64;
-  BlockLoop<float> block32[kRoundings];
-  BlockLoop<double> block64[kRoundings];
+  BlockLoop<float> block32[kFloatRoundings];
+  BlockLoop<double> block64[kFloatRoundings];
   TensorAmaxLoop<float> tensor_amax32;
   TensorAmaxLoop<double> tensor_amax64;
 };

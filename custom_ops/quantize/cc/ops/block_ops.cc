@@ -29,8 +29,11 @@ REGISTER_OP("Hfp8QuantizeBlock")
     .Attr("scale_subnormals: bool = true")
     .Attr("scale_rounding: {'floor', 'ceil', 'nearest_even'}")
     .Attr("tensor_scale: bool = false")
-    .Attr("rounding: {'nearest_even', 'stochastic', 'toward_zero'}")
+    .Attr("rounding: {'nearest_even', 'stochastic', 'toward_zero', 'nearest_away', "
+          "'toward_positive', 'toward_negative', 'stochastic_bits', 'stochastic_odd_bits', "
+          "'stochastic_fast_bits'}")
     .Attr("saturate: bool")
+    .Attr("random_bits: int = 0")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle unused;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 0, &unused));
@@ -43,6 +46,7 @@ consecutive elements along axis (the last one may be shorter), each with one sca
 from its absolute maximum, an E8M0 power of two (scale='e8m0') or a FloatFormat
 (scale='float', the scale_* attributes) within an optional per-tensor FP32 scale.
 seed: int64 scalar for stochastic rounding; the same seed gives the same bits.
+random_bits: r, 1..23, for the *_bits stochastic roundings (tfhfp8.formats.roundings).
 )doc");
 
 }  // namespace tfhfp8
