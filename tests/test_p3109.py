@@ -277,14 +277,6 @@ def test_noise_needs_random_bits(rounding):
         tfhfp8.quantize(X, "p3109_k8p3se", rounding=rounding, noise=[0, 1, 2])
 
 
-@pytest.mark.parametrize("fmt", [tfhfp8.DynamicFixedPoint(12), "int16_dfp", "mxfp8_e4m3",
-                                 "nvfp4", "e4m3_delayed"])
-def test_noise_needs_a_float_format(fmt):
-    x = tf.ones([2, 32])
-    with pytest.raises(ValueError, match="noise is for FloatFormat formats"):
-        tfhfp8.quantize(x, fmt, rounding="stochastic_r4", noise=tf.zeros(x.shape, tf.int32))
-
-
 @pytest.mark.parametrize("saturate", ["bogus", "sat_inf", "SAT_FINITE", 2])
 def test_bad_saturate_lists_the_overflows(saturate):
     with pytest.raises(ValueError, match="saturate") as info:

@@ -36,7 +36,18 @@ def _inputs(bits, count=3000):
     return np.concatenate([x, np.float32([top * (1 - 2.0 ** -bits), -top * 0.999, 0.0])])
 
 
-def _reference_dfp(x, bits, rounding, seed):
+def _seeded_draws(x, rounding, seed, dtype=tf.float32):
+    """The r random bits per element the TF-ops backend draws from `seed` for a tensor
+    of `x`'s shape rounded in `dtype`'s container (None when `rounding` draws none)."""
+    r = roundings.parse(rounding).random_bits
+    if r is None:
+        return None
+    c = tf_backend.CONTAINERS[dtype]
+    hashed = tf_backend.random_bits(tf.shape(x), tf.constant(seed, tf.int64), c)
+    return (hashed.numpy() >> (c.width - r)).astype(np.int64)
+
+
+def _reference_dfp(x, bits, rounding, draws):
     """Dynamic fixed point per tensor, from the definition: E_s = E_max - (bits - 2), one
     more where max|x| may round up to 2^(bits-1) (to nearest: from half an ulp below it;
     stochastic and directed: from anything above 2^(bits-1) - 1); every element rounded by
@@ -57,12 +68,7 @@ def _reference_dfp(x, bits, rounding, seed):
                       has_nz=True, domain=Domain.Extended, num_high_nans=2 ** (bits - 1) - 1,
                       has_subnormals=True, is_signed=True, is_twos_complement=False)
     r = parsed.random_bits
-    if r is None:
-        draws = np.zeros(x.size, np.int64)
-    else:
-        c = tf_backend.CONTAINERS[tf.float32]
-        hashed = tf_backend.random_bits(tf.shape(x), tf.constant(seed, tf.int64), c)
-        draws = (hashed.numpy() >> (32 - r)).astype(np.int64)
+    draws = np.zeros(x.size, np.int64) if draws is None else draws
     return np.array([gfloat.round_float(info, float(v), MODES[parsed.mode], False, int(s),
                                         r or 0) for v, s in zip(x, draws)], np.float32)
 
@@ -75,7 +81,8 @@ def test_dynamic_fixed_point_matches_gfloat(backend, rounding, bits):
     with tfhfp8.ops.forced_backend(backend):
         got = tfhfp8.quantize(tf.constant(x), tfhfp8.DynamicFixedPoint(bits), rounding,
                               seed=SEED).numpy()
-    assert_same_bits(got, _reference_dfp(x, bits, rounding, SEED), x, rounding)
+    expected = _reference_dfp(x, bits, rounding, _seeded_draws(x, rounding, SEED))
+    assert_same_bits(got, expected, x, rounding)
 
 
 @pytest.mark.parametrize("rounding", NEW_ROUNDINGS)
@@ -154,19 +161,13 @@ def _block_inputs():
     return x.reshape(6, 128).astype(np.float32)
 
 
-def _gfloat_mx(name, x, rounding, seed):
+def _gfloat_mx(name, x, rounding, draws):
     """OCP MX from gfloat: each block's scale by `compute_scale_amax`, its elements
-    rounded by `round_ndarray` (saturating) with the r random bits the TF-ops backend
-    draws for each element's flat index."""
+    rounded by `round_ndarray` (saturating) with the r random bits `draws` of each
+    element."""
     info = GF_BLOCKS[name]
     parsed = roundings.parse(rounding)
     r = parsed.random_bits
-    if r is None:
-        draws = None
-    else:
-        c = tf_backend.CONTAINERS[tf.float32]
-        hashed = tf_backend.random_bits(tf.shape(x), tf.constant(seed, tf.int64), c)
-        draws = (hashed.numpy() >> (32 - r)).astype(np.int64)
     out = np.empty(x.shape, np.float64)
     for row in range(x.shape[0]):
         for i in range(0, x.shape[1], info.k):
@@ -184,7 +185,7 @@ def test_mx_reference_is_gfloats_own_blocks(name):
     bits)."""
     x = _block_inputs()
     for rounding in ("nearest_even", "toward_positive", "nearest_away"):
-        ours = _gfloat_mx(name, x, rounding, SEED)
+        ours = _gfloat_mx(name, x, rounding, None)
         theirs = np.concatenate([
             gfloat.quantize_block(GF_BLOCKS[name], row[i:i + 32].astype(np.float64),
                                   gfloat.compute_scale_amax, MODES[rounding])
@@ -198,7 +199,7 @@ def test_mx_reference_is_gfloats_own_blocks(name):
 def test_mx_elements_take_every_rounding(monkeypatch, backend, rounding, name):
     """On the C++ backend, with the loops of every CPU variant."""
     x = _block_inputs()
-    expected = _gfloat_mx(name, x, rounding, SEED)
+    expected = _gfloat_mx(name, x, rounding, _seeded_draws(x, rounding, SEED))
     variants = tfhfp8.ops.backend_info()["cpu_variants_supported"] if backend == "cpp" else [""]
     for variant in variants:
         monkeypatch.setenv("TFHFP8_CPU_VARIANT", variant)
@@ -234,3 +235,47 @@ def test_float_scaled_formats_take_every_rounding_on_both_backends(rounding, nam
     if rounding != "nearest_away":  # which differs only on ties
         nearest = tfhfp8.quantize(x, name).numpy()
         assert np.mean(results[0] != nearest) > 0.05  # the rounding was applied
+
+
+# -- the user's random bits (noise=) for every kind of format --
+
+R_BIT_ROUNDINGS = [r for r in NEW_ROUNDINGS if roundings.parse(r).random_bits]
+
+
+def _noise(x, rounding):
+    r = roundings.parse(rounding).random_bits
+    return np.random.default_rng(r).integers(0, 1 << r, x.shape)
+
+
+@pytest.mark.parametrize("rounding", R_BIT_ROUNDINGS)
+def test_noise_rounds_dynamic_fixed_point_as_gfloat(rounding):
+    x = _inputs(8)
+    noise = _noise(x, rounding)
+    got = tfhfp8.quantize(x, tfhfp8.DynamicFixedPoint(8), rounding, noise=noise).numpy()
+    assert_same_bits(got, _reference_dfp(x, 8, rounding, noise), x, f"noise {rounding}")
+
+
+@pytest.mark.parametrize("rounding", R_BIT_ROUNDINGS)
+@pytest.mark.parametrize("name", sorted(GF_BLOCKS))
+def test_noise_rounds_mx_elements_as_gfloat(name, rounding):
+    x = _block_inputs()
+    noise = _noise(x, rounding)
+    got = tfhfp8.quantize(x, name, rounding, noise=noise).numpy()
+    assert_same_bits(got, _gfloat_mx(name, x, rounding, noise), x, f"{name} {rounding}")
+
+
+@pytest.mark.parametrize("rounding", ["stochastic_r5", "stochastic_fast_r8"])
+@pytest.mark.parametrize("fmt,container", [
+    ("nvfp4", tf.float64), ("e4m3_current", tf.float32),
+    (tfhfp8.DynamicFixedPoint(8, axis=1, block_size=16), tf.float32)],
+    ids=["nvfp4", "e4m3_current", "block_dfp"])
+def test_noise_equal_to_the_seeds_draws_rounds_alike(fmt, container, rounding):
+    """NVFP4's elements round in float64 (the draws of a float64 container), the others
+    in float32; rank 3 takes the rank-1 (or per-axis) view's path."""
+    x = _block_inputs().reshape(6, 2, 64)
+    seeded = tfhfp8.quantize(x, fmt, rounding, seed=SEED).numpy()
+    draws = _seeded_draws(x, rounding, SEED, container)
+    got = tfhfp8.quantize(x, fmt, rounding, noise=draws).numpy()
+    assert_same_bits(got, seeded, x, f"{fmt} {rounding}")
+    other = tfhfp8.quantize(x, fmt, rounding, noise=(draws + 1) % 32).numpy()
+    assert np.mean(other != seeded) > 0.01  # the noise was used

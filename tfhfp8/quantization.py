@@ -26,8 +26,8 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
         with its own scale; see `tfhfp8.block_formats`).
       rounding: a name of `tfhfp8.formats.roundings`: `"nearest_even"`,
         `"nearest_away"`, `"toward_zero"`, `"toward_positive"`, `"toward_negative"`,
-        `"stochastic"`, or `"stochastic_r8"` and the like (r random bits). Block-scaled
-        formats take `"nearest_even"`, `"stochastic"` and `"toward_zero"`.
+        `"stochastic"`, or `"stochastic_r8"` and the like (r random bits); every
+        format takes each.
       saturate: False (or `"ovf_inf"`) follows the format's own cast semantics exactly
         like `x.astype(ml_dtypes.<fmt>).astype(x.dtype)` (overflow to inf, to NaN, or
         saturation; fnuz turns -0 into +0). True (or `"sat_finite"`) clamps overflow,
@@ -50,9 +50,9 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
         amax (current scaling).
       random_bits: 1..23 random bits per element for `rounding` `"stochastic"`,
         `"stochastic_odd"` or `"stochastic_fast"` (as `rounding="stochastic_r<r>"`).
-      noise: the r random bits themselves (r-bit roundings, `FloatFormat`s): an
-        integer tensor of `x`'s shape with values in [0, 2^r), gfloat's `srbits`,
-        instead of the hash of `seed`; rounded by the TF-ops backend.
+      noise: the r random bits themselves (r-bit roundings, every format): an integer
+        tensor of `x`'s shape with values in [0, 2^r), gfloat's `srbits`, one per
+        element instead of the hash of `seed`; rounded by the TF-ops backend.
 
     Example:
 
@@ -72,7 +72,7 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
             raise ValueError(f"scale is for per-tensor scaled formats (BlockScaled with "
                              f"block_size=None) only, not {fmt!r}")
         scale = _checked_scale(scale)
-    noise = None if noise is None else _checked_noise(noise, x, fmt, rounding)
+    noise = None if noise is None else _checked_noise(noise, x, rounding)
     seed = _seed_of_the_draws(seed, rounding, noise)
 
     def grad(dy):
@@ -86,10 +86,7 @@ def quantize(x, fmt, rounding="nearest_even", saturate=False, seed=None,
         # gradient for the C++ kernels, zero for the TF ops); the straight-through
         # tangent is recorded here, before tf.custom_gradient (in a traced function an
         # accumulator ignores the custom gradient and keeps the first tangent it gets).
-        if noise is not None:
-            y = _round_with_noise(tf.stop_gradient(x), fmt, rounding, saturate, noise)
-        else:
-            y = _round(tf.stop_gradient(x), fmt, rounding, saturate, seed, scale)
+        y = _round(tf.stop_gradient(x), fmt, rounding, saturate, seed, scale, noise)
         _compat.record_forward_gradient("Hfp8Quantize", [y], [x], lambda dy: [grad(dy)])
         return y, grad
 
@@ -146,15 +143,13 @@ def check_rounding_and_saturate(rounding, saturate):
     return roundings.overflow(saturate)
 
 
-def _checked_noise(noise, x, fmt, rounding):
+def _checked_noise(noise, x, rounding):
     """The user's random bits as a uint32 tensor of `x`'s shape: a ValueError or
-    TypeError naming `noise` unless it fits `rounding` and `fmt`."""
+    TypeError naming `noise` unless it fits `x` and `rounding`."""
     parsed = roundings.parse(rounding)
     if parsed.random_bits is None:
         raise ValueError(f"noise is for the stochastic roundings with random_bits (e.g. "
                          f"rounding='stochastic', random_bits=8), not rounding={rounding!r}")
-    if not isinstance(fmt, formats.FloatFormat):
-        raise ValueError(f"noise is for FloatFormat formats, not {fmt!r}")
     noise = tf.convert_to_tensor(noise)
     if not noise.dtype.is_integer:
         raise TypeError(f"noise must be an integer tensor, got {noise.dtype.name}")
@@ -171,14 +166,6 @@ def _checked_noise(noise, x, fmt, rounding):
         [f"noise values must be in [0, 2^{parsed.random_bits})"])
     with tf.control_dependencies([check]):
         return tf.cast(noise, tf.uint32)
-
-
-def _round_with_noise(x, fmt, rounding, saturate, noise):
-    """`x` rounded to the FloatFormat `fmt` with the random bits `noise` (TF ops)."""
-    container = tf.float64 if x.dtype == tf.float64 else tf.float32
-    y = ops.tf_backend.quantize_float(tf.cast(x, container), fmt, rounding, saturate, None,
-                                      rand=noise)
-    return tf.cast(y, x.dtype)
 
 
 _SCALE_RANGE = "scale must be a finite float32 of at least 2^-126 (a normal float32)"
@@ -252,7 +239,28 @@ def seed_tensor(seed):
 _MAX_RANK = 8
 
 
-def _round(x, fmt, rounding, saturate, seed, scale=None):
+class _TfOpsWithNoise:
+    """The TF-ops backend rounding with the user's random bits `noise` (shaped like the
+    tensor it rounds) instead of the hash of the seed."""
+
+    def __init__(self, noise):
+        self.noise = noise
+
+    def quantize_float(self, x, fmt, rounding, saturate, seed):
+        return ops.tf_backend.quantize_float(x, fmt, rounding, saturate, seed, self.noise)
+
+    def quantize_fixed(self, x, exponent, inner, bits, rounding, saturate, seed):
+        return ops.tf_backend.quantize_fixed(x, exponent, inner, bits, rounding, saturate,
+                                             seed, self.noise)
+
+    def quantize_dfp(self, x, fmt, rounding, saturate, seed):
+        return ops.tf_backend.quantize_dfp(x, fmt, rounding, saturate, seed, self.noise)
+
+    def quantize_block(self, x, fmt, rounding, saturate, seed):
+        return tf_block.quantize_block(x, fmt, rounding, saturate, seed, self.noise)
+
+
+def _round(x, fmt, rounding, saturate, seed, scale=None, noise=None):
     rank = x.shape.rank
     if rank is not None and rank > _MAX_RANK:
         # Rounding is element-wise (a slice or a block shares one exponent): a rank-1
@@ -271,7 +279,9 @@ def _round(x, fmt, rounding, saturate, seed, scale=None):
             fmt = dataclasses.replace(fmt, axis=1)
         else:
             view = [-1]
-        y = _round(tf.reshape(x, tf.stack(view)), fmt, rounding, saturate, seed, scale)
+        view = tf.stack(view)
+        y = _round(tf.reshape(x, view), fmt, rounding, saturate, seed, scale,
+                   None if noise is None else tf.reshape(noise, view))
         return tf.reshape(y, shape)
     container = tf.float64 if x.dtype == tf.float64 else tf.float32
     xc = tf.cast(x, container)
@@ -284,7 +294,10 @@ def _round(x, fmt, rounding, saturate, seed, scale=None):
         operation = "block"
     else:
         operation = "fixed" if fmt.block_size is not None else "dfp"
-    backend = ops.active_backend(operation, rounding, xc.shape.num_elements())
+    if noise is None:
+        backend = ops.active_backend(operation, rounding, xc.shape.num_elements())
+    else:
+        backend = _TfOpsWithNoise(noise)
     if isinstance(fmt, formats.FloatFormat):
         y = backend.quantize_float(xc, fmt, rounding, saturate, seed)
     elif isinstance(fmt, block_formats.BlockScaled) and fmt.per_tensor:

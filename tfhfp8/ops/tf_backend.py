@@ -229,11 +229,12 @@ def _overflow_bits(a, sign, fmt, rounding, saturate, c):
     return tf.where((a != uint_constant(c.inf_bits, c)) & to_max, max_bits, overflow_bits)
 
 
-def quantize_fixed(x, exponent, inner, bits, rounding, saturate, seed):
+def quantize_fixed(x, exponent, inner, bits, rounding, saturate, seed, rand=None):
     """Rounds `x` to multiples of `2^exponent[j]`, j = (flat index // inner) % len.
 
     `exponent` (int32, shape [n]) is the shared exponent of each slice; it is chosen
-    by the caller so that no finite element overflows `bits`-bit mantissas.
+    by the caller so that no finite element overflows `bits`-bit mantissas. `rand` as in
+    `quantize_float`.
     """
     c = CONTAINERS[x.dtype]
     shape = tf.shape(x)
@@ -244,9 +245,10 @@ def quantize_fixed(x, exponent, inner, bits, rounding, saturate, seed):
         slot = (index // tf.cast(inner, tf.int64)) % tf.cast(tf.size(exponent), tf.int64)
         k = tf.reshape(tf.gather(exponent, slot), shape)
     rounding = roundings.parse(rounding)
-    rand = None
-    if rounding.stochastic:
+    if rounding.stochastic and rand is None:
         rand = rounding_bits(shape, seed, rounding, c, x.shape.num_elements())
+    elif rand is not None:
+        rand = tf.cast(rand, c.uint)
 
     sign, a = split_sign(x, c)
     exponent1, sig = exponent_and_significand(a, c)
@@ -336,7 +338,7 @@ def shared_exponents(x, fmt, rounding):
     return tf.maximum(exponent, c.min_exponent), inner
 
 
-def quantize_dfp(x, fmt, rounding, saturate, seed):
+def quantize_dfp(x, fmt, rounding, saturate, seed, rand=None):
     """Dynamic fixed point (`fmt` a DynamicFixedPoint): shared exponents, then rounding."""
     exponent, inner = shared_exponents(x, fmt, rounding)
-    return quantize_fixed(x, exponent, inner, fmt.bits, rounding, saturate, seed)
+    return quantize_fixed(x, exponent, inner, fmt.bits, rounding, saturate, seed, rand)

@@ -113,12 +113,14 @@ class _Blocks:
         return v
 
 
-def quantize_block(x, fmt, rounding, saturate, seed):
-    """Rounds a float32/float64 tensor to the BlockScaled format `fmt`."""
+def quantize_block(x, fmt, rounding, saturate, seed, rand=None):
+    """Rounds a float32/float64 tensor to the BlockScaled format `fmt`; `rand`: the
+    elements' random bits (`tf_backend.quantize_float`), one per element of `x`."""
     shape = tf.shape(x)
     scalar = x.shape.rank == 0
     if scalar:
         x = tf.reshape(x, [1])
+        rand = None if rand is None else tf.reshape(rand, [1])
     c = tb.CONTAINERS[x.dtype]
     signed = tf.int32 if c.width == 32 else tf.int64
     blocks = _Blocks(x, fmt.axis, fmt.block_size)
@@ -135,15 +137,15 @@ def quantize_block(x, fmt, rounding, saturate, seed):
     amax = tf.where(bad, tb.uint_constant(0, c), amax)
 
     if fmt.power_of_two_scale:
-        y, bad = _power_of_two(x, amax, bad, fmt, blocks, rounding, saturate, seed, c)
+        y, bad = _power_of_two(x, amax, bad, fmt, blocks, rounding, saturate, seed, rand, c)
     else:
-        y = _float_scale(x, a, amax, fmt, blocks, rounding, seed, c)
+        y = _float_scale(x, a, amax, fmt, blocks, rounding, seed, rand, c)
     nan = tf.bitcast(tb.uint_constant(c.inf_bits | 1 << (c.mantissa - 1), c), c.dtype)
     y = tf.where(blocks.expand(bad), nan, y)
     return tf.reshape(y, shape) if scalar else y
 
 
-def _power_of_two(x, amax, bad, fmt, blocks, rounding, saturate, seed, c):
+def _power_of_two(x, amax, bad, fmt, blocks, rounding, saturate, seed, rand, c):
     """OCP MX: scale 2^k, k from the block's amax (see tfhfp8.block_formats)."""
     e, fraction = _floor_log2(tf.maximum(amax, tb.uint_constant(1, c)), c)
     k = e - fmt.emax_element
@@ -160,7 +162,7 @@ def _power_of_two(x, amax, bad, fmt, blocks, rounding, saturate, seed, c):
     k = tf.where(bad, 0, k)
     k = blocks.expand(k)
     scaled = _ldexp(tf.where(tf.math.is_nan(x), tf.zeros_like(x), x), -k, c)
-    q = tb.quantize_float(scaled, fmt.element, rounding, True, seed)
+    q = tb.quantize_float(scaled, fmt.element, rounding, True, seed, rand)
     return _ldexp(q, k, c), bad
 
 
@@ -197,7 +199,7 @@ def float64_to_float32_exact(y):
     return tf.bitcast(tf.cast(bits, tf.uint32), tf.float32)
 
 
-def _float_scale(x, a, amax, fmt, blocks, rounding, seed, c):
+def _float_scale(x, a, amax, fmt, blocks, rounding, seed, rand, c):
     """NVFP4-style: a float scale per block, optionally inside a float32 tensor scale."""
     zero_seed = tf.zeros([], tf.int64)
     element_max = fmt.element.max
@@ -221,7 +223,7 @@ def _float_scale(x, a, amax, fmt, blocks, rounding, seed, c):
     d = blocks.expand(block_scale) * s  # exact: <= 4 + 24 significant bits
     zero = d == 0
     q = tb.quantize_float(x64 / tf.where(zero, tf.ones_like(d), d), fmt.element, rounding,
-                          True, seed)
+                          True, seed, rand)
     y = tf.where(zero, x64 * 0.0, q * d)
     if c.width == 64:
         return y
