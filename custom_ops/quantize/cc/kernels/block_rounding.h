@@ -25,7 +25,7 @@ constexpr int kE8m0MaxExponent = 127;
 // |x|'s bits as a block's element: an infinity becomes the largest finite value.
 // (Without saturation an infinity makes its block NaN and is never rounded.)
 template <typename T>
-inline typename Container<T>::UInt BlockMagnitude(typename Container<T>::UInt bits) {
+TFHFP8_ELEMENT_INLINE typename Container<T>::UInt BlockMagnitude(typename Container<T>::UInt bits) {
   const auto a = bits & ~SignBit<T>();
   return a == InfBits<T>() ? a - 1 : a;
 }
@@ -33,7 +33,7 @@ inline typename Container<T>::UInt BlockMagnitude(typename Container<T>::UInt bi
 // x * 2^k on the bits (tf_block._ldexp): exact when representable; results below the
 // container's smallest subnormal are truncated toward zero. Finite x only.
 template <typename T>
-inline typename Container<T>::UInt LdexpBits(typename Container<T>::UInt bits, int k) {
+TFHFP8_ELEMENT_INLINE typename Container<T>::UInt LdexpBits(typename Container<T>::UInt bits, int k) {
   using C = Container<T>;
   using UInt = typename C::UInt;
   constexpr int kMinExponent = 1 - C::kExponentBias - C::kMantissa;
@@ -51,7 +51,7 @@ inline typename Container<T>::UInt LdexpBits(typename Container<T>::UInt bits, i
 // A float32 (or float64) value's bits as a float64, exactly, on the bits: TensorFlow's
 // threads treat subnormal operands of float instructions as zero. All in 64-bit lanes
 // (no int-to-float conversion), so that float32 loops calling it vectorize.
-inline double ToFloat64(uint32_t bits) {
+TFHFP8_ELEMENT_INLINE double ToFloat64(uint32_t bits) {
   const uint64_t a = bits & 0x7FFFFFFFu;
   const uint64_t exponent = a >> 23;
   const uint64_t fraction = (a & 0x7FFFFFu) << 29;
@@ -61,11 +61,11 @@ inline double ToFloat64(uint32_t bits) {
   const double value = exponent == 0 ? sub : normal;
   return FromBits<double>(ToBits(value) | (static_cast<uint64_t>(bits >> 31) << 63));
 }
-inline double ToFloat64(uint64_t bits) { return FromBits<double>(bits); }
+TFHFP8_ELEMENT_INLINE double ToFloat64(uint64_t bits) { return FromBits<double>(bits); }
 
 // A float64 holding a float32 value (subnormals too) as float32 bits
 // (tf_block._float64_to_float32).
-inline uint32_t Float32BitsOf(double y) {
+TFHFP8_ELEMENT_INLINE uint32_t Float32BitsOf(double y) {
   const uint64_t bits = ToBits(y);
   const uint64_t sign = bits & SignBit<double>();
   const uint64_t a = bits & ~SignBit<double>();
@@ -123,7 +123,7 @@ struct Pow2Scaler {
   }
 
   template <Rounding R>
-  static T Element(T x, int k, const FloatParams<T>& element, UInt rand) {
+  TFHFP8_ELEMENT_INLINE static T Element(T x, int k, const FloatParams<T>& element, UInt rand) {
     const UInt a = BlockMagnitude<T>(ToBits(x));
     const UInt scaled = LdexpBits<T>((ToBits(x) & SignBit<T>()) | a, -k);
     const T q = QuantizeFloatElement<T, R>(FromBits<T>(scaled), element, rand);
@@ -160,7 +160,7 @@ struct FloatScaler {
   // the element than 2^-32 relatively, unless on it). Below 2^-126 a tiny odd value
   // and beyond float32 its largest (odd) value stand in: they round like v when the
   // element's quantum exceeds 2^-125 and it saturates (BlockParams::element_rounds_in_float32).
-  static float OddQuotient(double v) {
+  TFHFP8_ELEMENT_INLINE static float OddQuotient(double v) {
     const uint64_t bits = ToBits(v);
     const uint64_t a = bits & ~SignBit<double>();
     const uint64_t truncated = (a >> 29) - (uint64_t{1023 - 127} << 23);
@@ -193,7 +193,7 @@ struct FloatScaler {
   // d != 0 (a zero d is the caller's: signed zeros). `float32`: the final rounding of a
   // float32 result (unused for float64).
   template <Rounding R>
-  static T Element(T x, double d, const FloatParams<double>& element,
+  TFHFP8_ELEMENT_INLINE static T Element(T x, double d, const FloatParams<double>& element,
                    const FloatParams<double>& float32, uint64_t rand) {
     const UInt bits = ToBits(x);
     const double x64 = ToFloat64((bits & SignBit<T>()) | BlockMagnitude<T>(bits));

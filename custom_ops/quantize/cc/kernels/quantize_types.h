@@ -10,6 +10,11 @@
 
 #include <cstdint>
 
+// The functions called once per element: inlined into their loops whatever GCC's
+// growth limits decide (an out-of-line call per element keeps a loop from vectorizing;
+// seen at 10x the time when more loops were added to one translation unit).
+#define TFHFP8_ELEMENT_INLINE __attribute__((always_inline)) inline
+
 namespace tfhfp8 {
 
 // The quantization loops have all kFloatRoundings (tfhfp8.formats.roundings; the *Bits

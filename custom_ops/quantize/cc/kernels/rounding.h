@@ -28,14 +28,14 @@ inline namespace TFHFP8_VARIANT {
 
 
 template <typename T>
-inline typename Container<T>::UInt ToBits(T x) {
+TFHFP8_ELEMENT_INLINE typename Container<T>::UInt ToBits(T x) {
   typename Container<T>::UInt u;
   std::memcpy(&u, &x, sizeof(u));
   return u;
 }
 
 template <typename T>
-inline T FromBits(typename Container<T>::UInt u) {
+TFHFP8_ELEMENT_INLINE T FromBits(typename Container<T>::UInt u) {
   T x;
   std::memcpy(&x, &u, sizeof(x));
   return x;
@@ -62,7 +62,7 @@ constexpr typename Container<T>::UInt SignBit() {
 // shared with tf_backend.py.
 
 // lowbias32 (C. Wellons): a bijective 32-bit integer hash.
-inline uint32_t Mix32(uint32_t x) {
+TFHFP8_ELEMENT_INLINE uint32_t Mix32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x7FEB352Du;
   x ^= x >> 15;
@@ -85,14 +85,14 @@ template <typename UInt>
 inline UInt RandomBits(uint64_t index, const Keys& keys);
 
 template <>
-inline uint32_t RandomBits<uint32_t>(uint64_t index, const Keys& keys) {
+TFHFP8_ELEMENT_INLINE uint32_t RandomBits<uint32_t>(uint64_t index, const Keys& keys) {
   const uint32_t lo = static_cast<uint32_t>(index);
   const uint32_t hi = static_cast<uint32_t>(index >> 32);
   return Mix32((lo * 0x9E3779B9u) ^ (hi * 0x85EBCA77u) ^ keys.key0);
 }
 
 template <>
-inline uint64_t RandomBits<uint64_t>(uint64_t index, const Keys& keys) {
+TFHFP8_ELEMENT_INLINE uint64_t RandomBits<uint64_t>(uint64_t index, const Keys& keys) {
   const uint32_t lo = static_cast<uint32_t>(index);
   const uint32_t hi = static_cast<uint32_t>(index >> 32);
   const uint32_t word0 = Mix32((lo * 0x9E3779B9u) ^ (hi * 0x85EBCA77u) ^ keys.key0);
@@ -112,7 +112,7 @@ constexpr bool DrawsBits(Rounding r) {
 // (`nearest` false). d may exceed kLimit only where v < 2^(kLimit - 1), whose bits all
 // narrow to 0 then.
 template <int kLimit, typename UInt>
-inline UInt FractionBits(UInt v, UInt kept, UInt dropped, int d, int bits, bool nearest,
+TFHFP8_ELEMENT_INLINE UInt FractionBits(UInt v, UInt kept, UInt dropped, int d, int bits, bool nearest,
                          bool odd) {
   constexpr int kWidth = sizeof(UInt) * 8;
   const int up = bits - d < 0 ? 0 : (bits - d > kWidth - 1 ? kWidth - 1 : bits - d);
@@ -130,7 +130,7 @@ inline UInt FractionBits(UInt v, UInt kept, UInt dropped, int d, int bits, bool 
 // stochastic one add one to `kept` (see tf_backend._round_up): `d` dropped bits, at most
 // kLimit of them for nearest-away; `rand` the r = `bits` random bits.
 template <Rounding R, int kLimit, typename UInt>
-inline UInt RoundUp(UInt v, UInt kept, UInt dropped, int d, bool negative, UInt rand,
+TFHFP8_ELEMENT_INLINE UInt RoundUp(UInt v, UInt kept, UInt dropped, int d, bool negative, UInt rand,
                     int bits) {
   if (R == Rounding::kNearestAway) {
     const int clamped = d < kLimit ? d : kLimit;
@@ -154,7 +154,7 @@ inline UInt RoundUp(UInt v, UInt kept, UInt dropped, int d, bool negative, UInt 
 // `bits` (the r of the *Bits roundings) only matter to the roundings beyond the first
 // three.
 template <Rounding R, typename UInt>
-inline UInt RoundStatic(UInt v, int d, UInt half_minus_one, UInt lsb, UInt rand,
+TFHFP8_ELEMENT_INLINE UInt RoundStatic(UInt v, int d, UInt half_minus_one, UInt lsb, UInt rand,
                         bool negative = false, int bits = 0) {
   constexpr int kWidth = sizeof(UInt) * 8;
   const UInt kept = v >> d;
@@ -171,7 +171,7 @@ inline UInt RoundStatic(UInt v, int d, UInt half_minus_one, UInt lsb, UInt rand,
 // Rounds sig / 2^s to an integer, s >= 0, sig < 2^(mantissa + 1). (s == 0 occurs for
 // the subnormals of a format with the container's own layout, e.g. FloatFormat(8, 23).)
 template <Rounding R, typename T>
-inline typename Container<T>::UInt RoundVariable(typename Container<T>::UInt sig, int s,
+TFHFP8_ELEMENT_INLINE typename Container<T>::UInt RoundVariable(typename Container<T>::UInt sig, int s,
                                                  typename Container<T>::UInt rand,
                                                  bool negative = false, int bits = 0) {
   using C = Container<T>;
@@ -197,7 +197,7 @@ inline typename Container<T>::UInt RoundVariable(typename Container<T>::UInt sig
 
 // (biased exponent clamped to >= 1, significand with its implicit bit) of |x|'s bits.
 template <typename T>
-inline void Significand(typename Container<T>::UInt a, int* exponent1,
+TFHFP8_ELEMENT_INLINE void Significand(typename Container<T>::UInt a, int* exponent1,
                         typename Container<T>::UInt* sig) {
   using C = Container<T>;
   using UInt = typename C::UInt;
@@ -210,7 +210,7 @@ inline void Significand(typename Container<T>::UInt a, int* exponent1,
 // Bits of code * 2^qe, exactly, for qe >= the container's smallest subnormal exponent.
 // Integer arithmetic only: TensorFlow's threads flush subnormal products to zero.
 template <typename T>
-inline typename Container<T>::UInt ScaledBits(typename Container<T>::UInt code, int qe) {
+TFHFP8_ELEMENT_INLINE typename Container<T>::UInt ScaledBits(typename Container<T>::UInt code, int qe) {
   using C = Container<T>;
   using UInt = typename C::UInt;
   constexpr int kMinExponent = 1 - C::kExponentBias - C::kMantissa;
@@ -281,7 +281,7 @@ inline FloatParams<T> ComputeFloatParams(int exponent_bits, int mantissa_bits, i
 // behaviour, the sign of zero, NaN, and the range of unsigned formats.
 // kSigned: p.is_unsigned and p.saturate_finite are known to be 0 (fewer instructions).
 template <typename T, Rounding R, bool kSigned = false>
-__attribute__((always_inline)) inline T FinishFloat(typename Container<T>::UInt a,
+TFHFP8_ELEMENT_INLINE T FinishFloat(typename Container<T>::UInt a,
                                                     typename Container<T>::UInt sign,
                                                     typename Container<T>::UInt magnitude,
                                                     bool overflow, const FloatParams<T>& p) {
@@ -311,7 +311,7 @@ __attribute__((always_inline)) inline T FinishFloat(typename Container<T>::UInt 
 // Always inlined: a loop that calls it (block_rounding.h's float64 element rounding
 // in a float32 loop) vectorizes only then, and GCC's heuristics do not always do it.
 template <typename T, Rounding R>
-__attribute__((always_inline)) inline T QuantizeFloatElement(
+TFHFP8_ELEMENT_INLINE T QuantizeFloatElement(
     T x, const FloatParams<T>& p, typename Container<T>::UInt rand) {
   using C = Container<T>;
   using UInt = typename C::UInt;
@@ -378,7 +378,7 @@ inline bool NearestEvenIgnoresFlush(const FloatParams<float>& p) {
 }
 
 template <bool kPlain, bool kLinear = false>
-inline float QuantizeFloatNearestEven(float x, const FloatParams<float>& p) {
+TFHFP8_ELEMENT_INLINE float QuantizeFloatNearestEven(float x, const FloatParams<float>& p) {
   using UInt = uint32_t;
   const UInt bits = ToBits(x);
   const UInt sign = bits & SignBit<float>();
@@ -408,7 +408,7 @@ inline float QuantizeFloatNearestEven(float x, const FloatParams<float>& p) {
 // below min_normal the FPU's rounding to nearest stepped down one quantum where it
 // rounded up.
 template <bool kLinear>
-inline float QuantizeFloatTowardZero(float x, const FloatParams<float>& p) {
+TFHFP8_ELEMENT_INLINE float QuantizeFloatTowardZero(float x, const FloatParams<float>& p) {
   using UInt = uint32_t;
   const UInt bits = ToBits(x);
   const UInt sign = bits & SignBit<float>();
@@ -446,7 +446,7 @@ inline bool FastFormApplies(const FloatParams<float>& p, Rounding rounding) {
 // Whether a value whose dropped fraction of a quantum is `fraction` (a float in [0, 1),
 // exact) rounds away from zero, for the r-bit roundings (`draw`: the r random bits).
 template <Rounding R>
-inline bool UpFromFraction(float fraction, uint32_t draw, int r) {
+TFHFP8_ELEMENT_INLINE bool UpFromFraction(float fraction, uint32_t draw, int r) {
   if constexpr (R == Rounding::kStochasticFastBits) {
     // floor(delta 2^(r+1)) + 2 draw + 1 >= 2^(r+1), in integers (below 2^25).
     const int t = static_cast<int>(fraction * FromBits<float>((128u + r) << 23));
@@ -472,7 +472,7 @@ inline bool UpFromFraction(float fraction, uint32_t draw, int r) {
 // or truncated (as QuantizeFloatTowardZero) with the dropped fraction of a quantum (an
 // exact difference, scaled by a power of two) deciding (r-bit roundings).
 template <Rounding R, bool kLinear, bool kSigned>
-__attribute__((always_inline)) inline float QuantizeFloatFastForm(float x,
+TFHFP8_ELEMENT_INLINE float QuantizeFloatFastForm(float x,
                                                                   const FloatParams<float>& p,
                                                                   uint32_t rand) {
   using UInt = uint32_t;
@@ -540,7 +540,7 @@ __attribute__((always_inline)) inline float QuantizeFloatFastForm(float x,
 // `inf_magnitude`: the magnitude given to infinities (inf, or the largest value when
 // saturating).
 template <typename T, Rounding R>
-inline T QuantizeFixedElement(T x, int k, typename Container<T>::UInt inf_magnitude,
+TFHFP8_ELEMENT_INLINE T QuantizeFixedElement(T x, int k, typename Container<T>::UInt inf_magnitude,
                               typename Container<T>::UInt rand, int random_bits) {
   using C = Container<T>;
   using UInt = typename C::UInt;
