@@ -44,15 +44,19 @@ cross:
 	  (apt-get install -y -q g++-aarch64-linux-gnu >/dev/null 2>&1 || \
 	   (apt-get update -q >/dev/null && apt-get install -y -q g++-aarch64-linux-gnu >/dev/null)); fi
 
-# Two pytest workers, each with one TensorFlow intra-op thread (the workers already keep
-# two cores busy; with TF's default pool per worker the same tests took 19% longer on a
-# 2-core AMD EPYC). TF_NUM_INTRAOP_THREADS set by the caller wins.
+# pytest workers: one more than the CPU cores, each with one TensorFlow intra-op thread.
+# The extra worker keeps the cores busy while another waits for a process it started
+# (notebook kernels, command-line runs): on a 2-core Intel Xeon the `make test` suite
+# took 498 s with 3 workers, 571 s with 2 and 543 s with 4. With TF's default thread
+# pool per worker the tests took 19% longer (2-core AMD EPYC). TF_NUM_INTRAOP_THREADS
+# and PYTEST_WORKERS set by the caller win.
+PYTEST_WORKERS ?= $(shell echo $$(( $$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2) + 1 )))
 test: ops data cross
 	$(PY) -c "import sys; from importlib.metadata import version; print('Python', sys.version.split()[0], \
 	  *(f'| {name} {version(name)}' for name in ('tensorflow', 'keras', 'numpy', 'ml_dtypes')), \
 	  '| TF_ENABLE_ONEDNN_OPTS=' + __import__('os').environ.get('TF_ENABLE_ONEDNN_OPTS', '(TF chooses)'))"
 	TF_NUM_INTRAOP_THREADS=$${TF_NUM_INTRAOP_THREADS:-1} \
-	  $(PY) -m pytest -q -n 2 --dist worksteal --durations=15 $(PYTEST_ARGS)
+	  $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 # The lower bound of the version window in setup.cfg (TensorFlow, Keras and ml_dtypes
 # pinned in .ci/oldest.txt, which says why these): the same build, data and full test

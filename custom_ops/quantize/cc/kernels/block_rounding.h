@@ -33,7 +33,8 @@ TFHFP8_ELEMENT_INLINE typename Container<T>::UInt BlockMagnitude(typename Contai
 // x * 2^k on the bits (tf_block._ldexp): exact when representable; results below the
 // container's smallest subnormal are truncated toward zero. Finite x only.
 template <typename T>
-TFHFP8_ELEMENT_INLINE typename Container<T>::UInt LdexpBits(typename Container<T>::UInt bits, int k) {
+TFHFP8_ELEMENT_INLINE typename Container<T>::UInt LdexpBits(typename Container<T>::UInt bits,
+                                                            int k) {
   using C = Container<T>;
   using UInt = typename C::UInt;
   constexpr int kMinExponent = 1 - C::kExponentBias - C::kMantissa;
@@ -194,7 +195,7 @@ struct FloatScaler {
   // float32 result (unused for float64).
   template <Rounding R>
   TFHFP8_ELEMENT_INLINE static T Element(T x, double d, const FloatParams<double>& element,
-                   const FloatParams<double>& float32, uint64_t rand) {
+                                         const FloatParams<double>& float32, uint64_t rand) {
     const UInt bits = ToBits(x);
     const double x64 = ToFloat64((bits & SignBit<T>()) | BlockMagnitude<T>(bits));
     const double q = QuantizeFloatElement<double, R>(x64 / d, element, rand);

@@ -112,8 +112,8 @@ constexpr bool DrawsBits(Rounding r) {
 // (`nearest` false). d may exceed kLimit only where v < 2^(kLimit - 1), whose bits all
 // narrow to 0 then.
 template <int kLimit, typename UInt>
-TFHFP8_ELEMENT_INLINE UInt FractionBits(UInt v, UInt kept, UInt dropped, int d, int bits, bool nearest,
-                         bool odd) {
+TFHFP8_ELEMENT_INLINE UInt FractionBits(UInt v, UInt kept, UInt dropped, int d, int bits,
+                                        bool nearest, bool odd) {
   constexpr int kWidth = sizeof(UInt) * 8;
   const int up = bits - d < 0 ? 0 : (bits - d > kWidth - 1 ? kWidth - 1 : bits - d);
   const UInt wide = dropped << up;
@@ -131,7 +131,7 @@ TFHFP8_ELEMENT_INLINE UInt FractionBits(UInt v, UInt kept, UInt dropped, int d, 
 // kLimit of them for nearest-away; `rand` the r = `bits` random bits.
 template <Rounding R, int kLimit, typename UInt>
 TFHFP8_ELEMENT_INLINE UInt RoundUp(UInt v, UInt kept, UInt dropped, int d, bool negative, UInt rand,
-                    int bits) {
+                                   int bits) {
   if (R == Rounding::kNearestAway) {
     const int clamped = d < kLimit ? d : kLimit;
     const UInt half = (UInt{1} << clamped) >> 1;
@@ -155,7 +155,7 @@ TFHFP8_ELEMENT_INLINE UInt RoundUp(UInt v, UInt kept, UInt dropped, int d, bool 
 // three.
 template <Rounding R, typename UInt>
 TFHFP8_ELEMENT_INLINE UInt RoundStatic(UInt v, int d, UInt half_minus_one, UInt lsb, UInt rand,
-                        bool negative = false, int bits = 0) {
+                                       bool negative = false, int bits = 0) {
   constexpr int kWidth = sizeof(UInt) * 8;
   const UInt kept = v >> d;
   if (R == Rounding::kTowardZero) return kept;
@@ -171,9 +171,9 @@ TFHFP8_ELEMENT_INLINE UInt RoundStatic(UInt v, int d, UInt half_minus_one, UInt 
 // Rounds sig / 2^s to an integer, s >= 0, sig < 2^(mantissa + 1). (s == 0 occurs for
 // the subnormals of a format with the container's own layout, e.g. FloatFormat(8, 23).)
 template <Rounding R, typename T>
-TFHFP8_ELEMENT_INLINE typename Container<T>::UInt RoundVariable(typename Container<T>::UInt sig, int s,
-                                                 typename Container<T>::UInt rand,
-                                                 bool negative = false, int bits = 0) {
+TFHFP8_ELEMENT_INLINE typename Container<T>::UInt RoundVariable(
+    typename Container<T>::UInt sig, int s, typename Container<T>::UInt rand, bool negative = false,
+    int bits = 0) {
   using C = Container<T>;
   using UInt = typename C::UInt;
   constexpr int kWidth = C::kWidth;
@@ -198,7 +198,7 @@ TFHFP8_ELEMENT_INLINE typename Container<T>::UInt RoundVariable(typename Contain
 // (biased exponent clamped to >= 1, significand with its implicit bit) of |x|'s bits.
 template <typename T>
 TFHFP8_ELEMENT_INLINE void Significand(typename Container<T>::UInt a, int* exponent1,
-                        typename Container<T>::UInt* sig) {
+                                       typename Container<T>::UInt* sig) {
   using C = Container<T>;
   using UInt = typename C::UInt;
   const int exponent = static_cast<int>(a >> C::kMantissa);
@@ -210,7 +210,8 @@ TFHFP8_ELEMENT_INLINE void Significand(typename Container<T>::UInt a, int* expon
 // Bits of code * 2^qe, exactly, for qe >= the container's smallest subnormal exponent.
 // Integer arithmetic only: TensorFlow's threads flush subnormal products to zero.
 template <typename T>
-TFHFP8_ELEMENT_INLINE typename Container<T>::UInt ScaledBits(typename Container<T>::UInt code, int qe) {
+TFHFP8_ELEMENT_INLINE typename Container<T>::UInt ScaledBits(
+    typename Container<T>::UInt code, int qe) {
   using C = Container<T>;
   using UInt = typename C::UInt;
   constexpr int kMinExponent = 1 - C::kExponentBias - C::kMantissa;
@@ -281,10 +282,9 @@ inline FloatParams<T> ComputeFloatParams(int exponent_bits, int mantissa_bits, i
 // behaviour, the sign of zero, NaN, and the range of unsigned formats.
 // kSigned: p.is_unsigned and p.saturate_finite are known to be 0 (fewer instructions).
 template <typename T, Rounding R, bool kSigned = false>
-TFHFP8_ELEMENT_INLINE T FinishFloat(typename Container<T>::UInt a,
-                                                    typename Container<T>::UInt sign,
-                                                    typename Container<T>::UInt magnitude,
-                                                    bool overflow, const FloatParams<T>& p) {
+TFHFP8_ELEMENT_INLINE T FinishFloat(typename Container<T>::UInt a, typename Container<T>::UInt sign,
+                                    typename Container<T>::UInt magnitude, bool overflow,
+                                    const FloatParams<T>& p) {
   using UInt = typename Container<T>::UInt;
   // A rounding toward zero never grows a magnitude: a finite overflow gives max (IEEE
   // 754 §7.4), as under sat_propagate. (Masks, not bools: GCC vectorizes bool selects
@@ -311,8 +311,8 @@ TFHFP8_ELEMENT_INLINE T FinishFloat(typename Container<T>::UInt a,
 // Always inlined: a loop that calls it (block_rounding.h's float64 element rounding
 // in a float32 loop) vectorizes only then, and GCC's heuristics do not always do it.
 template <typename T, Rounding R>
-TFHFP8_ELEMENT_INLINE T QuantizeFloatElement(
-    T x, const FloatParams<T>& p, typename Container<T>::UInt rand) {
+TFHFP8_ELEMENT_INLINE T QuantizeFloatElement(T x, const FloatParams<T>& p,
+                                             typename Container<T>::UInt rand) {
   using C = Container<T>;
   using UInt = typename C::UInt;
   const UInt bits = ToBits(x);
@@ -472,9 +472,8 @@ TFHFP8_ELEMENT_INLINE bool UpFromFraction(float fraction, uint32_t draw, int r) 
 // or truncated (as QuantizeFloatTowardZero) with the dropped fraction of a quantum (an
 // exact difference, scaled by a power of two) deciding (r-bit roundings).
 template <Rounding R, bool kLinear, bool kSigned>
-TFHFP8_ELEMENT_INLINE float QuantizeFloatFastForm(float x,
-                                                                  const FloatParams<float>& p,
-                                                                  uint32_t rand) {
+TFHFP8_ELEMENT_INLINE float QuantizeFloatFastForm(float x, const FloatParams<float>& p,
+                                                  uint32_t rand) {
   using UInt = uint32_t;
   const UInt bits = ToBits(x);
   const UInt sign = bits & SignBit<float>();
@@ -541,7 +540,7 @@ TFHFP8_ELEMENT_INLINE float QuantizeFloatFastForm(float x,
 // saturating).
 template <typename T, Rounding R>
 TFHFP8_ELEMENT_INLINE T QuantizeFixedElement(T x, int k, typename Container<T>::UInt inf_magnitude,
-                              typename Container<T>::UInt rand, int random_bits) {
+                                             typename Container<T>::UInt rand, int random_bits) {
   using C = Container<T>;
   using UInt = typename C::UInt;
   const UInt bits = ToBits(x);
