@@ -44,13 +44,13 @@ cross:
 	  (apt-get install -y -q g++-aarch64-linux-gnu >/dev/null 2>&1 || \
 	   (apt-get update -q >/dev/null && apt-get install -y -q g++-aarch64-linux-gnu >/dev/null)); fi
 
-# pytest workers: one more than the CPU cores, each with one TensorFlow intra-op thread.
-# The extra worker keeps the cores busy while another waits for a process it started
-# (notebook kernels, command-line runs): on a 2-core Intel Xeon the `make test` suite
-# took 498 s with 3 workers, 571 s with 2 and 543 s with 4. With TF's default thread
-# pool per worker the tests took 19% longer (2-core AMD EPYC). TF_NUM_INTRAOP_THREADS
-# and PYTEST_WORKERS set by the caller win.
-PYTEST_WORKERS ?= $(shell echo $$(( $$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2) + 1 )))
+# Two pytest workers, each with one TensorFlow intra-op thread (the workers already keep
+# two cores busy; with TF's default pool per worker the same tests took 19% longer on a
+# 2-core AMD EPYC). A third worker was no faster on a 2-core Intel Xeon: .ci/run took
+# 1,190 s with 3 and 1,070 s with 2 (one run each), though one run of this suite alone
+# gave 498 s with 3, 571 s with 2 and 543 s with 4. TF_NUM_INTRAOP_THREADS and
+# PYTEST_WORKERS set by the caller win.
+PYTEST_WORKERS ?= 2
 test: ops data cross
 	$(PY) -c "import sys; from importlib.metadata import version; print('Python', sys.version.split()[0], \
 	  *(f'| {name} {version(name)}' for name in ('tensorflow', 'keras', 'numpy', 'ml_dtypes')), \
