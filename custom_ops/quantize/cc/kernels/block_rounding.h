@@ -156,11 +156,11 @@ struct FloatScaler {
   // inexact): rounding that to nearest (either tie), toward zero or toward +-infinity
   // at precision p gives v's own rounding when p <= 22 (Boldo & Melquiond, "Emulation of
   // FMA and correctly rounded sums: proved algorithms using rounding to odd", 2008), and
-  // so the exact quotient's
-  // (a float64 quotient of a float32 by a 28-bit d is never closer to a midpoint of
-  // the element than 2^-32 relatively, unless on it). Below 2^-126 a tiny odd value
-  // and beyond float32 its largest (odd) value stand in: they round like v when the
-  // element's quantum exceeds 2^-125 and it saturates (BlockParams::element_rounds_in_float32).
+  // so the exact quotient's (a float64 quotient of a float32 by a 28-bit d is never
+  // closer to a midpoint of the element than 2^-32 relatively, unless on it). Below
+  // 2^-126 a tiny odd value and beyond float32 its largest (odd) value stand in: they
+  // round like v when the element's quantum exceeds 2^-125 and it saturates
+  // (BlockParams::element_rounds_in_float32).
   TFHFP8_ELEMENT_INLINE static float OddQuotient(double v) {
     const uint64_t bits = ToBits(v);
     const uint64_t a = bits & ~SignBit<double>();

@@ -308,8 +308,6 @@ TFHFP8_ELEMENT_INLINE T FinishFloat(typename Container<T>::UInt a, typename Cont
   return FromBits<T>(is_nan ? (sign ^ p.nan_xor) : result);
 }
 
-// Always inlined: a loop that calls it (block_rounding.h's float64 element rounding
-// in a float32 loop) vectorizes only then, and GCC's heuristics do not always do it.
 template <typename T, Rounding R>
 TFHFP8_ELEMENT_INLINE T QuantizeFloatElement(T x, const FloatParams<T>& p,
                                              typename Container<T>::UInt rand) {
