@@ -1,8 +1,10 @@
 """The roundings beyond nearest even, stochastic and toward zero on dynamic fixed point
 (against gfloat, through a float format whose subnormals are the multiples of the shared
-exponent), on the elements of block-scaled formats (OCP MX against gfloat), and on every
-CPU variant of the C++ float and fixed-point loops (against the TF-ops backend, which
-tests/test_p3109.py checks against gfloat)."""
+exponent), on the elements of block-scaled formats (OCP MX and unsigned P3109 elements
+against gfloat), and on every CPU variant of the C++ float and fixed-point loops (against
+the TF-ops backend, which tests/test_p3109.py checks against gfloat)."""
+
+import dataclasses
 
 import gfloat
 import gfloat.formats as gf
@@ -11,6 +13,7 @@ import pytest
 import tensorflow as tf
 from gfloat.types import Domain, FormatInfo, RoundMode
 from helpers import assert_same_bits
+from p3109_reference import gfloat_info
 
 import tfhfp8
 from tfhfp8.formats import roundings
@@ -124,7 +127,7 @@ def test_every_cpu_variant_rounds_as_the_tf_ops(monkeypatch, name):
 @pytest.mark.parametrize("element", ["p3109_k8p4se", "p3109_k8p3sf", "p3109_k6p3se"])
 def test_p3109_elements_of_block_scaled_formats(element):
     """A signed P3109 element in MX blocks: the same bits on both backends, every value a
-    block scale times an element value; an unsigned element is refused."""
+    block scale times an element value (unsigned elements: against gfloat, below)."""
     x = tf.constant(np.random.default_rng(2).normal(size=(8, 96)).astype(np.float32))
     fmt = tfhfp8.BlockScaled(element, 32)
     results = []
@@ -137,11 +140,6 @@ def test_p3109_elements_of_block_scaled_formats(element):
         scale = 2.0 ** np.floor(np.log2(np.abs(block).max())) / 2.0 ** np.floor(
             np.log2(values.max()))
         assert np.isin(np.abs(block) / scale, values).all()
-
-
-def test_unsigned_elements_are_refused():
-    with pytest.raises(ValueError, match="element must be a signed format"):
-        tfhfp8.BlockScaled("p3109_k8p4ue", 32)
 
 
 # -- block-scaled formats: the elements round with every rounding --
@@ -161,22 +159,36 @@ def _block_inputs():
     return x.reshape(6, 128).astype(np.float32)
 
 
-def _gfloat_mx(name, x, rounding, draws):
-    """OCP MX from gfloat: each block's scale by `compute_scale_amax`, its elements
-    rounded by `round_ndarray` (saturating) with the r random bits `draws` of each
-    element."""
-    info = GF_BLOCKS[name]
+def _gfloat_blocks(etype, size, x, rounding, draws, scale_of=None):
+    """Blocks of `size` along x's last axis, from gfloat: each block's scale
+    `scale_of(amax)` (default `compute_scale_amax`: OCP MX), its elements rounded by
+    `round_ndarray` (saturating) with the r random bits `draws` of each element; a zero
+    scale gives zeros. Negative inputs of an unsigned `etype`, which gfloat leaves
+    undefined (garbage from `round_ndarray`, an error from `encode_block`), give +0:
+    tfhfp8's rule, P3109's saturation to [0, max]. Returns float64 values."""
+    scale_of = scale_of or (lambda amax: gfloat.compute_scale_amax(etype.emax, amax))
     parsed = roundings.parse(rounding)
-    r = parsed.random_bits
-    out = np.empty(x.shape, np.float64)
+    out = np.zeros(x.shape, np.float64)
     for row in range(x.shape[0]):
-        for i in range(0, x.shape[1], info.k):
-            block = x[row, i:i + info.k].astype(np.float64)
-            scale = gfloat.compute_scale_amax(info.etype.emax, np.max(np.abs(block)))
-            bits = None if draws is None else draws[row, i:i + info.k]
-            out[row, i:i + info.k] = scale * gfloat.round_ndarray(
-                info.etype, block / scale, MODES[parsed.mode], True, bits, r or 0)
-    return out.astype(np.float32)
+        for i in range(0, x.shape[1], size):
+            block = x[row, i:i + size].astype(np.float64)
+            scale = scale_of(np.max(np.abs(block)))
+            if scale == 0:
+                continue
+            bits = None if draws is None else draws[row, i:i + size]
+            with np.errstate(all="ignore"):  # gfloat on negatives of unsigned formats
+                q = gfloat.round_ndarray(etype, block / scale, MODES[parsed.mode], True, bits,
+                                         parsed.random_bits or 0)
+            if not etype.is_signed:
+                q = np.where(np.signbit(block) & ~np.isnan(block), 0.0, q)
+            out[row, i:i + size] = scale * q
+    return out
+
+
+def _gfloat_mx(name, x, rounding, draws):
+    """OCP MX from gfloat (`_gfloat_blocks`), as float32."""
+    info = GF_BLOCKS[name]
+    return _gfloat_blocks(info.etype, info.k, x, rounding, draws).astype(np.float32)
 
 
 @pytest.mark.parametrize("name", sorted(GF_BLOCKS))
@@ -193,6 +205,20 @@ def test_mx_reference_is_gfloats_own_blocks(name):
         assert_same_bits(ours, theirs.astype(np.float32), x, f"{name} {rounding}")
 
 
+def _quantize_variants(backend, monkeypatch, x, fmt, rounding, **kwargs):
+    """`tfhfp8.quantize` on `backend` (C++: with every CPU variant's loops), the
+    results checked equal to each other; returns the first."""
+    variants = tfhfp8.ops.backend_info()["cpu_variants_supported"] if backend == "cpp" else [""]
+    results = []
+    for variant in variants:
+        monkeypatch.setenv("TFHFP8_CPU_VARIANT", variant)
+        with tfhfp8.ops.forced_backend(backend):
+            results.append(tfhfp8.quantize(x, fmt, rounding, seed=SEED, **kwargs).numpy())
+    for variant, got in zip(variants[1:], results[1:]):
+        assert_same_bits(got, results[0], x, f"{variant} {fmt} {rounding}")
+    return results[0]
+
+
 @pytest.mark.parametrize("backend", ["tf", "cpp"])
 @pytest.mark.parametrize("rounding", NEW_ROUNDINGS)
 @pytest.mark.parametrize("name", sorted(GF_BLOCKS))
@@ -200,12 +226,102 @@ def test_mx_elements_take_every_rounding(monkeypatch, backend, rounding, name):
     """On the C++ backend, with the loops of every CPU variant."""
     x = _block_inputs()
     expected = _gfloat_mx(name, x, rounding, _seeded_draws(x, rounding, SEED))
-    variants = tfhfp8.ops.backend_info()["cpu_variants_supported"] if backend == "cpp" else [""]
-    for variant in variants:
-        monkeypatch.setenv("TFHFP8_CPU_VARIANT", variant)
-        with tfhfp8.ops.forced_backend(backend):
-            got = tfhfp8.quantize(x, name, rounding, seed=SEED).numpy()
-        assert_same_bits(got, expected, x, f"{variant} {name} {rounding}")
+    got = _quantize_variants(backend, monkeypatch, x, name, rounding)
+    assert_same_bits(got, expected, x, f"{name} {rounding}")
+
+
+# -- unsigned (P3109) elements: against gfloat, negative inputs by P3109's rule --
+
+def _unsigned_block_inputs():
+    """`_block_inputs()` and rows of four 32-element blocks: all negative, all positive,
+    +-0, mixed; float32 subnormals; NaN, +inf, -inf, elements beyond the scale's max."""
+    rng = np.random.default_rng(9)
+    normal = rng.standard_normal(32)
+    tiny = rng.integers(-2 ** 23, 2 ** 23, 128) * np.float32(2.0 ** -149)
+    special = rng.standard_normal((4, 32))
+    special[0, 3], special[1, 7], special[2, 0] = np.nan, np.inf, -np.inf
+    special[3, :4] = [1.99, 1.9, -1.99, 1.0]  # beyond max * 2^k (k from 1.99): saturate
+    rows = [np.concatenate([-np.abs(normal), np.abs(normal) * 3,
+                            np.where(normal > 0, 0.0, -0.0), normal * 1e-3]),
+            tiny, special.ravel()]
+    return np.concatenate([_block_inputs(), np.array(rows, np.float32)])
+
+
+def _saturated(x):
+    """x with its infinities as the largest finite values of its dtype, as saturating
+    blocks take them."""
+    largest = np.finfo(x.dtype).max
+    return np.nan_to_num(x, nan=np.nan, posinf=largest, neginf=-largest)
+
+
+def _assert_same_along_axis_0(backend, monkeypatch, x, fmt, rounding, expected, **kwargs):
+    """The blocks of `fmt` laid along axis 0 of x.T (the C++ kernel's column loops) round
+    to `expected`.T; not for stochastic roundings, whose draws follow the layout."""
+    if roundings.parse(rounding).stochastic:
+        return
+    by_columns = _quantize_variants(backend, monkeypatch, x.T, dataclasses.replace(fmt, axis=0),
+                                    rounding, **kwargs)
+    assert_same_bits(by_columns.T, expected, x, f"{fmt} {rounding} along axis 0")
+
+
+@pytest.mark.parametrize("backend", ["tf", "cpp"])
+@pytest.mark.parametrize("rounding", ["nearest_even", "toward_zero"] + NEW_ROUNDINGS)
+@pytest.mark.parametrize("element", ["p3109_k8p3ue", "p3109_k6p3uf"])
+def test_unsigned_mx_elements_match_gfloat(monkeypatch, backend, rounding, element):
+    """E8M0 scales from the magnitudes of all of a block's elements; infinities count as
+    the largest float32 (saturating) or make their block NaN (not)."""
+    x = _unsigned_block_inputs()
+    etype = gfloat_info(element)
+    expected = _gfloat_blocks(etype, 32, _saturated(x), rounding,
+                              _seeded_draws(x, rounding, SEED)).astype(np.float32)
+    fmt = tfhfp8.BlockScaled(element, 32)
+    got = _quantize_variants(backend, monkeypatch, x, fmt, rounding, saturate=True)
+    assert_same_bits(got, expected, x, f"{element} {rounding}")
+    not_saturating = _quantize_variants(backend, monkeypatch, x, fmt, rounding)
+    expected[np.repeat(np.isinf(x).reshape(len(x), -1, 32).any(-1), 32, axis=-1)] = np.nan
+    assert_same_bits(not_saturating, expected, x, f"{element} {rounding}, not saturating")
+    _assert_same_along_axis_0(backend, monkeypatch, x, fmt, rounding, expected)
+
+
+@pytest.mark.parametrize("backend", ["tf", "cpp"])
+@pytest.mark.parametrize("rounding", ["nearest_even", "toward_zero", "stochastic_r5"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unsigned_elements_with_a_float_scale_match_gfloat(monkeypatch, backend, rounding,
+                                                           dtype):
+    """An unsigned NVFP4 without tensor scale: E4M3 block scales `amax / 6` rounded to
+    nearest (a zero scale: zeros), the elements rounded in float64 (its draws)."""
+    x = _unsigned_block_inputs().astype(dtype)
+    x[-3, 96:] *= 1e-6  # a block whose scale underflows E4M3: +0s
+    etype = gfloat_info("p3109_k4p2ue")
+
+    def scale_of(amax):
+        return gfloat.round_float(gf.format_info_ocp_e4m3, amax / etype.max,
+                                  RoundMode.TiesToEven, True)
+
+    draws = _seeded_draws(x, rounding, SEED, tf.float64)
+    expected = _gfloat_blocks(etype, 16, _saturated(x), rounding, draws, scale_of).astype(dtype)
+    fmt = tfhfp8.BlockScaled("p3109_k4p2ue", 16, scale="float8_e4m3fn")
+    got = _quantize_variants(backend, monkeypatch, x, fmt, rounding, saturate=True)
+    assert_same_bits(got, expected, x, f"{dtype.__name__} {rounding}")
+    _assert_same_along_axis_0(backend, monkeypatch, x, fmt, rounding, expected, saturate=True)
+    assert (got[-3, 96:] == 0).all() and not np.signbit(got[-3, 96:]).any()
+
+
+@pytest.mark.parametrize("fmt", [
+    tfhfp8.BlockScaled("p3109_k4p2ue", 16, scale="float8_e4m3fn", tensor_scale=True),
+    tfhfp8.BlockScaled("p3109_k8p3ue", 32, scale_rounding="ceil"),
+    tfhfp8.BlockScaled("p3109_k8p3ue", None, scale="float32"),
+], ids=["tensor_scale", "ceil", "per_tensor"])
+@pytest.mark.parametrize("rounding", ["nearest_even", "stochastic_r5"])
+def test_unsigned_elements_in_every_block_kind_agree_across_backends(monkeypatch, fmt,
+                                                                     rounding):
+    """Scales no gfloat function computes: the same bits on both backends, negative
+    inputs +0 (without the row of NaN and inf, which would set the tensor's amax)."""
+    x = _unsigned_block_inputs()[:-1]
+    y, cpp = [_quantize_variants(backend, monkeypatch, x, fmt, rounding, saturate=True)
+              for backend in ("tf", "cpp")]
+    assert_same_bits(cpp, y, x, f"{fmt} {rounding}")
+    assert not np.signbit(y).any() and (y[np.signbit(x)] == 0).all() and (y > 0).mean() > 0.1
 
 
 # Ties of each element grid under a scale of exactly 1: NVFP4's tensor scale is

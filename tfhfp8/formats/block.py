@@ -19,7 +19,7 @@ Scales (`scale_rounding`):
 - a `FloatFormat` (NVFP4: `float8_e4m3fn`): `amax / max_element` (divided by the
   tensor scale when `tensor_scale=True`) rounded to the scale format with
   `"nearest_even"` (NVFP4) or `"floor"` (toward zero), saturating at its max. A block
-  whose scale rounds to 0 becomes (signed) zeros.
+  whose scale rounds to 0 becomes zeros, signed where the element has a -0.
 
 Tensor scale (`tensor_scale=True`, float scale formats only; NVIDIA's NVFP4 two-level
 scaling): `S = fl32(amax_tensor / (max_scale * max_element))` (for NVFP4
@@ -93,9 +93,6 @@ def _element(value):
     if not isinstance(element, scalar.FloatFormat):
         raise ValueError(f"element must be a FloatFormat (or a name of one, or 'int8'), "
                          f"got {element!r}")
-    if not element.signed:
-        raise ValueError(f"element must be a signed format (a block's scale is a magnitude "
-                         f"and its values carry the signs), got {element!r}")
     return element
 
 
@@ -106,8 +103,11 @@ class BlockScaled:
 
     Args:
       element: the element format: a `FloatFormat` or its name (`"float8_e4m3fn"`,
-        `"float4_e2m1fn"`, ...), or `"int8"` (MXINT8's elements, `k / 64` for
-        `|k| <= 127`).
+        `"float4_e2m1fn"`, `"p3109_k8p3ue"`, ...), or `"int8"` (MXINT8's elements,
+        `k / 64` for `|k| <= 127`). An unsigned (P3109) element takes its block's scale
+        from the magnitudes of all its elements (as gfloat's `compute_scale_amax`) and
+        rounds a negative element to +0 (P3109's saturation to `[0, max]`; gfloat
+        leaves negative inputs of unsigned formats undefined).
       block_size: elements per block, 1..65536 (OCP MX: 32, NVFP4: 16), or None for
         per-tensor scaling (the whole tensor one block; needs `scale="float32"`).
       scale: `"float8_e8m0fnu"` (power-of-two scales, OCP MX), a `FloatFormat` or
@@ -132,11 +132,11 @@ class BlockScaled:
     Example:
 
     >>> import tfhfp8
-    >>> fmt = tfhfp8.scalar.get("mxfp8_e4m3")
+    >>> fmt = tfhfp8.formats.get("mxfp8_e4m3")
     >>> fmt.block_size, fmt.element.name, fmt.emax_element
     (32, 'float8_e4m3fn', 8)
     >>> tfhfp8.BlockScaled("float4_e2m1fn", 16, scale="float8_e4m3fn",
-    ...                    tensor_scale=True) == tfhfp8.scalar.get("nvfp4")
+    ...                    tensor_scale=True) == tfhfp8.formats.get("nvfp4")
     True
     """
 

@@ -224,7 +224,9 @@ def _float_scale(x, a, amax, fmt, blocks, rounding, seed, rand, c):
     zero = d == 0
     q = tb.quantize_float(x64 / tf.where(zero, tf.ones_like(d), d), fmt.element, rounding,
                           True, seed, rand)
-    y = tf.where(zero, x64 * 0.0, q * d)
+    # A zero scale: zeros, keeping x's sign where the element has a -0.
+    zeros = x64 * 0.0 if fmt.element.has_negative_zero else tf.zeros_like(x64)
+    y = tf.where(zero, zeros, q * d)
     if c.width == 64:
         return y
     return float64_to_float32_exact(tb.quantize_float(y, _FLOAT32, "nearest_even", True, zero_seed))

@@ -139,7 +139,7 @@ struct FloatScaler {
   using UInt = typename Container<T>::UInt;
   using Rand = uint64_t;  // the element rounding runs in float64
 
-  // d = s_block * S (0: the block becomes signed zeros); true for a NaN block.
+  // d = s_block * S (0: the block becomes zeros); true for a NaN block.
   static bool Scale(UInt amax, const BlockParams<T>& p, double* d_out) {
     const bool bad = amax >= InfBits<T>();
     const double amax64 = ToFloat64(bad ? UInt{0} : amax);
@@ -191,7 +191,7 @@ struct FloatScaler {
     }
   }
 
-  // d != 0 (a zero d is the caller's: signed zeros). `float32`: the final rounding of a
+  // d != 0 (a zero d is the caller's: zeros). `float32`: the final rounding of a
   // float32 result (unused for float64).
   template <Rounding R>
   TFHFP8_ELEMENT_INLINE static T Element(T x, double d, const FloatParams<double>& element,
@@ -279,9 +279,10 @@ inline void FloatContiguous(const T* in, T* out, int64_t start, int64_t count,
     FillNan(out + start, count);
     return;
   }
-  if (d == 0) {  // the scale underflows: signed zeros
+  if (d == 0) {  // the scale underflows: zeros, signed where the element has a -0
+    const auto zero_sign_mask = p.element.zero_sign_mask;
     for (int64_t j = start; j < start + count; ++j) {
-      out[j] = FromBits<T>(ToBits(in[j]) & SignBit<T>());
+      out[j] = FromBits<T>(ToBits(in[j]) & zero_sign_mask);
     }
     return;
   }
@@ -349,7 +350,7 @@ inline void FloatColumns(const T* in, T* out, int64_t base, int64_t rows, int64_
     QuantizeRangeIndexed<T, R, uint64_t>(in, out, start, start + width, keys,
                                          [&](T x, uint64_t rand, int64_t c) {
       if (bad[c]) return nan;
-      if (d[c] == 0) return FromBits<T>(ToBits(x) & SignBit<T>());
+      if (d[c] == 0) return FromBits<T>(ToBits(x) & p.element.zero_sign_mask);
       return FloatScaler<T>::template Element<R>(x, d[c], p.element64, p.float32, rand);
     });
   }
@@ -372,12 +373,16 @@ inline bool Pow2NearestEvenFast(const T* in, T* out, int64_t start, int64_t coun
     if (!NearestEvenFastApplies(e) || e.quantum_exponent < -125) return false;
     if (min_k < -125 - e.quantum_exponent) return false;
     const uint32_t zero_sign_mask = e.zero_sign_mask;
+    // An unsigned (P3109) element: a negative x is below its range, +0 when saturating,
+    // which a zero magnitude gives (P3109 formats keep no sign on a zero).
+    const uint32_t unsigned_mask = e.is_unsigned != 0 ? ~0u : 0u;
     // kPlain: the operand is never negative nor NaN (NaN blocks are filled afterwards).
     MapElements(in + start, out + start, count, [=](float x, int64_t j) {
       const int k = k_of[j];
       const uint32_t bits = ToBits(x);
       const uint32_t sign = bits & SignBit<float>();
-      const uint32_t a = BlockMagnitude<float>(bits);
+      const uint32_t below = unsigned_mask & (0u - (bits >> 31));
+      const uint32_t a = BlockMagnitude<float>(bits) & ~below;
       // |x| 2^-k below 2^-126 (x subnormal, or its exponent field <= k): rounds to
       // zero. (One comparison: GCC does not vectorize a select between two conditions.)
       const int exponent = static_cast<int>(a >> 23);
