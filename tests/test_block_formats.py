@@ -619,6 +619,8 @@ def test_backends_agree_on_large_tensors_with_stochastic_rounding(fmt, monkeypat
     (dict(scale="float", scale_rounding="ceil"), "scale_rounding must be 'nearest_even'"),
     (dict(scale="float", scale_rounding="floor", scale_mantissa_bits=30),
      "scale_mantissa_bits must be in"),
+    (dict(scale="float", scale_rounding="floor", scale_signed=False),
+     "scale_signed=false is for the P3109 specials"),
 ])
 def test_the_kernel_rejects_bad_attributes_with_a_clear_error(attrs, message):
     """Called directly (tfhfp8 itself never passes these): an error, never a crash."""

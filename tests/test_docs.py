@@ -70,8 +70,14 @@ def _readme_example(printed):
     assert accuracy > 0.9, printed[-1]
 
 
+def _p3109_block_example(printed):
+    """docs/block_formats.md's P3109 elements and scales: the values its comments give."""
+    assert printed == ["[[0.875, 0.0, 2.625, 10.5]]", "[[0.8125, -0.8125, 3.25, 9.75]]"]
+
+
 # (page, number of python blocks before it on the page) -> a check of what it printed.
-OUTPUT_CHECKS = {("README.md", 0): _readme_example}
+OUTPUT_CHECKS = {("README.md", 0): _readme_example,
+                 ("docs/block_formats.md", 1): _p3109_block_example}
 
 ALL_BLOCKS = [block for page in PAGES for block in blocks(page)]
 _namespaces = {}   # page -> [namespace, index of the next block to run]

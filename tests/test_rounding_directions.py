@@ -1,10 +1,9 @@
 """The roundings beyond nearest even, stochastic and toward zero on dynamic fixed point
 (against gfloat, through a float format whose subnormals are the multiples of the shared
-exponent), on the elements of block-scaled formats (OCP MX and unsigned P3109 elements
-against gfloat), and on every CPU variant of the C++ float and fixed-point loops (against
-the TF-ops backend, which tests/test_p3109.py checks against gfloat)."""
-
-import dataclasses
+exponent), on the elements of block-scaled formats (OCP MX against gfloat; P3109
+elements and scales: tests/test_p3109_blocks.py, with the block helpers of this file),
+and on every CPU variant of the C++ float and fixed-point loops (against the TF-ops
+backend, which tests/test_p3109.py checks against gfloat)."""
 
 import gfloat
 import gfloat.formats as gf
@@ -13,7 +12,6 @@ import pytest
 import tensorflow as tf
 from gfloat.types import Domain, FormatInfo, RoundMode
 from helpers import assert_same_bits
-from p3109_reference import gfloat_info
 
 import tfhfp8
 from tfhfp8.formats import roundings
@@ -124,24 +122,6 @@ def test_every_cpu_variant_rounds_as_the_tf_ops(monkeypatch, name):
                 assert_same_bits(got_dfp, want_dfp, x[:-1], f"{variant} DFP {rounding}")
 
 
-@pytest.mark.parametrize("element", ["p3109_k8p4se", "p3109_k8p3sf", "p3109_k6p3se"])
-def test_p3109_elements_of_block_scaled_formats(element):
-    """A signed P3109 element in MX blocks: the same bits on both backends, every value a
-    block scale times an element value (unsigned elements: against gfloat, below)."""
-    x = tf.constant(np.random.default_rng(2).normal(size=(8, 96)).astype(np.float32))
-    fmt = tfhfp8.BlockScaled(element, 32)
-    results = []
-    for backend in ("tf", "cpp"):
-        with tfhfp8.ops.forced_backend(backend):
-            results.append(tfhfp8.quantize(x, fmt, saturate=True).numpy())
-    assert_same_bits(results[1], results[0], x, element)
-    values = tfhfp8.formats.get(element).values()
-    for block in results[0].reshape(-1, 32):
-        scale = 2.0 ** np.floor(np.log2(np.abs(block).max())) / 2.0 ** np.floor(
-            np.log2(values.max()))
-        assert np.isin(np.abs(block) / scale, values).all()
-
-
 # -- block-scaled formats: the elements round with every rounding --
 
 GF_BLOCKS = {"mxfp8_e4m3": gf.format_info_mxfp8_e4m3,
@@ -228,100 +208,6 @@ def test_mx_elements_take_every_rounding(monkeypatch, backend, rounding, name):
     expected = _gfloat_mx(name, x, rounding, _seeded_draws(x, rounding, SEED))
     got = _quantize_variants(backend, monkeypatch, x, name, rounding)
     assert_same_bits(got, expected, x, f"{name} {rounding}")
-
-
-# -- unsigned (P3109) elements: against gfloat, negative inputs by P3109's rule --
-
-def _unsigned_block_inputs():
-    """`_block_inputs()` and rows of four 32-element blocks: all negative, all positive,
-    +-0, mixed; float32 subnormals; NaN, +inf, -inf, elements beyond the scale's max."""
-    rng = np.random.default_rng(9)
-    normal = rng.standard_normal(32)
-    tiny = rng.integers(-2 ** 23, 2 ** 23, 128) * np.float32(2.0 ** -149)
-    special = rng.standard_normal((4, 32))
-    special[0, 3], special[1, 7], special[2, 0] = np.nan, np.inf, -np.inf
-    special[3, :4] = [1.99, 1.9, -1.99, 1.0]  # beyond max * 2^k (k from 1.99): saturate
-    rows = [np.concatenate([-np.abs(normal), np.abs(normal) * 3,
-                            np.where(normal > 0, 0.0, -0.0), normal * 1e-3]),
-            tiny, special.ravel()]
-    return np.concatenate([_block_inputs(), np.array(rows, np.float32)])
-
-
-def _saturated(x):
-    """x with its infinities as the largest finite values of its dtype, as saturating
-    blocks take them."""
-    largest = np.finfo(x.dtype).max
-    return np.nan_to_num(x, nan=np.nan, posinf=largest, neginf=-largest)
-
-
-def _assert_same_along_axis_0(backend, monkeypatch, x, fmt, rounding, expected, **kwargs):
-    """The blocks of `fmt` laid along axis 0 of x.T (the C++ kernel's column loops) round
-    to `expected`.T; not for stochastic roundings, whose draws follow the layout."""
-    if roundings.parse(rounding).stochastic:
-        return
-    by_columns = _quantize_variants(backend, monkeypatch, x.T, dataclasses.replace(fmt, axis=0),
-                                    rounding, **kwargs)
-    assert_same_bits(by_columns.T, expected, x, f"{fmt} {rounding} along axis 0")
-
-
-@pytest.mark.parametrize("backend", ["tf", "cpp"])
-@pytest.mark.parametrize("rounding", ["nearest_even", "toward_zero"] + NEW_ROUNDINGS)
-@pytest.mark.parametrize("element", ["p3109_k8p3ue", "p3109_k6p3uf"])
-def test_unsigned_mx_elements_match_gfloat(monkeypatch, backend, rounding, element):
-    """E8M0 scales from the magnitudes of all of a block's elements; infinities count as
-    the largest float32 (saturating) or make their block NaN (not)."""
-    x = _unsigned_block_inputs()
-    etype = gfloat_info(element)
-    expected = _gfloat_blocks(etype, 32, _saturated(x), rounding,
-                              _seeded_draws(x, rounding, SEED)).astype(np.float32)
-    fmt = tfhfp8.BlockScaled(element, 32)
-    got = _quantize_variants(backend, monkeypatch, x, fmt, rounding, saturate=True)
-    assert_same_bits(got, expected, x, f"{element} {rounding}")
-    not_saturating = _quantize_variants(backend, monkeypatch, x, fmt, rounding)
-    expected[np.repeat(np.isinf(x).reshape(len(x), -1, 32).any(-1), 32, axis=-1)] = np.nan
-    assert_same_bits(not_saturating, expected, x, f"{element} {rounding}, not saturating")
-    _assert_same_along_axis_0(backend, monkeypatch, x, fmt, rounding, expected)
-
-
-@pytest.mark.parametrize("backend", ["tf", "cpp"])
-@pytest.mark.parametrize("rounding", ["nearest_even", "toward_zero", "stochastic_r5"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_unsigned_elements_with_a_float_scale_match_gfloat(monkeypatch, backend, rounding,
-                                                           dtype):
-    """An unsigned NVFP4 without tensor scale: E4M3 block scales `amax / 6` rounded to
-    nearest (a zero scale: zeros), the elements rounded in float64 (its draws)."""
-    x = _unsigned_block_inputs().astype(dtype)
-    x[-3, 96:] *= 1e-6  # a block whose scale underflows E4M3: +0s
-    etype = gfloat_info("p3109_k4p2ue")
-
-    def scale_of(amax):
-        return gfloat.round_float(gf.format_info_ocp_e4m3, amax / etype.max,
-                                  RoundMode.TiesToEven, True)
-
-    draws = _seeded_draws(x, rounding, SEED, tf.float64)
-    expected = _gfloat_blocks(etype, 16, _saturated(x), rounding, draws, scale_of).astype(dtype)
-    fmt = tfhfp8.BlockScaled("p3109_k4p2ue", 16, scale="float8_e4m3fn")
-    got = _quantize_variants(backend, monkeypatch, x, fmt, rounding, saturate=True)
-    assert_same_bits(got, expected, x, f"{dtype.__name__} {rounding}")
-    _assert_same_along_axis_0(backend, monkeypatch, x, fmt, rounding, expected, saturate=True)
-    assert (got[-3, 96:] == 0).all() and not np.signbit(got[-3, 96:]).any()
-
-
-@pytest.mark.parametrize("fmt", [
-    tfhfp8.BlockScaled("p3109_k4p2ue", 16, scale="float8_e4m3fn", tensor_scale=True),
-    tfhfp8.BlockScaled("p3109_k8p3ue", 32, scale_rounding="ceil"),
-    tfhfp8.BlockScaled("p3109_k8p3ue", None, scale="float32"),
-], ids=["tensor_scale", "ceil", "per_tensor"])
-@pytest.mark.parametrize("rounding", ["nearest_even", "stochastic_r5"])
-def test_unsigned_elements_in_every_block_kind_agree_across_backends(monkeypatch, fmt,
-                                                                     rounding):
-    """Scales no gfloat function computes: the same bits on both backends, negative
-    inputs +0 (without the row of NaN and inf, which would set the tensor's amax)."""
-    x = _unsigned_block_inputs()[:-1]
-    y, cpp = [_quantize_variants(backend, monkeypatch, x, fmt, rounding, saturate=True)
-              for backend in ("tf", "cpp")]
-    assert_same_bits(cpp, y, x, f"{fmt} {rounding}")
-    assert not np.signbit(y).any() and (y[np.signbit(x)] == 0).all() and (y > 0).mean() > 0.1
 
 
 # Ties of each element grid under a scale of exactly 1: NVFP4's tensor scale is

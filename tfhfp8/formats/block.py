@@ -16,10 +16,12 @@ Scales (`scale_rounding`):
     saturates (the round-up scale of Mishra et al. 2025, "Recipes for pre-training
     LLMs with MXFP8").
   The exponent is clamped to `[-127, 127]`; an all-zero block gets `2^-127`.
-- a `FloatFormat` (NVFP4: `float8_e4m3fn`): `amax / max_element` (divided by the
-  tensor scale when `tensor_scale=True`) rounded to the scale format with
-  `"nearest_even"` (NVFP4) or `"floor"` (toward zero), saturating at its max. A block
-  whose scale rounds to 0 becomes zeros, signed where the element has a -0.
+- a `FloatFormat` (NVFP4: `float8_e4m3fn`; any other, P3109's signed and unsigned
+  formats too, e.g. `p3109_k8p3ue`): `amax / max_element` (divided by the tensor scale
+  when `tensor_scale=True`) rounded to the scale format with `"nearest_even"` (NVFP4)
+  or `"floor"` (toward zero), saturating at its max (never negative: an unsigned scale
+  format loses nothing). A block whose scale rounds to 0 becomes zeros, signed where the
+  element has a -0.
 
 Tensor scale (`tensor_scale=True`, float scale formats only; NVIDIA's NVFP4 two-level
 scaling): `S = fl32(amax_tensor / (max_scale * max_element))` (for NVFP4
@@ -111,8 +113,9 @@ class BlockScaled:
       block_size: elements per block, 1..65536 (OCP MX: 32, NVFP4: 16), or None for
         per-tensor scaling (the whole tensor one block; needs `scale="float32"`).
       scale: `"float8_e8m0fnu"` (power-of-two scales, OCP MX), a `FloatFormat` or
-        name (NVFP4: `"float8_e4m3fn"`), or `"float32"` (per tensor, Transformer
-        Engine / Keras float8; only with `block_size=None`).
+        name (NVFP4: `"float8_e4m3fn"`; P3109's, signed or unsigned:
+        `"p3109_k8p3ue"`, ...), or `"float32"` (per tensor, Transformer Engine / Keras
+        float8; only with `block_size=None`).
       axis: the axis the blocks run along when quantizing a tensor directly. In the
         GEMMs of emulated layers (`Dense`, `EinsumDense`, the convolutions,
         attention), each operand is blocked along that GEMM's own reduction axis
@@ -175,7 +178,10 @@ class BlockScaled:
             except (TypeError, ValueError) as error:
                 raise type(error)(f"scale: {error}") from None
             if not isinstance(scale, scalar.FloatFormat):
-                raise ValueError(f"scale must be {E8M0!r} or a FloatFormat, got {scale!r}")
+                raise ValueError(
+                    f"scale must be {E8M0!r} (power-of-two scales), a FloatFormat or the "
+                    f"name of one ('float8_e4m3fn', 'p3109_k8p3ue', ...), or {FLOAT32!r} "
+                    f"with block_size=None; got {scale!r}")
             object.__setattr__(self, "scale", scale)
         kind = {E8M0: "power_of_two", FLOAT32: "tensor"}.get(scale, "float")
         rounding = self.scale_rounding

@@ -70,7 +70,8 @@ def quantize_block(x, fmt, rounding, saturate, seed):
         attrs.update(scale_exponent_bits=fmt.scale.exponent_bits,
                      scale_mantissa_bits=fmt.scale.mantissa_bits, scale_bias=fmt.scale.bias,
                      scale_specials=fmt.scale.specials,
-                     scale_subnormals=bool(fmt.scale.subnormals))
+                     scale_subnormals=bool(fmt.scale.subnormals),
+                     scale_signed=bool(fmt.scale.signed))
     return load().hfp8_quantize_block(x, seed, **attrs)
 
 

@@ -1,8 +1,9 @@
 """Block-scaled rounding (`tfhfp8.BlockScaled`) with TensorFlow ops; runs under XLA.
 
 The `tf` backend of `tfhfp8.quantize` for block-scaled formats; the `cpp` backend runs
-the fused kernel `custom_ops/quantize/cc/kernels/block_rounding.h`, which mirrors this
-code step by step (tested to agree bit for bit). Exactness, step by step:
+the fused kernel `custom_ops/quantize/cc/kernels/block_rounding.h` (with
+`block_pow2.h`), which mirrors this code step by step (tested to agree bit for bit).
+Exactness, step by step:
 
 - The block absolute maximum is taken on the magnitude bits (non-negative floats sort
   as integers; TensorFlow's CPU threads flush subnormals to zero in float arithmetic).
@@ -13,17 +14,20 @@ code step by step (tested to agree bit for bit). Exactness, step by step:
   every rounding mode; for stochastic rounding its round-up probability, below 2^-100,
   is taken as 0). The element rounding is `tf_backend.quantize_float`, one step from
   the bits, saturating.
-- Float scales (NVFP4): float32 inputs are widened to float64 exactly (on the bits);
-  `amax / (max_element * S)` and `x / (s_block * S)` are float64 divisions of a 24-bit
-  by a <= 28-bit significand. Such a quotient, if not exact, is at least 2^-31 (relative)
-  away from every value and midpoint of a format with at most 4 significant bits, and
-  float64 rounding moves it by at most 2^-53: rounding the float64 quotient to the
+- Float scales (NVFP4, any FloatFormat, P3109's signed and unsigned ones too): float32
+  inputs are widened to float64 exactly (on the bits); `amax / (max_element * S)` and
+  `x / (s_block * S)` are float64 divisions of a 24-bit by a <= 28-bit significand
+  (NVFP4's E4M3 scale; a scale of p significant bits: p + 24). Such a quotient, if not
+  exact, is at least 2^-31 (relative; 2^-(27 + p) with a p-bit scale) away from every
+  value and midpoint of a format with at most 4 significant bits, and float64
+  rounding moves it by at most 2^-53: rounding the float64 quotient to the
   scale / element format gives the same result as rounding the exact quotient, so each
   is rounded once (nearest_even and toward_zero exactly; stochastic rounding draws
-  against the float64 quotient). `q * s_block * S` (<= 30 bits) is exact in float64 and
-  rounded once to float32, on the bits (subnormal results included). float64 inputs
-  (53-bit significands) are divided in float64 too: there the quotient may be rounded
-  twice (once to float64), which only matters within 2^-53 of a rounding boundary.
+  against the float64 quotient). `q * s_block * S` (<= 30 bits for NVFP4) is exact in
+  float64 and rounded once to float32, on the bits (subnormal results included).
+  float64 inputs (53-bit significands) are divided in float64 too: there the quotient
+  may be rounded twice (once to float64), which only matters within 2^-53 of a rounding
+  boundary. (Both backends and gfloat's `quantize_block` divide in float64 alike.)
 """
 
 import numpy as np
@@ -220,7 +224,7 @@ def _float_scale(x, a, amax, fmt, blocks, rounding, seed, rand, c):
         s = tf.constant(1.0, tf.float64)
     block_scale = tb.quantize_float(amax64 / (element_max * s), fmt.scale, scale_rounding,
                                     True, zero_seed)
-    d = blocks.expand(block_scale) * s  # exact: <= 4 + 24 significant bits
+    d = blocks.expand(block_scale) * s  # exact: <= 24 + 24 significant bits
     zero = d == 0
     q = tb.quantize_float(x64 / tf.where(zero, tf.ones_like(d), d), fmt.element, rounding,
                           True, seed, rand)

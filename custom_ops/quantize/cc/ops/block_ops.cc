@@ -25,8 +25,10 @@ REGISTER_OP("Hfp8QuantizeBlock")
     .Attr("scale_exponent_bits: int = 4")
     .Attr("scale_mantissa_bits: int = 3")
     .Attr("scale_bias: int = 7")
-    .Attr("scale_specials: {'ieee', 'fn', 'fnuz', 'finite'} = 'fn'")
+    .Attr("scale_specials: {'ieee', 'fn', 'fnuz', 'finite', 'p3109_extended', 'p3109_finite'} "
+          "= 'fn'")
     .Attr("scale_subnormals: bool = true")
+    .Attr("scale_signed: bool = true")
     .Attr("scale_rounding: {'floor', 'ceil', 'nearest_even'}")
     .Attr("tensor_scale: bool = false")
     .Attr("rounding: {'nearest_even', 'stochastic', 'toward_zero', 'nearest_away', "
@@ -44,7 +46,8 @@ REGISTER_OP("Hfp8QuantizeBlock")
 Rounds x to a block-scaled format (see tfhfp8.BlockScaled): blocks of block_size
 consecutive elements along axis (the last one may be shorter), each with one scale
 from its absolute maximum, an E8M0 power of two (scale='e8m0') or a FloatFormat
-(scale='float', the scale_* attributes) within an optional per-tensor FP32 scale.
+(scale='float', the scale_* attributes; P3109's too, scale_signed=false for an unsigned
+one) within an optional per-tensor FP32 scale.
 seed: int64 scalar for stochastic rounding; the same seed gives the same bits.
 random_bits: r, 1..23, for the *_bits stochastic roundings (tfhfp8.formats.roundings).
 )doc");
