@@ -58,7 +58,8 @@ absl::Status SelectAccumulateLoops(const AccumulateLoops** loops) {
 // rounding the hardware conversion (vcvtps2ph) does.
 bool IsHalf(const FloatParams<float>& p) {
   static const FloatParams<float> half =
-      MakeFloatParams<float>(5, 10, 15, Specials::kIeee, true, false);
+      MakeFloatParams<float>(FloatFormatSpec{5, 10, 15, Specials::kIeee, true, true},
+                             RoundingOptions{});
   return p.emin == half.emin && p.d == half.d && p.sub_mantissa == half.sub_mantissa &&
          p.rebias == half.rebias && p.half_minus_one == half.half_minus_one &&
          p.lsb == half.lsb && p.max_code == half.max_code && p.max_bits == half.max_bits &&
@@ -169,17 +170,16 @@ class AccumulatingMatmulOp : public OpKernel {
   explicit AccumulatingMatmulOp(OpKernelConstruction* context) : OpKernel(context) {
     // The round-to-odd sum is exact for formats of at most 22 significand bits.
     constexpr int kMaxMantissa = 21;
-    FloatFormatAttrs inner, outer, products;
-    bool saturate;
+    FloatFormatSpec inner, outer, products;
+    RoundingOptions options;
     OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "", kMaxMantissa, &inner));
     OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "outer_", kMaxMantissa, &outer));
     OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "products_", 23, &products));
     OP_REQUIRES_OK(context, context->GetAttr("has_products", &has_products_));
-    OP_REQUIRES_OK(context, ReadRoundingAttrs(context, &rounding_, &saturate));
+    OP_REQUIRES_OK(context, ReadRoundingAttrs(context, &rounding_, &options.saturate));
     OP_REQUIRES_OK(context, ReadChunkSize(context, &chunk_size_));
-    auto params = [saturate](const FloatFormatAttrs& f) {
-      return MakeFloatParams<float>(f.exponent_bits, f.mantissa_bits, f.bias, f.specials,
-                                    f.subnormals, saturate);
+    auto params = [&options](const FloatFormatSpec& f) {
+      return MakeFloatParams<float>(f, options);
     };
     inner_ = params(inner);
     outer_ = params(outer);

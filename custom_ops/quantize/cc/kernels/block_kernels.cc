@@ -23,14 +23,15 @@ using tensorflow::OpKernelConstruction;
 namespace {
 
 template <typename T>
-FloatParams<T> Saturating(const FloatFormatAttrs& f, int random_bits = 0) {
-  return MakeFloatParams<T>(f.exponent_bits, f.mantissa_bits, f.bias, f.specials, f.subnormals,
-                            /*saturate=*/true, f.is_signed, /*propagate_inf=*/false,
-                            random_bits);
+FloatParams<T> Saturating(const FloatFormatSpec& f, int random_bits = 0) {
+  RoundingOptions options;
+  options.saturate = true;
+  options.random_bits = random_bits;
+  return MakeFloatParams<T>(f, options);
 }
 
 template <typename T>
-BlockParams<T> MakeBlockParams(const FloatFormatAttrs& element, const FloatFormatAttrs* scale,
+BlockParams<T> MakeBlockParams(const FloatFormatSpec& element, const FloatFormatSpec* scale,
                                const std::string& scale_rounding, bool saturate,
                                int random_bits) {
   using UInt = typename Container<T>::UInt;
@@ -44,7 +45,7 @@ BlockParams<T> MakeBlockParams(const FloatFormatAttrs& element, const FloatForma
   p.element64 = Saturating<double>(element, random_bits);
   if (scale != nullptr) p.scale64 = Saturating<double>(*scale);
   p.scale_toward_zero = scale_rounding == "floor";
-  p.float32 = MakeFloatParams<double>(8, 23, 127, Specials::kIeee, true, true);
+  p.float32 = Saturating<double>(FloatFormatSpec{8, 23, 127, Specials::kIeee, true, true});
   p.s = 1.0;
   p.element_max_times_s = FromBits<double>(p.element64.max_bits);
   p.element_rounds_in_float32 = element.mantissa_bits <= 21 &&
@@ -64,7 +65,7 @@ class QuantizeBlockOp : public OpKernel {
  public:
   explicit QuantizeBlockOp(OpKernelConstruction* context) : OpKernel(context) {
     std::string scale, scale_rounding;
-    FloatFormatAttrs element{}, scale_format{};
+    FloatFormatSpec element{}, scale_format{};
     OP_REQUIRES_OK(context, context->GetAttr("axis", &axis_));
     OP_REQUIRES_OK(context, context->GetAttr("block_size", &block_size_));
     OP_REQUIRES_OK(context, context->GetAttr("scale", &scale));
@@ -89,7 +90,7 @@ class QuantizeBlockOp : public OpKernel {
                   InvalidArgument("scale_rounding must be 'nearest_even' or 'floor' for "
                                   "scale='float', got '", scale_rounding, "'"));
     }
-    const FloatFormatAttrs* scale_attrs = power_of_two ? nullptr : &scale_format;
+    const FloatFormatSpec* scale_attrs = power_of_two ? nullptr : &scale_format;
     params32_ =
         MakeBlockParams<float>(element, scale_attrs, scale_rounding, saturate_, random_bits);
     params64_ =

@@ -89,16 +89,12 @@ std::string SupportedVariants() {
 }
 
 template <typename T>
-FloatParams<T> MakeFloatParams(int exponent_bits, int mantissa_bits, int bias, Specials specials,
-                               bool subnormals, bool saturate, bool is_signed,
-                               bool propagate_inf, int random_bits) {
-  return ComputeFloatParams<T>(exponent_bits, mantissa_bits, bias, specials, subnormals, saturate,
-                               is_signed, propagate_inf, random_bits);
+FloatParams<T> MakeFloatParams(const FloatFormatSpec& format, const RoundingOptions& options) {
+  return ComputeFloatParams<T>(format, options);
 }
-template FloatParams<float> MakeFloatParams<float>(int, int, int, Specials, bool, bool, bool,
-                                                   bool, int);
-template FloatParams<double> MakeFloatParams<double>(int, int, int, Specials, bool, bool, bool,
-                                                     bool, int);
+template FloatParams<float> MakeFloatParams<float>(const FloatFormatSpec&, const RoundingOptions&);
+template FloatParams<double> MakeFloatParams<double>(const FloatFormatSpec&,
+                                                     const RoundingOptions&);
 
 Keys MakeSeedKeys(int64_t seed) { return MakeKeys(seed); }
 

@@ -32,9 +32,7 @@ std::string SupportedVariants();
 // Parameters of the rounding to a FloatFormat (validated by the caller; see
 // ComputeFloatParams in rounding.h).
 template <typename T>
-FloatParams<T> MakeFloatParams(int exponent_bits, int mantissa_bits, int bias, Specials specials,
-                               bool subnormals, bool saturate, bool is_signed = true,
-                               bool propagate_inf = false, int random_bits = 0);
+FloatParams<T> MakeFloatParams(const FloatFormatSpec& format, const RoundingOptions& options);
 
 // Keys of the counter-based random bits of a seed.
 Keys MakeSeedKeys(int64_t seed);

@@ -57,21 +57,13 @@ inline Specials ParseSpecials(const std::string& name) {
   return Specials::kIeee;
 }
 
-// A FloatFormat's attributes `<prefix>exponent_bits`, `<prefix>mantissa_bits`,
-// `<prefix>bias`, `<prefix>specials`, `<prefix>subnormals`.
-struct FloatFormatAttrs {
-  int exponent_bits;
-  int mantissa_bits;
-  int bias;
-  Specials specials;
-  bool subnormals;
-  bool is_signed;  // `<prefix>signed` (P3109's unsigned formats), true where the op has none
-};
-
-// Reads and validates them; `max_mantissa_bits` bounds mantissa_bits (23: any format).
+// Reads and validates a FloatFormat's attributes `<prefix>exponent_bits`,
+// `<prefix>mantissa_bits`, `<prefix>bias`, `<prefix>specials`, `<prefix>subnormals` and
+// `<prefix>signed` (true where the op has none); `max_mantissa_bits` bounds
+// mantissa_bits (23: any format).
 inline absl::Status ReadFloatFormatAttrs(tensorflow::OpKernelConstruction* context,
                                          const std::string& prefix, int max_mantissa_bits,
-                                         FloatFormatAttrs* format) {
+                                         FloatFormatSpec* format) {
   using tensorflow::errors::InvalidArgument;
   int exponent_bits, mantissa_bits, bias;
   bool subnormals;

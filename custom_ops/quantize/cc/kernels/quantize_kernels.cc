@@ -103,19 +103,14 @@ template <typename T>
 class QuantizeFloatOp : public OpKernel {
  public:
   explicit QuantizeFloatOp(OpKernelConstruction* context) : OpKernel(context) {
-    FloatFormatAttrs f;
-    bool saturate, propagate_inf;
-    int random_bits;
+    FloatFormatSpec f;
+    RoundingOptions options;
     OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "", 23, &f));
-    OP_REQUIRES_OK(context, ReadRoundingAttrs(context, &rounding_, &saturate));
-    OP_REQUIRES_OK(context, context->GetAttr("propagate_inf", &propagate_inf));
-    OP_REQUIRES_OK(context, ReadRandomBits(context, rounding_, &random_bits));
-    params32_ = MakeFloatParams<float>(f.exponent_bits, f.mantissa_bits, f.bias, f.specials,
-                                       f.subnormals, saturate, f.is_signed, propagate_inf,
-                                       random_bits);
-    params64_ = MakeFloatParams<double>(f.exponent_bits, f.mantissa_bits, f.bias, f.specials,
-                                        f.subnormals, saturate, f.is_signed, propagate_inf,
-                                        random_bits);
+    OP_REQUIRES_OK(context, ReadRoundingAttrs(context, &rounding_, &options.saturate));
+    OP_REQUIRES_OK(context, context->GetAttr("propagate_inf", &options.propagate_inf));
+    OP_REQUIRES_OK(context, ReadRandomBits(context, rounding_, &options.random_bits));
+    params32_ = MakeFloatParams<float>(f, options);
+    params64_ = MakeFloatParams<double>(f, options);
   }
 
   void Compute(OpKernelContext* context) override {

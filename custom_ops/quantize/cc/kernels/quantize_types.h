@@ -27,6 +27,23 @@ constexpr int kRoundings = 3;
 constexpr int kFloatRoundings = 9;
 enum class Specials { kIeee, kFn, kFnuz, kFinite, kP3109Extended, kP3109Finite };
 
+// A FloatFormat (tfhfp8.FloatFormat), as its op attributes give it (format_attrs.h).
+struct FloatFormatSpec {
+  int exponent_bits;
+  int mantissa_bits;
+  int bias;
+  Specials specials;
+  bool subnormals;
+  bool is_signed;  // false: P3109's unsigned formats
+};
+
+// How a rounding to a FloatFormat treats what the format itself leaves open.
+struct RoundingOptions {
+  bool saturate = false;       // finite overflows give the largest finite value
+  bool propagate_inf = false;  // with saturate: P3109's sat_propagate (infinities stay)
+  int random_bits = 0;         // the r of the *Bits stochastic roundings
+};
+
 // Bit layout of the float type the rounding runs in.
 template <typename T>
 struct Container;

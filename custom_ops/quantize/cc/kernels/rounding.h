@@ -57,6 +57,15 @@ constexpr typename Container<T>::UInt SignBit() {
   return typename Container<T>::UInt{1} << (Container<T>::kWidth - 1);
 }
 
+// a < b for magnitudes (bits with the sign clear), compared as signed integers: one
+// instruction where AVX2 has no unsigned comparison. A rounded NaN magnitude may carry
+// into the sign bit; every caller gives NaNs their own result.
+template <typename UInt>
+TFHFP8_ELEMENT_INLINE bool MagnitudeLess(UInt a, UInt b) {
+  using SInt = std::make_signed_t<UInt>;
+  return static_cast<SInt>(a) < static_cast<SInt>(b);
+}
+
 // ---------------------------------------------------------------------------------
 // Counter-based random bits: a hash of (seed, element index). The constants are
 // shared with tf_backend.py.
@@ -231,20 +240,22 @@ TFHFP8_ELEMENT_INLINE typename Container<T>::UInt ScaledBits(
 // ---------------------------------------------------------------------------------
 // Rounding to a FloatFormat.
 
-// The parameters of the rounding to a FloatFormat. `saturate` with `propagate_inf`:
-// P3109's sat_propagate (finite overflows saturate, infinities stay).
+// The parameters of the rounding to a FloatFormat.
 template <typename T>
-inline FloatParams<T> ComputeFloatParams(int exponent_bits, int mantissa_bits, int bias,
-                                         Specials specials, bool subnormals, bool saturate,
-                                         bool is_signed = true, bool propagate_inf = false,
-                                         int random_bits = 0) {
+inline FloatParams<T> ComputeFloatParams(const FloatFormatSpec& format,
+                                         const RoundingOptions& options) {
   using UInt = typename Container<T>::UInt;
   FloatParams<T> p;
   using C = Container<T>;
-  const int m = mantissa_bits;
-  p.emin = 1 - bias + C::kExponentBias;
+  const int m = format.mantissa_bits;
+  const int exponent_bits = format.exponent_bits;
+  const Specials specials = format.specials;
+  const bool is_signed = format.is_signed;
+  const bool saturate = options.saturate;
+  const bool propagate_inf = options.propagate_inf;
+  p.emin = 1 - format.bias + C::kExponentBias;
   p.d = C::kMantissa - m;
-  p.sub_mantissa = subnormals ? m : 0;
+  p.sub_mantissa = format.subnormals ? m : 0;
   p.rebias = static_cast<UInt>(p.emin - 1) << C::kMantissa;
   p.half_minus_one = p.d > 0 ? (UInt{1} << (p.d - 1)) - 1 : 0;
   p.lsb = p.d > 0 ? 1 : 0;
@@ -272,8 +283,8 @@ inline FloatParams<T> ComputeFloatParams(int exponent_bits, int mantissa_bits, i
   p.is_unsigned = !is_signed;
   p.below_bits = saturate ? UInt{0} : QuietNanBits<T>();
   p.below_inf_bits = saturate && !propagate_inf ? UInt{0} : QuietNanBits<T>();
-  p.random_bits = random_bits;
-  p.quantum_exponent = 1 - bias - p.sub_mantissa;
+  p.random_bits = options.random_bits;
+  p.quantum_exponent = 1 - format.bias - p.sub_mantissa;
   return p;
 }
 
@@ -300,7 +311,7 @@ TFHFP8_ELEMENT_INLINE T FinishFloat(typename Container<T>::UInt a, typename Cont
   const UInt finite_overflow = (p.max_bits & max_mask) | (p.overflow_bits & ~max_mask);
   magnitude = overflow ? (is_inf ? p.inf_bits_out : finite_overflow) : magnitude;
   sign = magnitude == 0 ? (sign & p.zero_sign_mask) : sign;
-  const bool is_nan = a > InfBits<T>();
+  const bool is_nan = MagnitudeLess(InfBits<T>(), a);
   // Unsigned: a negative nonzero result is below the range (a zero's sign is gone).
   const UInt below = is_inf ? p.below_inf_bits : p.below_bits;
   const UInt result =
@@ -391,14 +402,16 @@ TFHFP8_ELEMENT_INLINE float QuantizeFloatNearestEven(float x, const FloatParams<
     const float magic =
         FromBits<float>(static_cast<UInt>(p.quantum_exponent + 23 + 127) << 23);
     const UInt sub_bits = ToBits((FromBits<float>(a) + magic) - magic);
-    magnitude = a < (static_cast<UInt>(p.emin) << 23) ? sub_bits : normal_bits;
+    magnitude = MagnitudeLess(a, static_cast<UInt>(p.emin) << 23) ? sub_bits : normal_bits;
   }
-  magnitude = magnitude > p.max_bits ? p.overflow_bits : magnitude;
+  magnitude = MagnitudeLess(p.max_bits, magnitude) ? p.overflow_bits : magnitude;
   if constexpr (kPlain) {
-    return FromBits<float>(a > InfBits<float>() ? QuietNanBits<float>() : (sign | magnitude));
+    return FromBits<float>(MagnitudeLess(InfBits<float>(), a) ? QuietNanBits<float>()
+                                                             : (sign | magnitude));
   }
   const UInt kept_sign = magnitude == 0 ? (sign & p.zero_sign_mask) : sign;
-  return FromBits<float>(a > InfBits<float>() ? (sign ^ p.nan_xor) : (kept_sign | magnitude));
+  return FromBits<float>(MagnitudeLess(InfBits<float>(), a) ? (sign ^ p.nan_xor)
+                                                           : (kept_sign | magnitude));
 }
 
 // QuantizeFloatElement<float, Rounding::kTowardZero>(x, p, 0), the same way (and under
@@ -418,47 +431,87 @@ TFHFP8_ELEMENT_INLINE float QuantizeFloatTowardZero(float x, const FloatParams<f
     const float quantum = FromBits<float>(static_cast<UInt>(p.quantum_exponent + 127) << 23);
     const float nearest = (FromBits<float>(a) + magic) - magic;
     const float truncated = nearest > FromBits<float>(a) ? nearest - quantum : nearest;
-    magnitude = a < (static_cast<UInt>(p.emin) << 23) ? ToBits(truncated) : magnitude;
+    magnitude = MagnitudeLess(a, static_cast<UInt>(p.emin) << 23) ? ToBits(truncated) : magnitude;
   }
   // Toward zero never grows a magnitude: a finite overflow gives max (IEEE 754 §7.4),
   // an infinity overflow_bits.
-  magnitude = magnitude < p.max_bits ? magnitude : p.max_bits;
+  magnitude = MagnitudeLess(magnitude, p.max_bits) ? magnitude : p.max_bits;
   magnitude = a == InfBits<float>() ? p.overflow_bits : magnitude;
   const UInt kept_sign = magnitude == 0 ? (sign & p.zero_sign_mask) : sign;
-  return FromBits<float>(a > InfBits<float>() ? (sign ^ p.nan_xor) : (kept_sign | magnitude));
+  return FromBits<float>(MagnitudeLess(InfBits<float>(), a) ? (sign ^ p.nan_xor)
+                                                           : (kept_sign | magnitude));
 }
 
 // Whether QuantizeFloatFastForm<R> gives the bits of QuantizeFloatElement<float, R> on
 // TF's threads: as NearestEvenIgnoresFlush or kLinear (the format's subnormals are
 // float32's own: no FPU step), and for the r-bit roundings a quantum of at least 2^-100,
 // so that a float32 subnormal input, which the FPU reads as 0, lies below 2^-26 of a
-// quantum, where any r <= 23 bits round it to 0 as well.
+// quantum, where any r <= 23 bits round it to 0 as well, and few enough bits that the
+// FPU holds a subnormal of the format with r + 1 more (see FractionBitsBelowNormal).
 inline bool FastFormApplies(const FloatParams<float>& p, Rounding rounding) {
   // Ties to even: the even float32 bit must be the code's (see NearestEvenFastApplies).
   if (rounding == Rounding::kNearestEven && !NearestEvenFastApplies(p)) return false;
   if (LinearNearestEven(p)) return true;
-  const int limit = rounding >= Rounding::kStochasticBits ? -100 : -125;
+  const bool draws_bits = rounding >= Rounding::kStochasticBits;
+  if (draws_bits && p.sub_mantissa + p.random_bits > 22) return false;
+  const int limit = draws_bits ? -100 : -125;
   return p.quantum_exponent + 23 <= 127 && p.quantum_exponent >= limit;
 }
 
-// Whether a value whose dropped fraction of a quantum is `fraction` (a float in [0, 1),
-// exact) rounds away from zero, for the r-bit roundings (`draw`: the r random bits).
+// The r-bit roundings (RoundUp) as one carry: the fraction of a quantum rounded in place
+// to `FractionBits<R>(r)` bits (to nearest, ties to even or to odd; StochasticFast
+// truncates), `Addend<R>(draw)` added at its last bit, then the quantum's fraction
+// dropped: the sum carries into the quantum exactly when RoundUp rounds up.
 template <Rounding R>
-TFHFP8_ELEMENT_INLINE bool UpFromFraction(float fraction, uint32_t draw, int r) {
-  if constexpr (R == Rounding::kStochasticFastBits) {
-    // floor(delta 2^(r+1)) + 2 draw + 1 >= 2^(r+1), in integers (below 2^25).
-    const int t = static_cast<int>(fraction * FromBits<float>((128u + r) << 23));
-    return t + static_cast<int>(2 * draw + 1) >= (1 << (r + 1));
-  } else {
-    // delta rounded to r bits (ties to even, or to odd), plus the draw, reaches 2^r.
-    const float v = fraction * FromBits<float>((127u + r) << 23);
-    const int whole = static_cast<int>(v);  // v >= 0: the floor
-    const float rest = v - static_cast<float>(whole);
-    const int odd = whole & 1;
-    const int tie_up = R == Rounding::kStochasticOddBits ? 1 - odd : odd;
-    const int d = whole + ((rest > 0.5f) ? 1 : (rest == 0.5f) ? tie_up : 0);
-    return d + static_cast<int>(draw) >= (1 << r);
+constexpr int FractionBits(int r) {
+  return R == Rounding::kStochasticFastBits ? r + 1 : r;
+}
+
+template <Rounding R>
+TFHFP8_ELEMENT_INLINE uint32_t Addend(uint32_t draw) {
+  return R == Rounding::kStochasticFastBits ? 2 * draw + 1 : draw;
+}
+
+// ... on the bits of a normal float32 `a`, whose quantum is 2^d of them (d > bits:
+// the fraction is rounded at bit d - bits; else it is exact and the addend's low bits,
+// below a's last one, cannot carry).
+template <Rounding R>
+TFHFP8_ELEMENT_INLINE uint32_t RoundFractionBits(uint32_t a, int d, int r, uint32_t draw) {
+  const int s = d - FractionBits<R>(r);
+  const int up = s > 0 ? s : 0;
+  const int down = s > 0 ? 0 : -s;
+  const uint32_t unit = uint32_t{1} << up;
+  uint32_t rounded = a & ~(unit - 1);
+  if constexpr (R != Rounding::kStochasticFastBits) {
+    const uint32_t lsb = s > 0 ? 1 : 0;
+    const uint32_t parity = (a >> up) & lsb;
+    const uint32_t tie_up = R == Rounding::kStochasticOddBits ? lsb - parity : parity;
+    rounded = (a + (unit >> 1) - lsb + tie_up) & ~(unit - 1);
   }
+  return (rounded + ((Addend<R>(draw) << up) >> down)) & ~((uint32_t{1} << d) - 1);
+}
+
+// ... by the FPU below min_normal, for the magnitude `fa` (quantum 2^qe): exact where
+// FastFormApplies (every value involved has at most sub_mantissa + r + 2 bits).
+template <Rounding R>
+TFHFP8_ELEMENT_INLINE float RoundFractionBitsBelowNormal(float fa, int qe, int r,
+                                                         uint32_t draw) {
+  const int fine_exponent = qe - FractionBits<R>(r);
+  const float fine = FromBits<float>(static_cast<uint32_t>(fine_exponent + 127) << 23);
+  const float fine_magic = FromBits<float>(static_cast<uint32_t>(fine_exponent + 150) << 23);
+  const float nearest = (fa + fine_magic) - fine_magic;  // ties to even
+  float rounded = nearest;
+  if constexpr (R == Rounding::kStochasticFastBits) {
+    rounded = nearest > fa ? nearest - fine : nearest;
+  } else if constexpr (R == Rounding::kStochasticOddBits) {
+    const float diff = fa - nearest;  // on a tie, fa + diff is the odd neighbour
+    rounded = (diff == 0.5f * fine) | (diff == -0.5f * fine) ? fa + diff : nearest;
+  }
+  const float sum = rounded + static_cast<float>(static_cast<int>(Addend<R>(draw))) * fine;
+  const float magic = FromBits<float>(static_cast<uint32_t>(qe + 150) << 23);
+  const float quantum = FromBits<float>(static_cast<uint32_t>(qe + 127) << 23);
+  const float sum_nearest = (sum + magic) - magic;
+  return sum_nearest > sum ? sum_nearest - quantum : sum_nearest;
 }
 
 // QuantizeFloatElement<float, R>(x, p, rand) for every rounding but the full-precision
@@ -466,9 +519,8 @@ TFHFP8_ELEMENT_INLINE bool UpFromFraction(float fraction, uint32_t draw, int r) 
 // even and toward zero come here for the unsigned formats and sat_propagate, which
 // QuantizeFloatFast leaves out): the normal range on the bits with the fixed shift d;
 // below min_normal the FPU's rounding to the quantum (nearest even), moved by one
-// quantum on ties (nearest-away) or in the rounding's direction where inexact (directed),
-// or truncated (as QuantizeFloatTowardZero) with the dropped fraction of a quantum (an
-// exact difference, scaled by a power of two) deciding (r-bit roundings).
+// quantum on ties (nearest-away) or in the rounding's direction where inexact (directed);
+// the r-bit roundings as one carry on either range (RoundFractionBits).
 template <Rounding R, bool kLinear, bool kSigned>
 TFHFP8_ELEMENT_INLINE float QuantizeFloatFastForm(float x, const FloatParams<float>& p,
                                                   uint32_t rand) {
@@ -476,7 +528,6 @@ TFHFP8_ELEMENT_INLINE float QuantizeFloatFastForm(float x, const FloatParams<flo
   const UInt bits = ToBits(x);
   const UInt sign = bits & SignBit<float>();
   const UInt a = bits & ~SignBit<float>();
-  const bool negative = sign != 0;
   const int r = p.random_bits;
   const UInt draw = R >= Rounding::kStochasticBits ? rand >> ((32 - r) & 31) : 0;
   // Normal range: a carry into the exponent field is the right result, and the rebias,
@@ -496,14 +547,11 @@ TFHFP8_ELEMENT_INLINE float QuantizeFloatFastForm(float x, const FloatParams<flo
   } else if constexpr (kDirected) {
     magnitude = (a + (low & away_mask)) & ~low;
   } else {
-    // Unsigned arithmetic: a's code shifted by r may wrap, the difference in
-    // FractionBits does not.
-    magnitude = RoundStatic<R, UInt>(a, p.d, 0, 0, draw, negative, r) << p.d;
+    magnitude = RoundFractionBits<R>(a, p.d, r, draw);
   }
   if constexpr (!kLinear) {
     const float magic = FromBits<float>(static_cast<UInt>(p.quantum_exponent + 23 + 127) << 23);
     const float quantum = FromBits<float>(static_cast<UInt>(p.quantum_exponent + 127) << 23);
-    const float per_quantum = FromBits<float>(static_cast<UInt>(127 - p.quantum_exponent) << 23);
     const float fa = FromBits<float>(a);
     const float nearest = (fa + magic) - magic;
     const float truncated = nearest > fa ? nearest - quantum : nearest;
@@ -523,12 +571,12 @@ TFHFP8_ELEMENT_INLINE float QuantizeFloatFastForm(float x, const FloatParams<flo
       const UInt up_mask = (UInt{0} - inexact) & away_mask;
       sub = (ToBits(truncated + quantum) & up_mask) | (ToBits(truncated) & ~up_mask);
     } else {
-      const bool up = UpFromFraction<R>((fa - truncated) * per_quantum, draw, r);
-      sub = ToBits(truncated + (up ? quantum : 0.0f));
+      sub = ToBits(RoundFractionBitsBelowNormal<R>(fa, p.quantum_exponent, r, draw));
     }
-    magnitude = a < (static_cast<UInt>(p.emin) << 23) ? sub : magnitude;
+    magnitude = MagnitudeLess(a, static_cast<UInt>(p.emin) << 23) ? sub : magnitude;
   }
-  return FinishFloat<float, R, kSigned>(a, sign, magnitude, magnitude > p.max_bits, p);
+  return FinishFloat<float, R, kSigned>(a, sign, magnitude, MagnitudeLess(p.max_bits, magnitude),
+                                        p);
 }
 
 // ---------------------------------------------------------------------------------
