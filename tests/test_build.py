@@ -164,22 +164,29 @@ def test_damaged_cached_library_is_rebuilt(tmp_path):
     assert library.stat().st_size > 4096
 
 
-def test_objects_of_a_build_are_reused_only_when_intact(tmp_path):
+def test_cached_objects_are_reused_only_when_intact(tmp_path):
     # What lets a damaged library be relinked instead of recompiled (test above).
-    objects = [tmp_path / "work" / name for name in ("a.o", "b.o")]
-    objects[0].parent.mkdir()
-    for index, obj in enumerate(objects):
-        obj.write_bytes(bytes([index]) * 1000)
-    stored = tmp_path / "lib.objects"
-    build._store_objects(objects, stored)
-    for obj in objects:
-        obj.unlink()
-    assert build._restore_objects(objects, stored)
-    assert [obj.read_bytes()[:1] for obj in objects] == [b"\0", b"\1"]
-    (stored / "b.o").write_bytes(b"\1" * 10)  # truncated
-    assert not build._restore_objects(objects, stored)
-    (stored / "b.o").unlink()
-    assert not build._restore_objects(objects, stored)
+    obj = tmp_path / "a.o"
+    obj.write_bytes(b"\1" * 1000)
+    cached = tmp_path / "objects" / "key.o"
+    cached.parent.mkdir()
+    assert not build._is_intact(cached)
+    build._publish(obj, cached)
+    assert build._is_intact(cached) and cached.read_bytes() == obj.read_bytes()
+    cached.write_bytes(b"\1" * 10)  # truncated
+    assert not build._is_intact(cached)
+
+
+def test_loop_objects_are_shared_by_tensorflow_versions(tmp_path, monkeypatch):
+    # The loops include no TensorFlow header: CI's second TensorFlow reuses them.
+    commands, _, tf_free = build._commands(tmp_path)
+    assert tf_free == len(build.LOOPS) * len(build.variants())
+    before = [build.cached_object(c, i >= tf_free) for i, c in enumerate(commands)]
+    monkeypatch.setattr(build.tf, "__version__", "0.0.0")
+    after = [build.cached_object(c, i >= tf_free) for i, c in enumerate(commands)]
+    assert before[:tf_free] == after[:tf_free]
+    assert all(b != a for b, a in zip(before[tf_free:], after[tf_free:]))
+    assert len(set(before)) == len(before)  # one object, one key
 
 
 # -- the raw ops validate their inputs (each probe in a subprocess: a crash fails it) --

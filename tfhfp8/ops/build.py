@@ -4,8 +4,9 @@ A custom-op library only loads into the TensorFlow it was compiled against, so i
 is compiled on the user's machine: on first use (or `python -m tfhfp8.ops.build`),
 into `$TFHFP8_CACHE_DIR` (default `~/.cache/tfhfp8`), under a name that hashes the
 sources, the TensorFlow version and flags and the compiler, so a change of any of
-them rebuilds it. The object files are kept beside it (checksummed), so that a library
-damaged later is relinked, not recompiled.
+them rebuilds it. Each object file is cached too (checksummed, under a hash of what it
+depends on): a library damaged later is relinked, not recompiled, and the loops, which
+use no TensorFlow header, are compiled once for every TensorFlow version.
 
 The library runs on every CPU of its architecture: TensorFlow's headers are compiled
 for the baseline instruction set only, and the quantization loops once per CPU
@@ -84,7 +85,8 @@ def loops_command(variant, flags, output, cxx=None, source=LOOPS[0]):
 
 
 def _commands(workdir):
-    """The compile commands (one per object) and the link command."""
+    """The compile commands (one per object), the link command, and the number of
+    leading compile commands that use no TensorFlow header (the loops)."""
     root = source_dir()
     compile_flags = tf.sysconfig.get_compile_flags()
     objects, commands = [], []
@@ -92,6 +94,7 @@ def _commands(workdir):
         for name, flags in variants():
             objects.append(workdir / f"{loops.stem}_{name}.o")
             commands.append(loops_command(name, flags, objects[-1], source=loops))
+    tf_free = len(commands)
     loop_names = {loops.name for loops in LOOPS}
     for source in sorted(root.glob("**/cc/**/*.cc")):
         if source.name in loop_names:
@@ -101,27 +104,29 @@ def _commands(workdir):
                         + ["-c", str(source), "-o", str(objects[-1])])
     link = ([compiler(), "-shared", "-fPIC"] + [str(o) for o in objects]
             + tf.sysconfig.get_link_flags())
-    return commands, link
+    return commands, link, tf_free
 
 
-def _fingerprint(commands, link):
+def _digest(commands, with_tensorflow):
+    """A hash of the sources, `commands` and the compiler (and TensorFlow's version when
+    `with_tensorflow`). The commands are hashed without the folders they write to and
+    read from (the sources' contents and TensorFlow's version stand for them), so that a
+    fresh clone or virtual environment reuses what an identical one built."""
     root = source_dir()
     digest = hashlib.sha256()
     for path in sorted(root.glob("**/cc/**/*")):
         if path.is_file():
             digest.update(str(path.relative_to(root)).encode())
             digest.update(path.read_bytes())
-    # The commands without the folders they write to and read from (the sources' contents
-    # and TensorFlow's version are hashed instead), so that a fresh clone or virtual
-    # environment reuses the library an identical one built.
     folders = sorted({str(root), tf.sysconfig.get_include(), tf.sysconfig.get_lib()},
                      key=len, reverse=True)
-    for command in commands + [link]:
-        text = " ".join(a for a in command if not a.endswith(".o"))
+    for command in commands:
+        text = " ".join(a for a in command if not a.endswith(".o") and a != "-o")
         for index, folder in enumerate(folders):
             text = text.replace(folder, f"<folder {index}>")
         digest.update(text.encode())
-    digest.update(tf.__version__.encode())
+    if with_tensorflow:
+        digest.update(tf.__version__.encode())
     digest.update(platform.machine().encode())
     try:
         version = subprocess.run([compiler(), "--version"], capture_output=True, check=True)
@@ -164,47 +169,41 @@ def _run(command, log):
     return None
 
 
-def _store_objects(objects, directory):
-    """Keeps the object files of a build beside its library, with their checksums, so
-    that a library damaged later is relinked in seconds instead of recompiled."""
-    staged = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, suffix=".objects"))
-    staged.chmod(0o755)  # as the library: readable by every user of a shared cache
-    for obj in objects:
-        shutil.copyfile(obj, staged / obj.name)
-    (staged / "SHA256SUMS").write_text(
-        "".join(f"{_checksum(obj)}  {obj.name}\n" for obj in objects))
-    shutil.rmtree(directory, ignore_errors=True)
-    try:
-        os.replace(staged, directory)
-    except OSError:  # a concurrent build stored the same objects first
-        shutil.rmtree(staged, ignore_errors=True)
+def _publish(source, target):
+    """Copies `source` to `target` atomically, its checksum beside it (see `_is_intact`):
+    a concurrent build or load never sees a partial file, and a file damaged later is
+    rebuilt."""
+    staged = pathlib.Path(tempfile.mkstemp(dir=target.parent, suffix=target.suffix)[1])
+    staged.write_bytes(source.read_bytes())
+    staged.chmod(0o644)  # mkstemp's 0600 would hide it from a cache shared by users
+    checksum = _checksum(staged)
+    os.replace(staged, target)
+    sidecar = pathlib.Path(tempfile.mkstemp(dir=target.parent, suffix=".sha256")[1])
+    sidecar.write_text(checksum + "\n")
+    sidecar.chmod(0o644)
+    os.replace(sidecar, target.with_suffix(".sha256"))
 
 
-def _restore_objects(objects, directory):
-    """Copies the stored objects of an earlier build to `objects`; False if any is
-    missing or damaged (then everything is compiled again)."""
-    try:
-        sums = dict(reversed(line.split("  ", 1))
-                    for line in (directory / "SHA256SUMS").read_text().splitlines())
-        if any(sums.get(obj.name) != _checksum(directory / obj.name) for obj in objects):
-            return False
-    except (OSError, ValueError):
-        return False
-    for obj in objects:
-        shutil.copyfile(directory / obj.name, obj)
-    return True
+def cached_object(command, with_tensorflow):
+    """Where the object file `command` compiles is cached."""
+    return cache_dir() / "objects" / f"{_digest([command], with_tensorflow)}.o"
 
 
-def _compile(commands, link, library, target):
-    """Compiles (unless the stored objects are intact) and links into `library`."""
-    objects = [pathlib.Path(a) for a in link if a.endswith(".o")]
-    objects_dir = target.with_suffix(".objects")
-    log, failures = [], []
-    if not _restore_objects(objects, objects_dir):
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            failures = [f for f in pool.map(lambda c: _run(c, log), commands) if f]
-        if not failures:
-            _store_objects(objects, objects_dir)
+def _compile(commands, tf_free, link, library, target):
+    """Compiles what is not cached intact (and caches it) and links into `library`."""
+    log, missing = [], []
+    for index, command in enumerate(commands):
+        obj, cached = pathlib.Path(command[-1]), cached_object(command, index >= tf_free)
+        if _is_intact(cached):
+            shutil.copyfile(cached, obj)
+        else:
+            missing.append((command, cached))
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        failures = [f for f in pool.map(lambda c: _run(c[0], log), missing) if f]
+    if not failures:
+        for command, cached in missing:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            _publish(pathlib.Path(command[-1]), cached)
     if not failures:
         failures = [f for f in [_run(link + ["-o", str(library)], log)] if f]
     if failures:
@@ -222,26 +221,16 @@ def library_path(verbose=False) -> pathlib.Path:
     """Path of the compiled library, building it first if needed; raises BuildError."""
     target_dir = cache_dir()
     with tempfile.TemporaryDirectory(prefix="tfhfp8-build-") as tmp:
-        commands, link = _commands(pathlib.Path(tmp))
-        target = target_dir / f"_tfhfp8_ops_{_fingerprint(commands, link)}.so"
+        commands, link, tf_free = _commands(pathlib.Path(tmp))
+        target = target_dir / f"_tfhfp8_ops_{_digest(commands + [link], True)}.so"
         if target.exists() and _is_intact(target):
             return target
         target_dir.mkdir(parents=True, exist_ok=True)
         if verbose:
             print(f"Building tfhfp8 ops into {target}", file=sys.stderr)
         partial = pathlib.Path(tmp) / "library.so"
-        _compile(commands, link, partial, target)
-        # Atomic: a concurrent build or load never sees a partial file; the checksum,
-        # written last, also catches a file damaged later (it is rebuilt).
-        staged = pathlib.Path(tempfile.mkstemp(dir=target_dir, suffix=".so")[1])
-        staged.write_bytes(partial.read_bytes())
-        staged.chmod(0o644)  # mkstemp's 0600 would hide it from a cache shared by users
-        checksum = _checksum(staged)
-        os.replace(staged, target)
-        sidecar = pathlib.Path(tempfile.mkstemp(dir=target_dir, suffix=".sha256")[1])
-        sidecar.write_text(checksum + "\n")
-        sidecar.chmod(0o644)
-        os.replace(sidecar, target.with_suffix(".sha256"))
+        _compile(commands, tf_free, link, partial, target)
+        _publish(partial, target)
     return target
 
 
