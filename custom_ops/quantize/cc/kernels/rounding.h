@@ -446,8 +446,8 @@ TFHFP8_ELEMENT_INLINE float QuantizeFloatTowardZero(float x, const FloatParams<f
 // TF's threads: as NearestEvenIgnoresFlush or kLinear (the format's subnormals are
 // float32's own: no FPU step), and for the r-bit roundings a quantum of at least 2^-100,
 // so that a float32 subnormal input, which the FPU reads as 0, lies below 2^-26 of a
-// quantum, where any r <= 23 bits round it to 0 as well, and few enough bits that the
-// FPU holds a subnormal of the format with r + 1 more (see FractionBitsBelowNormal).
+// quantum, where any r <= 23 bits round it to 0 as well, and few enough bits that a
+// float32 holds a subnormal of the format with r + 2 more (RoundFractionBitsBelowNormal).
 inline bool FastFormApplies(const FloatParams<float>& p, Rounding rounding) {
   // Ties to even: the even float32 bit must be the code's (see NearestEvenFastApplies).
   if (rounding == Rounding::kNearestEven && !NearestEvenFastApplies(p)) return false;
@@ -459,11 +459,11 @@ inline bool FastFormApplies(const FloatParams<float>& p, Rounding rounding) {
 }
 
 // The r-bit roundings (RoundUp) as one carry: the fraction of a quantum rounded in place
-// to `FractionBits<R>(r)` bits (to nearest, ties to even or to odd; StochasticFast
+// to `RoundedFractionBits<R>(r)` bits (to nearest, ties to even or to odd; StochasticFast
 // truncates), `Addend<R>(draw)` added at its last bit, then the quantum's fraction
 // dropped: the sum carries into the quantum exactly when RoundUp rounds up.
 template <Rounding R>
-constexpr int FractionBits(int r) {
+constexpr int RoundedFractionBits(int r) {
   return R == Rounding::kStochasticFastBits ? r + 1 : r;
 }
 
@@ -472,12 +472,12 @@ TFHFP8_ELEMENT_INLINE uint32_t Addend(uint32_t draw) {
   return R == Rounding::kStochasticFastBits ? 2 * draw + 1 : draw;
 }
 
-// ... on the bits of a normal float32 `a`, whose quantum is 2^d of them (d > bits:
-// the fraction is rounded at bit d - bits; else it is exact and the addend's low bits,
-// below a's last one, cannot carry).
+// ... on the bits of a normal float32 `a`, whose quantum is 2^d of them (d above the
+// rounded fraction's bits: it is rounded at bit d - bits; else it is exact, and the
+// addend's low bits, below a's last one, cannot carry).
 template <Rounding R>
 TFHFP8_ELEMENT_INLINE uint32_t RoundFractionBits(uint32_t a, int d, int r, uint32_t draw) {
-  const int s = d - FractionBits<R>(r);
+  const int s = d - RoundedFractionBits<R>(r);
   const int up = s > 0 ? s : 0;
   const int down = s > 0 ? 0 : -s;
   const uint32_t unit = uint32_t{1} << up;
@@ -496,7 +496,7 @@ TFHFP8_ELEMENT_INLINE uint32_t RoundFractionBits(uint32_t a, int d, int r, uint3
 template <Rounding R>
 TFHFP8_ELEMENT_INLINE float RoundFractionBitsBelowNormal(float fa, int qe, int r,
                                                          uint32_t draw) {
-  const int fine_exponent = qe - FractionBits<R>(r);
+  const int fine_exponent = qe - RoundedFractionBits<R>(r);
   const float fine = FromBits<float>(static_cast<uint32_t>(fine_exponent + 127) << 23);
   const float fine_magic = FromBits<float>(static_cast<uint32_t>(fine_exponent + 150) << 23);
   const float nearest = (fa + fine_magic) - fine_magic;  // ties to even
