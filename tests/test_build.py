@@ -181,9 +181,10 @@ def test_loop_objects_are_shared_by_tensorflow_versions(tmp_path, monkeypatch):
     # The loops include no TensorFlow header: CI's second TensorFlow reuses them.
     commands, _, tf_free = build._commands(tmp_path)
     assert tf_free == len(build.LOOPS) * len(build.variants())
-    before = [build.cached_object(c, i >= tf_free) for i, c in enumerate(commands)]
+    base = build.base_digest()
+    before = [build.cached_object(base, c, i >= tf_free) for i, c in enumerate(commands)]
     monkeypatch.setattr(build.tf, "__version__", "0.0.0")
-    after = [build.cached_object(c, i >= tf_free) for i, c in enumerate(commands)]
+    after = [build.cached_object(base, c, i >= tf_free) for i, c in enumerate(commands)]
     assert before[:tf_free] == after[:tf_free]
     assert all(b != a for b, a in zip(before[tf_free:], after[tf_free:]))
     assert len(set(before)) == len(before)  # one object, one key

@@ -107,18 +107,31 @@ def _commands(workdir):
     return commands, link, tf_free
 
 
-def _digest(commands, with_tensorflow):
-    """A hash of the sources, `commands` and the compiler (and TensorFlow's version when
-    `with_tensorflow`). The commands are hashed without the folders they write to and
-    read from (the sources' contents and TensorFlow's version stand for them), so that a
-    fresh clone or virtual environment reuses what an identical one built."""
+def base_digest():
+    """A hash of what every object file and the library depend on: the sources, the
+    machine and the compiler (taken once per build, see `_digest`)."""
     root = source_dir()
     digest = hashlib.sha256()
     for path in sorted(root.glob("**/cc/**/*")):
         if path.is_file():
             digest.update(str(path.relative_to(root)).encode())
             digest.update(path.read_bytes())
-    folders = sorted({str(root), tf.sysconfig.get_include(), tf.sysconfig.get_lib()},
+    digest.update(platform.machine().encode())
+    try:
+        version = subprocess.run([compiler(), "--version"], capture_output=True, check=True)
+        digest.update(version.stdout)
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise BuildError(f"no working C++ compiler ({compiler()}): {error}") from error
+    return digest.digest()
+
+
+def _digest(base, commands, with_tensorflow):
+    """`base` (see `base_digest`) with `commands` (and TensorFlow's version when
+    `with_tensorflow`). The commands are hashed without the folders they write to and
+    read from (the sources' contents and TensorFlow's version stand for them), so that a
+    fresh clone or virtual environment reuses what an identical one built."""
+    digest = hashlib.sha256(base)
+    folders = sorted({str(source_dir()), tf.sysconfig.get_include(), tf.sysconfig.get_lib()},
                      key=len, reverse=True)
     for command in commands:
         text = " ".join(a for a in command if not a.endswith(".o") and a != "-o")
@@ -127,12 +140,6 @@ def _digest(commands, with_tensorflow):
         digest.update(text.encode())
     if with_tensorflow:
         digest.update(tf.__version__.encode())
-    digest.update(platform.machine().encode())
-    try:
-        version = subprocess.run([compiler(), "--version"], capture_output=True, check=True)
-        digest.update(version.stdout)
-    except (OSError, subprocess.CalledProcessError) as error:
-        raise BuildError(f"no working C++ compiler ({compiler()}): {error}") from error
     return digest.hexdigest()[:16]
 
 
@@ -184,16 +191,16 @@ def _publish(source, target):
     os.replace(sidecar, target.with_suffix(".sha256"))
 
 
-def cached_object(command, with_tensorflow):
-    """Where the object file `command` compiles is cached."""
-    return cache_dir() / "objects" / f"{_digest([command], with_tensorflow)}.o"
+def cached_object(base, command, with_tensorflow):
+    """Where the object file `command` compiles is cached (`base`: see `base_digest`)."""
+    return cache_dir() / "objects" / f"{_digest(base, [command], with_tensorflow)}.o"
 
 
-def _compile(commands, tf_free, link, library, target):
+def _compile(base, commands, tf_free, link, library, target):
     """Compiles what is not cached intact (and caches it) and links into `library`."""
     log, missing = [], []
     for index, command in enumerate(commands):
-        obj, cached = pathlib.Path(command[-1]), cached_object(command, index >= tf_free)
+        obj, cached = pathlib.Path(command[-1]), cached_object(base, command, index >= tf_free)
         if _is_intact(cached):
             shutil.copyfile(cached, obj)
         else:
@@ -204,7 +211,6 @@ def _compile(commands, tf_free, link, library, target):
         for command, cached in missing:
             cached.parent.mkdir(parents=True, exist_ok=True)
             _publish(pathlib.Path(command[-1]), cached)
-    if not failures:
         failures = [f for f in [_run(link + ["-o", str(library)], log)] if f]
     if failures:
         log_path = target.with_suffix(".log")
@@ -222,14 +228,15 @@ def library_path(verbose=False) -> pathlib.Path:
     target_dir = cache_dir()
     with tempfile.TemporaryDirectory(prefix="tfhfp8-build-") as tmp:
         commands, link, tf_free = _commands(pathlib.Path(tmp))
-        target = target_dir / f"_tfhfp8_ops_{_digest(commands + [link], True)}.so"
+        base = base_digest()
+        target = target_dir / f"_tfhfp8_ops_{_digest(base, commands + [link], True)}.so"
         if target.exists() and _is_intact(target):
             return target
         target_dir.mkdir(parents=True, exist_ok=True)
         if verbose:
             print(f"Building tfhfp8 ops into {target}", file=sys.stderr)
         partial = pathlib.Path(tmp) / "library.so"
-        _compile(commands, tf_free, link, partial, target)
+        _compile(base, commands, tf_free, link, partial, target)
         _publish(partial, target)
     return target
 
