@@ -3,7 +3,7 @@
 as block scales (`amax / max_element` rounded to the scale format: signed and unsigned,
 extended and finite domains), on both backends and every CPU variant of the C++ loops,
 against gfloat where gfloat defines the result. The block helpers (gfloat's blocks with
-tfhfp8's draws, the loops of every CPU variant) are tests/test_rounding_directions.py's.
+tfhfp8's draws, the loops of every CPU variant) are in tests/rounding_reference.py.
 """
 
 import dataclasses
@@ -15,9 +15,9 @@ import pytest
 import tensorflow as tf
 from gfloat.types import RoundMode
 from helpers import assert_same_bits
-from p3109_reference import gfloat_info
-from test_rounding_directions import (MODES, NEW_ROUNDINGS, SEED, _block_inputs, _gfloat_blocks,
-                                      _quantize_variants, _seeded_draws)
+from p3109_reference import GF_MODE, gfloat_info
+from rounding_reference import (NEW_ROUNDINGS, SEED, block_inputs, gfloat_blocks,
+                                quantize_variants, seeded_draws)
 
 import tfhfp8
 from tfhfp8.formats import roundings
@@ -43,8 +43,8 @@ def test_p3109_elements_of_block_scaled_formats(element):
 
 # -- unsigned (P3109) elements: against gfloat, negative inputs by P3109's rule --
 
-def _unsigned_block_inputs():
-    """`_block_inputs()` and rows of four 32-element blocks: all negative, all positive,
+def _unsignedblock_inputs():
+    """`block_inputs()` and rows of four 32-element blocks: all negative, all positive,
     +-0, mixed; float32 subnormals; NaN, +inf, -inf, elements beyond the scale's max."""
     rng = np.random.default_rng(9)
     normal = rng.standard_normal(32)
@@ -55,7 +55,7 @@ def _unsigned_block_inputs():
     rows = [np.concatenate([-np.abs(normal), np.abs(normal) * 3,
                             np.where(normal > 0, 0.0, -0.0), normal * 1e-3]),
             tiny, special.ravel()]
-    return np.concatenate([_block_inputs(), np.array(rows, np.float32)])
+    return np.concatenate([block_inputs(), np.array(rows, np.float32)])
 
 
 def _saturated(x):
@@ -70,7 +70,7 @@ def _assert_same_along_axis_0(backend, monkeypatch, x, fmt, rounding, expected, 
     to `expected`.T; not for stochastic roundings, whose draws follow the layout."""
     if roundings.parse(rounding).stochastic:
         return
-    by_columns = _quantize_variants(backend, monkeypatch, x.T, dataclasses.replace(fmt, axis=0),
+    by_columns = quantize_variants(backend, monkeypatch, x.T, dataclasses.replace(fmt, axis=0),
                                     rounding, **kwargs)
     assert_same_bits(by_columns.T, expected, x, f"{fmt} {rounding} along axis 0")
 
@@ -81,14 +81,14 @@ def _assert_same_along_axis_0(backend, monkeypatch, x, fmt, rounding, expected, 
 def test_unsigned_mx_elements_match_gfloat(monkeypatch, backend, rounding, element):
     """E8M0 scales from the magnitudes of all of a block's elements; infinities count as
     the largest float32 (saturating) or make their block NaN (not)."""
-    x = _unsigned_block_inputs()
+    x = _unsignedblock_inputs()
     etype = gfloat_info(element)
-    expected = _gfloat_blocks(etype, 32, _saturated(x), rounding,
-                              _seeded_draws(x, rounding, SEED)).astype(np.float32)
+    expected = gfloat_blocks(etype, 32, _saturated(x), rounding,
+                              seeded_draws(x, rounding, SEED)).astype(np.float32)
     fmt = tfhfp8.BlockScaled(element, 32)
-    got = _quantize_variants(backend, monkeypatch, x, fmt, rounding, saturate=True)
+    got = quantize_variants(backend, monkeypatch, x, fmt, rounding, saturate=True)
     assert_same_bits(got, expected, x, f"{element} {rounding}")
-    not_saturating = _quantize_variants(backend, monkeypatch, x, fmt, rounding)
+    not_saturating = quantize_variants(backend, monkeypatch, x, fmt, rounding)
     expected[np.repeat(np.isinf(x).reshape(len(x), -1, 32).any(-1), 32, axis=-1)] = np.nan
     assert_same_bits(not_saturating, expected, x, f"{element} {rounding}, not saturating")
     _assert_same_along_axis_0(backend, monkeypatch, x, fmt, rounding, expected)
@@ -101,7 +101,7 @@ def test_unsigned_elements_with_a_float_scale_match_gfloat(monkeypatch, backend,
                                                            dtype):
     """An unsigned NVFP4 without tensor scale: E4M3 block scales `amax / 6` rounded to
     nearest (a zero scale: zeros), the elements rounded in float64 (its draws)."""
-    x = _unsigned_block_inputs().astype(dtype)
+    x = _unsignedblock_inputs().astype(dtype)
     x[-3, 96:] *= 1e-6  # a block whose scale underflows E4M3: +0s
     etype = gfloat_info("p3109_k4p2ue")
 
@@ -109,10 +109,10 @@ def test_unsigned_elements_with_a_float_scale_match_gfloat(monkeypatch, backend,
         return gfloat.round_float(gf.format_info_ocp_e4m3, amax / etype.max,
                                   RoundMode.TiesToEven, True)
 
-    draws = _seeded_draws(x, rounding, SEED, tf.float64)
-    expected = _gfloat_blocks(etype, 16, _saturated(x), rounding, draws, scale_of).astype(dtype)
+    draws = seeded_draws(x, rounding, SEED, tf.float64)
+    expected = gfloat_blocks(etype, 16, _saturated(x), rounding, draws, scale_of).astype(dtype)
     fmt = tfhfp8.BlockScaled("p3109_k4p2ue", 16, scale="float8_e4m3fn")
-    got = _quantize_variants(backend, monkeypatch, x, fmt, rounding, saturate=True)
+    got = quantize_variants(backend, monkeypatch, x, fmt, rounding, saturate=True)
     assert_same_bits(got, expected, x, f"{dtype.__name__} {rounding}")
     _assert_same_along_axis_0(backend, monkeypatch, x, fmt, rounding, expected, saturate=True)
     assert (got[-3, 96:] == 0).all() and not np.signbit(got[-3, 96:]).any()
@@ -129,8 +129,8 @@ def test_unsigned_elements_in_every_block_kind_agree_across_backends(monkeypatch
                                                                      rounding):
     """Scales no gfloat function computes: the same bits on both backends, negative
     inputs +0 (without the row of NaN and inf, which would set the tensor's amax)."""
-    x = _unsigned_block_inputs()[:-1]
-    y, cpp = [_quantize_variants(backend, monkeypatch, x, fmt, rounding, saturate=True)
+    x = _unsignedblock_inputs()[:-1]
+    y, cpp = [quantize_variants(backend, monkeypatch, x, fmt, rounding, saturate=True)
               for backend in ("tf", "cpp")]
     assert_same_bits(cpp, y, x, f"{fmt} {rounding}")
     assert not np.signbit(y).any() and (y[np.signbit(x)] == 0).all() and (y > 0).mean() > 0.1
@@ -146,10 +146,10 @@ ELEMENTS = {"float4_e2m1fn": gf.format_info_ocp_e2m1, "p3109_k4p2ue": gfloat_inf
 
 
 def _scale_inputs(dtype):
-    """`_unsigned_block_inputs()` (negatives, +-0, float32 subnormals, NaN, +-inf, blocks
+    """`_unsignedblock_inputs()` (negatives, +-0, float32 subnormals, NaN, +-inf, blocks
     up to 2^20) as `dtype`, with one 16-element block so small that its scale underflows
     every scale format here (amax / 6 below half of 2^-33, k8p3's smallest subnormal)."""
-    x = _unsigned_block_inputs().astype(dtype)
+    x = _unsignedblock_inputs().astype(dtype)
     x[-3, 96:112] *= 1e-9
     return x
 
@@ -173,7 +173,7 @@ def test_p3109_scales_agree_across_backends(monkeypatch, scale, dtype, rounding)
                                          ("floor", True)):
             fmt = tfhfp8.BlockScaled(element, 16, scale=scale, scale_rounding=scale_rounding)
             what = f"{fmt} {dtype.__name__} {rounding} saturate={saturate}"
-            y, cpp = [_quantize_variants(backend, monkeypatch, x, fmt, rounding,
+            y, cpp = [quantize_variants(backend, monkeypatch, x, fmt, rounding,
                                          saturate=saturate) for backend in ("tf", "cpp")]
             assert_same_bits(cpp, y, x, what)
             _assert_same_along_axis_0("cpp", monkeypatch, x, fmt, rounding, y,
@@ -200,19 +200,19 @@ def test_p3109_scales_match_gfloat(monkeypatch, backend, scale, dtype, rounding)
     """Elements rounded in float64 (its draws); a block whose scale underflows, where
     gfloat divides by zero, gives zeros, signed as x where the element has a -0."""
     x = _scale_inputs(dtype)
-    draws = _seeded_draws(x, rounding, SEED, tf.float64)
+    draws = seeded_draws(x, rounding, SEED, tf.float64)
     for element, etype in ELEMENTS.items():
         scale_of = _gfloat_scale_of(scale, etype)
-        expected = _gfloat_blocks(etype, 16, _saturated(x), rounding, draws, scale_of)
+        expected = gfloat_blocks(etype, 16, _saturated(x), rounding, draws, scale_of)
         zero = _zero_scale_blocks(x, scale_of)
         assert zero.any() and not zero.all()
         fmt = tfhfp8.BlockScaled(element, 16, scale=scale)
         if fmt.element.has_negative_zero:
             expected[zero] = np.copysign(0.0, x[zero])
         expected = expected.astype(dtype)
-        got = _quantize_variants(backend, monkeypatch, x, fmt, rounding, saturate=True)
+        got = quantize_variants(backend, monkeypatch, x, fmt, rounding, saturate=True)
         assert_same_bits(got, expected, x, f"{fmt} {dtype.__name__} {rounding}")
-        not_saturating = _quantize_variants(backend, monkeypatch, x, fmt, rounding)
+        not_saturating = quantize_variants(backend, monkeypatch, x, fmt, rounding)
         expected[np.repeat(np.isinf(x).reshape(len(x), -1, 16).any(-1), 16, axis=-1)] = np.nan
         assert_same_bits(not_saturating, expected, x, f"{fmt} {rounding}, not saturating")
 
@@ -227,10 +227,10 @@ def test_p3109_scale_reference_is_gfloats_own_blocks(scale, rounding):
     for element, etype in ELEMENTS.items():
         scale_of = _gfloat_scale_of(scale, etype)
         info = gfloat.BlockFormatInfo(f"{element} / {scale}", etype, 16, gfloat_info(scale))
-        ours = _gfloat_blocks(etype, 16, x, rounding, None, scale_of)
+        ours = gfloat_blocks(etype, 16, x, rounding, None, scale_of)
         blocks = x.reshape(-1, 16)
         kept = ~_zero_scale_blocks(x, scale_of).reshape(-1, 16)[:, 0]
         theirs = [gfloat.quantize_block(info, block, lambda _, v: scale_of(np.max(np.abs(v))),
-                                        MODES[rounding]) for block in blocks[kept]]
+                                        GF_MODE[rounding]) for block in blocks[kept]]
         assert_same_bits(ours.reshape(-1, 16)[kept], np.array(theirs), blocks[kept],
                          f"{info.name} {rounding}")

@@ -1,30 +1,23 @@
 """The roundings beyond nearest even, stochastic and toward zero on dynamic fixed point
 (against gfloat, through a float format whose subnormals are the multiples of the shared
 exponent), on the elements of block-scaled formats (OCP MX against gfloat; P3109
-elements and scales: tests/test_p3109_blocks.py, with the block helpers of this file),
-and on every CPU variant of the C++ float and fixed-point loops (against the TF-ops
-backend, which tests/test_p3109.py checks against gfloat)."""
+elements and scales: tests/test_p3109_blocks.py), and on every CPU variant of the C++
+float and fixed-point loops (against the TF-ops backend, which tests/test_p3109.py checks
+against gfloat). The helpers both files use: tests/rounding_reference.py."""
 
 import gfloat
 import gfloat.formats as gf
 import numpy as np
 import pytest
 import tensorflow as tf
-from gfloat.types import Domain, FormatInfo, RoundMode
+from gfloat.types import Domain, FormatInfo
 from helpers import assert_same_bits
+from p3109_reference import GF_MODE
+from rounding_reference import (NEW_ROUNDINGS, SEED, block_inputs, gfloat_blocks,
+                                quantize_variants, seeded_draws)
 
 import tfhfp8
 from tfhfp8.formats import roundings
-from tfhfp8.ops import tf_backend
-
-MODES = {"nearest_even": RoundMode.TiesToEven, "nearest_away": RoundMode.TiesToAway,
-         "toward_zero": RoundMode.TowardZero, "toward_positive": RoundMode.TowardPositive,
-         "toward_negative": RoundMode.TowardNegative, "stochastic": RoundMode.Stochastic,
-         "stochastic_odd": RoundMode.StochasticOdd, "stochastic_fast": RoundMode.StochasticFast}
-NEW_ROUNDINGS = ["nearest_away", "toward_positive", "toward_negative", "stochastic_r1",
-                 "stochastic_r5", "stochastic_odd_r3", "stochastic_fast_r8", "stochastic_r23"]
-SEED = 20261207
-
 
 def _inputs(bits, count=3000):
     """Values on, between and just beside the multiples of 2^-8, up to 2^(bits - 9) in
@@ -35,17 +28,6 @@ def _inputs(bits, count=3000):
     offsets = rng.choice([0.0, 0.5, 0.25, 0.75, 1 / 3, 2 ** -20], count) / 256.0
     x = (grid + np.sign(grid) * offsets).astype(np.float32)
     return np.concatenate([x, np.float32([top * (1 - 2.0 ** -bits), -top * 0.999, 0.0])])
-
-
-def _seeded_draws(x, rounding, seed, dtype=tf.float32):
-    """The r random bits per element the TF-ops backend draws from `seed` for a tensor
-    of `x`'s shape rounded in `dtype`'s container (None when `rounding` draws none)."""
-    r = roundings.parse(rounding).random_bits
-    if r is None:
-        return None
-    c = tf_backend.CONTAINERS[dtype]
-    hashed = tf_backend.random_bits(tf.shape(x), tf.constant(seed, tf.int64), c)
-    return (hashed.numpy() >> (c.width - r)).astype(np.int64)
 
 
 def _reference_dfp(x, bits, rounding, draws):
@@ -70,7 +52,7 @@ def _reference_dfp(x, bits, rounding, draws):
                       has_subnormals=True, is_signed=True, is_twos_complement=False)
     r = parsed.random_bits
     draws = np.zeros(x.size, np.int64) if draws is None else draws
-    return np.array([gfloat.round_float(info, float(v), MODES[parsed.mode], False, int(s),
+    return np.array([gfloat.round_float(info, float(v), GF_MODE[parsed.mode], False, int(s),
                                         r or 0) for v, s in zip(x, draws)], np.float32)
 
 
@@ -82,7 +64,7 @@ def test_dynamic_fixed_point_matches_gfloat(backend, rounding, bits):
     with tfhfp8.ops.forced_backend(backend):
         got = tfhfp8.quantize(tf.constant(x), tfhfp8.DynamicFixedPoint(bits), rounding,
                               seed=SEED).numpy()
-    expected = _reference_dfp(x, bits, rounding, _seeded_draws(x, rounding, SEED))
+    expected = _reference_dfp(x, bits, rounding, seeded_draws(x, rounding, SEED))
     assert_same_bits(got, expected, x, rounding)
 
 
@@ -129,74 +111,24 @@ GF_BLOCKS = {"mxfp8_e4m3": gf.format_info_mxfp8_e4m3,
              "mxfp4_e2m1": gf.format_info_mxfp4_e2m1}
 
 
-def _block_inputs():
-    """Rows of 32-element blocks at magnitudes from 2^-20 to 2^20, and values on the
-    element grid's midpoints and quarter points (ties and near-ties for every rounding)."""
-    rng = np.random.default_rng(5)
-    scales = np.exp2(rng.integers(-20, 20, (6, 4, 1)))
-    x = rng.standard_normal((6, 4, 32)) * scales
-    x[0] = np.round(x[0] * 8) / 8 + rng.choice([0.5, 0.25, -0.5], x[0].shape) / 8
-    return x.reshape(6, 128).astype(np.float32)
-
-
-def _gfloat_blocks(etype, size, x, rounding, draws, scale_of=None):
-    """Blocks of `size` along x's last axis, from gfloat: each block's scale
-    `scale_of(amax)` (default `compute_scale_amax`: OCP MX), its elements rounded by
-    `round_ndarray` (saturating) with the r random bits `draws` of each element; a zero
-    scale gives zeros. Negative inputs of an unsigned `etype`, which gfloat leaves
-    undefined (garbage from `round_ndarray`, an error from `encode_block`), give +0:
-    tfhfp8's rule, P3109's saturation to [0, max]. Returns float64 values."""
-    scale_of = scale_of or (lambda amax: gfloat.compute_scale_amax(etype.emax, amax))
-    parsed = roundings.parse(rounding)
-    out = np.zeros(x.shape, np.float64)
-    for row in range(x.shape[0]):
-        for i in range(0, x.shape[1], size):
-            block = x[row, i:i + size].astype(np.float64)
-            scale = scale_of(np.max(np.abs(block)))
-            if scale == 0:
-                continue
-            bits = None if draws is None else draws[row, i:i + size]
-            with np.errstate(all="ignore"):  # gfloat on negatives of unsigned formats
-                q = gfloat.round_ndarray(etype, block / scale, MODES[parsed.mode], True, bits,
-                                         parsed.random_bits or 0)
-            if not etype.is_signed:
-                q = np.where(np.signbit(block) & ~np.isnan(block), 0.0, q)
-            out[row, i:i + size] = scale * q
-    return out
-
-
 def _gfloat_mx(name, x, rounding, draws):
-    """OCP MX from gfloat (`_gfloat_blocks`), as float32."""
+    """OCP MX from gfloat (`gfloat_blocks`), as float32."""
     info = GF_BLOCKS[name]
-    return _gfloat_blocks(info.etype, info.k, x, rounding, draws).astype(np.float32)
+    return gfloat_blocks(info.etype, info.k, x, rounding, draws).astype(np.float32)
 
 
 @pytest.mark.parametrize("name", sorted(GF_BLOCKS))
 def test_mx_reference_is_gfloats_own_blocks(name):
     """The reference above is gfloat's `quantize_block` where that applies (no random
     bits)."""
-    x = _block_inputs()
+    x = block_inputs()
     for rounding in ("nearest_even", "toward_positive", "nearest_away"):
         ours = _gfloat_mx(name, x, rounding, None)
         theirs = np.concatenate([
             gfloat.quantize_block(GF_BLOCKS[name], row[i:i + 32].astype(np.float64),
-                                  gfloat.compute_scale_amax, MODES[rounding])
+                                  gfloat.compute_scale_amax, GF_MODE[rounding])
             for row in x for i in range(0, 128, 32)]).reshape(x.shape)
         assert_same_bits(ours, theirs.astype(np.float32), x, f"{name} {rounding}")
-
-
-def _quantize_variants(backend, monkeypatch, x, fmt, rounding, **kwargs):
-    """`tfhfp8.quantize` on `backend` (C++: with every CPU variant's loops), the
-    results checked equal to each other; returns the first."""
-    variants = tfhfp8.ops.backend_info()["cpu_variants_supported"] if backend == "cpp" else [""]
-    results = []
-    for variant in variants:
-        monkeypatch.setenv("TFHFP8_CPU_VARIANT", variant)
-        with tfhfp8.ops.forced_backend(backend):
-            results.append(tfhfp8.quantize(x, fmt, rounding, seed=SEED, **kwargs).numpy())
-    for variant, got in zip(variants[1:], results[1:]):
-        assert_same_bits(got, results[0], x, f"{variant} {fmt} {rounding}")
-    return results[0]
 
 
 @pytest.mark.parametrize("backend", ["tf", "cpp"])
@@ -204,9 +136,9 @@ def _quantize_variants(backend, monkeypatch, x, fmt, rounding, **kwargs):
 @pytest.mark.parametrize("name", sorted(GF_BLOCKS))
 def test_mx_elements_take_every_rounding(monkeypatch, backend, rounding, name):
     """On the C++ backend, with the loops of every CPU variant."""
-    x = _block_inputs()
-    expected = _gfloat_mx(name, x, rounding, _seeded_draws(x, rounding, SEED))
-    got = _quantize_variants(backend, monkeypatch, x, name, rounding)
+    x = block_inputs()
+    expected = _gfloat_mx(name, x, rounding, seeded_draws(x, rounding, SEED))
+    got = quantize_variants(backend, monkeypatch, x, name, rounding)
     assert_same_bits(got, expected, x, f"{name} {rounding}")
 
 
@@ -224,7 +156,7 @@ TIES = {"nvfp4": ([2688.0] + [0.0] * 15 + [6.0, 2.5, -2.5, 0.25, 1.25, 5.0, -0.7
 def test_float_scaled_formats_take_every_rounding_on_both_backends(rounding, name):
     """NVFP4 (E4M3 block scales within an FP32 tensor scale) and per-tensor current
     scaling: the elements round in float64 on both backends, with the same bits."""
-    x = _block_inputs()
+    x = block_inputs()
     results = []
     for backend in ("tf", "cpp"):
         with tfhfp8.ops.forced_backend(backend):
@@ -260,7 +192,7 @@ def test_noise_rounds_dynamic_fixed_point_as_gfloat(rounding):
 @pytest.mark.parametrize("rounding", R_BIT_ROUNDINGS)
 @pytest.mark.parametrize("name", sorted(GF_BLOCKS))
 def test_noise_rounds_mx_elements_as_gfloat(name, rounding):
-    x = _block_inputs()
+    x = block_inputs()
     noise = _noise(x, rounding)
     got = tfhfp8.quantize(x, name, rounding, noise=noise).numpy()
     assert_same_bits(got, _gfloat_mx(name, x, rounding, noise), x, f"{name} {rounding}")
@@ -275,9 +207,9 @@ def test_noise_equal_to_the_seeds_draws_rounds_alike(fmt, container, rounding):
     """NVFP4's elements round in float64 (the draws of a float64 container), the others
     in float32; rank 9 takes `quantize`'s path for ranks above 8 (a rank-1 or rank-3
     view, the noise reshaped alike)."""
-    x = _block_inputs().reshape(3, 2, 2, 2, 2, 2, 2, 2, 2)
+    x = block_inputs().reshape(3, 2, 2, 2, 2, 2, 2, 2, 2)
     seeded = tfhfp8.quantize(x, fmt, rounding, seed=SEED).numpy()
-    draws = _seeded_draws(x, rounding, SEED, container)
+    draws = seeded_draws(x, rounding, SEED, container)
     got = tfhfp8.quantize(x, fmt, rounding, noise=draws).numpy()
     assert_same_bits(got, seeded, x, f"{fmt} {rounding}")
     other = tfhfp8.quantize(x, fmt, rounding, noise=(draws + 1) % 32).numpy()
