@@ -38,22 +38,28 @@ def round_to(value, bits, min_exponent, rounding):
 
 
 def fused_dot(a, b, group_size, fraction_bits, output="float32", chunk_size=None,
-              a_min_exponent=-126, b_min_exponent=-126):
-    """sum_k a[k] b[k] (Python floats) as the fused accumulator computes it."""
+              a_min_exponent=-126, b_min_exponent=-126, a_scales=None, b_scales=None):
+    """sum_k a[k] b[k] (Python floats) as the fused accumulator computes it; with
+    `a_scales` (and `b_scales`), `a[k]` is an element of a block-scaled operand whose
+    value is `a[k] * 2**a_scales[k // group_size]` (one block per group)."""
     k = len(a)
     groups = max(1, -(-k // group_size)) if k else 0
     a = list(a) + [0.0] * (groups * group_size - k)
     b = list(b) + [0.0] * (groups * group_size - k)
+    a_scales = a_scales or [0] * groups
+    b_scales = b_scales or [0] * groups
     c, total = 0.0, 0.0
     for g in range(groups):
         pairs = list(zip(a[g * group_size:(g + 1) * group_size],
                          b[g * group_size:(g + 1) * group_size]))
+        scale = a_scales[g] + b_scales[g]
         products = [x * y for x, y in pairs]  # exact: at most 24 significand bits
         if not all(math.isfinite(p) for p in products + [c]):
             c = sum(products) + c  # NaN or +-inf, whatever the order
         else:
-            terms = [(Fraction(x) * Fraction(y), exponent(x, a_min_exponent)
-                      + exponent(y, b_min_exponent)) for x, y in pairs]
+            terms = [(Fraction(x) * Fraction(y) * Fraction(2) ** scale,
+                      exponent(x, a_min_exponent) + exponent(y, b_min_exponent) + scale)
+                     for x, y in pairs]
             terms.append((Fraction(c), exponent(c, -126)))
             unit = Fraction(2) ** (max(e for _, e in terms) - fraction_bits)
             exact = sum(math.trunc(v / unit) for v, _ in terms) * unit

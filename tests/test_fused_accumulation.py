@@ -46,7 +46,7 @@ def _types(acc):
 
 
 @pytest.mark.arithmetic
-@pytest.mark.parametrize("name", sorted(HARDWARE))
+@pytest.mark.parametrize("name", sorted(n for n in HARDWARE if n != "nvidia_blackwell_mxfp8"))
 @pytest.mark.parametrize("k", [1, 7, 32, 33, 130])
 def test_named_accumulators_match_the_reference_on_random_inputs(name, k):
     acc = tfhfp8.accumulation.get(name)
@@ -74,6 +74,123 @@ def test_cancellation_subnormals_zeros_and_wide_ranges(name):
     b = _values(b_type, rng, (k, 3))
     b[:, 0] = 1.0
     _check(a, b, acc, a_type, b_type)
+
+
+def _float32_bits(rng, shape, low, high):
+    """Random FP32 values with biased exponents in [low, high) and all 23 mantissa bits
+    random (random signs): what a TF32 instruction truncates."""
+    bits = rng.integers(low << 23, high << 23, size=shape).astype(np.uint32)
+    return (bits | rng.integers(0, 2, size=shape).astype(np.uint32) << 31).view(np.float32)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "tf"], indirect=True)
+@pytest.mark.parametrize("name", ["nvidia_ampere_tf32", "nvidia_hopper_tf32"])
+def test_tf32_instructions_truncate_float32_operands(name, backend):
+    acc = tfhfp8.accumulation.get(name)
+    rng = np.random.default_rng(4)
+    k = 2 * acc.group_size + 3
+    a = _float32_bits(rng, (4, k), 1, 255)  # every exponent: up to 2^127, down to 2^-126
+    a[0] = _float32_bits(rng, k, 0, 1)      # FP32 subnormals
+    a[1, 1::2] = -a[1, ::2][: k // 2]         # pairs that cancel
+    b = _float32_bits(rng, (k, 3), 100, 150)
+    got = tfhfp8.matmul(tf.constant(a), tf.constant(b), acc).numpy()  # no operand format
+    truncated = [x.view(np.uint32) & np.uint32(0xFFFFE000) for x in (a, b)]  # MMA-Sim's
+    expected = _reference(*(t.view(np.float32) for t in truncated), acc,
+                          "tensorfloat32", "tensorfloat32")
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+    assert not np.array_equal(got, tf.linalg.matmul(a, b).numpy())
+
+
+def test_a_tf32_policy_needs_no_operand_formats():
+    policy = tfhfp8.Policy(accumulation="nvidia_ampere_tf32")  # FP32 operands, as on A100
+    layer = tfhfp8.layers.Dense(3, policy=policy, use_bias=False)
+    x = _float32_bits(np.random.default_rng(5), (2, 9), 120, 135)
+    y = layer(x).numpy()
+    expected = tfhfp8.matmul(x, layer.kernel, "nvidia_ampere_tf32").numpy()
+    np.testing.assert_array_equal(y, expected)
+    with pytest.raises(ValueError, match="tensorfloat32.*goes alone"):
+        FusedAccumulator(4, 24, input_types=("tensorfloat32", "float16"))
+
+
+def _mx_operand(name, rows, k, rng, scales):
+    """(values, elements, scale exponents) of an MX operand [rows, k]: random elements
+    (subnormals included), every block holding one of its element type's top binade
+    (so that its scale is the one the quantizer picks), scale exponents from `scales`."""
+    fmt = formats.get(name)
+    values = fmt.element.values()
+    top = values[values >= 2.0 ** fmt.emax_element]
+    blocks = -(-k // 32)
+    elements = _values(fmt.element, rng, (rows, blocks * 32))
+    for row in elements:
+        for start in range(0, k, 32):
+            row[start + rng.integers(min(32, k - start))] = rng.choice(top)
+    elements = elements[:, :k]
+    exponents = rng.choice(scales, (rows, blocks))
+    scaled = elements * 2.0 ** np.repeat(exponents, 32, axis=1)[:, :k]
+    return scaled.astype(np.float32), elements, exponents
+
+
+@pytest.mark.parametrize("a_type, b_type", [("mxfp8_e4m3", "mxfp8_e5m2"),
+                                            ("mxfp4_e2m1", "mxfp6_e3m2"),
+                                            ("mxfp6_e2m3", "mxfp8_e4m3")])
+@pytest.mark.parametrize("k", [1, 33, 100])
+def test_mx_operands_fold_their_block_scales_into_the_products(a_type, b_type, k):
+    acc = tfhfp8.accumulation.get("nvidia_blackwell_mxfp8")
+    rng = np.random.default_rng(k)
+    a, a_elements, a_scales = _mx_operand(a_type, 4, k, rng, np.arange(-30, 31))
+    a_scales[0] = -127  # E8M0's least scale: elements down to 2^-136
+    a = a_elements * 2.0 ** np.repeat(a_scales, 32, axis=1)[:, :k]
+    b, b_elements, b_scales = _mx_operand(b_type, 3, k, rng, np.arange(-30, 31))
+    got = tfhfp8.matmul(a.astype(np.float32), b.T, acc, a_format=a_type,
+                        b_format=b_type).numpy()
+    element_exponents = [1 - formats.get(t).element.bias for t in (a_type, b_type)]
+    expected = np.array([[fused_reference.fused_dot(
+        [float(v) for v in a_elements[i]], [float(v) for v in b_elements[j]], 32, 25,
+        "float32", None, *element_exponents, [int(e) for e in a_scales[i]],
+        [int(e) for e in b_scales[j]]) for j in range(3)] for i in range(4)], np.float32)
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+def test_an_mx_policy_sums_as_blackwell_and_reloads(tmp_path):
+    policy = tfhfp8.Policy("mxfp8", accumulation="nvidia_blackwell_mxfp8")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((40,)),
+                              tfhfp8.layers.Dense(8, policy=policy, use_bias=False)])
+    x = np.random.default_rng(0).normal(size=(16, 40)).astype("float32")
+    kernel = model.layers[0].kernel
+    expected = tfhfp8.matmul(x, kernel, "nvidia_blackwell_mxfp8", a_format="mxfp8_e4m3",
+                             b_format="mxfp8_e4m3").numpy()
+    np.testing.assert_array_equal(model.predict(x, verbose=0), expected)
+    model.compile("sgd", "mse")
+    model.fit(x, np.zeros((16, 8)), epochs=1, verbose=0)
+    model.save(tmp_path / "m.keras")
+    reloaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_mx_blocks_over_two_axes_need_one_order_in_both_operands():
+    policy = tfhfp8.Policy("mxfp8", accumulation="nvidia_blackwell_mxfp8")
+    x = np.random.default_rng(0).normal(size=(4, 5, 16)).astype("float32")
+    assert tfhfp8.layers.EinsumDense("abc,bcd->ad", 8, policy=policy)(x).shape == (4, 8)
+    with pytest.raises(NotImplementedError, match=r"reduction axes \['b', 'c'\]"):
+        tfhfp8.layers.EinsumDense("abc,cbd->ad", 8, policy=policy)(x)
+
+
+@pytest.mark.parametrize("policy, message", [
+    (dict(weights="mxfp8_e4m3", activations="mxfp8_e4m3", accumulation="nvidia_hopper_fp8"),
+     "nvidia_hopper_fp8 takes operands in float8_e4m3fn.*mxfp8_e4m3"),
+    (dict(weights="float8_e4m3fn", activations="float8_e4m3fn",
+          accumulation="nvidia_blackwell_mxfp8"), "nvidia_blackwell_mxfp8 takes.*float8_e4m3fn"),
+    (dict(weights=tfhfp8.BlockScaled("float8_e4m3fn", 32, scale_rounding="ceil"),
+          activations="mxfp8_e4m3", accumulation="nvidia_blackwell_mxfp8"), "ceil"),
+    (dict(weights=tfhfp8.BlockScaled("float8_e4m3fn", 16), activations="mxfp8_e4m3",
+          accumulation="nvidia_blackwell_mxfp8"), "float8_e4m3fn x 16"),
+])
+def test_mx_operands_and_instructions_must_match(policy, message):
+    with pytest.raises(ValueError, match=message):
+        tfhfp8.Policy(**policy)
+    with pytest.raises(ValueError, match="MX types go alone"):
+        FusedAccumulator(16, 25, input_types=("mxfp8_e4m3",))
 
 
 def test_nan_and_inf_give_what_their_exact_sum_gives():

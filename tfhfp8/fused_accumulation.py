@@ -19,8 +19,13 @@ of NVIDIA's instructions. Accumulators go wherever `tfhfp8.Accumulator` goes
 (`tfhfp8.matmul`, `Policy(accumulation=...)`), computed by `tfhfp8.ops.fused_matmul`
 (TF ops).
 
-Not yet emulated: TF32 instructions (their truncation of FP32 inputs), Blackwell's
-block-scaled instructions (MX, NVFP4 scales folded into the products), the C++
+TF32 instructions read FP32 registers and ignore the 13 lowest mantissa bits: their
+accumulators take operands of any format (unformatted FP32 too) and truncate them to
+`"tensorfloat32"` (toward zero; a NaN stays NaN) before the products, as MMA-Sim's
+`truncate_to_tf32` does. Blackwell's `kind::mxf8f6f4` takes OCP MX operands (blocks of
+32 along K, E8M0 scales): a product's exponent adds its two block scales' exponents, so
+a subnormal element counts with its element type's minimum normal exponent plus its
+block's. Not yet emulated: `kind::mxf4nvf4` (NVFP4, MXFP4 with K = 64), the C++
 backend. Checked bit for bit against MMA-Sim: `models/tensor_cores/mmasim_check.py`.
 
 >>> import tensorflow as tf, tfhfp8
@@ -50,9 +55,12 @@ from tfhfp8 import formats
 OUTPUTS = {"float32": (23, -126, "toward_zero"), "e8m13": (13, -126, "toward_zero"),
            "float16": (10, -14, "nearest_even")}
 
-# The input types of the instructions below (IEEE half, bfloat16, OCP FP8).
-_INPUT_TYPES = {name: formats.get(name) for name in
-                ("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")}
+# The input types of the instructions below (IEEE half, bfloat16, OCP FP8, TF32, and
+# the OCP MX formats of Blackwell's block-scaled kind::mxf8f6f4).
+_INPUT_TYPES = {name: formats.get(name) for name in (
+    "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "tensorfloat32",
+    "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1")}
+TRUNCATED_TYPE = "tensorfloat32"  # taken from FP32 registers, truncated
 
 
 @keras.saving.register_keras_serializable(package="tfhfp8")
@@ -71,7 +79,8 @@ class FusedAccumulator:
       input_types: names of the formats the instruction takes; an operand format must
         be exactly representable in one of them (its subnormals then count with that
         type's minimum normal exponent). Empty: any format with at most 11 mantissa
-        bits, its own minimum normal exponent.
+        bits, its own minimum normal exponent. `("tensorfloat32",)`: any operand,
+        truncated to TF32 (`truncates_inputs`).
       name: display name.
     """
 
@@ -95,30 +104,58 @@ class FusedAccumulator:
         unknown = [t for t in self.input_types if t not in _INPUT_TYPES]
         if unknown:
             raise ValueError(f"input_types: {unknown} are not among {sorted(_INPUT_TYPES)}")
+        if TRUNCATED_TYPE in self.input_types and len(set(self.input_types)) > 1:
+            raise ValueError(f"input_types: {TRUNCATED_TYPE!r} (any operand, truncated) "
+                             f"goes alone, got {tuple(self.input_types)}")
+        blocks = {_INPUT_TYPES[t].block_size for t in self.input_types
+                  if isinstance(_INPUT_TYPES[t], formats.BlockScaled)}
+        if blocks and (blocks != {self.group_size} or any(
+                not isinstance(_INPUT_TYPES[t], formats.BlockScaled) for t in self.input_types)):
+            raise ValueError(f"input_types: MX types go alone, with group_size equal to "
+                             f"their block size {sorted(blocks)} (one scale per group); got "
+                             f"{tuple(self.input_types)}, group_size={self.group_size}")
         object.__setattr__(self, "input_types", tuple(self.input_types))
 
     kind = "fused"
     emulates = True
 
+    @property
+    def truncates_inputs(self):
+        """True for TF32 instructions: every operand is truncated to TF32 first."""
+        return self.input_types == (TRUNCATED_TYPE,)
+
     def input_type(self, parameter, fmt):
-        """The instruction's input type that holds every value of `fmt`, or a ValueError
-        naming `parameter`, the format and the instruction."""
+        """The instruction's input type that holds every value of `fmt` (TF32 for any
+        `fmt` when `truncates_inputs`; for an MX input type, `fmt` itself, blocked as
+        it is), or a ValueError naming `parameter`, the format and the instruction."""
+        if self.truncates_inputs:
+            return _INPUT_TYPES[TRUNCATED_TYPE]
         element = fmt if isinstance(fmt, formats.FloatFormat) else None
         candidates = [_INPUT_TYPES[t] for t in self.input_types] or (
             [element] if element is not None and element.mantissa_bits <= 11 else [])
         for candidate in candidates:
-            if element is not None and _fits(element, candidate):
+            if isinstance(candidate, formats.BlockScaled):
+                if (isinstance(fmt, formats.BlockScaled)
+                        and dataclasses.replace(fmt, axis=candidate.axis) == candidate):
+                    return candidate
+            elif element is not None and _fits(element, candidate):
                 return candidate
         takes = ", ".join(self.input_types) or "a FloatFormat with at most 11 mantissa bits"
-        raise ValueError(f"{parameter}: {self} takes operands in {takes} (block-scaled, "
-                         f"fixed-point and unrounded FP32 operands are not emulated yet); "
-                         f"got {fmt!r}")
+        raise ValueError(f"{parameter}: {self} takes operands in {takes} (other "
+                         f"block-scaled, fixed-point and unrounded FP32 operands are not "
+                         f"emulated); got {fmt!r}")
 
     def kernel_arguments(self, a_type, b_type):
-        """The plain arguments of `tfhfp8.ops.fused_matmul(a, b, *arguments)`."""
+        """The plain arguments of `tfhfp8.ops.fused_matmul(a, b, *arguments)` for
+        operands of the input types `a_type`, `b_type` (see `input_type`)."""
         bits, min_exponent, rounding = OUTPUTS[self.output]
-        return (1 - a_type.bias, 1 - b_type.bias, self.group_size, self.fraction_bits,
-                bits, min_exponent, rounding, self.chunk_size or 0)
+        elements = [t.element if isinstance(t, formats.BlockScaled) else t
+                    for t in (a_type, b_type)]
+        block_emax = [t.emax_element if isinstance(t, formats.BlockScaled) else None
+                      for t in (a_type, b_type)]
+        return (1 - elements[0].bias, 1 - elements[1].bias, self.group_size,
+                self.fraction_bits, bits, min_exponent, rounding, self.chunk_size or 0,
+                *block_emax)
 
     def get_config(self):
         return {"group_size": self.group_size, "fraction_bits": self.fraction_bits,
@@ -144,7 +181,9 @@ def _hardware(name, group, bits, output="float32", types=(), chunk=None):
     return FusedAccumulator(group, bits, output, chunk, types, name=name)
 
 
-_FP16, _BF16, _FP8 = ("float16",), ("bfloat16",), ("float8_e4m3fn", "float8_e5m2")
+_FP16, _BF16, _TF32 = ("float16",), ("bfloat16",), (TRUNCATED_TYPE,)
+_FP8 = ("float8_e4m3fn", "float8_e5m2")
+_MX = ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1")
 
 # Published models of NVIDIA's matrix instructions (Khattak & Mikaitis 2025, Table 2;
 # MMA-Sim's NVIDIA models): instruction, products per fused addition, fraction bits.
@@ -152,13 +191,19 @@ HARDWARE = {acc.name: acc for acc in (
     _hardware("nvidia_volta_fp16", 4, 23, types=_FP16),        # V100 mma.m8n8k4 f16
     _hardware("nvidia_ampere_fp16", 8, 24, types=_FP16),       # A100 mma.m16n8k16: 2 x 8
     _hardware("nvidia_ampere_bf16", 8, 24, types=_BF16),
+    _hardware("nvidia_ampere_tf32", 4, 24, types=_TF32),       # A100 mma.m16n8k8: 2 x 4
     _hardware("nvidia_ada_fp8", 16, 13, "e8m13", _FP8),        # L40S mma.m16n8k32: 2 x 16
     _hardware("nvidia_hopper_fp16", 16, 25, types=_FP16),      # H100 wgmma k16
     _hardware("nvidia_hopper_bf16", 16, 25, types=_BF16),
+    _hardware("nvidia_hopper_tf32", 8, 25, types=_TF32),       # H100 wgmma k8
     _hardware("nvidia_hopper_fp8", 32, 13, "e8m13", _FP8),     # H100 wgmma k32
     # DeepSeek-V3 (arXiv 2412.19437, 3.3.2): 4 x wgmma k32, then an FP32 add on CUDA cores.
     _hardware("nvidia_hopper_fp8_promote128", 32, 13, "e8m13", _FP8, chunk=128),
     _hardware("nvidia_blackwell_fp16", 16, 25, types=_FP16),   # B200 tcgen05.mma kind::f16
     _hardware("nvidia_blackwell_bf16", 16, 25, types=_BF16),
+    _hardware("nvidia_blackwell_tf32", 8, 25, types=_TF32),    # tcgen05.mma kind::tf32
     _hardware("nvidia_blackwell_fp8", 32, 25, types=_FP8),     # tcgen05.mma kind::f8f6f4
+    # tcgen05.mma.block_scale kind::mxf8f6f4: K = 32, one E8M0 scale per 32 elements
+    # of each operand, folded into the exponents of the products.
+    _hardware("nvidia_blackwell_mxfp8", 32, 25, types=_MX),
 )}

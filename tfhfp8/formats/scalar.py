@@ -321,6 +321,10 @@ NAMED = {
         # The paper gives the field widths; the IEEE bias 31, subnormals and inf/NaN
         # in the top binade are assumed (no ml_dtypes type exists).
         _named_float("float16_e6m9", 6, 9),
+        # NVIDIA's TF32: FP32's range and FP16's precision, the operand type of the
+        # tensor cores' TF32 instructions (which read FP32 registers and ignore the 13
+        # lowest mantissa bits: `tfhfp8.fused_accumulation`).
+        _named_float("tensorfloat32", 8, 10),
         _named_float("float8_e5m2", 5, 2),
         _named_float("float8_e5m2fnuz", 5, 2, bias=16, specials="fnuz"),
         _named_float("float8_e4m3", 4, 3),

@@ -4,6 +4,7 @@ einsums `dC,B->A` and `A,dC->B` likewise."""
 
 import tensorflow as tf
 
+from tfhfp8 import formats
 from tfhfp8.gemm import axes, products
 
 
@@ -34,6 +35,14 @@ def einsum_product(a, b, terms, accumulator, a_fmt, b_fmt, seed):
     m = [x for x in ta if x in tc and x not in tb]
     k = [x for x in ta if x in tb and x not in tc]
     n = [x for x in tb if x in tc and x not in ta]
+    if accumulator.kind == "fused" and [x for x in tb if x in k] != k and any(
+            isinstance(fmt, formats.BlockScaled) for fmt in (a_fmt, b_fmt)):
+        # Each operand's blocks run along its reduction axes merged in its own order
+        # (tfhfp8.gemm.axes); a matrix unit's block scales need them in one order.
+        raise NotImplementedError(
+            f"einsum {ta},{tb}->{tc}: block-scaled operands of a fused accumulator "
+            f"({accumulator}) need the reduction axes {k} in the same order in both "
+            "operands")
     sa, sb = tf.shape(a), tf.shape(b)
     size = {x: sa[ta.index(x)] for x in ta}
     size.update({x: sb[tb.index(x)] for x in tb if x not in size})

@@ -136,9 +136,11 @@ def product(a, b, accumulator, a_fmt, b_fmt, seed):
         c, swamped = ops.accumulating_matmul(a3, b3, *accumulator.kernel_arguments(), seed)
         return tf.reshape(c, out_shape), swamped, zero, additions
     if accumulator.kind == "fused":
-        arguments = accumulator.kernel_arguments(accumulator.input_type("a", a_fmt),
-                                                 accumulator.input_type("b", b_fmt))
-        c, swamped = ops.fused_matmul(a3, b3, *arguments)
+        a_type, b_type = accumulator.input_type("a", a_fmt), accumulator.input_type("b", b_fmt)
+        if accumulator.truncates_inputs:  # TF32: the instruction ignores 13 mantissa bits
+            a3 = quantize(a3, a_type, rounding="toward_zero")
+            b3 = quantize(b3, b_type, rounding="toward_zero")
+        c, swamped = ops.fused_matmul(a3, b3, *accumulator.kernel_arguments(a_type, b_type))
         return tf.reshape(c, out_shape), swamped, zero, additions
     ma, ea = _mantissas(a3, a_fmt)
     mb, eb = _mantissas(b3, b_fmt)

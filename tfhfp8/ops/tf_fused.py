@@ -35,6 +35,21 @@ def _exponents(x, min_exponent):
     return tf.where(x == 0, _ZERO_EXPONENT, tf.maximum(_floor_log2(safe), min_exponent))
 
 
+def _operand_exponents(x, min_exponent, block_emax, axis):
+    """MMA-Sim's exponents of operand values `x` (float64) grouped along `axis`. With
+    `block_emax`, each group is one OCP MX block of elements whose largest exponent is
+    `block_emax`, scaled by 2^s: an element's exponent is its own as an element value
+    plus s. s is the scale the quantizer chose, floor(log2(amax)) - `block_emax`
+    (elements round saturating, so the largest lies in the element's top binade),
+    -127 (E8M0's least) for an all-zero block or below it."""
+    if block_emax is None:
+        return _exponents(x, min_exponent)
+    amax = tf.reduce_max(tf.abs(x), axis=axis, keepdims=True)
+    nonzero = tf.where(amax == 0, tf.ones_like(amax), amax)
+    s = tf.where(amax == 0, -127, tf.maximum(_floor_log2(nonzero) - block_emax, -127))
+    return _exponents(x * _pow2(-s), min_exponent) + s
+
+
 def round_to_bits(x, mantissa_bits, min_exponent, rounding):
     """Finite float64 `x` rounded to an IEEE-like format of `mantissa_bits` bits whose
     smallest normal exponent is `min_exponent` (largest: `1 - min_exponent`), toward zero
@@ -89,12 +104,14 @@ def _fused_group(c, a, b, ea, eb, fraction_bits, output):
 
 
 def fused_matmul(a, b, a_min_exponent, b_min_exponent, group_size, fraction_bits,
-                 output_bits, output_min_exponent, output_rounding, chunk_size):
+                 output_bits, output_min_exponent, output_rounding, chunk_size,
+                 a_block_emax=None, b_block_emax=None):
     """`[B, M, K] @ [B, K, N]` float32 operands (values of the instruction's input types,
     whose minimum normal exponents are `a_min_exponent`, `b_min_exponent`) summed by
     fused dot-adds of `group_size` products; `chunk_size` > 0: promoted into an FP32
-    total (nearest even) every `chunk_size` products. Returns (float32 [B, M, N],
-    int64 number of nonzero products truncated to zero)."""
+    total (nearest even) every `chunk_size` products; `a_block_emax`, `b_block_emax`:
+    the operand is OCP MX, one block per group (see `_operand_exponents`). Returns
+    (float32 [B, M, N], int64 number of nonzero products truncated to zero)."""
     output = (output_bits, output_min_exponent, output_rounding)
     a, b = _to_float64(a), _to_float64(b)
     k = tf.shape(a)[2]
@@ -105,7 +122,8 @@ def fused_matmul(a, b, a_min_exponent, b_min_exponent, group_size, fraction_bits
     batch, m, n = tf.shape(a)[0], tf.shape(a)[1], tf.shape(b)[2]
     a = tf.reshape(a, [batch, m, groups, group_size])     # group j: a[:, :, j]
     b = tf.reshape(b, [batch, groups, group_size, n])     # group j: b[:, j]
-    ea, eb = _exponents(a, a_min_exponent), _exponents(b, b_min_exponent)
+    ea = _operand_exponents(a, a_min_exponent, a_block_emax, axis=3)
+    eb = _operand_exponents(b, b_min_exponent, b_block_emax, axis=2)
     per_chunk = chunk_size // group_size if chunk_size else groups + 1
     zeros = tf.zeros([batch, m, n], tf.float64)
 
