@@ -33,7 +33,15 @@ What limits each (printed after the table):
   A block of terms whose sums leave [-2^30, 2^30) (full-scale 16-bit mantissas reach
   it within a few hundred terms) is done term by term with exact overflow detection,
   about 4 times slower: chunks of 64 keep the partial sums small and avoid it.
-- TF-ops (XLA): a while loop over k, one [M, N] element-wise step per term.
+- Fused accumulators (tensor cores, `nvidia_hopper_fp8`, ...): per product and output,
+  in doubles, with the output columns in SIMD lanes: the product (twice: once for the
+  group's largest exponent, once for its term), the exponent sum and maximum, the
+  finiteness check, the scaling, the truncation and the add, about 12 vector
+  instructions; then, per group of 32, the rounding of the sum. Exact in double, so
+  4 lanes with AVX2 and 8 with AVX-512 against FP32 matmul's 16 FMA lanes, and nothing
+  of a GEMM's blocking.
+- TF-ops (XLA): a while loop over k (groups for the fused accumulators), one [M, N]
+  element-wise step per term.
 
 Prints a table; asserts nothing.
 """
@@ -95,7 +103,14 @@ def _cases(m, n, k):
                   ("FP16 acc chunk 64", tfhfp8.Accumulator("float16", chunk_size=64)),
                   ("BF16 acc", tfhfp8.Accumulator("bfloat16")),
                   ("FP16 acc stochastic", tfhfp8.Accumulator("float16", rounding="stochastic"))]
+    e4m3_type = tfhfp8.formats.get(e4m3)
+    fused_accs = [(name, tfhfp8.accumulation.get(name).kernel_arguments(e4m3_type, e4m3_type))
+                  for name in ("nvidia_hopper_fp8", "nvidia_hopper_fp8_promote128")]
     for variant in cpp_backend.cpu_variant()[1][::-1]:
+        for label, arguments in fused_accs:
+            cases.append((f"C++ {label} [{variant}]", _with_variant(
+                lambda arguments=arguments: cpp_backend.fused_matmul(a, b, *arguments),
+                variant)))
         for label, acc in float_accs:
             cases.append((f"C++ {label} [{variant}]", _with_variant(
                 lambda acc=acc: cpp_backend.accumulating_matmul(
@@ -118,6 +133,10 @@ def _cases(m, n, k):
             fn32 = tf.function(lambda x, y: tf_accumulate.int32_matmul(x, y, None, "wrap"),
                                jit_compile=True, autograph=False)
             cases.append(("TF-ops INT32 (XLA)", lambda: fn32(ia, ib)))
+            tf_fused = importlib.import_module("tfhfp8.ops.tf_fused")
+            fused = tf.function(lambda x, y: tf_fused.fused_matmul(x, y, *fused_accs[0][1]),
+                                jit_compile=True, autograph=False)
+            cases.append((f"TF-ops {fused_accs[0][0]} (XLA)", lambda: fused(a, b)))
     return cases
 
 

@@ -193,6 +193,79 @@ def test_mx_operands_and_instructions_must_match(policy, message):
         FusedAccumulator(16, 25, input_types=("mxfp8_e4m3",))
 
 
+def _fused_cases(rng):
+    """(accumulator, a [2, 5, K], b [2, K, 7], kernel arguments): named and custom
+    accumulators (promotion, FP16 output, MX blocks), with inf, NaN, an all-zero row and
+    cancellation."""
+    cases = []
+    for acc in [tfhfp8.accumulation.get(name) for name in (
+            "nvidia_hopper_fp8_promote128", "nvidia_volta_fp16", "nvidia_ampere_bf16",
+            "nvidia_hopper_fp16", "nvidia_blackwell_mxfp8")] + [
+            FusedAccumulator(8, 20, "float16", chunk_size=24)]:
+        k = 150
+        if acc.name == "nvidia_blackwell_mxfp8":
+            a_type, b_type = "mxfp8_e4m3", "mxfp8_e5m2"
+            a = np.stack([_mx_operand(a_type, 5, k, rng, np.arange(-40, 41))[0]
+                          for _ in range(2)])
+            b = np.stack([_mx_operand(b_type, 7, k, rng, np.arange(-40, 41))[0].T
+                          for _ in range(2)])
+        else:
+            a_type, b_type = _types(acc) if acc.input_types else ("float16", "float16")
+            a = _values(a_type, rng, (2, 5, k)) / (64 if not acc.input_types else 1)
+            b = _values(b_type, rng, (2, k, 7)) / (64 if not acc.input_types else 1)
+        a[0, 0, :4] = [np.inf, 1.0, -np.inf, np.nan]
+        a[1, 1, :] = 0.0
+        a[1, 2, 1::2] = -a[1, 2, ::2]
+        arguments = acc.kernel_arguments(acc.input_type("a", formats.get(a_type)),
+                                         acc.input_type("b", formats.get(b_type)))
+        cases.append((acc, a.astype(np.float32), b.astype(np.float32), arguments))
+    return cases
+
+
+def _same_bits(x, y):
+    x, y = np.asarray(x), np.asarray(y)
+    return np.array_equal(np.isnan(x), np.isnan(y)) and np.array_equal(
+        np.where(np.isnan(x), 0, x).view(np.uint32), np.where(np.isnan(y), 0, y).view(np.uint32))
+
+
+def test_the_cpp_kernel_and_the_tf_ops_agree_on_every_cpu_variant(monkeypatch):
+    from tfhfp8.ops import cpp_backend, tf_fused
+
+    cases = _fused_cases(np.random.default_rng(9))
+    expected = []
+    for acc, a, b, arguments in cases:  # the TF ops under XLA, as tfhfp8.matmul runs them
+        run = tf.function(lambda x, y: tf_fused.fused_matmul(x, y, *arguments),
+                          jit_compile=True, autograph=False)
+        c, swamped = run(tf.constant(a), tf.constant(b))
+        expected.append((c.numpy(), int(swamped)))
+    for variant in tfhfp8.ops.backend_info()["cpu_variants_supported"]:
+        monkeypatch.setenv("TFHFP8_CPU_VARIANT", variant)
+        for (acc, a, b, arguments), (want, want_swamped) in zip(cases, expected):
+            c, swamped = cpp_backend.fused_matmul(a, b, *arguments)
+            assert _same_bits(c.numpy(), want), (variant, str(acc))
+            assert int(swamped) == want_swamped, (variant, str(acc))
+
+
+@pytest.mark.parametrize("attrs, message", [
+    (dict(group_size=0), "group_size"), (dict(fraction_bits=41), "fraction_bits"),
+    (dict(output_bits=24), "output_bits"), (dict(chunk_size=12), "chunk_size"),
+    (dict(a_block_emax=200), "a_block_emax"), (dict(output_min_exponent=1),
+                                                "output_min_exponent")])
+def test_the_raw_kernel_rejects_bad_attributes(attrs, message):
+    from tfhfp8.ops import cpp_backend
+
+    arguments = dict(a_min_exponent=-6, b_min_exponent=-6, group_size=8, fraction_bits=13,
+                     output_bits=23, output_min_exponent=-126, output_rounding="toward_zero",
+                     chunk_size=0)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=message):
+        cpp_backend.load().hfp8_fused_matmul(np.ones((1, 2, 8), np.float32),
+                                             np.ones((1, 8, 2), np.float32),
+                                             **{**arguments, **attrs})
+    with pytest.raises(tf.errors.InvalidArgumentError, match="K"):
+        cpp_backend.load().hfp8_fused_matmul(np.ones((1, 2, 8), np.float32),
+                                             np.ones((1, 7, 2), np.float32), **arguments)
+
+
 def test_nan_and_inf_give_what_their_exact_sum_gives():
     # On the kernel itself: tfhfp8.matmul rounds its operands saturating (inf -> max).
     acc = tfhfp8.accumulation.get("nvidia_hopper_fp16")

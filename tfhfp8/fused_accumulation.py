@@ -17,7 +17,7 @@ result is added into an FP32 total, rounded to nearest even (DeepSeek-V3's promo
 to CUDA cores, arXiv 2412.19437 section 3.3.2). `HARDWARE` names the published models
 of NVIDIA's instructions. Accumulators go wherever `tfhfp8.Accumulator` goes
 (`tfhfp8.matmul`, `Policy(accumulation=...)`), computed by `tfhfp8.ops.fused_matmul`
-(TF ops).
+(a C++ kernel, or TF ops under XLA: the same bits).
 
 TF32 instructions read FP32 registers and ignore the 13 lowest mantissa bits: their
 accumulators take operands of any format (unformatted FP32 too) and truncate them to
@@ -25,8 +25,7 @@ accumulators take operands of any format (unformatted FP32 too) and truncate the
 `truncate_to_tf32` does. Blackwell's `kind::mxf8f6f4` takes OCP MX operands (blocks of
 32 along K, E8M0 scales): a product's exponent adds its two block scales' exponents, so
 a subnormal element counts with its element type's minimum normal exponent plus its
-block's. Not yet emulated: `kind::mxf4nvf4` (NVFP4, MXFP4 with K = 64), the C++
-backend. Checked bit for bit against MMA-Sim: `models/tensor_cores/mmasim_check.py`.
+block's. Not yet emulated: `kind::mxf4nvf4` (NVFP4, MXFP4 with K = 64). Checked bit for bit against MMA-Sim: `models/tensor_cores/mmasim_check.py`.
 
 >>> import tensorflow as tf, tfhfp8
 >>> acc = tfhfp8.accumulation.get("nvidia_hopper_fp8")

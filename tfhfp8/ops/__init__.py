@@ -261,7 +261,10 @@ def int32_matmul(a_mantissas, b_mantissas, chunk_size, overflow):
 def fused_matmul(a, b, *arguments):
     """`(c, swamped)`: float32 `a` `[B, M, K]` @ `b` `[B, K, N]` summed by a matrix
     unit's fused dot-adds (`tfhfp8.ops.tf_fused.fused_matmul`, whose arguments follow
-    `a` and `b`; TF ops only: no C++ kernel yet), XLA-compiled outside XLA."""
+    `a` and `b`), on the backend `accumulation_backend` names (the C++ kernel and the TF
+    ops give the same bits)."""
+    if accumulation_backend() == "cpp":
+        return cpp_backend.fused_matmul(a, b, *arguments)
     if _compat.in_xla_context():
         return tf_fused.fused_matmul(a, b, *arguments)
     return _compiled_gemm(tf_fused.fused_matmul, *arguments)(a, b)

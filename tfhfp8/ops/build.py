@@ -39,7 +39,8 @@ _OPTIONS = ["-std=c++17", "-O3", "-fno-trapping-math", "-ffp-contract=off", "-fP
 _KERNEL_DIRS = [pathlib.Path(area, "cc", "kernels") for area in ("quantize", "accumulate")]
 # Compiled once per variant, without TF headers.
 LOOPS = [pathlib.Path("quantize", "cc", "kernels", "quantize_loops.cc"),
-         pathlib.Path("accumulate", "cc", "kernels", "accumulate_loops.cc")]
+         pathlib.Path("accumulate", "cc", "kernels", "accumulate_loops.cc"),
+         pathlib.Path("accumulate", "cc", "kernels", "fused_loops.cc")]
 
 # x86-64 feature levels (as in the psABI), spelt as feature flags, which older
 # compilers know too; the run-time checks in cpu_dispatch.cc test the same features.

@@ -113,6 +113,20 @@ def accumulating_matmul(a, b, fmt, outer_format, products, rounding, saturate, c
         rounding=rounding, saturate=saturate, chunk_size=chunk_size or 0, **attrs)
 
 
+def fused_matmul(a, b, a_min_exponent, b_min_exponent, group_size, fraction_bits,
+                 output_bits, output_min_exponent, output_rounding, chunk_size,
+                 a_block_emax=None, b_block_emax=None):
+    """A matrix unit's fused dot-adds of float32 `a` [batch, M, K] and `b` [batch, K, N]:
+    the arguments and results of `tfhfp8.ops.tf_fused.fused_matmul`, bit for bit."""
+    return load().hfp8_fused_matmul(
+        a, b, a_min_exponent=a_min_exponent, b_min_exponent=b_min_exponent,
+        group_size=group_size, fraction_bits=fraction_bits, output_bits=output_bits,
+        output_min_exponent=output_min_exponent, output_rounding=output_rounding,
+        chunk_size=chunk_size, a_blocked=a_block_emax is not None,
+        a_block_emax=a_block_emax or 0, b_blocked=b_block_emax is not None,
+        b_block_emax=b_block_emax or 0)
+
+
 def int32_matmul(a_mantissas, b_mantissas, chunk_size, overflow):
     """INT32 accumulation of integer mantissas, int32 `a_mantissas` [batch, M, K] and
     `b_mantissas` [batch, K, N] (see `tfhfp8.Accumulator("int32")`): `chunk_size` None

@@ -99,7 +99,9 @@ def _fused_group(c, a, b, ea, eb, fraction_bits, output):
     exact = round_to_bits(total * _pow2(top - fraction_bits), *output)
     finite = tf.reduce_all(tf.math.is_finite(products), axis=2) & tf.math.is_finite(c)
     special = tf.reduce_sum(products, axis=2) + c                   # NaN or +-inf
-    swamped = tf.math.count_nonzero((terms == 0) & (products != 0), dtype=tf.int64)
+    # Counted where the group is finite (elsewhere the exponents are not those of values).
+    lost = (terms == 0) & (products != 0) & finite[:, :, None, :]
+    swamped = tf.math.count_nonzero(lost, dtype=tf.int64)
     return tf.where(finite, exact, special), swamped
 
 

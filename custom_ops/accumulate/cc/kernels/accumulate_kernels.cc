@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "accumulate_select.h"
 #include "accumulate_types.h"
 #include "cpu_dispatch.h"
 #include "format_attrs.h"
@@ -20,12 +21,6 @@
 
 namespace tfhfp8 {
 
-extern const AccumulateLoops kAccumulateLoops_baseline;
-#if defined(__x86_64__)
-extern const AccumulateLoops kAccumulateLoops_x86_64_v3;
-extern const AccumulateLoops kAccumulateLoops_x86_64_v4;
-#endif
-
 using tensorflow::DEVICE_CPU;
 using tensorflow::OpKernel;
 using tensorflow::OpKernelConstruction;
@@ -36,23 +31,6 @@ using tensorflow::TensorShapeUtils;
 using tensorflow::errors::InvalidArgument;
 
 namespace {
-
-// The loops of the CPU variant that the quantization kernels run (cpu_dispatch.h).
-absl::Status SelectAccumulateLoops(const AccumulateLoops** loops) {
-  const Loops* quantize;
-  TF_RETURN_IF_ERROR(SelectLoopsOrError(&quantize));
-  for (const AccumulateLoops* candidate : {
-#if defined(__x86_64__)
-           &kAccumulateLoops_x86_64_v4, &kAccumulateLoops_x86_64_v3,
-#endif
-           &kAccumulateLoops_baseline}) {
-    if (std::string(candidate->name) == quantize->name) {
-      *loops = candidate;
-      return absl::OkStatus();
-    }
-  }
-  return InvalidArgument("no accumulation loops for the CPU variant ", quantize->name);
-}
 
 // Whether p is IEEE binary16 rounded to nearest without saturation: the format whose
 // rounding the hardware conversion (vcvtps2ph) does.
@@ -66,32 +44,6 @@ bool IsHalf(const FloatParams<float>& p) {
          p.overflow_bits == half.overflow_bits && p.nan_xor == half.nan_xor &&
          p.zero_sign_mask == half.zero_sign_mask &&
          p.quantum_exponent == half.quantum_exponent;
-}
-
-// a: [B, M, K], b: [B, K, N] -> (B, M, K, N), or an error naming the operand.
-absl::Status MatmulShapes(const Tensor& a, const Tensor& b, int64_t* batch, int64_t* m,
-                          int64_t* k, int64_t* n) {
-  if (a.dims() != 3) {
-    return InvalidArgument("a must have rank 3 [batch, M, K], got shape ",
-                           a.shape().DebugString());
-  }
-  if (b.dims() != 3) {
-    return InvalidArgument("b must have rank 3 [batch, K, N], got shape ",
-                           b.shape().DebugString());
-  }
-  if (a.dim_size(0) != b.dim_size(0)) {
-    return InvalidArgument("a and b must have the same batch size, got shapes ",
-                           a.shape().DebugString(), " and ", b.shape().DebugString());
-  }
-  if (a.dim_size(2) != b.dim_size(1)) {
-    return InvalidArgument("a's K (dimension 2) must equal b's K (dimension 1), got shapes ",
-                           a.shape().DebugString(), " and ", b.shape().DebugString());
-  }
-  *batch = a.dim_size(0);
-  *m = a.dim_size(1);
-  *k = a.dim_size(2);
-  *n = b.dim_size(2);
-  return absl::OkStatus();
 }
 
 absl::Status ReadChunkSize(OpKernelConstruction* context, int64_t* chunk_size) {

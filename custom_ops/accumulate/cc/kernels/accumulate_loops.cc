@@ -630,10 +630,19 @@ int64_t Int32Tile(const int32_t* a, const int32_t* panel, float* c, int rows, in
 #define TFHFP8_CONCAT2(a, b) a##b
 #define TFHFP8_CONCAT(a, b) TFHFP8_CONCAT2(a, b)
 
+inline namespace TFHFP8_VARIANT {  // fused_loops.cc
+void FusedExponents(const double* x, int64_t count, int64_t stride, int min_exponent,
+                    bool blocked, int block_emax, int* out);
+int64_t FusedRow(const double* a_row, const int* ea, const double* b, const int* eb,
+                 int64_t groups, int64_t n, const FusedArithmetic& f, float* c_row);
+}  // inline namespace TFHFP8_VARIANT
+
 extern const AccumulateLoops TFHFP8_CONCAT(kAccumulateLoops_, TFHFP8_VARIANT) = {
     TFHFP8_STRINGIFY(TFHFP8_VARIANT),
     {TFHFP8_FLOAT_TILES(false), TFHFP8_FLOAT_TILES(true)},
     Int32Tile,
+    FusedExponents,
+    FusedRow,
 };
 
 }  // namespace tfhfp8

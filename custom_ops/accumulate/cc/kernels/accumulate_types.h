@@ -54,6 +54,28 @@ struct Int32Accumulation {
 using Int32TileLoop = int64_t (*)(const int32_t* a, const int32_t* panel, float* c, int rows,
                                   int cols, int64_t ldc, const Int32Accumulation& acc);
 
+// A matrix unit's fused dot-adds (Hfp8FusedMatmul, fused_loops.cc).
+struct FusedArithmetic {
+  int a_min_exponent, b_min_exponent, group_size, fraction_bits;
+  int output_bits, output_min_exponent;
+  bool nearest_even;
+  int64_t chunk_size;  // 0: no promotion
+  bool a_blocked, b_blocked;
+  int a_block_emax, b_block_emax;
+};
+
+// The exponents (MMA-Sim's) of `count` operand values x[i * stride] into out[i * stride]:
+// one group of an operand, an OCP MX block when `blocked`.
+using FusedExponentsLoop = void (*)(const double* x, int64_t count, int64_t stride,
+                                    int min_exponent, bool blocked, int block_emax, int* out);
+
+// One output row c_row[n] of the fused sums of a_row [groups * group_size] with the
+// columns of b [groups * group_size][n] (zero padded), their exponents ea and eb.
+// Returns the number of nonzero products truncated to zero in finite groups.
+using FusedRowLoop = int64_t (*)(const double* a_row, const int* ea, const double* b,
+                                 const int* eb, int64_t groups, int64_t n,
+                                 const FusedArithmetic& f, float* c_row);
+
 // One CPU variant's loops.
 struct AccumulateLoops {
   const char* name;
@@ -64,6 +86,8 @@ struct AccumulateLoops {
   // the hardware conversion where the variant has F16C.
   FloatTileLoop float_tile[2][kRoundings + 3];
   Int32TileLoop int32_tile;
+  FusedExponentsLoop fused_exponents;
+  FusedRowLoop fused_row;
 };
 
 }  // namespace tfhfp8

@@ -72,4 +72,32 @@ saturates on overflow (counted in overflows); every chunk_size products (0: neve
 partial sum is converted to float32 and added to a float32 total.
 )doc");
 
+REGISTER_OP("Hfp8FusedMatmul")
+    .Input("a: float")
+    .Input("b: float")
+    .Output("c: float")
+    .Output("swamped: int64")
+    .Attr("a_min_exponent: int")
+    .Attr("b_min_exponent: int")
+    .Attr("group_size: int")
+    .Attr("fraction_bits: int")
+    .Attr("output_bits: int")
+    .Attr("output_min_exponent: int")
+    .Attr("output_rounding: {'nearest_even', 'toward_zero'}")
+    .Attr("chunk_size: int")
+    .Attr("a_blocked: bool = false")
+    .Attr("a_block_emax: int = 0")
+    .Attr("b_blocked: bool = false")
+    .Attr("b_block_emax: int = 0")
+    .SetShapeFn(MatmulShape)
+    .Doc(R"doc(
+A matrix unit's fused dot-adds (tfhfp8.fused_accumulation): groups of group_size
+products and the accumulator, each term truncated to fraction_bits bits after the binary
+point of the largest exponent, summed exactly and rounded once to output_bits mantissa
+bits (smallest normal exponent output_min_exponent); chunk_size > 0: the sum is promoted
+into an FP32 total every chunk_size products. An operand is OCP MX (one block per group,
+largest element exponent *_block_emax) when *_blocked. swamped: nonzero products
+truncated to zero in groups whose terms are all finite.
+)doc");
+
 }  // namespace tfhfp8

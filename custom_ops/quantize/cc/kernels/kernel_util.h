@@ -1,7 +1,8 @@
 // Helpers shared by the TensorFlow kernels (quantize_kernels.cc, block_kernels.cc and
-// accumulate/cc/kernels/accumulate_kernels.cc): the thread pool, the seed input, the
-// outputs, the start of a quantizing kernel's Compute, the loops of a container type
-// (attributes: format_attrs.h). Compiled for the baseline only, with TensorFlow's headers.
+// accumulate/cc/kernels/{accumulate,fused}_kernels.cc): the thread pool, the seed input,
+// the shapes of a batched matmul, the outputs, the start of a quantizing kernel's
+// Compute, the loops of a container type (attributes: format_attrs.h). Compiled for the
+// baseline only, with TensorFlow's headers.
 
 #ifndef TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_KERNEL_UTIL_H_
 #define TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_KERNEL_UTIL_H_
@@ -42,6 +43,32 @@ inline absl::Status ReadSeed(const Tensor& tensor, int64_t* seed) {
     return InvalidArgument("seed must be a scalar, got shape ", tensor.shape().DebugString());
   }
   *seed = tensor.scalar<int64_t>()();
+  return absl::OkStatus();
+}
+
+// a: [B, M, K], b: [B, K, N] -> (B, M, K, N), or an error naming the operand.
+inline absl::Status MatmulShapes(const Tensor& a, const Tensor& b, int64_t* batch, int64_t* m,
+                          int64_t* k, int64_t* n) {
+  if (a.dims() != 3) {
+    return InvalidArgument("a must have rank 3 [batch, M, K], got shape ",
+                           a.shape().DebugString());
+  }
+  if (b.dims() != 3) {
+    return InvalidArgument("b must have rank 3 [batch, K, N], got shape ",
+                           b.shape().DebugString());
+  }
+  if (a.dim_size(0) != b.dim_size(0)) {
+    return InvalidArgument("a and b must have the same batch size, got shapes ",
+                           a.shape().DebugString(), " and ", b.shape().DebugString());
+  }
+  if (a.dim_size(2) != b.dim_size(1)) {
+    return InvalidArgument("a's K (dimension 2) must equal b's K (dimension 1), got shapes ",
+                           a.shape().DebugString(), " and ", b.shape().DebugString());
+  }
+  *batch = a.dim_size(0);
+  *m = a.dim_size(1);
+  *k = a.dim_size(2);
+  *n = b.dim_size(2);
   return absl::OkStatus();
 }
 
