@@ -633,8 +633,9 @@ int64_t Int32Tile(const int32_t* a, const int32_t* panel, float* c, int rows, in
 inline namespace TFHFP8_VARIANT {  // fused_loops.cc
 void FusedExponents(const double* x, int64_t count, int64_t stride, int min_exponent,
                     bool blocked, int block_emax, int* out);
-int64_t FusedRow(const double* a_row, const int* ea, const double* b, const int* eb,
-                 int64_t groups, int64_t n, const FusedArithmetic& f, float* c_row);
+int64_t FusedRows(const double* a, const int* ea, int rows, int64_t stride, const double* b,
+                  const int* eb, int64_t groups, int64_t n, const FusedArithmetic& f,
+                  float* c);
 }  // inline namespace TFHFP8_VARIANT
 
 extern const AccumulateLoops TFHFP8_CONCAT(kAccumulateLoops_, TFHFP8_VARIANT) = {
@@ -642,7 +643,7 @@ extern const AccumulateLoops TFHFP8_CONCAT(kAccumulateLoops_, TFHFP8_VARIANT) = 
     {TFHFP8_FLOAT_TILES(false), TFHFP8_FLOAT_TILES(true)},
     Int32Tile,
     FusedExponents,
-    FusedRow,
+    FusedRows,
 };
 
 }  // namespace tfhfp8

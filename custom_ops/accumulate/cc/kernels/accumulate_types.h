@@ -69,12 +69,13 @@ struct FusedArithmetic {
 using FusedExponentsLoop = void (*)(const double* x, int64_t count, int64_t stride,
                                     int min_exponent, bool blocked, int block_emax, int* out);
 
-// One output row c_row[n] of the fused sums of a_row [groups * group_size] with the
-// columns of b [groups * group_size][n] (zero padded), their exponents ea and eb.
-// Returns the number of nonzero products truncated to zero in finite groups.
-using FusedRowLoop = int64_t (*)(const double* a_row, const int* ea, const double* b,
-                                 const int* eb, int64_t groups, int64_t n,
-                                 const FusedArithmetic& f, float* c_row);
+// Output rows c[rows][n] of the fused sums of a's rows (a, ea: [rows][stride], zero padded
+// to groups * group_size) with the columns of b (b, eb: [groups * group_size][n], zero
+// padded), ea and eb their exponents (FusedExponentsLoop). Returns the number of nonzero
+// products truncated to zero in finite groups.
+using FusedRowsLoop = int64_t (*)(const double* a, const int* ea, int rows, int64_t stride,
+                                  const double* b, const int* eb, int64_t groups, int64_t n,
+                                  const FusedArithmetic& f, float* c);
 
 // One CPU variant's loops.
 struct AccumulateLoops {
@@ -87,7 +88,7 @@ struct AccumulateLoops {
   FloatTileLoop float_tile[2][kRoundings + 3];
   Int32TileLoop int32_tile;
   FusedExponentsLoop fused_exponents;
-  FusedRowLoop fused_row;
+  FusedRowsLoop fused_rows;
 };
 
 }  // namespace tfhfp8

@@ -27,11 +27,35 @@ using tensorflow::errors::InvalidArgument;
 
 namespace {
 
+// Output rows per task (see FusedRowsLoop).
+constexpr int kRows = 8;
+
 absl::Status CheckRange(const char* name, int value, int low, int high) {
   if (value < low || value > high) {
     return InvalidArgument(name, " must be in [", low, ", ", high, "], got ", value);
   }
   return absl::OkStatus();
+}
+
+// Each batch's B as double, zero padded to whole groups ([batch][groups * group_size][n]),
+// and its exponents.
+void PrepareB(const AccumulateLoops& loops, const float* b, int64_t batch, int64_t k,
+              int64_t n, int64_t groups, const FusedArithmetic& f, std::vector<double>* padded,
+              std::vector<int>* exponents) {
+  const int64_t rows = groups * f.group_size;
+  padded->assign(batch * rows * n, 0.0);
+  exponents->resize(batch * rows * n);
+  for (int64_t bi = 0; bi < batch; ++bi) {
+    double* bp = padded->data() + bi * rows * n;
+    std::copy(b + bi * k * n, b + (bi + 1) * k * n, bp);
+    for (int64_t k0 = 0; k0 < rows; k0 += f.group_size) {
+      for (int64_t j = 0; j < n; ++j) {
+        loops.fused_exponents(bp + k0 * n + j, f.group_size, n, f.b_min_exponent,
+                              f.b_blocked, f.b_block_emax,
+                              exponents->data() + bi * rows * n + k0 * n + j);
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -87,42 +111,37 @@ class FusedMatmulOp : public OpKernel {
     const int64_t groups = (k + f.group_size - 1) / f.group_size;
     const int64_t padded = groups * f.group_size;
     const float* a_data = a.flat<float>().data();
-    const float* b_data = b.flat<float>().data();
     float* c_data = c->flat<float>().data();
 
-    // Each batch's B (and its exponents) as double, zero padded to whole groups.
-    std::vector<double> b_padded(batch * padded * n, 0.0);
-    std::vector<int> eb(batch * padded * n);
-    for (int64_t bi = 0; bi < batch; ++bi) {
-      double* bp = b_padded.data() + bi * padded * n;
-      for (int64_t i = 0; i < k * n; ++i) bp[i] = b_data[bi * k * n + i];
-      for (int64_t group = 0; group < groups; ++group) {
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t offset = group * f.group_size * n + j;
-          loops->fused_exponents(bp + offset, f.group_size, n, f.b_min_exponent, f.b_blocked,
-                         f.b_block_emax, eb.data() + bi * padded * n + offset);
-        }
-      }
-    }
+    std::vector<double> b_padded;
+    std::vector<int> eb;
+    PrepareB(*loops, b.flat<float>().data(), batch, k, n, groups, f, &b_padded, &eb);
+    // Tasks of kRows rows of one batch: B's group is read once per task's rows.
+    const int64_t row_blocks = (m + kRows - 1) / kRows;
     std::atomic<int64_t> swamped{0};
-    const int64_t cost = std::max<int64_t>(padded, 1) * n * 20;
-    ParallelFor(context, batch * m, cost, [&](int64_t begin, int64_t end) {
+    const int64_t cost = std::max<int64_t>(padded, 1) * n * kRows * 20;
+    ParallelFor(context, batch * row_blocks, cost, [&](int64_t begin, int64_t end) {
       tensorflow::port::ScopedDontFlushDenormal ieee_subnormals;
-      std::vector<double> a_row(padded);
-      std::vector<int> ea(padded);
-
+      std::vector<double> a_rows(kRows * padded);
+      std::vector<int> ea(kRows * padded);
       int64_t local = 0;
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t bi = row / m;
-        std::fill(a_row.begin(), a_row.end(), 0.0);
-        std::copy(a_data + row * k, a_data + (row + 1) * k, a_row.begin());
-        for (int64_t group = 0; group < groups; ++group) {
-          const int64_t k0 = group * f.group_size;
-          loops->fused_exponents(a_row.data() + k0, f.group_size, 1, f.a_min_exponent, f.a_blocked,
-                         f.a_block_emax, ea.data() + k0);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bi = task / row_blocks, i0 = (task % row_blocks) * kRows;
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, m - i0));
+        std::fill(a_rows.begin(), a_rows.end(), 0.0);
+        for (int r = 0; r < rows; ++r) {
+          const float* row = a_data + (bi * m + i0 + r) * k;
+          std::copy(row, row + k, a_rows.begin() + r * padded);
+          for (int64_t k0 = 0; k0 < padded; k0 += f.group_size) {
+            loops->fused_exponents(a_rows.data() + r * padded + k0, f.group_size, 1,
+                                   f.a_min_exponent, f.a_blocked, f.a_block_emax,
+                                   ea.data() + r * padded + k0);
+          }
         }
-        local += loops->fused_row(a_row.data(), ea.data(), b_padded.data() + bi * padded * n,
-                          eb.data() + bi * padded * n, groups, n, f, c_data + row * n);
+        local += loops->fused_rows(a_rows.data(), ea.data(), rows, padded,
+                                   b_padded.data() + bi * padded * n,
+                                   eb.data() + bi * padded * n, groups, n, f,
+                                   c_data + (bi * m + i0) * n);
       }
       swamped += local;
     });

@@ -19,32 +19,47 @@ namespace {
 constexpr int kZeroExponent = -126;  // MMA-Sim's exponent of a zero operand or accumulator
 constexpr int kE8m0MinExponent = -127;
 
-// floor(log2|x|) from the exponent bits of a double (1024 for inf and NaN, as the TF ops).
-int FloorLog2(double x) { return std::ilogb(x) == FP_ILOGBNAN ? 1024 : std::ilogb(x); }
-
-int ExponentOf(double x, int min_exponent) {
-  if (x == 0) return kZeroExponent;
-  if (!std::isfinite(x)) return 1024;
-  return std::max(FloorLog2(x), min_exponent);
-}
-
-// Finite `x` rounded to `bits` mantissa bits with smallest normal exponent `min_exponent`,
-// to nearest even or toward zero; beyond the largest finite value, inf.
-double RoundToBits(double x, int bits, int min_exponent, bool nearest_even) {
-  if (x == 0) return x;
-  const int quantum = std::max(FloorLog2(x), min_exponent) - bits;
-  double units = std::ldexp(x, -quantum);
-  units = nearest_even ? std::nearbyint(units) : std::trunc(units);
-  const double y = std::ldexp(units, quantum);
-  return std::fabs(y) >= std::ldexp(1.0, 2 - min_exponent) ? std::copysign(INFINITY, y) : y;
-}
-
 // 2^e for e in [-1022, 1023], from its bits.
 double Pow2(int e) {
   const uint64_t bits = static_cast<uint64_t>(e + 1023) << 52;
   double value;
   std::memcpy(&value, &bits, sizeof(value));
   return value;
+}
+
+// floor(log2|x|) of a nonzero double normal in double (every value here is), from its
+// exponent bits: 1024 for inf and NaN, as the TF ops compute it.
+int FloorLog2(double x) {
+  uint64_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return static_cast<int>((bits >> 52) & 0x7FF) - 1023;
+}
+
+int ExponentOf(double x, int min_exponent) {
+  return x == 0 ? kZeroExponent : std::max(FloorLog2(x), min_exponent);
+}
+
+// Finite `x` rounded to `bits` mantissa bits with smallest normal exponent `min_exponent`,
+// to nearest even or toward zero; beyond the largest finite value, inf. (Scalings by
+// powers of two from their bits: exact, and no libm call.)
+double RoundToBits(double x, int bits, int min_exponent, bool nearest_even) {
+  if (x == 0) return x;
+  const int quantum = std::max(FloorLog2(x), min_exponent) - bits;
+  double units = x * Pow2(-quantum);
+  units = nearest_even ? std::nearbyint(units) : std::trunc(units);
+  const double y = units * Pow2(quantum);
+  return std::fabs(y) >= Pow2(2 - min_exponent) ? std::copysign(INFINITY, y) : y;
+}
+
+// A term truncated toward zero: |x| < 2^53 here (fraction_bits + 2 bits). x86-64
+// without SSE4.1 has no vector `trunc`: there through int64 (the same value; a zero
+// may lose its sign, which no sum of terms keeps).
+inline double TruncateTerm(double x) {
+#if defined(__x86_64__) && !defined(__SSE4_1__)
+  return static_cast<double>(static_cast<int64_t>(x));
+#else
+  return std::trunc(x);
+#endif
 }
 
 // Per-column state of one output row (see FusedRow).
@@ -73,77 +88,104 @@ void FusedExponents(const double* x, int64_t count, int64_t stride, int min_expo
     }
     scale = amax == 0 ? kE8m0MinExponent
                       : std::max(FloorLog2(nan ? NAN : amax) - block_emax, kE8m0MinExponent);
-    scale = std::min(scale, 1024);
+    scale = std::min(scale, 1000);  // only for NaN or inf, whose groups are not finite
   }
   for (int64_t i = 0; i < count; ++i) {
-    out[i * stride] = ExponentOf(std::ldexp(x[i * stride], -scale), min_exponent) + scale;
+    out[i * stride] = ExponentOf(x[i * stride] * Pow2(-scale), min_exponent) + scale;
   }
 }
 
-// One output row: c_row[j] = the fused sums of a_row [k_padded] with b's columns (b:
-// [k_padded][n], both zero padded to whole groups), exponents ea [k_padded] and eb
-// [k_padded][n]; group by group, the columns in the inner loops. Returns the number of
-// nonzero products truncated to zero in finite groups.
-int64_t FusedRow(const double* a_row, const int* ea, const double* b, const int* eb,
-                 int64_t groups, int64_t n, const FusedArithmetic& f, float* c_row) {
-  RowState s(n);
+namespace {
+
+// One fused dot-add of one output row: s.c[j] plus the g products a[t] * b[t * n + j]
+// (a, ea: the row's group; b, eb: the group's rows of B). Returns the number of nonzero
+// products truncated to zero in finite groups.
+int64_t FusedGroup(const double* a, const int* ea, const double* __restrict b,
+                   const int* __restrict eb, int64_t n, const FusedArithmetic& f,
+                   RowState& state) {
+  // The state's arrays through restrict pointers, so that the loops over j vectorize.
+  struct {
+    double* __restrict c;
+    double* __restrict special;
+    double* __restrict scale;
+    double* __restrict sum;
+    int* __restrict top;
+    char* __restrict finite;
+  } s = {state.c.data(), state.special.data(), state.scale.data(), state.sum.data(),
+         state.top.data(), state.finite.data()};
+  for (int64_t j = 0; j < n; ++j) {
+    s.top[j] = ExponentOf(s.c[j], -126);
+    s.finite[j] = std::isfinite(s.c[j]);
+    s.special[j] = 0;
+    s.sum[j] = 0;
+  }
+  for (int t = 0; t < f.group_size; ++t) {  // the largest exponent; NaN or inf
+    const double* b_row = b + t * n;
+    const int* eb_row = eb + t * n;
+    for (int64_t j = 0; j < n; ++j) {
+      const double product = a[t] * b_row[j];
+      s.top[j] = std::max(s.top[j], ea[t] + eb_row[j]);
+      s.finite[j] &= std::isfinite(product);
+      s.special[j] += product;
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    s.scale[j] = s.finite[j] ? Pow2(f.fraction_bits - s.top[j]) : 0.0;
+  }
+  int64_t swamped = 0;
+  for (int t = 0; t < f.group_size; ++t) {  // the truncated terms, summed exactly
+    const double* b_row = b + t * n;
+    for (int64_t j = 0; j < n; ++j) {
+      const double product = a[t] * b_row[j];
+      const double term = TruncateTerm(s.finite[j] ? product * s.scale[j] : 0.0);
+      swamped += s.finite[j] && term == 0 && product != 0;
+      s.sum[j] += term;
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    double& c = s.c[j];
+    if (s.finite[j]) {
+      const double sum = s.sum[j] + std::trunc(c * s.scale[j]);
+      c = RoundToBits(sum * Pow2(s.top[j] - f.fraction_bits), f.output_bits,
+                      f.output_min_exponent, f.nearest_even);
+    } else {
+      c = s.special[j] + c;  // NaN or +-inf
+    }
+  }
+  return swamped;
+}
+
+}  // namespace
+
+// Output rows c[r * n + j], r < rows: the fused sums of a's rows (a, ea: [rows][stride],
+// zero padded to whole groups) with b's columns (b, eb: [groups * group_size][n]), group
+// by group, every row at a group before the next group: B's group is read once per
+// `rows` rows. Returns the number of nonzero products truncated to zero in finite groups.
+int64_t FusedRows(const double* a, const int* ea, int rows, int64_t stride, const double* b,
+                  const int* eb, int64_t groups, int64_t n, const FusedArithmetic& f,
+                  float* c) {
+  std::vector<RowState> states(rows, RowState(n));
   const int g = f.group_size;
   const int64_t per_chunk = f.chunk_size ? f.chunk_size / g : groups + 1;
-  std::fill(s.c.begin(), s.c.end(), 0.0);
-  std::fill(s.total.begin(), s.total.end(), 0.0);
   int64_t swamped = 0;
   for (int64_t group = 0; group < groups; ++group) {
     const int64_t k0 = group * g;
-    for (int64_t j = 0; j < n; ++j) {
-      s.top[j] = ExponentOf(s.c[j], -126);
-      s.finite[j] = std::isfinite(s.c[j]);
-      s.special[j] = 0;
-      s.sum[j] = 0;
-    }
-    for (int t = 0; t < g; ++t) {  // the largest exponent; NaN or inf
-      const double a = a_row[k0 + t];
-      const double* b_row = b + (k0 + t) * n;
-      const int* eb_row = eb + (k0 + t) * n;
-      for (int64_t j = 0; j < n; ++j) {
-        const double product = a * b_row[j];
-        s.top[j] = std::max(s.top[j], ea[k0 + t] + eb_row[j]);
-        s.finite[j] &= std::isfinite(product);
-        s.special[j] += product;
-      }
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      s.scale[j] = s.finite[j] ? Pow2(f.fraction_bits - s.top[j]) : 0.0;
-    }
-    for (int t = 0; t < g; ++t) {  // the truncated terms, summed exactly
-      const double a = a_row[k0 + t];
-      const double* b_row = b + (k0 + t) * n;
-      for (int64_t j = 0; j < n; ++j) {
-        const double product = a * b_row[j];
-        const double term = std::trunc(s.finite[j] ? product * s.scale[j] : 0.0);
-        swamped += s.finite[j] && term == 0 && product != 0;
-        s.sum[j] += term;
-      }
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      double& c = s.c[j];
-      if (s.finite[j]) {
-        const double sum = s.sum[j] + std::trunc(c * s.scale[j]);
-        c = RoundToBits(std::ldexp(sum, s.top[j] - f.fraction_bits), f.output_bits,
-                        f.output_min_exponent, f.nearest_even);
-      } else {
-        c = s.special[j] + c;  // NaN or +-inf
-      }
-    }
-    if (f.chunk_size && ((group + 1) % per_chunk == 0 || group + 1 == groups)) {
-      for (int64_t j = 0; j < n; ++j) {
+    const bool promote = f.chunk_size && ((group + 1) % per_chunk == 0 || group + 1 == groups);
+    for (int r = 0; r < rows; ++r) {
+      RowState& s = states[r];
+      swamped += FusedGroup(a + r * stride + k0, ea + r * stride + k0, b + k0 * n,
+                            eb + k0 * n, n, f, s);
+      for (int64_t j = 0; promote && j < n; ++j) {
         const double summed = s.total[j] + s.c[j];
         s.total[j] = std::isfinite(summed) ? RoundToBits(summed, 23, -126, true) : summed;
         s.c[j] = 0;
       }
     }
   }
-  for (int64_t j = 0; j < n; ++j) {
-    c_row[j] = static_cast<float>(f.chunk_size ? s.total[j] : s.c[j]);
+  for (int r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < n; ++j) {
+      c[r * n + j] = static_cast<float>(f.chunk_size ? states[r].total[j] : states[r].c[j]);
+    }
   }
   return swamped;
 }
