@@ -13,7 +13,10 @@ training images, from the same initial weights per seed, under:
 - `int16_dfp` (Das et al.) with FP32 sums, INT32 sums (`"int32"`) and Das et al.'s
   remedy for INT32 overflow, INT32 partial sums of 64 products flushed into an FP32
   sum (`tfhfp8.Accumulator("int32", chunk_size=64)`; not in the default `--runs`,
-  select it by name).
+  select it by name);
+- tensor cores (by name, not in the default `--runs`): E4M3 weights and activations,
+  E5M2 errors (no per-tensor scaling), summed in FP32, as H100's FP8 `wgmma` sums and
+  with DeepSeek-V3's promotion every 128 products (`TENSOR_CORE_RUNS`).
 
 Why 64: an INT16 mantissa product is below 2^30 in magnitude and INT32 holds 2^31, so
 no chunk length rules overflow out (two worst-case products already overflow);
@@ -53,7 +56,17 @@ RUNS = {
 }
 # Das et al.'s remedy; run it by name (`--runs "int16_dfp + int32 chunks"`).
 INT32_CHUNKS = "int16_dfp + int32 chunks"
-EXTRA_RUNS = (INT32_CHUNKS,)
+# Tensor cores (issue 26), run by name: E4M3 weights and activations, E5M2 errors
+# (Transformer Engine's HYBRID formats, without its per-tensor scaling, which the
+# fused accumulators do not take yet), summed in FP32, as H100's FP8 wgmma sums
+# (13 fraction bits, e8m13) and with DeepSeek-V3's promotion to FP32 every 128.
+E4M3_E5M2 = dict(weights="float8_e4m3fn", activations="float8_e4m3fn", errors="float8_e5m2")
+TENSOR_CORE_RUNS = {
+    "e4m3/e5m2 + fp32 sums": (E4M3_E5M2, None),
+    "e4m3/e5m2 + hopper fp8 sums": (E4M3_E5M2, "nvidia_hopper_fp8"),
+    "e4m3/e5m2 + hopper fp8 promoted every 128": (E4M3_E5M2, "nvidia_hopper_fp8_promote128"),
+}
+EXTRA_RUNS = (INT32_CHUNKS, *TENSOR_CORE_RUNS)
 
 _RUNS = flags.DEFINE_list("runs", ",".join(RUNS),
                           f"Which runs (names as in the table; also {list(EXTRA_RUNS)}).")
@@ -90,10 +103,10 @@ def build_model(input_shape, num_classes, downsample):
 
 
 def run_setting(name):
-    """(preset, accumulation) of the run `name`."""
+    """(preset or Policy keyword arguments, accumulation) of the run `name`."""
     if name == INT32_CHUNKS:
         return "int16_dfp", tfhfp8.Accumulator("int32", chunk_size=_INT32_CHUNK.value)
-    return RUNS[name]
+    return {**RUNS, **TENSOR_CORE_RUNS}[name]
 
 
 def run(name, seed, data):
@@ -101,7 +114,10 @@ def run(name, seed, data):
     (x_train, y_train), (x_test, y_test) = data
     keras.utils.set_random_seed(seed)
     base = build_model(x_train.shape[1:], 10, _DOWNSAMPLE.value)
-    policy = tfhfp8.Policy(preset, accumulation=accumulation)
+    if isinstance(preset, dict):
+        policy = tfhfp8.Policy(**preset, accumulation=accumulation)
+    else:
+        policy = tfhfp8.Policy(preset, accumulation=accumulation)
     model = tfhfp8.quantize_model(base, policy)
     model.compile(keras.optimizers.Adam(_LEARNING_RATE.value),
                   "sparse_categorical_crossentropy", metrics=["accuracy"])

@@ -5,7 +5,8 @@ r"""The error of a K-term dot product on each emulated matrix unit (issue 26).
 
 For every named accumulator of `tfhfp8.fused_accumulation.HARDWARE` and K = 32 ..
 16,384: `--trials` dot products of random values of the instruction's first input type
-(every finite value up to 2^16 equally likely: bfloat16 limited to FP16's range), once
+(every finite value up to 2^16 equally likely: bfloat16 and TF32 limited to FP16's
+range; for MXFP8, E4M3 values quantized to MXFP8 along K first), once
 non-negative (DeepSeek-V3's setting: truncation only loses) and once with random signs;
 the relative error of `tfhfp8.matmul` against the exact sum (`math.fsum` of the exact
 products), relative to the sum of |products| (so cancellation does not divide by ~0).
@@ -13,6 +14,7 @@ Max and median over the trials, as a table and one plot; FP32 sums (`tf.linalg.m
 beside them.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -37,13 +39,17 @@ def errors(accumulator, input_type, k, trials, signed, rng):
     """(max, median) relative error of `trials` K-term dot products."""
     import tfhfp8  # noqa: PLC0415
 
-    values = tfhfp8.formats.get(input_type).values()
+    fmt = tfhfp8.formats.get(input_type)  # MX: values of its elements, scaled as it scales
+    values = (fmt.element if isinstance(fmt, tfhfp8.BlockScaled) else fmt).values()
     values = values[values <= 2.0 ** 16]  # bfloat16 within FP16's range: no product overflows
     a = rng.choice(values, size=(1, k))
     b = rng.choice(values, size=(k, trials))
     if signed:
         a = a * rng.choice([-1.0, 1.0], size=a.shape)
         b = b * rng.choice([-1.0, 1.0], size=b.shape)
+    if isinstance(fmt, tfhfp8.BlockScaled):  # MX blocks along K may clip (OCP's scale):
+        a = tfhfp8.quantize(a.astype(np.float32), fmt).numpy()  # measure the sums only
+        b = tfhfp8.quantize(b.astype(np.float32), dataclasses.replace(fmt, axis=0)).numpy()
     got = tfhfp8.matmul(a.astype(np.float32), b.astype(np.float32), accumulator,
                         a_format=input_type, b_format=input_type).numpy()[0]
     products = a[0][:, None] * b  # exact in float64
@@ -76,13 +82,14 @@ def plot(rows, path):
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     figure, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    names = list(dict.fromkeys(r["accumulator"] for r in rows))
+    colors = plt.get_cmap("tab20").colors  # one color per accumulator (up to 20)
     for ax, signed in zip(axes, (False, True)):
-        names = dict.fromkeys(r["accumulator"] for r in rows)
-        for name in names:
+        for index, name in enumerate(names):
             mine = [r for r in rows if r["accumulator"] == name and r["signed"] == signed]
             style = "--" if name == "float32" else ("-" if "fp8" in name else ":")
             ax.loglog([r["k"] for r in mine], [r["max"] for r in mine], style,
-                      marker="o", markersize=3, label=name)
+                      marker="o", markersize=3, label=name, color=colors[index % 20])
         ax.set_title(("random signs" if signed else "non-negative") +
                      ": max relative error (vs sum of |products|)")
         ax.set_xlabel("K")
