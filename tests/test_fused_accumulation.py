@@ -108,6 +108,8 @@ def test_a_tf32_policy_needs_no_operand_formats():
     y = layer(x).numpy()
     expected = tfhfp8.matmul(x, layer.kernel, "nvidia_ampere_tf32").numpy()
     np.testing.assert_array_equal(y, expected)
+    rows = tfhfp8.summary(keras.Sequential([keras.Input((9,)), layer]), print_fn=lambda _: 0)
+    assert rows[0]["note"] == "emulated" and "nvidia_ampere_tf32" in rows[0]["formats"]
     with pytest.raises(ValueError, match="tensorfloat32.*goes alone"):
         FusedAccumulator(4, 24, input_types=("tensorfloat32", "float16"))
 

@@ -139,7 +139,7 @@ def _describe(layer):
                 parts.append(f"{short}:{fmt.name or repr(fmt)}{rounding}")
         if policy.accumulates:  # how the sums run (forward/dx/dW when they differ)
             parts.append(f"sum:{policy_lib.describe_accumulation(policy)}")
-        note = "emulated" if policy.emulates else "float32 policy"
+        note = "emulated" if policy.emulates or policy.accumulates else "float32 policy"
         if policy.exempt_of is not None:
             fmt = policy.weights
             note = "first/last GEMM layer: " + (
