@@ -1,5 +1,5 @@
 // CPU kernel of Hfp8FusedMatmul: a matrix unit's fused dot-adds (tfhfp8.fused_accumulation)
-// on TF's intra-op threads, one output row per task; the arithmetic is in the CPU
+// on TF's intra-op threads, kRows output rows per task; the arithmetic is in the CPU
 // variant's loops (fused_loops.cc). Compiled for the baseline only.
 
 #include <algorithm>

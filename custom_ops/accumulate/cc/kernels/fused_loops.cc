@@ -62,13 +62,12 @@ inline double TruncateTerm(double x) {
 #endif
 }
 
-// Per-column state of one output row (see FusedRow).
+// Per-column state of one output row (see FusedRows).
 struct RowState {
-  std::vector<double> c, total, special, scale, sum;
+  std::vector<double> c, total, scale, sum;
   std::vector<int> top;
   std::vector<char> finite;
-  explicit RowState(int64_t n)
-      : c(n), total(n), special(n), scale(n), sum(n), top(n), finite(n) {}
+  explicit RowState(int64_t n) : c(n), total(n), scale(n), sum(n), top(n), finite(n) {}
 };
 
 }  // namespace
@@ -79,16 +78,11 @@ struct RowState {
 void FusedExponents(const double* x, int64_t count, int64_t stride, int min_exponent,
                     bool blocked, int block_emax, int* out) {
   int scale = 0;
-  if (blocked) {
+  if (blocked) {  // (a block with NaN or inf makes its groups non-finite: scale unused)
     double amax = 0;
-    bool nan = false;
-    for (int64_t i = 0; i < count; ++i) {
-      nan |= std::isnan(x[i * stride]);
-      amax = std::max(amax, std::fabs(x[i * stride]));
-    }
+    for (int64_t i = 0; i < count; ++i) amax = std::max(amax, std::fabs(x[i * stride]));
     scale = amax == 0 ? kE8m0MinExponent
-                      : std::max(FloorLog2(nan ? NAN : amax) - block_emax, kE8m0MinExponent);
-    scale = std::min(scale, 1000);  // only for NaN or inf, whose groups are not finite
+                      : std::clamp(FloorLog2(amax) - block_emax, kE8m0MinExponent, 1000);
   }
   for (int64_t i = 0; i < count; ++i) {
     out[i * stride] = ExponentOf(x[i * stride] * Pow2(-scale), min_exponent) + scale;
@@ -106,17 +100,15 @@ int64_t FusedGroup(const double* a, const int* ea, const double* __restrict b,
   // The state's arrays through restrict pointers, so that the loops over j vectorize.
   struct {
     double* __restrict c;
-    double* __restrict special;
     double* __restrict scale;
     double* __restrict sum;
     int* __restrict top;
     char* __restrict finite;
-  } s = {state.c.data(), state.special.data(), state.scale.data(), state.sum.data(),
-         state.top.data(), state.finite.data()};
+  } s = {state.c.data(), state.scale.data(), state.sum.data(), state.top.data(),
+         state.finite.data()};
   for (int64_t j = 0; j < n; ++j) {
     s.top[j] = ExponentOf(s.c[j], -126);
     s.finite[j] = std::isfinite(s.c[j]);
-    s.special[j] = 0;
     s.sum[j] = 0;
   }
   for (int t = 0; t < f.group_size; ++t) {  // the largest exponent; NaN or inf
@@ -126,7 +118,6 @@ int64_t FusedGroup(const double* a, const int* ea, const double* __restrict b,
       const double product = a[t] * b_row[j];
       s.top[j] = std::max(s.top[j], ea[t] + eb_row[j]);
       s.finite[j] &= std::isfinite(product);
-      s.special[j] += product;
     }
   }
   for (int64_t j = 0; j < n; ++j) {
@@ -148,8 +139,10 @@ int64_t FusedGroup(const double* a, const int* ea, const double* __restrict b,
       const double sum = s.sum[j] + std::trunc(c * s.scale[j]);
       c = RoundToBits(sum * Pow2(s.top[j] - f.fraction_bits), f.output_bits,
                       f.output_min_exponent, f.nearest_even);
-    } else {
-      c = s.special[j] + c;  // NaN or +-inf
+    } else {  // NaN or +-inf, whatever the order (off the hot path: rare)
+      double special = 0;
+      for (int t = 0; t < f.group_size; ++t) special += a[t] * b[t * n + j];
+      c = special + c;
     }
   }
   return swamped;

@@ -47,8 +47,8 @@ inline absl::Status ReadSeed(const Tensor& tensor, int64_t* seed) {
 }
 
 // a: [B, M, K], b: [B, K, N] -> (B, M, K, N), or an error naming the operand.
-inline absl::Status MatmulShapes(const Tensor& a, const Tensor& b, int64_t* batch, int64_t* m,
-                          int64_t* k, int64_t* n) {
+inline absl::Status MatmulShapes(const Tensor& a, const Tensor& b, int64_t* batch,
+                                 int64_t* m, int64_t* k, int64_t* n) {
   if (a.dims() != 3) {
     return InvalidArgument("a must have rank 3 [batch, M, K], got shape ",
                            a.shape().DebugString());
