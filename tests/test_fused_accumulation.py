@@ -114,6 +114,12 @@ def test_a_tf32_policy_needs_no_operand_formats():
         FusedAccumulator(4, 24, input_types=("tensorfloat32", "float16"))
 
 
+def _mx_values(elements, exponents):
+    """The float32 values of MX elements [rows, k] with their blocks' scale exponents."""
+    k = elements.shape[1]
+    return (elements * 2.0 ** np.repeat(exponents, 32, axis=1)[:, :k]).astype(np.float32)
+
+
 def _mx_operand(name, rows, k, rng, scales):
     """(values, elements, scale exponents) of an MX operand [rows, k]: random elements
     (subnormals included), every block holding one of its element type's top binade
@@ -128,8 +134,7 @@ def _mx_operand(name, rows, k, rng, scales):
             row[start + rng.integers(min(32, k - start))] = rng.choice(top)
     elements = elements[:, :k]
     exponents = rng.choice(scales, (rows, blocks))
-    scaled = elements * 2.0 ** np.repeat(exponents, 32, axis=1)[:, :k]
-    return scaled.astype(np.float32), elements, exponents
+    return _mx_values(elements, exponents), elements, exponents
 
 
 @pytest.mark.parametrize("a_type, b_type", [("mxfp8_e4m3", "mxfp8_e5m2"),
@@ -141,10 +146,9 @@ def test_mx_operands_fold_their_block_scales_into_the_products(a_type, b_type, k
     rng = np.random.default_rng(k)
     a, a_elements, a_scales = _mx_operand(a_type, 4, k, rng, np.arange(-30, 31))
     a_scales[0] = -127  # E8M0's least scale: elements down to 2^-136
-    a = a_elements * 2.0 ** np.repeat(a_scales, 32, axis=1)[:, :k]
+    a = _mx_values(a_elements, a_scales)
     b, b_elements, b_scales = _mx_operand(b_type, 3, k, rng, np.arange(-30, 31))
-    got = tfhfp8.matmul(a.astype(np.float32), b.T, acc, a_format=a_type,
-                        b_format=b_type).numpy()
+    got = tfhfp8.matmul(a, b.T, acc, a_format=a_type, b_format=b_type).numpy()
     element_exponents = [1 - formats.get(t).element.bias for t in (a_type, b_type)]
     expected = np.array([[fused_reference.fused_dot(
         [float(v) for v in a_elements[i]], [float(v) for v in b_elements[j]], 32, 25,
