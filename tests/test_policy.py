@@ -49,6 +49,17 @@ PRESETS = {
     "fp8_delayed": dict(weights=("e4m3_delayed", NE), activations=("e4m3_delayed", NE),
                         errors=("e5m2_delayed", NE), weight_gradients=(None, NE),
                         master_weights=(None, NE), exempt_first_last=False),
+    # fp8_delayed on an H100: its sums as cuBLAS' fast accumulation (forward) and split
+    # accumulation (dgrad, wgrad), or promoted in all three GEMMs (DeepSeek-V3).
+    "fp8_hopper": dict(weights=("e4m3_delayed", NE), activations=("e4m3_delayed", NE),
+                       errors=("e5m2_delayed", NE), weight_gradients=(None, NE),
+                       master_weights=(None, NE), exempt_first_last=False,
+                       accumulation=("nvidia_hopper_fp8", "nvidia_hopper_fp8_promote128",
+                                     "nvidia_hopper_fp8_promote128")),
+    "fp8_hopper_promoted": dict(
+        weights=("e4m3_delayed", NE), activations=("e4m3_delayed", NE),
+        errors=("e5m2_delayed", NE), weight_gradients=(None, NE), master_weights=(None, NE),
+        exempt_first_last=False, accumulation=("nvidia_hopper_fp8_promote128",) * 3),
     # Rouhani et al. 2023: MX operands in every GEMM, FP32 update; nothing exempt.
     "mxfp8": dict(weights=("mxfp8_e4m3", NE), activations=("mxfp8_e4m3", NE),
                   errors=("mxfp8_e5m2", NE), weight_gradients=(None, NE),
@@ -96,6 +107,8 @@ def test_preset_formats_and_roundings(name):
     assert policy.saturate is True
     assert format_name(policy.exempt_format) == expected.get("exempt_format", "float16")
     assert policy.emulates is (name != "float32")
+    sums = tuple(str(policy.accumulation[kind]) for kind in tfhfp8.gemm.GEMM_KINDS)
+    assert sums == expected.get("accumulation", ("float32",) * 3)
     # Keras' side: a float32 DTypePolicy.
     assert isinstance(policy, keras.DTypePolicy)
     assert policy.compute_dtype == "float32" and policy.variable_dtype == "float32"
@@ -345,7 +358,8 @@ def test_inference_policy_drops_backward_roles():
 def test_unknown_name_without_role_keywords_raises_listing_the_presets(name):
     # A misspelt preset used to build a float32 policy that emulates nothing.
     with pytest.raises(ValueError, match=r"not a preset \(float32, bfloat16, fp8, hfp8, "
-                                         r"int16_dfp, fp8_delayed, mxfp8, mxfp6, mxfp4, "
+                                         r"int16_dfp, fp8_delayed, fp8_hopper, "
+                                         r"fp8_hopper_promoted, mxfp8, mxfp6, mxfp4, "
                                          r"nvfp4\)"):
         tfhfp8.Policy(name)
     with pytest.raises(ValueError, match="not a preset"):

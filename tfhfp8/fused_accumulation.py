@@ -25,7 +25,9 @@ accumulators take operands of any format (unformatted FP32 too) and truncate the
 `truncate_to_tf32` does. Blackwell's `kind::mxf8f6f4` takes OCP MX operands (blocks of
 32 along K, E8M0 scales): a product's exponent adds its two block scales' exponents, so
 a subnormal element counts with its element type's minimum normal exponent plus its
-block's. Not yet emulated: `kind::mxf4nvf4` (NVFP4, MXFP4 with K = 64). Checked bit for bit against MMA-Sim: `models/tensor_cores/mmasim_check.py`.
+block's. Per-tensor scaled FP8 (`e4m3_delayed`, ...) goes in as its FP8 elements, the
+two FP32 scales multiplying the sum after it (`tfhfp8.gemm.TensorScaled`; the presets
+`fp8_hopper` and `fp8_hopper_promoted`). Not yet emulated: `kind::mxf4nvf4` (NVFP4, MXFP4 with K = 64). Checked bit for bit against MMA-Sim: `models/tensor_cores/mmasim_check.py`.
 
 >>> import tensorflow as tf, tfhfp8
 >>> acc = tfhfp8.accumulation.get("nvidia_hopper_fp8")
@@ -126,10 +128,14 @@ class FusedAccumulator:
     def input_type(self, parameter, fmt):
         """The instruction's input type that holds every value of `fmt` (TF32 for any
         `fmt` when `truncates_inputs`; for an MX input type, `fmt` itself, blocked as
-        it is), or a ValueError naming `parameter`, the format and the instruction."""
+        it is; for a per-tensor scaled `fmt`, the type of its elements, the scale
+        applied after the sum: `tfhfp8.gemm.TensorScaled`), or a ValueError naming
+        `parameter`, the format and the instruction."""
         if self.truncates_inputs:
             return _INPUT_TYPES[TRUNCATED_TYPE]
         element = fmt if isinstance(fmt, formats.FloatFormat) else None
+        if isinstance(fmt, formats.BlockScaled) and fmt.per_tensor:
+            element = fmt.element  # the FP8 data into the instruction, the scales after
         candidates = [_INPUT_TYPES[t] for t in self.input_types] or (
             [element] if element is not None and element.mantissa_bits <= 11 else [])
         for candidate in candidates:

@@ -192,6 +192,8 @@ class Policy(keras.DTypePolicy):
         if exempt_of is not None and not isinstance(exempt_of, str):
             raise TypeError(f"exempt_of must be None or a policy name, got {exempt_of!r}")
         self.exempt_of = exempt_of
+        if accumulation is None:
+            accumulation = settings.get("accumulation")
         self.accumulation = accumulation_lib.per_gemm(accumulation, self.formats)
 
     @property

@@ -58,6 +58,23 @@ PRESETS = {
     # EinsumDense).
     "fp8_delayed": dict(weights="e4m3_delayed", activations="e4m3_delayed",
                         errors="e5m2_delayed"),
+    # `fp8_delayed` on an H100 as Transformer Engine runs it: the forward GEMM with
+    # cuBLAS' fast FP8 accumulation (the wgmma's own 13-bit sums, `nvidia_hopper_fp8`);
+    # dgrad and wgrad with split accumulation (TE's `_2X_ACC_DGRAD`, `_2X_ACC_WGRAD`:
+    # the partial sums promoted to FP32). cuBLAS does not document the promotion
+    # interval; it is emulated with the one documented, DeepSeek-V3's 128
+    # (`nvidia_hopper_fp8_promote128`). The GEMMs multiply the FP8 data and apply the
+    # two FP32 scales after the sum (`tfhfp8.gemm.TensorScaled`).
+    "fp8_hopper": dict(weights="e4m3_delayed", activations="e4m3_delayed",
+                       errors="e5m2_delayed",
+                       accumulation=dict(forward="nvidia_hopper_fp8",
+                                         input_gradient="nvidia_hopper_fp8_promote128",
+                                         weight_gradient="nvidia_hopper_fp8_promote128")),
+    # The same with the promotion every 128 products in all three GEMMs, as DeepSeek-V3
+    # promotes (arXiv 2412.19437, section 3.3.2; its per-tile scales: not here).
+    "fp8_hopper_promoted": dict(weights="e4m3_delayed", activations="e4m3_delayed",
+                                errors="e5m2_delayed",
+                                accumulation="nvidia_hopper_fp8_promote128"),
     # OCP MX (Rouhani et al. 2023, "Microscaling data formats for deep learning", §6):
     # every GEMM operand of the forward and both backward GEMMs in an MX format, each
     # blocked along that GEMM's reduction axis (blocks of 32, E8M0 scales, nearest

@@ -16,7 +16,9 @@ training images, from the same initial weights per seed, under:
   select it by name);
 - tensor cores (by name, not in the default `--runs`): E4M3 weights and activations,
   E5M2 errors (no per-tensor scaling), summed in FP32, as H100's FP8 `wgmma` sums and
-  with DeepSeek-V3's promotion every 128 products (`TENSOR_CORE_RUNS`).
+  with DeepSeek-V3's promotion every 128 products (`TENSOR_CORE_RUNS`); and the same
+  formats with per-tensor delayed scaling: `fp8_delayed` (FP32 sums), `fp8_hopper` and
+  `fp8_hopper_promoted` (`PRESET_RUNS`).
 
 Why 64: an INT16 mantissa product is below 2^30 in magnitude and INT32 holds 2^31, so
 no chunk length rules overflow out (two worst-case products already overflow);
@@ -57,16 +59,24 @@ RUNS = {
 # Das et al.'s remedy; run it by name (`--runs "int16_dfp + int32 chunks"`).
 INT32_CHUNKS = "int16_dfp + int32 chunks"
 # Tensor cores (issue 26), run by name: E4M3 weights and activations, E5M2 errors
-# (Transformer Engine's HYBRID formats, without its per-tensor scaling, which the
-# fused accumulators do not take yet), summed in FP32, as H100's FP8 wgmma sums
-# (13 fraction bits, e8m13) and with DeepSeek-V3's promotion to FP32 every 128.
+# (Transformer Engine's HYBRID formats, here without its per-tensor scaling), summed
+# in FP32, as H100's FP8 wgmma sums (13 fraction bits, e8m13) and with DeepSeek-V3's
+# promotion to FP32 every 128.
 E4M3_E5M2 = dict(weights="float8_e4m3fn", activations="float8_e4m3fn", errors="float8_e5m2")
 TENSOR_CORE_RUNS = {
     "e4m3/e5m2 + fp32 sums": (E4M3_E5M2, None),
     "e4m3/e5m2 + hopper fp8 sums": (E4M3_E5M2, "nvidia_hopper_fp8"),
     "e4m3/e5m2 + hopper fp8 promoted every 128": (E4M3_E5M2, "nvidia_hopper_fp8_promote128"),
 }
-EXTRA_RUNS = (INT32_CHUNKS, *TENSOR_CORE_RUNS)
+# The same formats with Transformer Engine's per-tensor delayed scaling: FP32 sums
+# (`fp8_delayed`), and as an H100 sums them (`fp8_hopper`: fast accumulation forward,
+# promotion in dgrad and wgrad; `fp8_hopper_promoted`: promotion in all three).
+PRESET_RUNS = {
+    "fp8_delayed (fp32 sums)": ("fp8_delayed", None),
+    "fp8_hopper": ("fp8_hopper", None),
+    "fp8_hopper_promoted": ("fp8_hopper_promoted", None),
+}
+EXTRA_RUNS = (INT32_CHUNKS, *TENSOR_CORE_RUNS, *PRESET_RUNS)
 
 _RUNS = flags.DEFINE_list("runs", ",".join(RUNS),
                           f"Which runs (names as in the table; also {list(EXTRA_RUNS)}).")
@@ -106,7 +116,7 @@ def run_setting(name):
     """(preset or Policy keyword arguments, accumulation) of the run `name`."""
     if name == INT32_CHUNKS:
         return "int16_dfp", tfhfp8.Accumulator("int32", chunk_size=_INT32_CHUNK.value)
-    return {**RUNS, **TENSOR_CORE_RUNS}[name]
+    return {**RUNS, **TENSOR_CORE_RUNS, **PRESET_RUNS}[name]
 
 
 def run(name, seed, data):
@@ -121,7 +131,7 @@ def run(name, seed, data):
     model = tfhfp8.quantize_model(base, policy)
     model.compile(keras.optimizers.Adam(_LEARNING_RATE.value),
                   "sparse_categorical_crossentropy", metrics=["accuracy"])
-    stats = tfhfp8.callbacks.QuantizationStats() if accumulation else None
+    stats = tfhfp8.callbacks.QuantizationStats() if policy.accumulates else None
     keras.utils.set_random_seed(seed)
     start = time.perf_counter()
     history = model.fit(x_train, y_train, epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value,

@@ -7,7 +7,8 @@ gradients are GEMMs of their own with their own accumulators (`products.three_ge
 `dA = dC @ B^T` (`"input_gradient"`), `dB = A^T @ dC` (`"weight_gradient"`).
 
 - `products`: the GEMM, the accumulators per GEMM kind, the statistics, the custom
-  gradient of three GEMMs;
+  gradient of three GEMMs, per-tensor scaled operands with their scales
+  (`TensorScaled`);
 - `matrix`: `matmul` (`tfhfp8.matmul`) and the layers' `layer_matmul`;
 - `einsum`: two-operand einsums (EinsumDense, attention);
 - `convolution` and `geometry`: convolutions (grouped, depthwise, transposed) as GEMMs
@@ -23,10 +24,11 @@ from tfhfp8.gemm import axes, portable_conv
 from tfhfp8.gemm.convolution import conv, layer_conv, layer_conv_transpose, layer_depthwise_conv
 from tfhfp8.gemm.einsum import einsum_product, einsum_terms, layer_einsum
 from tfhfp8.gemm.matrix import layer_matmul, matmul
-from tfhfp8.gemm.products import (GEMM_KINDS, Stats, accumulators, check_operands, product,
-                                  three_gemms)
+from tfhfp8.gemm.products import (GEMM_KINDS, Stats, TensorScaled, accumulators,
+                                  check_operands, is_tensor_scaled, product, three_gemms)
 
-__all__ = ["GEMM_KINDS", "Stats", "accumulators", "axes", "check_operands", "conv",
-           "einsum_product", "einsum_terms", "layer_conv", "layer_conv_transpose",
+__all__ = ["GEMM_KINDS", "Stats", "TensorScaled", "accumulators", "axes", "check_operands",
+           "conv", "einsum_product", "einsum_terms", "is_tensor_scaled", "layer_conv",
+           "layer_conv_transpose",
            "layer_depthwise_conv", "layer_einsum", "layer_matmul", "matmul",
            "portable_conv", "product", "three_gemms"]

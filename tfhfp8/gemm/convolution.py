@@ -14,7 +14,6 @@ import numpy as np
 import tensorflow as tf
 
 from tfhfp8.gemm import geometry, portable_conv, products
-from tfhfp8.quantization import quantize
 
 
 def conv(x, kernel, strides=1, padding="valid", dilation_rate=1, accumulator="float32",
@@ -31,9 +30,11 @@ def conv(x, kernel, strides=1, padding="valid", dilation_rate=1, accumulator="fl
     padding = padding.lower()
     x = tf.convert_to_tensor(x, tf.float32)
     if x_given is not None:
-        x = quantize(x, x_given, saturate=True)
+        x, x_given = products.rounded_operand(x, x_given)
     if k_given is not None:
-        kernel = quantize(kernel, k_given, saturate=True)
+        kernel, k_given = products.rounded_operand(kernel, k_given)
+    if products.is_tensor_scaled(grad_fmt):
+        grad_fmt = products.TensorScaled(grad_fmt)  # its scale: in the backward pass
     seed = products.gemm_seed(seed, accs)
     return _conv(x, tf.convert_to_tensor(kernel, tf.float32), strides, dilations, padding,
                  accs, x_given, k_given, grad_fmt, seed, stats or products.Stats())

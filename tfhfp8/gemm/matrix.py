@@ -7,7 +7,7 @@ import dataclasses
 import tensorflow as tf
 
 from tfhfp8.gemm import axes, products
-from tfhfp8.quantization import as_float_tensor, quantize
+from tfhfp8.quantization import as_float_tensor
 
 
 def matmul(a, b, accumulator="float32", transpose_a=False, transpose_b=False,
@@ -60,9 +60,11 @@ def matmul(a, b, accumulator="float32", transpose_a=False, transpose_b=False,
     if transpose_b:
         b = tf.linalg.matrix_transpose(b)
     if a_format is not None:
-        a = _quantize_along_k(a, a_format, -1)
+        a, a_format = _quantize_along_k(a, a_format, -1)
     if b_format is not None:
-        b = _quantize_along_k(b, b_format, -2)
+        b, b_format = _quantize_along_k(b, b_format, -2)
+    if products.is_tensor_scaled(grad_format):
+        grad_format = products.TensorScaled(grad_format)  # its scale: in the backward pass
     return _matmul(a, b, accs, a_format, b_format, grad_format,
                    products.gemm_seed(seed, accs), stats or products.Stats())
 
@@ -104,12 +106,12 @@ def _checked_shapes(a, b, transpose_a, transpose_b):
 
 
 def _quantize_along_k(x, fmt, k_axis):
-    """`x` rounded to `fmt` (nearest even, saturating); a block format's blocks run along
-    the GEMM's reduction axis K (`k_axis`), whatever axis the format names (as the
-    layers block each GEMM's operands, `tfhfp8.gemm.axes`)."""
+    """`products.rounded_operand(x, fmt)`; a block format's blocks run along the GEMM's
+    reduction axis K (`k_axis`), whatever axis the format names (as the layers block
+    each GEMM's operands, `tfhfp8.gemm.axes`)."""
     if axes.axis_dependent(fmt):
         fmt = dataclasses.replace(fmt, axis=k_axis)
-    return quantize(x, fmt, saturate=True)
+    return products.rounded_operand(x, fmt)
 
 
 def _matmul(a, b, accs, a_fmt, b_fmt, grad_fmt, seed, stats, round_grad=True):

@@ -9,13 +9,67 @@ accumulating kernels of `tfhfp8.ops` (the C++ kernels or the TF-ops ones: `ops` 
 (`"weight_gradient"`), GEMMs with their own accumulators.
 """
 
+import dataclasses
+
 import tensorflow as tf
 
 from tfhfp8 import accumulation, formats, ops
-from tfhfp8.ops import tf_backend
+from tfhfp8.ops import tf_backend, tf_block
 from tfhfp8.quantization import quantize, seed_tensor
 
 GEMM_KINDS = ("forward", "input_gradient", "weight_gradient")
+
+
+@dataclasses.dataclass(eq=False)
+class TensorScaled:
+    """A GEMM operand's per-tensor scaled format (`BlockScaled(..., block_size=None)`:
+    Transformer Engine's and Keras' FP8) with the FP32 scale its values were rounded
+    with: they are `fl(q * scale)`, `q` in the element format. A fused accumulator
+    multiplies the elements `q`, as an FP8 tensor core multiplies the FP8 data, and
+    multiplies the sum by the two operands' scales after it, as cuBLAS' epilogue
+    applies `scale_a * scale_b` (the order of that epilogue's multiplications is not
+    documented: here `sum * (scale_a * scale_b)`, in FP32). Other accumulators read
+    the values and ignore the scale.
+
+    `scale`: a float32 scalar tensor; None until known: an output gradient's is set by
+    whoever rounds that gradient, before its GEMMs run.
+    """
+
+    format: formats.BlockScaled
+    scale: tf.Tensor = None
+
+
+def is_tensor_scaled(fmt):
+    """True for a per-tensor scaled format (one FP32 scale, `BlockScaled` without
+    blocks), whose GEMM operands go as `TensorScaled`."""
+    return isinstance(fmt, formats.BlockScaled) and fmt.per_tensor
+
+
+def rounded_operand(x, fmt):
+    """`(x rounded to fmt, the format its GEMMs take)`: nearest even, saturating; a
+    per-tensor scaled `fmt` with the scale of `x`'s amax, as a `TensorScaled`."""
+    if not is_tensor_scaled(fmt):
+        return quantize(x, fmt, saturate=True), fmt
+    scale = tf_block.tensor_scale(tf_block.tensor_amax(x), fmt)
+    return quantize(x, fmt, saturate=True, scale=scale), TensorScaled(fmt, scale)
+
+
+def _unscaled(fmt):
+    """`(format, scale or None)` of an operand format (see `TensorScaled`)."""
+    return (fmt.format, fmt.scale) if isinstance(fmt, TensorScaled) else (fmt, None)
+
+
+def _fused_elements(x, fmt, scale, name):
+    """`(values the instruction multiplies, their scale or None)`: for a per-tensor
+    scaled `fmt`, the elements of `x` (see `TensorScaled`)."""
+    if not is_tensor_scaled(fmt):
+        return x, None
+    if scale is None:
+        raise ValueError(
+            f"{name}: an operand in the per-tensor scaled format {fmt!r} reaches a fused "
+            "accumulator without its scale (tfhfp8.gemm.TensorScaled), which it needs to "
+            "multiply the FP8 elements as the tensor core does")
+    return tf_block.tensor_scaled_elements(x, fmt, scale), scale
 
 
 def accumulators(accumulator):
@@ -126,6 +180,7 @@ def product(a, b, accumulator, a_fmt, b_fmt, seed):
     """(a @ b, swamped, overflows, additions) for operands already in their formats;
     `additions`: the number of inner additions (outputs x K)."""
     zero = tf.constant(0, tf.int64)
+    (a_fmt, a_scale), (b_fmt, b_scale) = _unscaled(a_fmt), _unscaled(b_fmt)
     if accumulator.kind == "float32":
         return tf.linalg.matmul(a, b), zero, zero, zero
     # The kernels have no gradient of their own (custom gradients are around them):
@@ -140,7 +195,13 @@ def product(a, b, accumulator, a_fmt, b_fmt, seed):
         if accumulator.truncates_inputs:  # TF32: the instruction ignores 13 mantissa bits
             a3 = quantize(a3, a_type, rounding="toward_zero")
             b3 = quantize(b3, b_type, rounding="toward_zero")
+        else:
+            a3, a_scale = _fused_elements(a3, a_fmt, a_scale, "a")
+            b3, b_scale = _fused_elements(b3, b_fmt, b_scale, "b")
         c, swamped = ops.fused_matmul(a3, b3, *accumulator.kernel_arguments(a_type, b_type))
+        scales = [s for s in (a_scale, b_scale) if s is not None]
+        if scales:  # the epilogue: sum * (scale_a * scale_b)
+            c = c * tf.reduce_prod(tf.stack(scales))
         return tf.reshape(c, out_shape), swamped, zero, additions
     ma, ea = _mantissas(a3, a_fmt)
     mb, eb = _mantissas(b3, b_fmt)
@@ -182,7 +243,8 @@ def three_gemms(forward, input_gradient, weight_gradient, accs, seed, stats,
       additions)`.
 
     `gradient_format`: the format the output gradient is rounded to (nearest even,
-    saturating) before the gradient GEMMs; None: they take it as it comes.
+    saturating) before the gradient GEMMs (a `TensorScaled` gets the scale used);
+    None: they take it as it comes.
     """
 
     @tf.custom_gradient
@@ -191,7 +253,10 @@ def three_gemms(forward, input_gradient, weight_gradient, accs, seed, stats,
         stats.record("forward", *counts)
 
         def grad(dy):
-            if gradient_format is not None:
+            if isinstance(gradient_format, TensorScaled):
+                dy, scaled = rounded_operand(dy, gradient_format.format)
+                gradient_format.scale = scaled.scale  # read by the gradient GEMMs
+            elif gradient_format is not None:
                 dy = quantize(dy, gradient_format, saturate=True)
             dx, *counts = input_gradient(dy, x, w, saved, accs["input_gradient"], seed + 1)
             stats.record("input_gradient", *counts)

@@ -33,14 +33,12 @@ import functools
 import keras
 import numpy as np
 import tensorflow as tf
-from keras import ops
 
 from tfhfp8 import _compat, gemm
 from tfhfp8 import policy as policy_lib
 from tfhfp8.formats import roundings
 from tfhfp8.gemm import axes as gemm_axes
 from tfhfp8.layers.emulation_state import EmulationState, record_error_stats
-from tfhfp8.ops import tf_block
 from tfhfp8.quantization import quantize, quantize_gradient
 from tfhfp8.rounding import stochastic_seed
 
@@ -90,30 +88,19 @@ class EmulatedLayer(EmulationState, _compat.AfterBuild):
     # name), GEMM, role and operand. A run resumed from a saved model or a checkpoint
     # therefore rounds exactly as the uninterrupted run would have.
     def _forward(self, x, role, step=None, *key):
+        return self._rounded(x, role, step, *key)[0]
+
+    def _rounded(self, x, role, step=None, *key):
+        """`(x in role's format, the format its GEMMs take)`: a per-tensor scaled one as
+        a `gemm.TensorScaled` with the scale used (a fused accumulator needs it)."""
         fmt = self.policy.formats[role]
         if fmt is None:
-            return x
-        return quantize(x, fmt, rounding=self.policy.rounding[role],
-                        saturate=self.policy.saturate, seed=self._role_seed(step, role, *key),
-                        scale=self._delayed_scale(x, role, *key[:2]))
-
-    def _delayed_scale(self, x, role, gemm="gemm", index=0, update=True):
-        """The scale of a delayed per-tensor format (None for any other format): the
-        one in the layer's state; when `update` and this is a training pass (or a
-        backward one), the state then takes the next scale and `x`'s amax, as Keras'
-        float8 layers do (`compute_float8_scale` from the history before this step,
-        `compute_float8_amax_history`)."""
-        state = getattr(self, "scaling_state", {}).get((gemm, role, index))
-        if state is None:
-            return None
-        fmt = self.policy.formats[role]
-        scale = tf.convert_to_tensor(state["scale"].value)
-        if update and (role == "errors" or _compat.gradients_may_be_recorded()):
-            history = tf.convert_to_tensor(state["amax_history"].value)
-            state["scale"].assign(tf_block.tensor_scale(tf.reduce_max(history), fmt, scale))
-            state["amax_history"].assign(
-                tf_block.next_amax_history(history, tf_block.tensor_amax(x)))
-        return scale
+            return x, None
+        scale = self._tensor_scale(x, role, *key[:2])
+        q = quantize(x, fmt, rounding=self.policy.rounding[role],
+                     saturate=self.policy.saturate, seed=self._role_seed(step, role, *key),
+                     scale=scale)
+        return q, (fmt if scale is None else gemm.TensorScaled(fmt, scale))
 
     def _quantize_along(self, x, role, step, axes, key, update=True):
         """`x` in `role`'s format with blocks along `axes` (a GEMM's reduction axes);
@@ -177,15 +164,19 @@ class EmulatedLayer(EmulationState, _compat.AfterBuild):
         step = self._rounding_step()
         if equation is not None and self._blocks_per_gemm():
             return self._gemm_per_axis(op, equation, inputs, kernels, name, step)
-        args = [self._forward(x, "activations", step, name, i) for i, x in enumerate(inputs)]
-        weights = [self._forward(self._backward(k, "weight_gradients", step, name, i),
-                                 "weights", step, name, i)
-                   for i, k in enumerate(kernels)]
+        rounded = [self._rounded(x, "activations", step, name, i) for i, x in enumerate(inputs)]
+        rounded += [self._rounded(self._backward(k, "weight_gradients", step, name, i),
+                                  "weights", step, name, i)
+                    for i, k in enumerate(kernels)]
+        operands = [x for x, _ in rounded]
         fan_in = self.backward_fan_in(kernels[0]) if kernels else 1
+        errors = self.policy.errors
+        if gemm.is_tensor_scaled(errors):
+            errors = gemm.TensorScaled(errors)  # its scale: set by `_errors`, backward
         if self.policy.accumulates:
-            op = self._accumulating(name, step)
-        return self._errors(op(*args, *weights), name, weights[0] if weights else None,
-                            step, fan_in)
+            op = self._accumulating(name, step, [fmt for _, fmt in rounded] + [errors])
+        return self._errors(op(*operands), name, operands[len(inputs)] if kernels else None,
+                            step, fan_in, errors)
 
     def backward_fan_in(self, kernel):
         """How many products of the output gradient and `kernel` each element of the
@@ -305,12 +296,13 @@ class EmulatedLayer(EmulationState, _compat.AfterBuild):
             seed = tf.zeros([], tf.int64)
         return accs, seed, gemm.Stats(getattr(self, "accumulation_state", {}).get(name))
 
-    def _accumulating(self, name, step):
-        """The layer's op for GEMM `name` with the policy's accumulators."""
+    def _accumulating(self, name, step, operand_formats):
+        """The layer's op for GEMM `name` with the policy's accumulators;
+        `operand_formats`: those of its two operands and of the output gradient (a
+        per-tensor scaled one as a `gemm.TensorScaled`)."""
         accs, seed, stats = self._accumulation_setup(name, step)
         return _in_float32(functools.partial(
-            self._accumulating_op(name), accumulators=accs,
-            formats=(self.policy.activations, self.policy.weights, self.policy.errors),
+            self._accumulating_op(name), accumulators=accs, formats=tuple(operand_formats),
             seed=seed, stats=stats))
 
     def _accumulating_per_axis(self, spec, name, step, operand_formats):
@@ -333,8 +325,10 @@ class EmulatedLayer(EmulationState, _compat.AfterBuild):
                 einsum("input_gradient", (tc, tb, ta), (self.policy.errors, fmt_b), 1),
                 einsum("weight_gradient", (ta, tc, tb), (fmt_a, self.policy.errors), 2))
 
-    def _errors(self, y, name, weights, step=None, fan_in=1):
-        """Identity forward; `Q_e(s * dy) / s` backward, with optional statistics."""
+    def _errors(self, y, name, weights, step=None, fan_in=1, operand=None):
+        """Identity forward; `Q_e(s * dy) / s` backward, with optional statistics.
+        `operand`: the errors' `gemm.TensorScaled`, given the scale of the values
+        passed back (`Q_e`'s over `s`), or None."""
         fmt = self.policy.errors
         if fmt is None:
             return y
@@ -349,9 +343,12 @@ class EmulatedLayer(EmulationState, _compat.AfterBuild):
                 scale = None if scaling is None else scaling.scale(dy, weights, fmt, state,
                                                                    fan_in)
                 scaled = dy if scale is None else dy * tf.cast(scale, dy.dtype)
+                tensor_scale = self._tensor_scale(scaled, "errors", name)
                 quantized = quantize(scaled, fmt, rounding=rounding, saturate=saturate,
-                                     seed=seed,
-                                     scale=self._delayed_scale(scaled, "errors", name))
+                                     seed=seed, scale=tensor_scale)
+                if isinstance(operand, gemm.TensorScaled):  # read by the gradient GEMMs
+                    operand.scale = (tensor_scale if scale is None
+                                     else tensor_scale / tf.cast(scale, tf.float32))
                 if collect:
                     record_error_stats(state, scaled, quantized, fmt)
                 return quantized if scale is None else quantized / tf.cast(scale, dy.dtype)

@@ -2,8 +2,9 @@
 
 `EmulationState` is a mixin of `EmulatedLayer`: the stochastic-rounding step counter,
 master-weight rounding attached to the trainable weights, the per-GEMM loss-scaling
-and delayed-scaling variables, the optional statistics, and the saving and loading of
-that state in `.keras` and `.weights.h5` files.
+and delayed-scaling variables (and the per-tensor scales they give), the optional
+statistics, and the saving and loading of that state in `.keras` and `.weights.h5`
+files.
 """
 
 import functools
@@ -11,9 +12,10 @@ import functools
 import keras
 import tensorflow as tf
 
-from tfhfp8 import accumulation, loss_scaling
+from tfhfp8 import _compat, accumulation, gemm, loss_scaling
 from tfhfp8 import policy as policy_lib
 from tfhfp8.formats import roundings
+from tfhfp8.ops import tf_block
 from tfhfp8.rounding import MasterWeightRounding, stochastic_seed
 
 
@@ -96,21 +98,48 @@ class EmulationState:
         inputs, kernels = self.OPERANDS
         operands = ([("activations", i) for i in range(inputs)]
                     + [("weights", i) for i in range(kernels)] + [("errors", 0)])
-        for gemm in self.GEMMS:
+        for gemm_name in self.GEMMS:
             for role, index in operands:
                 fmt = self.policy.formats[role]
                 if not getattr(fmt, "delayed", False):
                     continue
-                tag = f"{gemm}_{role}{index}"
+                tag = f"{gemm_name}_{role}{index}"
                 add = lambda suffix, shape, value: self.add_weight(
                     name=f"{tag}_{suffix}", shape=shape, dtype="float32", trainable=False,
                     initializer=keras.initializers.Constant(value),
                     aggregation="only_first_replica")
                 state = {"scale": add("scale", (), 1.0),
                          "amax_history": add("amax_history", (fmt.amax_history,), 0.0)}
-                self.scaling_state[(gemm, role, index)] = state
+                self.scaling_state[(gemm_name, role, index)] = state
                 for key, variable in state.items():
                     setattr(self, f"_{tag}_{key}", variable)  # tracked by tf.train.Checkpoint
+
+    def _delayed_scale(self, x, role, gemm_name="gemm", index=0, update=True):
+        """The scale of a delayed per-tensor format (None for any other format): the
+        one in the layer's state; when `update` and this is a training pass (or a
+        backward one), the state then takes the next scale and `x`'s amax, as Keras'
+        float8 layers do (`compute_float8_scale` from the history before this step,
+        `compute_float8_amax_history`)."""
+        state = getattr(self, "scaling_state", {}).get((gemm_name, role, index))
+        if state is None:
+            return None
+        fmt = self.policy.formats[role]
+        scale = tf.convert_to_tensor(state["scale"].value)
+        if update and (role == "errors" or _compat.gradients_may_be_recorded()):
+            history = tf.convert_to_tensor(state["amax_history"].value)
+            state["scale"].assign(tf_block.tensor_scale(tf.reduce_max(history), fmt, scale))
+            state["amax_history"].assign(
+                tf_block.next_amax_history(history, tf_block.tensor_amax(x)))
+        return scale
+
+    def _tensor_scale(self, x, role, *key):
+        """The FP32 scale of a per-tensor scaled role's format for `x` (the delayed one
+        of `_delayed_scale`, or that of `x`'s own amax, as `quantize` would take it);
+        None for any other format."""
+        scale = self._delayed_scale(x, role, *key)
+        if scale is None and gemm.is_tensor_scaled(self.policy.formats[role]):
+            scale = tf_block.tensor_scale(tf_block.tensor_amax(x), self.policy.formats[role])
+        return scale
 
     def enable_error_stats(self):
         """Records, per GEMM and backward pass, the fraction of errors that underflowed

@@ -35,14 +35,7 @@ class MultiHeadAttention(_compat.AttentionHooks, EmulatedLayer, keras.layers.Mul
         spec = self.attention_spec()
         equation = spec.scores_equation if name == "scores" else spec.combine_equation
 
-        def product(a, b, formats, **kwargs):
-            # Both operands are activations (the policy passes activations, weights,
-            # errors).
-            activations, _, errors = formats
-            return gemm.layer_einsum(a, b, equation, formats=(activations, activations, errors),
-                                     **kwargs)
-
-        return product
+        return functools.partial(gemm.layer_einsum, equation=equation)
 
     def _check_accumulation(self):
         super()._check_accumulation()

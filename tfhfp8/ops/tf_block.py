@@ -341,21 +341,45 @@ def _scaled_on_the_bits(x, s, fmt, rounding, seed, quantize_float):
     significands rounds to float32 as the exact one would, the product is exact) and
     rounded once to float32 on the bits."""
     c = tb.CONTAINERS[tf.float32]
-    zero_seed = tf.zeros([], tf.int64)
+    q = quantize_float(_quotient_on_the_bits(x, s), fmt.element, rounding, True, seed)
+    _, qa = tb.split_sign(q, c)
+    q_finite = qa < tb.uint_constant(c.inf_bits, c)
+    safe_q = tf.where(q_finite, q, tf.zeros_like(q))
     s64 = tf.cast(s, tf.float64)  # s >= 2^-126: normal
+    product = _to_float32(float32_to_float64_exact(safe_q, tb.split_sign(safe_q, c)[1], c)
+                          * s64)
+    return tf.where(q_finite, product, q)
 
-    def to_float32(y64):
-        return float64_to_float32_exact(tb.quantize_float(y64, _FLOAT32, "nearest_even",
-                                                          True, zero_seed))
 
+def _to_float32(y64):
+    """float64 `y64` rounded once to float32 (nearest even), subnormals included."""
+    return float64_to_float32_exact(tb.quantize_float(y64, _FLOAT32, "nearest_even", True,
+                                                      tf.zeros([], tf.int64)))
+
+
+def _quotient_on_the_bits(x, s):
+    """float32 `x / s` rounded once, subnormal `x` included (exact operands from the
+    bits; a float64 quotient of 24-bit significands rounds to float32 as the exact one
+    would). `s`: a normal float32."""
+    c = tb.CONTAINERS[tf.float32]
     _, a = tb.split_sign(x, c)
     finite = a < tb.uint_constant(c.inf_bits, c)
     safe_x = tf.where(finite, x, tf.zeros_like(x))
     exact_x = float32_to_float64_exact(safe_x, tb.split_sign(safe_x, c)[1], c)
-    quotient = tf.where(finite, to_float32(exact_x / s64), x / s)
-    q = quantize_float(quotient, fmt.element, rounding, True, seed)
-    _, qa = tb.split_sign(q, c)
-    q_finite = qa < tb.uint_constant(c.inf_bits, c)
-    safe_q = tf.where(q_finite, q, tf.zeros_like(q))
-    product = to_float32(float32_to_float64_exact(safe_q, tb.split_sign(safe_q, c)[1], c) * s64)
-    return tf.where(q_finite, product, q)
+    return tf.where(finite, _to_float32(exact_x / tf.cast(s, tf.float64)), x / s)
+
+
+def tensor_scaled_elements(x, fmt, scale):
+    """The elements `q` of float32 values `x = fl(q * scale)` of the per-tensor scaled
+    `fmt` (what `quantize_tensor_scaled` gives): what an FP8 GEMM multiplies, its FP32
+    scales applied to the sum. Where `q * scale` is a normal float32 (everywhere unless
+    the scale is below 2^-126 over the element's smallest subnormal), `x / scale` lies
+    within two float32 ulps of `q`, far closer than half the spacing of the element, so
+    rounding it to the element (nearest even, saturating) gives `q` exactly; a
+    subnormal `x` kept fewer bits of `q` than its element has, and gives `q` only
+    where those sufficed (the quotient is then taken on the bits)."""
+    s = tf.cast(scale, tf.float32)
+    safe = MIN_SCALE * 2.0 / fmt.element.min_subnormal
+    quotient = tf.cond(s >= safe, lambda: x / s, lambda: _quotient_on_the_bits(x, s))
+    return tb.quantize_float(quotient, fmt.element, "nearest_even", True,
+                             tf.zeros([], tf.int64))
