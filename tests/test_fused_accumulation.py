@@ -46,7 +46,7 @@ def _types(acc):
 
 
 @pytest.mark.arithmetic
-@pytest.mark.parametrize("name", sorted(n for n in HARDWARE if n != "nvidia_blackwell_mxfp8"))
+@pytest.mark.parametrize("name", sorted(n for n in HARDWARE if not n.startswith("nvidia_blackwell_mx")))
 @pytest.mark.parametrize("k", [1, 7, 32, 33, 130])
 def test_named_accumulators_match_the_reference_on_random_inputs(name, k):
     acc = tfhfp8.accumulation.get(name)
@@ -155,6 +155,33 @@ def test_mx_operands_fold_their_block_scales_into_the_products(a_type, b_type, k
         "float32", None, *element_exponents, [int(e) for e in a_scales[i]],
         [int(e) for e in b_scales[j]]) for j in range(3)] for i in range(4)], np.float32)
     np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("k", [1, 33, 64, 100, 200])
+def test_mxfp4_sums_partial_sums_of_16_as_kind_mxf4nvf4(k):
+    acc = tfhfp8.accumulation.get("nvidia_blackwell_mxfp4")
+    rng = np.random.default_rng(k)
+    a, a_elements, a_scales = _mx_operand("mxfp4_e2m1", 5, k, rng, np.arange(-20, 21))
+    a_scales[0] = -127  # E8M0's least scale
+    a_elements[1, :32], a_scales[1, 0] = 0.0, -127  # an all-zero block
+    a_scales[2] = 40  # far above b's: b's partial sums lose their low bits
+    a = _mx_values(a_elements, a_scales)
+    b, b_elements, b_scales = _mx_operand("mxfp4_e2m1", 3, k, rng, np.arange(-20, 21))
+    got = tfhfp8.matmul(a, b.T, acc, a_format="mxfp4_e2m1", b_format="mxfp4_e2m1").numpy()
+    expected = np.array([[fused_reference.fused_dot(
+        [float(v) for v in a_elements[i]], [float(v) for v in b_elements[j]], 64, 35,
+        a_scales=[int(e) for e in a_scales[i]], b_scales=[int(e) for e in b_scales[j]],
+        partial_sum_size=16, block_size=32) for j in range(3)] for i in range(5)], np.float32)
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+def test_partial_sums_need_mx_blocks_that_hold_them():
+    with pytest.raises(ValueError, match="partial_sum_size needs MX input types"):
+        FusedAccumulator(64, 35, input_types=("float8_e4m3fn",), partial_sum_size=16)
+    with pytest.raises(ValueError, match="whole blocks"):
+        FusedAccumulator(48, 35, input_types=("mxfp4_e2m1",), partial_sum_size=16)
+    acc = FusedAccumulator(64, 35, input_types=("mxfp4_e2m1",), partial_sum_size=16)
+    assert tfhfp8.accumulation.get(tfhfp8.accumulation.serialize(acc)) == acc
 
 
 def test_an_mx_policy_sums_as_blackwell_and_reloads(tmp_path):

@@ -27,7 +27,11 @@ accumulators take operands of any format (unformatted FP32 too) and truncate the
 a subnormal element counts with its element type's minimum normal exponent plus its
 block's. Per-tensor scaled FP8 (`e4m3_delayed`, ...) goes in as its FP8 elements, the
 two FP32 scales multiplying the sum after it (`tfhfp8.gemm.TensorScaled`; the presets
-`fp8_hopper` and `fp8_hopper_promoted`). Not yet emulated: `kind::mxf4nvf4` (NVFP4, MXFP4 with K = 64). Checked bit for bit against MMA-Sim: `models/tensor_cores/mmasim_check.py`.
+`fp8_hopper` and `fp8_hopper_promoted`). Blackwell's `kind::mxf4nvf4` with MXFP4
+operands (`nvidia_blackwell_mxfp4`) sums each 16 products exactly first: that partial
+sum, scaled by its blocks, is one term whose exponent is its two scales' exponents
+(`partial_sum_size`). Not yet emulated: `kind::mxf4nvf4` with NVFP4 operands. Checked
+bit for bit against MMA-Sim: `models/tensor_cores/mmasim_check.py`.
 
 >>> import tensorflow as tf, tfhfp8
 >>> acc = tfhfp8.accumulation.get("nvidia_hopper_fp8")
@@ -83,6 +87,10 @@ class FusedAccumulator:
         bits, its own minimum normal exponent. `("tensorfloat32",)`: any operand,
         truncated to TF32 (`truncates_inputs`).
       name: display name.
+      partial_sum_size: None, or (MX input types only) products summed exactly first,
+        each such partial sum one term of the fused addition whose exponent is the sum
+        of its two block scales' exponents (Blackwell's `kind::mxf4nvf4`: 16, groups
+        of 64 spanning two blocks of 32).
     """
 
     group_size: int
@@ -91,6 +99,7 @@ class FusedAccumulator:
     chunk_size: Optional[int] = None
     input_types: Tuple[str, ...] = ()
     name: Optional[str] = dataclasses.field(default=None, compare=False)
+    partial_sum_size: Optional[int] = None
 
     def __post_init__(self):
         formats.check_int("group_size", self.group_size, 1, 1024)
@@ -110,12 +119,28 @@ class FusedAccumulator:
                              f"goes alone, got {tuple(self.input_types)}")
         blocks = {_INPUT_TYPES[t].block_size for t in self.input_types
                   if isinstance(_INPUT_TYPES[t], formats.BlockScaled)}
-        if blocks and (blocks != {self.group_size} or any(
+        if self.partial_sum_size is not None:
+            self._check_partial_sums(blocks)
+        elif blocks and (blocks != {self.group_size} or any(
                 not isinstance(_INPUT_TYPES[t], formats.BlockScaled) for t in self.input_types)):
             raise ValueError(f"input_types: MX types go alone, with group_size equal to "
                              f"their block size {sorted(blocks)} (one scale per group); got "
                              f"{tuple(self.input_types)}, group_size={self.group_size}")
         object.__setattr__(self, "input_types", tuple(self.input_types))
+
+    def _check_partial_sums(self, blocks):
+        """Partial sums need MX types alone, of one block size that divides the group
+        and is divided by the partial sums (each partial sum in one block)."""
+        formats.check_int("partial_sum_size", self.partial_sum_size, 1, self.group_size)
+        if len(blocks) != 1 or len(self.input_types) != len(set(self.input_types)) or any(
+                not isinstance(_INPUT_TYPES[t], formats.BlockScaled) for t in self.input_types):
+            raise ValueError(f"partial_sum_size needs MX input types of one block size, got "
+                             f"{tuple(self.input_types)}")
+        block = blocks.pop()
+        if self.group_size % block or block % self.partial_sum_size:
+            raise ValueError(
+                f"partial_sum_size: the group ({self.group_size}) must be whole blocks "
+                f"({block}) and a block whole partial sums ({self.partial_sum_size})")
 
     kind = "fused"
     emulates = True
@@ -158,14 +183,20 @@ class FusedAccumulator:
                     for t in (a_type, b_type)]
         block_emax = [t.emax_element if isinstance(t, formats.BlockScaled) else None
                       for t in (a_type, b_type)]
-        return (1 - elements[0].bias, 1 - elements[1].bias, self.group_size,
-                self.fraction_bits, bits, min_exponent, rounding, self.chunk_size or 0,
-                *block_emax)
+        arguments = (1 - elements[0].bias, 1 - elements[1].bias, self.group_size,
+                     self.fraction_bits, bits, min_exponent, rounding, self.chunk_size or 0,
+                     *block_emax)
+        if self.partial_sum_size is None:
+            return arguments
+        return arguments + (a_type.block_size, self.partial_sum_size)
 
     def get_config(self):
-        return {"group_size": self.group_size, "fraction_bits": self.fraction_bits,
-                "output": self.output, "chunk_size": self.chunk_size,
-                "input_types": list(self.input_types), "name": self.name}
+        config = {"group_size": self.group_size, "fraction_bits": self.fraction_bits,
+                  "output": self.output, "chunk_size": self.chunk_size,
+                  "input_types": list(self.input_types), "name": self.name}
+        if self.partial_sum_size is not None:  # configs without it stay as they were
+            config["partial_sum_size"] = self.partial_sum_size
+        return config
 
     @classmethod
     def from_config(cls, config):
@@ -182,8 +213,9 @@ def _fits(fmt, input_type):
             and fmt.max <= input_type.max)
 
 
-def _hardware(name, group, bits, output="float32", types=(), chunk=None):
-    return FusedAccumulator(group, bits, output, chunk, types, name=name)
+def _hardware(name, group, bits, output="float32", types=(), chunk=None, partial=None):
+    return FusedAccumulator(group, bits, output, chunk, types, name=name,
+                            partial_sum_size=partial)
 
 
 _FP16, _BF16, _TF32 = ("float16",), ("bfloat16",), (TRUNCATED_TYPE,)
@@ -211,4 +243,8 @@ HARDWARE = {acc.name: acc for acc in (
     # tcgen05.mma.block_scale kind::mxf8f6f4: K = 32, one E8M0 scale per 32 elements
     # of each operand, folded into the exponents of the products.
     _hardware("nvidia_blackwell_mxfp8", 32, 25, types=_MX),
+    # tcgen05.mma.block_scale kind::mxf4nvf4 with MXFP4 operands: K = 64 (two blocks of
+    # 32), each 16 products summed exactly, that partial sum scaled by the two blocks'
+    # scales and fused with the others and the accumulator at 35 fraction bits.
+    _hardware("nvidia_blackwell_mxfp4", 64, 35, types=("mxfp4_e2m1",), partial=16),
 )}

@@ -41,7 +41,8 @@ def _float32_values(rng):
 
 # The operand types checked per accumulator (default: its first and last input types).
 # MMA-Sim's kind::mxf8f6f4 takes E4M3 and E5M2 elements (its FP6 and FP4 are to do).
-CHECKED_TYPES = {"nvidia_blackwell_mxfp8": ("mxfp8_e4m3", "mxfp8_e5m2")}
+CHECKED_TYPES = {"nvidia_blackwell_mxfp8": ("mxfp8_e4m3", "mxfp8_e5m2"),
+                 "nvidia_blackwell_mxfp4": ("mxfp4_e2m1", "mxfp4_e2m1")}
 
 
 def _block_scales(elements, fmt, rng, scales):
@@ -124,7 +125,8 @@ def write(path):
 # The side below runs with PyTorch and MMA-Sim, without tfhfp8.
 TORCH_TYPES = {"float16": "float16", "bfloat16": "bfloat16", "tensorfloat32": "float32",
                "float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2",
-               "mxfp8_e4m3": "float8_e4m3fn", "mxfp8_e5m2": "float8_e5m2"}
+               "mxfp8_e4m3": "float8_e4m3fn", "mxfp8_e5m2": "float8_e5m2",
+               "mxfp4_e2m1": "float32"}  # FP4 values unpacked, as MMA-Sim unpacks them
 OUTPUTS = {"float32": "f32", "e8m13": "f32_e8m13", "float16": "f16"}
 
 
@@ -153,10 +155,24 @@ def _compare(key, name, expected, got, total, differ):
         print(f"DIFFER {key} row {row}: MMA-Sim {expected[row]!r}, tfhfp8 {got[row]!r}")
 
 
-def _group_products(a, b, a_scales, b_scales, group, bits, output, chunk):
-    """a [R, K] @ b [K] by MMA-Sim's `nv_fused_dot_add`, one group at a time."""
+def _group_scales(scales, start, group, fill):
+    """The E8M0 scales of one group's blocks of 32 (`fill` past the end)."""
     import torch  # noqa: PLC0415
-    from mmasim.simulator.arithmetic import nv_fused_dot_add, truncate_to_tf32  # noqa
+
+    blocks = max(1, group // 32)
+    out = torch.full((blocks,), fill).to(scales.dtype)
+    given = scales[start // 32:start // 32 + blocks]
+    out[:len(given)] = given
+    return out
+
+
+def _group_products(a, b, a_scales, b_scales, group, bits, output, chunk):
+    """a [R, K] @ b [K] by MMA-Sim's `nv_fused_dot_add`, one group at a time (for
+    kind::mxf4nvf4, its `nv_fused_dot_add_with_block_scale`)."""
+    import torch  # noqa: PLC0415
+    from mmasim.simulator.arithmetic import (nv_fused_dot_add,  # noqa: PLC0415
+                                             nv_fused_dot_add_with_block_scale,
+                                             truncate_to_tf32)
 
     if a.dtype == torch.float32:  # tf32: as MMA-Sim's mma, wgmma and tcgen05mma do
         a, b = truncate_to_tf32(a), truncate_to_tf32(b)
@@ -169,9 +185,15 @@ def _group_products(a, b, a_scales, b_scales, group, bits, output, chunk):
             y = torch.zeros(group, dtype=b.dtype)
             x[:min(group, k - start)] = a[row, start:start + group]
             y[:min(group, k - start)] = b[start:start + group]
-            scales = {} if a_scales is None else {
-                "scale_a": a_scales[row, start // group], "scale_b": b_scales[start // group]}
-            c = nv_fused_dot_add(x, y, c, bits, OUTPUTS[output], **scales).float()
+            if group == 64:  # kind::mxf4nvf4: two blocks of 32 (padding: 2^-127)
+                c = nv_fused_dot_add_with_block_scale(
+                    x, y, c, _group_scales(a_scales[row], start, group, 2.0 ** -127),
+                    _group_scales(b_scales, start, group, 2.0 ** -127), bits).float()
+            else:
+                scales = {} if a_scales is None else {
+                    "scale_a": a_scales[row, start // group],
+                    "scale_b": b_scales[start // group]}
+                c = nv_fused_dot_add(x, y, c, bits, OUTPUTS[output], **scales).float()
             if chunk and ((start + group) % chunk == 0 or start + group >= k):
                 total, c = total + c, torch.tensor(0.0, dtype=torch.float32)
         out[row] = (total if chunk else c).item()
@@ -209,10 +231,24 @@ INSTRUCTIONS = {
     "nvidia_blackwell_fp8": ("tcgen05mma", "Blackwell", "m64n8k32.f32.{a}.{b}"),
     "nvidia_blackwell_mxfp8": ("tcgen05mma_block_scale", "Blackwell",
                                "m128n8k32.block32.f32.{a}.{b}.ue8m0"),
+    "nvidia_blackwell_mxfp4": ("tcgen05mma_block_scale", "Blackwell",
+                               "m128n8k64.block32.f32.{a}.{b}.ue8m0"),
 }
 PTX_TYPES = {"float16": "f16", "bfloat16": "bf16", "tensorfloat32": "tf32",
              "float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2",
-             "mxfp8_e4m3": "e4m3", "mxfp8_e5m2": "e5m2"}
+             "mxfp8_e4m3": "e4m3", "mxfp8_e5m2": "e5m2", "mxfp4_e2m1": "e2m1"}
+
+
+def _packed_fp4(x, axis):
+    """FP4 (E2M1) values `x` as MMA-Sim's packed uint8: two codes per byte along `axis`
+    (the even element in the low nibble)."""
+    import torch  # noqa: PLC0415
+    from mmasim.isa.common import encode_fp4  # noqa: PLC0415
+
+    codes = torch.tensor([encode_fp4(float(v)) for v in x.flatten()], dtype=torch.uint8)
+    codes = codes.reshape(x.shape).movedim(axis, -1)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return packed.movedim(-1, axis).contiguous()
 
 
 def _padded(x, shape, fill=0.0):
@@ -235,23 +271,34 @@ def _instruction_products(instruction, a, b, a_scales, b_scales, chunk):
     steps = max(1, -(-depth // k))
     a = _padded(a, (-(-rows // m) * m, steps * k))
     b = _padded(b[:, None], (steps * k, n))
-    if a_scales is not None:  # one scale per instruction (k = 32 = the block)
-        a_scales = _padded(a_scales, (a.shape[0], steps), 1.0)
-        b_scales = _padded(b_scales[:, None], (steps, n), 1.0)
+    blocks = 1
+    if a_scales is not None:  # blocks of 32, one or two per instruction; past K,
+        blocks = k // instruction.block_size  # E8M0's least (an all-zero block's)
+        a_scales = _padded(a_scales, (a.shape[0], steps * blocks), 2.0 ** -127)
+        b_scales = _padded(b_scales[:, None], (steps * blocks, n), 2.0 ** -127)
+    if instruction_packing(instruction) == 2:  # kind::mxf4nvf4 takes packed FP4
+        a, b = _packed_fp4(a, 1), _packed_fp4(b, 0)
+    width = k // instruction_packing(instruction)
     out = []
     for top in range(0, a.shape[0], m):
         c = total = torch.zeros((m, n), dtype=torch.float32)
         for step in range(steps):
-            operands = (a[top:top + m, step * k:(step + 1) * k].contiguous(),
-                        b[step * k:(step + 1) * k].contiguous(), c)
+            operands = (a[top:top + m, step * width:(step + 1) * width].contiguous(),
+                        b[step * width:(step + 1) * width].contiguous(), c)
             if a_scales is not None:
-                operands += (a_scales[top:top + m, step:step + 1].contiguous(),
-                             b_scales[step:step + 1].contiguous())
+                scales = slice(step * blocks, (step + 1) * blocks)
+                operands += (a_scales[top:top + m, scales].contiguous(),
+                             b_scales[scales].contiguous())
             c = instruction(*operands)
             if chunk and (((step + 1) * k) % chunk == 0 or step + 1 == steps):
                 total, c = total + c, torch.zeros_like(c)
         out.append(total if chunk else c)
     return torch.cat(out)[:rows, 0].numpy()
+
+
+def instruction_packing(instruction):
+    """Elements per stored operand value (2: packed FP4)."""
+    return getattr(instruction, "packing", 1)
 
 
 def instructions(path):

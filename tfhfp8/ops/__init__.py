@@ -263,7 +263,8 @@ def fused_matmul(a, b, *arguments):
     unit's fused dot-adds (`tfhfp8.ops.tf_fused.fused_matmul`, whose arguments follow
     `a` and `b`), on the backend `accumulation_backend` names (the C++ kernel and the TF
     ops give the same bits)."""
-    if accumulation_backend() == "cpp":
+    partial_sums = len(arguments) > 10  # kind::mxf4nvf4: the TF ops only, for now
+    if accumulation_backend() == "cpp" and not partial_sums:
         return cpp_backend.fused_matmul(a, b, *arguments)
     if _compat.in_xla_context():
         return tf_fused.fused_matmul(a, b, *arguments)
