@@ -96,6 +96,11 @@ def plot(rows, path):
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("relative error")
     axes[1].legend(fontsize=7)
+    exact = [name for name in names if all(r["max"] == 0 for r in rows
+                                            if r["accumulator"] == name)]
+    if exact:  # no point on a log scale
+        figure.text(0.01, 0.01, f"exact (error 0) at every K: {', '.join(exact)}",
+                    fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
