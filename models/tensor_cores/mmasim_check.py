@@ -14,7 +14,8 @@ dot products of random values of the instruction's input types (zeros and subnor
 included, random signs; K from 1 to 300, not multiples of the group; for TF32
 instructions, FP32 values with all 23 mantissa bits, which both sides truncate) and
 adversarial ones (cancellation, values spanning the whole format), and stores them with
-tfhfp8's results. `check` recomputes each with MMA-Sim's `nv_fused_dot_add` (one call per group
+tfhfp8's results. `check` recomputes each with MMA-Sim's `nv_fused_dot_add` (for
+kind::mxf4nvf4, `nv_fused_dot_add_with_block_scale`; one call per group
 of the instruction, chained through the accumulator, as its `mma` / `wgmma` /
 `tcgen05mma` models chain them; DeepSeek's promotion as an FP32 add every 128
 products) and counts the results that differ in any bit. `instructions` recomputes the
@@ -40,7 +41,8 @@ def _float32_values(rng):
 
 
 # The operand types checked per accumulator (default: its first and last input types).
-# MMA-Sim's kind::mxf8f6f4 takes E4M3 and E5M2 elements (its FP6 and FP4 are to do).
+# MMA-Sim's kind::mxf8f6f4 takes E4M3 and E5M2 elements (its FP6 and FP4 are to do);
+# its kind::mxf4nvf4, E2M1 (packed two to a byte).
 CHECKED_TYPES = {"nvidia_blackwell_mxfp8": ("mxfp8_e4m3", "mxfp8_e5m2"),
                  "nvidia_blackwell_mxfp4": ("mxfp4_e2m1", "mxfp4_e2m1")}
 
