@@ -228,16 +228,17 @@ def test_mx_operands_and_instructions_must_match(policy, message):
 
 def _fused_cases(rng):
     """(accumulator, a [2, 5, K], b [2, K, 7], kernel arguments): named and custom
-    accumulators (promotion, FP16 output, MX blocks), with inf, NaN, an all-zero row and
-    cancellation."""
+    accumulators (promotion, FP16 output, MX blocks, partial sums), with inf, NaN, an
+    all-zero row and cancellation."""
     cases = []
     for acc in [tfhfp8.accumulation.get(name) for name in (
             "nvidia_hopper_fp8_promote128", "nvidia_volta_fp16", "nvidia_ampere_bf16",
-            "nvidia_hopper_fp16", "nvidia_blackwell_mxfp8")] + [
+            "nvidia_hopper_fp16", "nvidia_blackwell_mxfp8", "nvidia_blackwell_mxfp4")] + [
             FusedAccumulator(8, 20, "float16", chunk_size=24)]:
         k = 150
-        if acc.name == "nvidia_blackwell_mxfp8":
-            a_type, b_type = "mxfp8_e4m3", "mxfp8_e5m2"
+        if (acc.name or "").startswith("nvidia_blackwell_mx"):
+            a_type, b_type = (("mxfp8_e4m3", "mxfp8_e5m2") if acc.name.endswith("mxfp8")
+                              else ("mxfp4_e2m1", "mxfp4_e2m1"))
             a = np.stack([_mx_operand(a_type, 5, k, rng, np.arange(-40, 41))[0]
                           for _ in range(2)])
             b = np.stack([_mx_operand(b_type, 7, k, rng, np.arange(-40, 41))[0].T
@@ -283,7 +284,10 @@ def test_the_cpp_kernel_and_the_tf_ops_agree_on_every_cpu_variant(monkeypatch):
     (dict(group_size=0), "group_size"), (dict(fraction_bits=41), "fraction_bits"),
     (dict(output_bits=24), "output_bits"), (dict(chunk_size=12), "chunk_size"),
     (dict(a_block_emax=200), "a_block_emax"), (dict(output_min_exponent=1),
-                                                "output_min_exponent")])
+                                                "output_min_exponent"),
+    (dict(partial_sum_size=4), "partial_sum_size"),  # operands not blocked
+    (dict(partial_sum_size=3, block_size=8, a_blocked=True, b_blocked=True),
+     "partial_sum_size")])
 def test_the_raw_kernel_rejects_bad_attributes(attrs, message):
     from tfhfp8.ops import cpp_backend
 

@@ -263,8 +263,7 @@ def fused_matmul(a, b, *arguments):
     unit's fused dot-adds (`tfhfp8.ops.tf_fused.fused_matmul`, whose arguments follow
     `a` and `b`), on the backend `accumulation_backend` names (the C++ kernel and the TF
     ops give the same bits)."""
-    partial_sums = len(arguments) > 10  # kind::mxf4nvf4: the TF ops only, for now
-    if accumulation_backend() == "cpp" and not partial_sums:
+    if accumulation_backend() == "cpp":
         return cpp_backend.fused_matmul(a, b, *arguments)
     if _compat.in_xla_context():
         return tf_fused.fused_matmul(a, b, *arguments)

@@ -115,7 +115,8 @@ def accumulating_matmul(a, b, fmt, outer_format, products, rounding, saturate, c
 
 def fused_matmul(a, b, a_min_exponent, b_min_exponent, group_size, fraction_bits,
                  output_bits, output_min_exponent, output_rounding, chunk_size,
-                 a_block_emax=None, b_block_emax=None):
+                 a_block_emax=None, b_block_emax=None, block_size=None,
+                 partial_sum_size=None):
     """A matrix unit's fused dot-adds of float32 `a` [batch, M, K] and `b` [batch, K, N]:
     the arguments and results of `tfhfp8.ops.tf_fused.fused_matmul`, bit for bit."""
     return load().hfp8_fused_matmul(
@@ -124,7 +125,8 @@ def fused_matmul(a, b, a_min_exponent, b_min_exponent, group_size, fraction_bits
         output_min_exponent=output_min_exponent, output_rounding=output_rounding,
         chunk_size=chunk_size, a_blocked=a_block_emax is not None,
         a_block_emax=a_block_emax or 0, b_blocked=b_block_emax is not None,
-        b_block_emax=b_block_emax or 0)
+        b_block_emax=b_block_emax or 0, block_size=block_size or 0,
+        partial_sum_size=partial_sum_size or 0)
 
 
 def int32_matmul(a_mantissas, b_mantissas, chunk_size, overflow):

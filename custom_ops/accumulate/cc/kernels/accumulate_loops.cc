@@ -632,7 +632,7 @@ int64_t Int32Tile(const int32_t* a, const int32_t* panel, float* c, int rows, in
 
 inline namespace TFHFP8_VARIANT {  // fused_loops.cc
 void FusedExponents(const double* x, int64_t count, int64_t stride, int min_exponent,
-                    bool blocked, int block_emax, int* out);
+                    bool blocked, int block_emax, bool scale_only, int* out);
 int64_t FusedRows(const double* a, const int* ea, int rows, int64_t stride, const double* b,
                   const int* eb, int64_t groups, int64_t n, const FusedArithmetic& f,
                   float* c);

@@ -62,12 +62,17 @@ struct FusedArithmetic {
   int64_t chunk_size;  // 0: no promotion
   bool a_blocked, b_blocked;
   int a_block_emax, b_block_emax;
+  // kind::mxf4nvf4: products summed exactly partial_sum_size at a time, each sum one
+  // term with its blocks' scale exponents (MX blocks of block_size); 0: none.
+  int block_size, partial_sum_size;
 };
 
 // The exponents (MMA-Sim's) of `count` operand values x[i * stride] into out[i * stride]:
-// one group of an operand, an OCP MX block when `blocked`.
+// one group of an operand, an OCP MX block when `blocked`; with `scale_only`, the
+// block's scale exponent for every value (what a partial sum's exponent adds).
 using FusedExponentsLoop = void (*)(const double* x, int64_t count, int64_t stride,
-                                    int min_exponent, bool blocked, int block_emax, int* out);
+                                    int min_exponent, bool blocked, int block_emax,
+                                    bool scale_only, int* out);
 
 // Output rows c[rows][n] of the fused sums of a's rows (a, ea: [rows][stride], zero padded
 // to groups * group_size) with the columns of b (b, eb: [groups * group_size][n], zero

@@ -37,6 +37,12 @@ absl::Status CheckRange(const char* name, int value, int low, int high) {
   return absl::OkStatus();
 }
 
+// The values whose exponents are found together: a group (an MX block, when blocked),
+// or, with partial sums, an MX block of a group of several.
+int ExponentBlock(const FusedArithmetic& f) {
+  return f.partial_sum_size ? f.block_size : f.group_size;
+}
+
 // Each batch's B as double, zero padded to whole groups ([batch][groups * group_size][n]),
 // and its exponents.
 void PrepareB(const AccumulateLoops& loops, const float* b, int64_t batch, int64_t k,
@@ -48,10 +54,10 @@ void PrepareB(const AccumulateLoops& loops, const float* b, int64_t batch, int64
   for (int64_t bi = 0; bi < batch; ++bi) {
     double* bp = padded->data() + bi * rows * n;
     std::copy(b + bi * k * n, b + (bi + 1) * k * n, bp);
-    for (int64_t k0 = 0; k0 < rows; k0 += f.group_size) {
+    for (int64_t k0 = 0; k0 < rows; k0 += ExponentBlock(f)) {
       for (int64_t j = 0; j < n; ++j) {
-        loops.fused_exponents(bp + k0 * n + j, f.group_size, n, f.b_min_exponent,
-                              f.b_blocked, f.b_block_emax,
+        loops.fused_exponents(bp + k0 * n + j, ExponentBlock(f), n, f.b_min_exponent,
+                              f.b_blocked, f.b_block_emax, f.partial_sum_size > 0,
                               exponents->data() + bi * rows * n + k0 * n + j);
       }
     }
@@ -89,6 +95,17 @@ class FusedMatmulOp : public OpKernel {
     OP_REQUIRES(context, chunk_size >= 0 && chunk_size % f.group_size == 0,
                 InvalidArgument("chunk_size must be 0 or a positive multiple of group_size (",
                                 f.group_size, "), got ", chunk_size));
+    OP_REQUIRES_OK(context, context->GetAttr("block_size", &f.block_size));
+    OP_REQUIRES_OK(context, context->GetAttr("partial_sum_size", &f.partial_sum_size));
+    OP_REQUIRES(context,
+                f.partial_sum_size == 0 ||
+                    (f.a_blocked && f.b_blocked && f.block_size > 0 &&
+                     f.partial_sum_size > 0 && f.group_size % f.block_size == 0 &&
+                     f.block_size % f.partial_sum_size == 0),
+                InvalidArgument("partial_sum_size must be 0, or divide block_size, which "
+                                "divides group_size, with both operands blocked; got "
+                                "partial_sum_size ", f.partial_sum_size, ", block_size ",
+                                f.block_size, ", group_size ", f.group_size));
     f.chunk_size = chunk_size;
     f.nearest_even = rounding == "nearest_even";
   }
@@ -132,10 +149,10 @@ class FusedMatmulOp : public OpKernel {
         for (int r = 0; r < rows; ++r) {
           const float* row = a_data + (bi * m + i0 + r) * k;
           std::copy(row, row + k, a_rows.begin() + r * padded);
-          for (int64_t k0 = 0; k0 < padded; k0 += f.group_size) {
-            loops->fused_exponents(a_rows.data() + r * padded + k0, f.group_size, 1,
+          for (int64_t k0 = 0; k0 < padded; k0 += ExponentBlock(f)) {
+            loops->fused_exponents(a_rows.data() + r * padded + k0, ExponentBlock(f), 1,
                                    f.a_min_exponent, f.a_blocked, f.a_block_emax,
-                                   ea.data() + r * padded + k0);
+                                   f.partial_sum_size > 0, ea.data() + r * padded + k0);
           }
         }
         local += loops->fused_rows(a_rows.data(), ea.data(), rows, padded,

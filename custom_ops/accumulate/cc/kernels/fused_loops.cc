@@ -67,16 +67,35 @@ struct RowState {
   std::vector<double> c, total, scale, sum;
   std::vector<int> top;
   std::vector<char> finite;
-  explicit RowState(int64_t n) : c(n), total(n), scale(n), sum(n), top(n), finite(n) {}
+  std::vector<int64_t> lost;
+  explicit RowState(int64_t n)
+      : c(n), total(n), scale(n), sum(n), top(n), finite(n), lost(n) {}
 };
+
+// The accumulator after a group of finite terms summed into s.sum (truncated at
+// s.top), or, in a group that is not finite, `special(j)`: the exact sum of its
+// products (NaN or +-inf) plus the accumulator.
+template <typename Special>
+void FinishGroup(const FusedArithmetic& f, RowState& s, int64_t n, Special special) {
+  for (int64_t j = 0; j < n; ++j) {
+    double& c = s.c[j];
+    if (s.finite[j]) {
+      const double sum = s.sum[j] + std::trunc(c * s.scale[j]);
+      c = RoundToBits(sum * Pow2(s.top[j] - f.fraction_bits), f.output_bits,
+                      f.output_min_exponent, f.nearest_even);
+    } else {  // NaN or +-inf, whatever the order (off the hot path: rare)
+      c = special(j) + c;
+    }
+  }
+}
 
 }  // namespace
 
 // The exponents (MMA-Sim's) of `count` operand values `x[i * stride]`, into
-// `out[i * stride]`; one group of an MX operand when `blocked` (see _operand_exponents
-// in tf_fused.py).
+// `out[i * stride]`; one block of an MX operand when `blocked` (see _operand_exponents
+// in tf_fused.py), its scale alone when `scale_only` (_partial_scales).
 void FusedExponents(const double* x, int64_t count, int64_t stride, int min_exponent,
-                    bool blocked, int block_emax, int* out) {
+                    bool blocked, int block_emax, bool scale_only, int* out) {
   int scale = 0;
   if (blocked) {  // (a block with NaN or inf makes its groups non-finite: scale unused)
     double amax = 0;
@@ -85,7 +104,8 @@ void FusedExponents(const double* x, int64_t count, int64_t stride, int min_expo
                       : std::clamp(FloorLog2(amax) - block_emax, kE8m0MinExponent, 1000);
   }
   for (int64_t i = 0; i < count; ++i) {
-    out[i * stride] = ExponentOf(x[i * stride] * Pow2(-scale), min_exponent) + scale;
+    out[i * stride] =
+        scale_only ? scale : ExponentOf(x[i * stride] * Pow2(-scale), min_exponent) + scale;
   }
 }
 
@@ -133,18 +153,59 @@ int64_t FusedGroup(const double* a, const int* ea, const double* __restrict b,
       s.sum[j] += term;
     }
   }
+  FinishGroup(f, state, n, [&](int64_t j) {
+    double special = 0;
+    for (int t = 0; t < f.group_size; ++t) special += a[t] * b[t * n + j];
+    return special;
+  });
+  return swamped;
+}
+
+// One fused dot-add of partial sums (kind::mxf4nvf4; _fused_partial_group in
+// tf_fused.py): per f.partial_sum_size products, their exact sum (any order: they share
+// their blocks' power of two and are multiples of its 2^-2), a term whose exponent is
+// its blocks' scales (ea, eb: scale_only exponents). Returns the nonzero products of
+// partial sums truncated to zero in finite groups.
+int64_t FusedPartialGroup(const double* a, const int* ea, const double* __restrict b,
+                          const int* __restrict eb, int64_t n, const FusedArithmetic& f,
+                          RowState& s) {
+  const int p = f.partial_sum_size;
   for (int64_t j = 0; j < n; ++j) {
-    double& c = s.c[j];
-    if (s.finite[j]) {
-      const double sum = s.sum[j] + std::trunc(c * s.scale[j]);
-      c = RoundToBits(sum * Pow2(s.top[j] - f.fraction_bits), f.output_bits,
-                      f.output_min_exponent, f.nearest_even);
-    } else {  // NaN or +-inf, whatever the order (off the hot path: rare)
-      double special = 0;
-      for (int t = 0; t < f.group_size; ++t) special += a[t] * b[t * n + j];
-      c = special + c;
+    s.top[j] = ExponentOf(s.c[j], -126);
+    s.finite[j] = std::isfinite(s.c[j]);
+    s.sum[j] = 0;
+    s.lost[j] = 0;
+  }
+  for (int t = 0; t < f.group_size; ++t) {  // the largest exponent; NaN or inf
+    for (int64_t j = 0; j < n; ++j) {
+      if (t % p == 0) s.top[j] = std::max(s.top[j], ea[t] + eb[t * n + j]);
+      s.finite[j] &= std::isfinite(a[t] * b[t * n + j]);
     }
   }
+  for (int64_t j = 0; j < n; ++j) {
+    s.scale[j] = s.finite[j] ? Pow2(f.fraction_bits - s.top[j]) : 0.0;
+  }
+  for (int t0 = 0; t0 < f.group_size; t0 += p) {  // the truncated partial sums
+    for (int64_t j = 0; j < n; ++j) {
+      if (!s.finite[j]) continue;
+      double partial = 0;
+      int64_t nonzero = 0;
+      for (int t = t0; t < t0 + p; ++t) {
+        partial += a[t] * b[t * n + j];
+        nonzero += a[t] != 0 && b[t * n + j] != 0;
+      }
+      const double term = TruncateTerm(partial * s.scale[j]);
+      s.lost[j] += term == 0 && partial != 0 ? nonzero : 0;
+      s.sum[j] += term;
+    }
+  }
+  int64_t swamped = 0;
+  for (int64_t j = 0; j < n; ++j) swamped += s.finite[j] ? s.lost[j] : 0;
+  FinishGroup(f, s, n, [&](int64_t j) {
+    double special = 0;
+    for (int t = 0; t < f.group_size; ++t) special += a[t] * b[t * n + j];
+    return special;
+  });
   return swamped;
 }
 
@@ -166,8 +227,8 @@ int64_t FusedRows(const double* a, const int* ea, int rows, int64_t stride, cons
     const bool promote = f.chunk_size && ((group + 1) % per_chunk == 0 || group + 1 == groups);
     for (int r = 0; r < rows; ++r) {
       RowState& s = states[r];
-      swamped += FusedGroup(a + r * stride + k0, ea + r * stride + k0, b + k0 * n,
-                            eb + k0 * n, n, f, s);
+      swamped += (f.partial_sum_size ? FusedPartialGroup : FusedGroup)(
+          a + r * stride + k0, ea + r * stride + k0, b + k0 * n, eb + k0 * n, n, f, s);
       for (int64_t j = 0; promote && j < n; ++j) {
         const double summed = s.total[j] + s.c[j];
         s.total[j] = std::isfinite(summed) ? RoundToBits(summed, 23, -126, true) : summed;

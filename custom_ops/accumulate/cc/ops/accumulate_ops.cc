@@ -89,6 +89,8 @@ REGISTER_OP("Hfp8FusedMatmul")
     .Attr("a_block_emax: int = 0")
     .Attr("b_blocked: bool = false")
     .Attr("b_block_emax: int = 0")
+    .Attr("block_size: int = 0")
+    .Attr("partial_sum_size: int = 0")
     .SetShapeFn(MatmulShape)
     .Doc(R"doc(
 A matrix unit's fused dot-adds (tfhfp8.fused_accumulation): groups of group_size
@@ -96,8 +98,11 @@ products and the accumulator, each term truncated to fraction_bits bits after th
 point of the largest exponent, summed exactly and rounded once to output_bits mantissa
 bits (smallest normal exponent output_min_exponent); chunk_size > 0: the sum is promoted
 into an FP32 total every chunk_size products. An operand is OCP MX (one block per group,
-largest element exponent *_block_emax) when *_blocked. swamped: nonzero products
-truncated to zero in groups whose terms are all finite.
+largest element exponent *_block_emax) when *_blocked. With partial_sum_size > 0 (both
+operands blocked, in blocks of block_size), each partial_sum_size products are summed
+exactly first, one term whose exponent is its blocks' scale exponents (Blackwell's
+mxf4nvf4 kind). swamped: nonzero products truncated to zero in groups whose terms are
+all finite.
 )doc");
 
 }  // namespace tfhfp8
