@@ -72,19 +72,21 @@ struct RowState {
       : c(n), total(n), scale(n), sum(n), top(n), finite(n), lost(n) {}
 };
 
-// The accumulator after a group of finite terms summed into s.sum (truncated at
-// s.top), or, in a group that is not finite, `special(j)`: the exact sum of its
-// products (NaN or +-inf) plus the accumulator.
-template <typename Special>
-void FinishGroup(const FusedArithmetic& f, RowState& s, int64_t n, Special special) {
+// The accumulator after a group (a: the row's, b: its rows of B) whose finite terms
+// were summed into s.sum (truncated at s.top); in a group that is not finite, the sum
+// of its products (NaN or +-inf, whatever the order) plus the accumulator.
+void FinishGroup(const double* a, const double* b, int64_t n, const FusedArithmetic& f,
+                 RowState& s) {
   for (int64_t j = 0; j < n; ++j) {
     double& c = s.c[j];
     if (s.finite[j]) {
       const double sum = s.sum[j] + std::trunc(c * s.scale[j]);
       c = RoundToBits(sum * Pow2(s.top[j] - f.fraction_bits), f.output_bits,
                       f.output_min_exponent, f.nearest_even);
-    } else {  // NaN or +-inf, whatever the order (off the hot path: rare)
-      c = special(j) + c;
+    } else {  // off the hot path: rare
+      double special = 0;
+      for (int t = 0; t < f.group_size; ++t) special += a[t] * b[t * n + j];
+      c = special + c;
     }
   }
 }
@@ -153,11 +155,7 @@ int64_t FusedGroup(const double* a, const int* ea, const double* __restrict b,
       s.sum[j] += term;
     }
   }
-  FinishGroup(f, state, n, [&](int64_t j) {
-    double special = 0;
-    for (int t = 0; t < f.group_size; ++t) special += a[t] * b[t * n + j];
-    return special;
-  });
+  FinishGroup(a, b, n, f, state);
   return swamped;
 }
 
@@ -201,11 +199,7 @@ int64_t FusedPartialGroup(const double* a, const int* ea, const double* __restri
   }
   int64_t swamped = 0;
   for (int64_t j = 0; j < n; ++j) swamped += s.finite[j] ? s.lost[j] : 0;
-  FinishGroup(f, s, n, [&](int64_t j) {
-    double special = 0;
-    for (int t = 0; t < f.group_size; ++t) special += a[t] * b[t * n + j];
-    return special;
-  });
+  FinishGroup(a, b, n, f, s);
   return swamped;
 }
 
