@@ -19,13 +19,19 @@ initial weights and data order per seed, under:
 
 No loss scaling (the per-tensor and per-block scales cover the range, as in both
 recipes). Each seed's `results.json` goes to OUTPUT_ROOT/transformer_rotten_tomatoes/
-seed<S>/, which `models.policy_comparison` reads.
+seed<S>/, which `models.policy_comparison` reads; `--table` prints, from those files,
+the final test accuracy and training loss per policy (mean ± sd over seeds).
 """
+
+import glob
+import json
+import pathlib
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import tfhfp8  # noqa: E402
@@ -38,6 +44,23 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size.")
 _POLICIES = flags.DEFINE_list("policies", None, "Only these of the policies (by name).")
 _OUTPUT_ROOT = flags.DEFINE_string("output_root", "results/tensor_cores_training",
                                    "Where <experiment>/seed<S>/results.json go.")
+_TABLE = flags.DEFINE_boolean("table", False, "Only print the table of the results in "
+                              "--output_root (no training).")
+
+
+def table(root):
+    """Markdown rows: per policy, final test accuracy and training loss over seeds."""
+    runs = [json.loads(pathlib.Path(path).read_text()) for path in sorted(glob.glob(
+        os.path.join(root, "transformer_rotten_tomatoes", "seed*", "results.json")))]
+    lines = [f"{len(runs)} seeds", "| policy | test accuracy (%) | per seed | final "
+             "training loss |", "|---|---|---|---|"]
+    for name in runs[0]["policies"] if runs else ():
+        accuracy = np.array([100 * r["policies"][name]["test_accuracy"] for r in runs])
+        loss = np.array([r["policies"][name]["history"]["loss"][-1] for r in runs])
+        lines.append(f"| {name} | {accuracy.mean():.2f} ± {accuracy.std(ddof=1):.2f} | "
+                     f"{', '.join(f'{a:.2f}' for a in accuracy)} | "
+                     f"{loss.mean():.4f} ± {loss.std(ddof=1):.4f} |")
+    return "\n".join(lines)
 
 
 def policies():
@@ -52,6 +75,9 @@ def policies():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _TABLE.value:
+        print(table(_OUTPUT_ROOT.value))
+        return
     chosen = policies()
     if _POLICIES.value:
         unknown = sorted(set(_POLICIES.value) - set(chosen))
