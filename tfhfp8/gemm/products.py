@@ -50,7 +50,7 @@ def rounded_operand(x, fmt):
     per-tensor scaled `fmt` with the scale of `x`'s amax, as a `TensorScaled`."""
     if not is_tensor_scaled(fmt):
         return quantize(x, fmt, saturate=True), fmt
-    scale = tf_block.tensor_scale(tf_block.tensor_amax(x), fmt)
+    scale = tf_block.current_scale(x, fmt)
     return quantize(x, fmt, saturate=True, scale=scale), TensorScaled(fmt, scale)
 
 

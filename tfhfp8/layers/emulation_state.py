@@ -138,7 +138,7 @@ class EmulationState:
         None for any other format."""
         scale = self._delayed_scale(x, role, *key)
         if scale is None and gemm.is_tensor_scaled(self.policy.formats[role]):
-            scale = tf_block.tensor_scale(tf_block.tensor_amax(x), self.policy.formats[role])
+            scale = tf_block.current_scale(x, self.policy.formats[role])
         return scale
 
     def enable_error_stats(self):

@@ -303,6 +303,12 @@ def tensor_scale(amax, fmt, previous=None):
     return tf.math.reciprocal(factor)
 
 
+def current_scale(x, fmt):
+    """The per-tensor scale of `fmt` for `x`'s own amax (current scaling): what
+    `quantize_tensor_scaled` takes without a scale."""
+    return tensor_scale(tensor_amax(x), fmt)
+
+
 def next_amax_history(history, amax):
     """Keras' `compute_float8_amax_history`: rolled by one, `amax` written first (the
     window holds the last `len(history)` amaxes; only their maximum is used)."""
@@ -320,7 +326,7 @@ def quantize_tensor_scaled(x, fmt, rounding, seed, scale, quantize_float):
     on the bits (TF's CPU flushes subnormals to zero in float arithmetic); otherwise the
     float32 operations give the same IEEE results."""
     if scale is None:
-        scale = tensor_scale(tensor_amax(x), fmt)
+        scale = current_scale(x, fmt)
     s = tf.cast(scale, x.dtype)
 
     def in_float_ops():
