@@ -60,6 +60,13 @@ PRESETS = {
         weights=("e4m3_delayed", NE), activations=("e4m3_delayed", NE),
         errors=("e5m2_delayed", NE), weight_gradients=(None, NE), master_weights=(None, NE),
         exempt_first_last=False, accumulation=("nvidia_hopper_fp8_promote128",) * 3),
+    # DeepSeek-V3 as TE's Float8BlockScaling quantizes it (FP32 scales): E4M3 in 1 x 128
+    # blocks and 128 x 128 weight tiles, BF16 optimizer moments, the output head (and
+    # first GEMM layer) in FP32.
+    "deepseek_v3_fp8": dict(
+        weights=("e4m3_128x128", NE), activations=("e4m3_1x128", NE),
+        errors=("e4m3_1x128", NE), weight_gradients=(None, NE), master_weights=(None, NE),
+        optimizer_states=("bfloat16", NE), exempt_first_last=True, exempt_format=None),
     # Rouhani et al. 2023: MX operands in every GEMM, FP32 update; nothing exempt.
     "mxfp8": dict(weights=("mxfp8_e4m3", NE), activations=("mxfp8_e4m3", NE),
                   errors=("mxfp8_e5m2", NE), weight_gradients=(None, NE),
@@ -359,8 +366,8 @@ def test_unknown_name_without_role_keywords_raises_listing_the_presets(name):
     # A misspelt preset used to build a float32 policy that emulates nothing.
     with pytest.raises(ValueError, match=r"not a preset \(float32, bfloat16, fp8, hfp8, "
                                          r"int16_dfp, fp8_delayed, fp8_hopper, "
-                                         r"fp8_hopper_promoted, mxfp8, mxfp6, mxfp4, "
-                                         r"nvfp4\)"):
+                                         r"fp8_hopper_promoted, deepseek_v3_fp8, mxfp8, "
+                                         r"mxfp6, mxfp4, nvfp4\)"):
         tfhfp8.Policy(name)
     with pytest.raises(ValueError, match="not a preset"):
         tfhfp8.Policy(name, rounding="stochastic", exempt_first_last=True)

@@ -331,9 +331,9 @@ def check_operand(parameter, fmt):
 def _block_scaled_significand_bits(fmt):
     """The significant bits of a value of block-scaled `fmt` (element times block scale;
     a power-of-two scale adds none), or infinity when an FP32 scale can make it any
-    float32 (per-tensor scaling, a tensor scale)."""
+    float32 (per-tensor or per-block FP32 scales, a tensor scale)."""
     block_scaled = isinstance(fmt, formats.BlockScaled)
-    if not block_scaled or fmt.per_tensor or fmt.tensor_scale:
+    if not block_scaled or fmt.per_tensor or fmt.float32_blocks or fmt.tensor_scale:
         return float("inf")
     scale_bits = 0 if fmt.power_of_two_scale else fmt.scale.mantissa_bits + 1
     return fmt.element.mantissa_bits + 1 + scale_bits

@@ -217,6 +217,9 @@ def formats_table():
                 how = (f"delayed, amax history {fmt.amax_history}" if fmt.delayed
                        else "current")
                 blocks = f"one float32 scale per tensor ({how}, margin {fmt.margin})"
+            elif fmt.tiles:
+                rows, cols = fmt.block_shape
+                blocks = f"tiles of {rows} x {cols} x {fmt.scale_name} scale"
             else:
                 blocks = f"blocks of {fmt.block_size} x {fmt.scale_name} scale{tensor}"
             lines.append(

@@ -75,6 +75,22 @@ PRESETS = {
     "fp8_hopper_promoted": dict(weights="e4m3_delayed", activations="e4m3_delayed",
                                 errors="e5m2_delayed",
                                 accumulation="nvidia_hopper_fp8_promote128"),
+    # DeepSeek-V3 (arXiv 2412.19437, section 3.3), as Transformer Engine's
+    # Float8BlockScaling quantizes it with FP32 scales: E4M3 for every operand of the
+    # forward, dgrad and wgrad GEMMs; activations and output gradients in 1 x 128 tiles
+    # along each GEMM's reduction axis, weights in 128 x 128 tiles quantized once for
+    # the forward and dgrad GEMMs; FP32 scales from the current amax (TE's reference
+    # arithmetic, `tfhfp8.BlockScaled`); master weights and weight gradients FP32;
+    # optimizer moments in BF16 (with `tfhfp8.optimizers.LowPrecision`); attention
+    # products in high precision; the output head (and, as tfhfp8 exempts first and
+    # last together, the first GEMM layer) in FP32; embeddings and normalization are
+    # not quantized by `quantize_model`. Not emulated yet: DeepSeek's promotion of the
+    # tensor cores' partial sums with the tiles' scales applied at each promotion (the
+    # GEMMs sum in FP32 here).
+    "deepseek_v3_fp8": dict(weights="e4m3_128x128", activations="e4m3_1x128",
+                            errors="e4m3_1x128", optimizer_states="bfloat16",
+                            exempt_first_last=True, exempt_format=None,
+                            quantize_attention=False),
     # OCP MX (Rouhani et al. 2023, "Microscaling data formats for deep learning", §6):
     # every GEMM operand of the forward and both backward GEMMs in an MX format, each
     # blocked along that GEMM's reduction axis (blocks of 32, E8M0 scales, nearest

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from tfhfp8 import _compat, block_formats, formats, ops
 from tfhfp8.formats import roundings
-from tfhfp8.ops import tf_block
+from tfhfp8.ops import tf_block, tf_block_fp32
 
 GRADIENTS = ("straight_through", "zero_overflow")
 _DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
@@ -271,7 +271,9 @@ def _round(x, fmt, rounding, saturate, seed, scale=None, noise=None):
         axis = getattr(fmt, "axis", None)
         if getattr(fmt, "block_size", None) is not None and axis is None:
             axis = -1  # block floating point: blocks along the last axis
-        if axis is not None:
+        if getattr(fmt, "tiles", False):  # 2D tiles of the last two axes
+            view = [tf.reduce_prod(shape[:-2]), shape[-2], shape[-1]]
+        elif axis is not None:
             if not -rank <= axis < rank:
                 raise ValueError(f"axis {axis} is out of range for a tensor of rank {rank}")
             axis = axis % rank
@@ -288,8 +290,8 @@ def _round(x, fmt, rounding, saturate, seed, scale=None, noise=None):
     if saturate == "sat_propagate" and not isinstance(fmt, formats.FloatFormat):
         saturate = False  # infinities stay as they are (block formats: a NaN block)
     if isinstance(fmt, formats.FloatFormat) or (
-            isinstance(fmt, block_formats.BlockScaled) and fmt.per_tensor):
-        operation = "float"
+            isinstance(fmt, block_formats.BlockScaled) and fmt.scale == block_formats.FLOAT32):
+        operation = "float"  # FP32 scales: float32 operations and the element rounding
     elif isinstance(fmt, block_formats.BlockScaled):
         operation = "block"
     else:
@@ -304,6 +306,10 @@ def _round(x, fmt, rounding, saturate, seed, scale=None, noise=None):
         # One FP32 scale (TE / Keras float8): plain float32 ops and the element rounding.
         y = tf_block.quantize_tensor_scaled(xc, fmt, rounding, seed, scale,
                                             backend.quantize_float)
+    elif isinstance(fmt, block_formats.BlockScaled) and fmt.float32_blocks:
+        # FP32 scales per block (TE's Float8BlockScaling): TE's float32 operations.
+        y = tf_block_fp32.quantize_float32_blocks(xc, fmt, rounding, seed,
+                                                  backend.quantize_float)
     elif isinstance(fmt, block_formats.BlockScaled):
         y = backend.quantize_block(xc, fmt, rounding, saturate, seed)
     elif fmt.block_size is not None:

@@ -6,7 +6,8 @@ constants from these objects.
 - `FloatFormat`, `DynamicFixedPoint` (`tfhfp8.formats.scalar`): every element rounded
   on its own (every float type of ml_dtypes is a `FloatFormat`).
 - `BlockScaled` (`tfhfp8.formats.block`): blocks of elements sharing one scale
-  (OCP MX: `mxfp8_e4m3`, ..., `mxint8`; NVIDIA's `nvfp4`; per-tensor FP32 scales).
+  (OCP MX: `mxfp8_e4m3`, ..., `mxint8`; NVIDIA's `nvfp4`; FP32 scales per tensor, per
+  1 x 128 block or per 128 x 128 tile).
 - `get`, `names`, `serialize` (`tfhfp8.formats.named`): every named format.
 - `ROUNDINGS` (`tfhfp8.formats.roundings`): the rounding names.
 

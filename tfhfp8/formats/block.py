@@ -32,6 +32,17 @@ from `amax / (max_element * S)` and the value of an element is `q * s_block * S`
 rounded `S_enc / s_block`; here every quotient is exact before the one rounding that
 defines each result, see `tfhfp8.ops.tf_block`.)
 
+FP32 block scales (`scale="float32"` with a `block_size`, or 2D tiles `block_shape=(rows,
+cols)` over the last two axes; Transformer Engine's Float8BlockScaling, the recipe of
+DeepSeek-V3, arXiv 2412.19437 section 3.3: 1 x 128 activations and gradients, 128 x 128
+weights), in float32 operations in the order of TE's reference
+(`tests/pytorch/references/quantize_scale_calc.py`, `blockwise_quantizer_reference.py`):
+`scale = fl32(max_element / amax)` (FLT_MAX where that overflows, 1 where `amax` is 0;
+`scale_rounding="power_of_two"`: rounded down to a power of two, TE's `pow_2_scales`,
+0 for an infinite amax), elements `round(clamp(fl32(x * scale)))`, values
+`fl32(q * fl32(1 / scale))`; each float32 operation rounded once, subnormals included.
+A block holding an infinity has scale 0 and becomes NaN, as in TE's reference.
+
 Per-tensor scaling (`block_size=None`, `scale="float32"`): the whole tensor is one block
 with an FP32 scale, the recipe of NVIDIA's Transformer Engine (`DelayedScaling`) and of
 Keras 3's float8 training (`keras.quantizers.compute_float8_scale`,
@@ -66,7 +77,7 @@ infinity becomes `+-max_element * scale`.
 """
 
 import dataclasses
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import keras
 
@@ -75,7 +86,7 @@ from tfhfp8.formats import scalar
 E8M0 = "float8_e8m0fnu"
 FLOAT32 = "float32"  # the per-tensor scale of Transformer Engine / Keras float8
 SCALE_ROUNDINGS = {"power_of_two": ("floor", "ceil"), "float": ("nearest_even", "floor"),
-                   "tensor": ("nearest_even",)}
+                   "tensor": ("nearest_even",), "float32_blocks": ("nearest_even", "power_of_two")}
 
 # MXINT8's element (OCP MX v1.0): an 8-bit integer with an implicit scale 2^-6, used
 # symmetrically (+-127/64, as Microsoft's microxcaling; gfloat also allows -128/64).
@@ -114,8 +125,8 @@ class BlockScaled:
         per-tensor scaling (the whole tensor one block; needs `scale="float32"`).
       scale: `"float8_e8m0fnu"` (power-of-two scales, OCP MX), a `FloatFormat` or
         name (NVFP4: `"float8_e4m3fn"`; P3109's, signed or unsigned:
-        `"p3109_k8p3ue"`, ...), or `"float32"` (per tensor, Transformer Engine / Keras
-        float8; only with `block_size=None`).
+        `"p3109_k8p3ue"`, ...), or `"float32"` (with `block_size=None`: per tensor,
+        Transformer Engine / Keras float8; with blocks: TE's Float8BlockScaling).
       axis: the axis the blocks run along when quantizing a tensor directly. In the
         GEMMs of emulated layers (`Dense`, `EinsumDense`, the convolutions,
         attention), each operand is blocked along that GEMM's own reduction axis
@@ -123,7 +134,8 @@ class BlockScaled:
       tensor_scale: a per-tensor FP32 scale above the block scales (NVFP4); only
         with a `FloatFormat` scale.
       scale_rounding: how `amax` becomes a scale: `"floor"` or `"ceil"` for
-        `"float8_e8m0fnu"`, `"nearest_even"` or `"floor"` for a float scale format;
+        `"float8_e8m0fnu"`, `"nearest_even"` or `"floor"` for a float scale format,
+        `"nearest_even"` or `"power_of_two"` for FP32 block scales;
         None: `"floor"` (OCP MX) or `"nearest_even"` (NVFP4). See the module
         docstring for the exact definitions.
       margin: per-tensor scaling only: the scale leaves `2^margin` of headroom
@@ -131,6 +143,10 @@ class BlockScaled:
       amax_history: per-tensor scaling only: 0 for current scaling, else the length
         of the amax history of delayed scaling (Keras and Transformer Engine: 1024).
       name: optional display name.
+      block_shape: `(rows, cols)`: 2D tiles over the last two axes (FP32 scales only),
+        `block_size` set to `cols`. In a layer's GEMM a tiled operand is tiled in its
+        GEMM layout `[K, rest]` (reduction axes first) and quantized once for the
+        forward and the gradient GEMMs, as TE quantizes a 128 x 128 weight.
 
     Example:
 
@@ -152,9 +168,11 @@ class BlockScaled:
     name: Optional[str] = dataclasses.field(default=None, compare=False)
     margin: int = 0
     amax_history: int = 0
+    block_shape: Optional[Tuple[int, int]] = None
 
     def __post_init__(self):
         object.__setattr__(self, "element", _element(self.element))
+        self._check_block_shape()
         per_tensor = self.block_size is None
         if not per_tensor:
             object.__setattr__(self, "block_size",
@@ -163,11 +181,14 @@ class BlockScaled:
         object.__setattr__(self, "margin", scalar.check_int("margin", self.margin, 0, 64))
         object.__setattr__(self, "amax_history", scalar.check_int(
             "amax_history", self.amax_history, 0, 1 << 20))
-        if per_tensor != (self.scale == FLOAT32):
+        if per_tensor and self.scale != FLOAT32:
             raise ValueError(
-                f"block_size=None (per-tensor scaling) goes with scale={FLOAT32!r} and "
-                f"scale={FLOAT32!r} with block_size=None; got block_size="
-                f"{self.block_size!r}, scale={self.scale!r}")
+                f"block_size=None (per-tensor scaling) goes with scale={FLOAT32!r}; got "
+                f"scale={self.scale!r}")
+        if self.block_shape is not None and self.scale != FLOAT32:
+            raise ValueError(f"block_shape (2D tiles) is implemented for scale={FLOAT32!r} "
+                             f"(Transformer Engine's Float8BlockScaling); got scale="
+                             f"{self.scale!r}")
         if not per_tensor and (self.margin or self.amax_history):
             raise ValueError("margin and amax_history are for per-tensor scaling "
                              "(block_size=None) only")
@@ -183,7 +204,8 @@ class BlockScaled:
                     f"name of one ('float8_e4m3fn', 'p3109_k8p3ue', ...), or {FLOAT32!r} "
                     f"with block_size=None; got {scale!r}")
             object.__setattr__(self, "scale", scale)
-        kind = {E8M0: "power_of_two", FLOAT32: "tensor"}.get(scale, "float")
+        kind = {E8M0: "power_of_two", FLOAT32: "tensor" if per_tensor else "float32_blocks"
+                }.get(scale, "float")
         rounding = self.scale_rounding
         if rounding is None:
             rounding = SCALE_ROUNDINGS[kind][0]
@@ -197,6 +219,36 @@ class BlockScaled:
         if self.tensor_scale and kind != "float":
             raise ValueError(f"tensor_scale=True needs a float scale format (e.g. "
                              f"'float8_e4m3fn'), not scale={scale!r}")
+
+    def _check_block_shape(self):
+        """`block_shape=(rows, cols)`: tiles over the last two axes, `block_size` set to
+        `cols`; `(1, cols)` is the 1D `block_size=cols`."""
+        shape = self.block_shape
+        if shape is None:
+            return
+        if not isinstance(shape, (tuple, list)) or len(shape) != 2:
+            raise ValueError(f"block_shape must be (rows, cols), got {shape!r}")
+        rows = scalar.check_int("block_shape[0]", shape[0], 1, 1 << 16)
+        cols = scalar.check_int("block_shape[1]", shape[1], 1, 1 << 16)
+        if self.block_size not in (32, cols):  # 32: block_size's default
+            raise ValueError(f"block_shape {tuple(shape)} sets block_size to {cols}; got "
+                             f"block_size={self.block_size!r}")
+        if self.axis != -1:
+            raise ValueError(f"block_shape tiles the last two axes: axis must be -1, got "
+                             f"{self.axis}")
+        object.__setattr__(self, "block_size", cols)
+        object.__setattr__(self, "block_shape", None if rows == 1 else (rows, cols))
+
+    @property
+    def tiles(self) -> bool:
+        """True for 2D blocks (`block_shape` of more than one row)."""
+        return self.block_shape is not None
+
+    @property
+    def float32_blocks(self) -> bool:
+        """True for an FP32 scale per block or tile (Transformer Engine's
+        Float8BlockScaling, DeepSeek-V3's recipe)."""
+        return self.scale == FLOAT32 and not self.per_tensor
 
     @property
     def scale_name(self):
@@ -227,8 +279,10 @@ class BlockScaled:
         """Average storage bits per element (element bits plus the shared scale)."""
         if self.per_tensor:
             return self.element.bits  # one float32 per tensor
-        scale_bits = 8 if self.power_of_two_scale else self.scale.bits
-        return self.element.bits + scale_bits / self.block_size
+        scale_bits = (8 if self.power_of_two_scale else 32 if self.float32_blocks
+                      else self.scale.bits)
+        rows = self.block_shape[0] if self.tiles else 1
+        return self.element.bits + scale_bits / (self.block_size * rows)
 
     def get_config(self) -> dict:
         element = scalar.REGISTRY.serialize(self.element) if self.element != INT8_ELEMENT else "int8"
@@ -238,6 +292,8 @@ class BlockScaled:
                   "scale_rounding": self.scale_rounding, "name": self.name}
         if self.per_tensor:  # block formats' configs stay as they were
             config.update(margin=self.margin, amax_history=self.amax_history)
+        if self.tiles:
+            config["block_shape"] = list(self.block_shape)
         return config
 
     @classmethod
@@ -253,8 +309,10 @@ class BlockScaled:
                    else "current")
             return (f"BlockScaled({title}{element} per tensor, float32 scale, margin "
                     f"{self.margin}, {how})")
-        return (f"BlockScaled({title}{element} x {self.block_size} along axis {self.axis}, "
-                f"scale {self.scale_name}/{self.scale_rounding}{extra})")
+        blocks = (f"{self.block_shape[0]} x {self.block_size} tiles of the last two axes"
+                  if self.tiles else f"{self.block_size} along axis {self.axis}")
+        return (f"BlockScaled({title}{element} x {blocks}, scale "
+                f"{self.scale_name}/{self.scale_rounding}{extra})")
 
 
 def _named(name, element, block_size=32, **kwargs):
@@ -275,4 +333,8 @@ NAMED = [
     _named("e5m2_current", "float8_e5m2", None, scale=FLOAT32),
     _named("e4m3_delayed", "float8_e4m3fn", None, scale=FLOAT32, amax_history=1024),
     _named("e5m2_delayed", "float8_e5m2", None, scale=FLOAT32, amax_history=1024),
+    # FP32 scales per 1 x 128 block and per 128 x 128 tile (DeepSeek-V3; TE's
+    # Float8BlockScaling with FP32 scales).
+    _named("e4m3_1x128", "float8_e4m3fn", 128, scale=FLOAT32),
+    _named("e4m3_128x128", "float8_e4m3fn", block_shape=(128, 128), scale=FLOAT32),
 ]

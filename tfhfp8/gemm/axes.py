@@ -48,10 +48,18 @@ from tfhfp8 import formats
 
 
 def axis_dependent(fmt):
-    """True for formats whose result depends on the axis blocks run along."""
+    """True for formats whose result depends on the axis 1D blocks run along."""
     if isinstance(fmt, formats.BlockScaled):
-        return not fmt.per_tensor
+        return not (fmt.per_tensor or fmt.tiles)
     return isinstance(fmt, formats.DynamicFixedPoint) and fmt.block_size is not None
+
+
+def tiled(fmt):
+    """True for a format of 2D tiles (`BlockScaled(..., block_shape=(rows, cols))`): a
+    layer quantizes such an operand once, tiled in the layout `[K, rest]` of its
+    forward GEMM (`quantize_tiled`), for all the GEMMs that read it (Transformer
+    Engine's 128 x 128 weights serve the forward and the `dx` GEMM alike)."""
+    return isinstance(fmt, formats.BlockScaled) and fmt.tiles
 
 
 def _expand(equation, rank_a, rank_b):
@@ -156,6 +164,22 @@ def quantize_along(x, axes, quantize_last):
     lead = rank - len(axes)
     merged = tf.reshape(moved, tf.concat([shape[:lead], [-1]], 0))
     y = tf.reshape(quantize_last(merged), shape)
+    if perm != list(range(rank)):
+        y = tf.transpose(y, [perm.index(i) for i in range(rank)])
+    return y
+
+
+def quantize_tiled(x, axes, quantize_2d):
+    """`quantize_2d(t)` (tiles over t's two axes) applied to `x` laid out as `[K, rest]`:
+    `axes` (a GEMM's reduction axes) merged, in order, into the first axis, the others
+    into the second; the result in `x`'s layout."""
+    rank = x.shape.rank
+    axes = tuple(a % rank for a in axes)
+    perm = list(axes) + [i for i in range(rank) if i not in axes]
+    moved = tf.transpose(x, perm) if perm != list(range(rank)) else x
+    shape = tf.shape(moved)
+    k = tf.reduce_prod(shape[:len(axes)])
+    y = tf.reshape(quantize_2d(tf.reshape(moved, tf.stack([k, -1]))), shape)
     if perm != list(range(rank)):
         y = tf.transpose(y, [perm.index(i) for i in range(rank)])
     return y

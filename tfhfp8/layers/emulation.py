@@ -110,6 +110,10 @@ class EmulatedLayer(EmulationState, _compat.AfterBuild):
             return x
         seed = self._role_seed(step, role, *key)
         scale = self._delayed_scale(x, role, *key[:2], update=update)
+        if gemm_axes.tiled(fmt):
+            return gemm_axes.quantize_tiled(x, axes, lambda t: quantize(
+                t, fmt, rounding=self.policy.rounding[role], saturate=self.policy.saturate,
+                seed=seed))
         if not gemm_axes.axis_dependent(fmt):
             return quantize(x, fmt, rounding=self.policy.rounding[role],
                             saturate=self.policy.saturate, seed=seed, scale=scale)
@@ -149,8 +153,10 @@ class EmulatedLayer(EmulationState, _compat.AfterBuild):
         return holder.advance()
 
     def _blocks_per_gemm(self):
-        """True when a GEMM role's format depends on the axis its blocks run along."""
+        """True when a GEMM role's format depends on the axis its blocks run along or the
+        layout its tiles cover."""
         return any(gemm_axes.axis_dependent(self.policy.formats[role])
+                   or gemm_axes.tiled(self.policy.formats[role])
                    for role in ("activations", "weights", "errors"))
 
     def emulated_gemm(self, op, inputs, kernels=(), name="gemm", equation=None):

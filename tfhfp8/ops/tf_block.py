@@ -87,8 +87,9 @@ def block_axis_layout(x, axis):
     return axis, perm
 
 
-class _Blocks:
-    """Moves the block axis last, pads it to whole blocks and back."""
+class Blocks:
+    """The 1D blocks of `x` along `axis`: moves the block axis last, pads it to whole
+    blocks (`reduce_max`) and back (`expand`). Shared with `tf_block_fp32`."""
 
     def __init__(self, x, axis, block_size):
         self.axis, self.perm = block_axis_layout(x, axis)
@@ -127,7 +128,7 @@ def quantize_block(x, fmt, rounding, saturate, seed, rand=None):
         rand = None if rand is None else tf.reshape(rand, [1])
     c = tb.CONTAINERS[x.dtype]
     signed = tf.int32 if c.width == 32 else tf.int64
-    blocks = _Blocks(x, fmt.axis, fmt.block_size)
+    blocks = Blocks(x, fmt.axis, fmt.block_size)
 
     sign, a = tb.split_sign(x, c)
     inf_bits = tb.uint_constant(c.inf_bits, c)
@@ -247,7 +248,7 @@ def dfp_block_exponents(x, fmt, rounding):
 
     if x.shape.rank == 0:
         x = tf.reshape(x, [1])
-    blocks = _Blocks(x, -1 if fmt.axis is None else fmt.axis, fmt.block_size)
+    blocks = Blocks(x, -1 if fmt.axis is None else fmt.axis, fmt.block_size)
     moved = tf.transpose(x, blocks.perm) if blocks.moved else x
     pad = (-blocks.n) % fmt.block_size
     if not isinstance(pad, int) or pad:
