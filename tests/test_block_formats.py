@@ -614,7 +614,7 @@ def test_backends_agree_on_large_tensors_with_stochastic_rounding(fmt, monkeypat
     (dict(axis=-3), "axis -3 .* rank 2"),
     (dict(element_exponent_bits=9), "element_exponent_bits must be in"),
     (dict(element_bias=300), "element_bias must be in"),
-    (dict(scale_rounding="nearest_even"), "scale_rounding must be 'floor' or 'ceil'"),
+    (dict(scale_rounding="nearest_even"), "scale_rounding must be 'floor', 'ceil' or 'rceil'"),
     (dict(tensor_scale=True), "tensor_scale=true needs scale='float'"),
     (dict(scale="float", scale_rounding="ceil"), "scale_rounding must be 'nearest_even'"),
     (dict(scale="float", scale_rounding="floor", scale_mantissa_bits=30),

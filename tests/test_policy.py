@@ -71,6 +71,10 @@ PRESETS = {
     "mxfp8": dict(weights=("mxfp8_e4m3", NE), activations=("mxfp8_e4m3", NE),
                   errors=("mxfp8_e5m2", NE), weight_gradients=(None, NE),
                   master_weights=(None, NE), exempt_first_last=False),
+    # TE's MXFP8BlockScaling: E4M3 everywhere, E8M0 scales rounded up ("RCEIL").
+    "mxfp8_cublas": dict(weights=("mxfp8_e4m3_rceil", NE), activations=("mxfp8_e4m3_rceil", NE),
+                         errors=("mxfp8_e4m3_rceil", NE), weight_gradients=(None, NE),
+                         master_weights=(None, NE), exempt_first_last=False),
     "mxfp6": dict(weights=("mxfp6_e3m2", NE), activations=("mxfp6_e3m2", NE),
                   errors=("mxfp6_e3m2", NE), weight_gradients=(None, NE),
                   master_weights=(None, NE), exempt_first_last=False),
@@ -367,7 +371,7 @@ def test_unknown_name_without_role_keywords_raises_listing_the_presets(name):
     with pytest.raises(ValueError, match=r"not a preset \(float32, bfloat16, fp8, hfp8, "
                                          r"int16_dfp, fp8_delayed, fp8_hopper, "
                                          r"fp8_hopper_promoted, deepseek_v3_fp8, mxfp8, "
-                                         r"mxfp6, mxfp4, nvfp4\)"):
+                                         r"mxfp8_cublas, mxfp6, mxfp4, nvfp4\)"):
         tfhfp8.Policy(name)
     with pytest.raises(ValueError, match="not a preset"):
         tfhfp8.Policy(name, rounding="stochastic", exempt_first_last=True)

@@ -98,6 +98,13 @@ PRESETS = {
     # (softmax, normalization, activations) in FP32; no layer exempt ("no modifications
     # to the training recipe"). MXFP8: E4M3 forward, E5M2 backward.
     "mxfp8": dict(weights="mxfp8_e4m3", activations="mxfp8_e4m3", errors="mxfp8_e5m2"),
+    # MXFP8 as Transformer Engine's MXFP8BlockScaling quantizes it for cuBLAS on Blackwell:
+    # E4M3 for every operand (its default Format.E4M3), E8M0 scales rounded up ("RCEIL",
+    # TE's float_to_e8m0 of amax * fl32(1/448)), each GEMM's operands quantized from the
+    # high-precision tensor along that GEMM's reduction axis (TE's rowwise and columnwise
+    # copies); FP32 sums, weight gradients and master weights; nothing exempt.
+    "mxfp8_cublas": dict(weights="mxfp8_e4m3_rceil", activations="mxfp8_e4m3_rceil",
+                         errors="mxfp8_e4m3_rceil"),
     # MXFP6: E3M2 for weights, activations and errors, the paper's sub-8-bit
     # generative-training result.
     "mxfp6": dict(weights="mxfp6_e3m2", activations="mxfp6_e3m2", errors="mxfp6_e3m2"),

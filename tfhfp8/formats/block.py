@@ -15,6 +15,13 @@ Scales (`scale_rounding`):
   - `"ceil"`: the smallest power of two `>= amax / max_element`, so that nothing
     saturates (the round-up scale of Mishra et al. 2025, "Recipes for pre-training
     LLMs with MXFP8").
+  - `"rceil"`: Transformer Engine's MXFP8 scale, as cuBLAS names it: the smallest power
+    of two `>= fl32(amax * fl32(1 / max_element))` (TE's `float_to_e8m0(amax *
+    max_norm_rcp)`; Blackwell's `cvt.rp.satfinite.ue8m0x2.f32`). It equals `"ceil"`
+    except where that product is a float32 subnormal (amax below about
+    `max_element * 2^-126`), whose coarser rounding can land on the power of two below
+    (checked on 10^7 random amaxes for E4M3, E5M2, E2M1, E2M3 and E3M2 maxima); a float64
+    block's amax is first rounded to float32.
   The exponent is clamped to `[-127, 127]`; an all-zero block gets `2^-127`.
 - a `FloatFormat` (NVFP4: `float8_e4m3fn`; any other, P3109's signed and unsigned
   formats too, e.g. `p3109_k8p3ue`): `amax / max_element` (divided by the tensor scale
@@ -85,7 +92,7 @@ from tfhfp8.formats import scalar
 
 E8M0 = "float8_e8m0fnu"
 FLOAT32 = "float32"  # the per-tensor scale of Transformer Engine / Keras float8
-SCALE_ROUNDINGS = {"power_of_two": ("floor", "ceil"), "float": ("nearest_even", "floor"),
+SCALE_ROUNDINGS = {"power_of_two": ("floor", "ceil", "rceil"), "float": ("nearest_even", "floor"),
                    "tensor": ("nearest_even",), "float32_blocks": ("nearest_even", "power_of_two")}
 
 # MXINT8's element (OCP MX v1.0): an 8-bit integer with an implicit scale 2^-6, used
@@ -134,7 +141,8 @@ class BlockScaled:
       tensor_scale: a per-tensor FP32 scale above the block scales (NVFP4); only
         with a `FloatFormat` scale.
       scale_rounding: how `amax` becomes a scale: `"floor"` or `"ceil"` for
-        `"float8_e8m0fnu"`, `"nearest_even"` or `"floor"` for a float scale format,
+        `"float8_e8m0fnu"` (or `"rceil"`, Transformer Engine's and cuBLAS' round-up),
+        `"nearest_even"` or `"floor"` for a float scale format,
         `"nearest_even"` or `"power_of_two"` for FP32 block scales;
         None: `"floor"` (OCP MX) or `"nearest_even"` (NVFP4). See the module
         docstring for the exact definitions.
@@ -326,6 +334,9 @@ NAMED = [
     _named("mxfp6_e2m3", "float6_e2m3fn"),
     _named("mxfp4_e2m1", "float4_e2m1fn"),
     _named("mxint8", "int8"),
+    # MXFP8 as Transformer Engine (MXFP8BlockScaling) and cuBLAS scale it: "RCEIL".
+    _named("mxfp8_e4m3_rceil", "float8_e4m3fn", scale_rounding="rceil"),
+    _named("mxfp8_e5m2_rceil", "float8_e5m2", scale_rounding="rceil"),
     _named("nvfp4", "float4_e2m1fn", 16, scale="float8_e4m3fn", tensor_scale=True),
     # Per-tensor FP32 scales (Transformer Engine / Keras float8): current scaling, and
     # delayed scaling with the default history of both (1024 steps) and margin 0.

@@ -154,6 +154,8 @@ def _power_of_two(x, amax, bad, fmt, blocks, rounding, saturate, seed, rand, c):
     """OCP MX: scale 2^k, k from the block's amax (see tfhfp8.block_formats)."""
     e, fraction = _floor_log2(tf.maximum(amax, tb.uint_constant(1, c)), c)
     k = e - fmt.emax_element
+    if fmt.scale_rounding == "rceil":
+        k = _rceil_exponent(tf.bitcast(amax, c.dtype), fmt)
     if fmt.scale_rounding == "ceil":  # up when amax's significand exceeds max's
         uint = np.uint32 if c.width == 32 else np.uint64
         max_bits = int(np.array(fmt.element.max, c.dtype.as_numpy_dtype).view(uint))
@@ -169,6 +171,27 @@ def _power_of_two(x, amax, bad, fmt, blocks, rounding, saturate, seed, rand, c):
     scaled = _ldexp(tf.where(tf.math.is_nan(x), tf.zeros_like(x), x), -k, c)
     q = tb.quantize_float(scaled, fmt.element, rounding, True, seed, rand)
     return _ldexp(q, k, c), bad
+
+
+def _rceil_exponent(amax, fmt):
+    """Transformer Engine's MXFP8 scale exponent ("rceil"): the least k in [-127, 127]
+    with 2^k >= fl32(fl32(amax) * fl32(1 / max_element)). The product is exact in
+    float64; rounding it to float32 matters only within half a float32 ulp above a
+    power of two 2^j (2^(max(j, -126) - 24)), where it rounds down onto 2^j. (A
+    subnormal amax, which a cast may flush, gives k = -127 either way.)"""
+    max_rcp = float(np.float32(1.0 / fmt.element.max))
+    v = tf.cast(tf.cast(amax, tf.float32), tf.float64) * max_rcp
+    safe = tf.where((v > 0) & tf.math.is_finite(v), v, tf.ones_like(v))
+    bits = tf.bitcast(safe, tf.int64)
+    j = tf.cast(tf.bitwise.right_shift(bits, 52), tf.int32) - 1023  # v is a normal double
+    above = safe - tf.bitcast(tf.bitwise.left_shift(tf.cast(j + 1023, tf.int64), 52),
+                              tf.float64)
+    half_ulp = tf.bitcast(tf.bitwise.left_shift(
+        tf.cast(tf.maximum(j, -126) - 24 + 1023, tf.int64), 52), tf.float64)
+    k = tf.where(above <= half_ulp, j, j + 1)
+    k = tf.where(v > 0, k, -_E8M0_MAX_EXPONENT)
+    k = tf.where(tf.math.is_inf(v), _E8M0_MAX_EXPONENT, k)
+    return tf.clip_by_value(k, -_E8M0_MAX_EXPONENT, _E8M0_MAX_EXPONENT)
 
 
 def float32_to_float64_exact(x, a, c):

@@ -41,8 +41,10 @@ BlockParams<T> MakeBlockParams(const FloatFormatSpec& element, const FloatFormat
   p.element = Saturating<T>(element, random_bits);
   p.emax = static_cast<int>(p.element.max_code >> element.mantissa_bits) - element.bias;
   p.ceil = scale_rounding == "ceil";
+  p.rceil = scale_rounding == "rceil";
   p.max_fraction = p.element.max_bits & ((UInt{1} << Container<T>::kMantissa) - 1);
   p.element64 = Saturating<double>(element, random_bits);
+  p.max_rcp = static_cast<float>(1.0 / FromBits<double>(p.element64.max_bits));
   if (scale != nullptr) p.scale64 = Saturating<double>(*scale);
   p.scale_toward_zero = scale_rounding == "floor";
   p.float32 = Saturating<double>(FloatFormatSpec{8, 23, 127, Specials::kIeee, true, true});
@@ -79,8 +81,10 @@ class QuantizeBlockOp : public OpKernel {
     OP_REQUIRES_OK(context, ReadFloatFormatAttrs(context, "element_", 23, &element));
     const bool power_of_two = scale == "e8m0";
     if (power_of_two) {
-      OP_REQUIRES(context, scale_rounding == "floor" || scale_rounding == "ceil",
-                  InvalidArgument("scale_rounding must be 'floor' or 'ceil' for scale='e8m0', "
+      OP_REQUIRES(context, scale_rounding == "floor" || scale_rounding == "ceil" ||
+                               scale_rounding == "rceil",
+                  InvalidArgument("scale_rounding must be 'floor', 'ceil' or 'rceil' for "
+                                  "scale='e8m0', "
                                   "got '", scale_rounding, "'"));
       OP_REQUIRES(context, !tensor_scale_,
                   InvalidArgument("tensor_scale=true needs scale='float'"));

@@ -9,6 +9,8 @@
 #ifndef TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_BLOCK_POW2_H_
 #define TFHFP8_CUSTOM_OPS_QUANTIZE_CC_KERNELS_BLOCK_POW2_H_
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "quantize_types.h"
@@ -57,6 +59,22 @@ TFHFP8_ELEMENT_INLINE typename Container<T>::UInt LdexpBits(typename Container<T
 // rounds elements with it.
 
 // OCP MX: the scale 2^k of each block, from its amax (tf_block._power_of_two).
+// Transformer Engine's MXFP8 scale exponent (cuBLAS' "RCEIL"): float_to_e8m0 of the
+// float32 product fl32(amax * max_rcp), i.e. the least k in [-127, 127] with 2^k >=
+// that product. `amax` is first rounded to float32 (a float64 block). The product is
+// exact in double; rounding it to float32 matters only just above a power of two 2^j,
+// within half a float32 ulp (2^(max(j, -126) - 24)), where it rounds down onto 2^j.
+// (An amax a float32 flush would zero gives k = -127 either way.)
+inline int RceilExponent(double amax, double max_rcp) {
+  const double v = static_cast<double>(static_cast<float>(amax)) * max_rcp;
+  if (!(v > 0)) return -kE8m0MaxExponent;
+  if (!std::isfinite(v)) return kE8m0MaxExponent;
+  const int j = std::ilogb(v);
+  const double above = v - std::ldexp(1.0, j);  // exact: v lies in [2^j, 2^(j+1))
+  const int k = above <= std::ldexp(1.0, std::max(j, -126) - 24) ? j : j + 1;
+  return std::clamp(k, -kE8m0MaxExponent, kE8m0MaxExponent);
+}
+
 template <typename T>
 struct Pow2Scaler {
   using UInt = typename Container<T>::UInt;
@@ -86,6 +104,7 @@ struct Pow2Scaler {
     }
     int k = e - p.emax;
     if (p.ceil && fraction > p.max_fraction) ++k;  // up when amax's significand exceeds max's
+    if (p.rceil) k = RceilExponent(static_cast<double>(FromBits<T>(amax)), p.max_rcp);
     if (amax == 0) k = -kE8m0MaxExponent;
     if (!p.saturate && k > kE8m0MaxExponent) bad = true;
     k = k < -kE8m0MaxExponent ? -kE8m0MaxExponent : (k > kE8m0MaxExponent ? kE8m0MaxExponent : k);

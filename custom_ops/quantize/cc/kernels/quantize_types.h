@@ -134,6 +134,8 @@ struct BlockParams {
   FloatParams<T> element;
   int emax;           // exponent of the element format's largest value
   bool ceil;          // "ceil" scale rounding (else OCP's "floor")
+  bool rceil;         // "rceil": Transformer Engine's float_to_e8m0 (RceilExponent)
+  double max_rcp;     // fl32(1 / element max), for "rceil"
   UInt max_fraction;  // fraction field of the element max in T
   // Float scales, all in float64.
   FloatParams<double> element64;  // element rounding, saturating

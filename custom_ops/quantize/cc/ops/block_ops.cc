@@ -29,7 +29,7 @@ REGISTER_OP("Hfp8QuantizeBlock")
           "= 'fn'")
     .Attr("scale_subnormals: bool = true")
     .Attr("scale_signed: bool = true")
-    .Attr("scale_rounding: {'floor', 'ceil', 'nearest_even'}")
+    .Attr("scale_rounding: {'floor', 'ceil', 'rceil', 'nearest_even'}")
     .Attr("tensor_scale: bool = false")
     .Attr("rounding: {'nearest_even', 'stochastic', 'toward_zero', 'nearest_away', "
           "'toward_positive', 'toward_negative', 'stochastic_bits', 'stochastic_odd_bits', "

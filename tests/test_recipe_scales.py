@@ -1,6 +1,10 @@
-"""FP32 block scales (Transformer Engine's Float8BlockScaling, DeepSeek-V3): bit for bit
-against a numpy reference of TE's float32 operation sequence, in 1 x n blocks and 2D
-tiles, and the `deepseek_v3_fp8` preset in layers."""
+"""The scales of today's recipes as their reference code computes them, bit for bit
+against numpy references of Transformer Engine's float32 operation sequences: FP32 block
+scales (Float8BlockScaling, DeepSeek-V3) in 1 x n blocks and 2D tiles, with the
+`deepseek_v3_fp8` preset in layers; MXFP8's E8M0 scales rounded up as TE and cuBLAS
+round them ("rceil", MXFP8BlockScaling)."""
+
+import dataclasses
 
 import keras
 import ml_dtypes
@@ -187,3 +191,56 @@ def test_the_preset_trains_on_real_data_and_reloads_identically(tmp_path):
     model.save(tmp_path / "m.keras")
     reloaded = keras.saving.load_model(tmp_path / "m.keras")
     np.testing.assert_array_equal(reloaded.predict(xt, verbose=0), model.predict(xt, verbose=0))
+
+
+def te_mxfp8_reference(x, element):
+    """TE's MXFP8 quantization (`float_to_e8m0(amax * max_norm_rcp)`, `exp2f_rcp`, a
+    saturating cast; tests/cpp/test_common.h) of finite float32 `x` in blocks of 32 along
+    the last axis, in numpy float32, and its dequantized values."""
+    dtype = ELEMENTS[element]
+    top = float(ml_dtypes.finfo(dtype).max)
+    *lead, n = x.shape
+    blocks = np.pad(x, [(0, 0)] * len(lead) + [(0, -n % 32)]).reshape(*lead, -1, 32)
+    v = np.abs(blocks).max(axis=-1, keepdims=True) * np.float32(1.0 / top)
+    bits = v.astype(np.float32).view(np.uint32)
+    exponent, mantissa = (bits >> 23).astype(np.int64), bits & 0x7FFFFF
+    up = (mantissa > 0) & (exponent != 0xFE) & ~((exponent == 0) & (mantissa <= 0x400000))
+    e8 = exponent + up
+    scale_inv = np.ldexp(np.float32(1), 127 - e8).astype(np.float32)
+    q = np.clip(blocks * scale_inv, -top, top).astype(dtype).astype(np.float64)
+    y = (q * np.ldexp(1.0, e8 - 127)).astype(np.float32)
+    return y.reshape(*lead, -1)[..., :n]
+
+
+@pytest.mark.parametrize("backend", ["tf", "cpp"])
+@pytest.mark.parametrize("name, element", [("mxfp8_e4m3_rceil", "float8_e4m3fn"),
+                                           ("mxfp8_e5m2_rceil", "float8_e5m2")])
+def test_rceil_scales_match_transformer_engines_mxfp8(backend, name, element):
+    x = _adversarial((6, 200), seed=7)
+    x[~np.isfinite(x)] = 1.0  # TE's kernels ignore a NaN in the amax; tfhfp8 gives a NaN block
+    top = float(ml_dtypes.finfo(ELEMENTS[element]).max)
+    x[3, :32] = top * 2.0 ** np.arange(-16, 16)   # amax exactly max * 2^k
+    # amax * fl32(1 / max) just above 2^-127, a float32 subnormal: RCEIL's product rounds
+    # down onto 2^-127, "ceil" takes 2^-126, and the block's smallest elements round apart.
+    x[4] = top * 2.0 ** np.random.default_rng(4).uniform(-131, -127, 200)
+    x[4, ::32] = np.nextafter(np.float32(top * 2.0**-127), np.float32(np.inf))
+    smallest = float(ml_dtypes.finfo(ELEMENTS[element]).smallest_normal)
+    x[4, 1::32] = x[4, ::32] * np.float32(0.65 * smallest / top)  # subnormal elements
+    x[5] = np.float32(3e38) * np.linspace(-1, 1, 200, dtype=np.float32)
+    expected = te_mxfp8_reference(x, element)
+    with tfhfp8.ops.forced_backend(backend):
+        got = tfhfp8.quantize(tf.constant(x), name)
+        ceil = tfhfp8.quantize(tf.constant(x), dataclasses.replace(
+            tfhfp8.formats.get(name), scale_rounding="ceil"))
+    _assert_same_bits(got, expected)
+    assert (ceil.numpy() != got.numpy()).any()  # the data tells the two roundings apart
+
+
+def test_rceil_float64_blocks_round_their_amax_to_float32_first():
+    x = np.random.default_rng(1).standard_normal((3, 64)) * 1e3
+    fmt = tfhfp8.formats.get("mxfp8_e4m3_rceil")
+    expected = te_mxfp8_reference(x.astype(np.float32), "float8_e4m3fn")
+    for backend in ("tf", "cpp"):
+        with tfhfp8.ops.forced_backend(backend):
+            got = tfhfp8.quantize(tf.constant(x.astype(np.float32).astype(np.float64)), fmt)
+        _assert_same_bits(got.numpy().astype(np.float32), expected)
