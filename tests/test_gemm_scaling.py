@@ -318,8 +318,8 @@ def test_current_scaling_is_keras_quantize_and_dequantize():
 def test_per_tensor_format_arguments():
     with pytest.raises(ValueError, match="block_size=None"):
         tfhfp8.BlockScaled("float8_e4m3fn", None)
-    with pytest.raises(ValueError, match="block_size=None"):
-        tfhfp8.BlockScaled("float8_e4m3fn", 32, scale="float32")
+    # With blocks, float32 scales are per block (tests/test_recipe_scales.py).
+    assert tfhfp8.BlockScaled("float8_e4m3fn", 32, scale="float32").float32_blocks
     with pytest.raises(ValueError, match="per-tensor scaling"):
         tfhfp8.BlockScaled("float8_e4m3fn", 32, amax_history=16)
     with pytest.raises(ValueError, match="margin"):

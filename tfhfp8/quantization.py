@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from tfhfp8 import _compat, block_formats, formats, ops
 from tfhfp8.formats import roundings
-from tfhfp8.ops import tf_block, tf_block_fp32
+from tfhfp8.ops import tf_block, tf_fp32_scales
 
 GRADIENTS = ("straight_through", "zero_overflow")
 _DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
@@ -179,13 +179,13 @@ def _checked_scale(scale):
         raise ValueError(f"scale must be a scalar, got shape {scale.shape}")
     value = tf.get_static_value(scale)
     if value is not None:
-        if not (np.isfinite(value) and value >= tf_block.MIN_SCALE):
+        if not (np.isfinite(value) and value >= tf_fp32_scales.MIN_SCALE):
             raise ValueError(f"{_SCALE_RANGE}, got {float(value)!r}")
         return scale
     # On the bits: a subnormal reads as 0 in TF's CPU comparisons, NaN compares false.
     bits = tf.bitcast(scale, tf.int32)
-    usable = (bits >= tf.bitcast(tf.constant(tf_block.MIN_SCALE, tf.float32), tf.int32)) & (
-        bits < 0x7F800000)
+    least = tf.bitcast(tf.constant(tf_fp32_scales.MIN_SCALE, tf.float32), tf.int32)
+    usable = (bits >= least) & (bits < 0x7F800000)
     check = tf.debugging.Assert(usable, [_SCALE_RANGE + ", got", scale])
     with tf.control_dependencies([check]):
         return tf.identity(scale)
@@ -304,11 +304,11 @@ def _round(x, fmt, rounding, saturate, seed, scale=None, noise=None):
         y = backend.quantize_float(xc, fmt, rounding, saturate, seed)
     elif isinstance(fmt, block_formats.BlockScaled) and fmt.per_tensor:
         # One FP32 scale (TE / Keras float8): plain float32 ops and the element rounding.
-        y = tf_block.quantize_tensor_scaled(xc, fmt, rounding, seed, scale,
+        y = tf_fp32_scales.quantize_tensor_scaled(xc, fmt, rounding, seed, scale,
                                             backend.quantize_float)
     elif isinstance(fmt, block_formats.BlockScaled) and fmt.float32_blocks:
         # FP32 scales per block (TE's Float8BlockScaling): TE's float32 operations.
-        y = tf_block_fp32.quantize_float32_blocks(xc, fmt, rounding, seed,
+        y = tf_fp32_scales.quantize_float32_blocks(xc, fmt, rounding, seed,
                                                   backend.quantize_float)
     elif isinstance(fmt, block_formats.BlockScaled):
         y = backend.quantize_block(xc, fmt, rounding, saturate, seed)

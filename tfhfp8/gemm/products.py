@@ -14,7 +14,7 @@ import dataclasses
 import tensorflow as tf
 
 from tfhfp8 import accumulation, formats, ops
-from tfhfp8.ops import tf_backend, tf_block
+from tfhfp8.ops import tf_backend, tf_fp32_scales
 from tfhfp8.quantization import quantize, seed_tensor
 
 GEMM_KINDS = ("forward", "input_gradient", "weight_gradient")
@@ -50,7 +50,7 @@ def rounded_operand(x, fmt):
     per-tensor scaled `fmt` with the scale of `x`'s amax, as a `TensorScaled`."""
     if not is_tensor_scaled(fmt):
         return quantize(x, fmt, saturate=True), fmt
-    scale = tf_block.current_scale(x, fmt)
+    scale = tf_fp32_scales.current_scale(x, fmt)
     return quantize(x, fmt, saturate=True, scale=scale), TensorScaled(fmt, scale)
 
 
@@ -69,7 +69,7 @@ def _fused_elements(x, fmt, scale, name):
             f"{name}: an operand in the per-tensor scaled format {fmt!r} reaches a fused "
             "accumulator without its scale (tfhfp8.gemm.TensorScaled), which it needs to "
             "multiply the FP8 elements as the tensor core does")
-    return tf_block.tensor_scaled_elements(x, fmt, scale), scale
+    return tf_fp32_scales.tensor_scaled_elements(x, fmt, scale), scale
 
 
 def accumulators(accumulator):

@@ -15,7 +15,7 @@ import tensorflow as tf
 from tfhfp8 import _compat, accumulation, gemm, loss_scaling
 from tfhfp8 import policy as policy_lib
 from tfhfp8.formats import roundings
-from tfhfp8.ops import tf_block
+from tfhfp8.ops import tf_fp32_scales
 from tfhfp8.rounding import MasterWeightRounding, stochastic_seed
 
 
@@ -127,9 +127,9 @@ class EmulationState:
         scale = tf.convert_to_tensor(state["scale"].value)
         if update and (role == "errors" or _compat.gradients_may_be_recorded()):
             history = tf.convert_to_tensor(state["amax_history"].value)
-            state["scale"].assign(tf_block.tensor_scale(tf.reduce_max(history), fmt, scale))
+            state["scale"].assign(tf_fp32_scales.tensor_scale(tf.reduce_max(history), fmt, scale))
             state["amax_history"].assign(
-                tf_block.next_amax_history(history, tf_block.tensor_amax(x)))
+                tf_fp32_scales.next_amax_history(history, tf_fp32_scales.tensor_amax(x)))
         return scale
 
     def _tensor_scale(self, x, role, *key):
@@ -138,7 +138,7 @@ class EmulationState:
         None for any other format."""
         scale = self._delayed_scale(x, role, *key)
         if scale is None and gemm.is_tensor_scaled(self.policy.formats[role]):
-            scale = tf_block.current_scale(x, self.policy.formats[role])
+            scale = tf_fp32_scales.current_scale(x, self.policy.formats[role])
         return scale
 
     def enable_error_stats(self):
