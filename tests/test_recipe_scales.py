@@ -44,16 +44,22 @@ def te_reference(x, element, rows, cols, power_of_two):
     return y.reshape(padded.shape)[..., :r, :c]
 
 
-def _adversarial(shape, seed):
+def _adversarial(shape, seed, tiny=True):
+    """Outliers, -0, an all-zero row, NaN and infinities; with `tiny`, also subnormals and
+    blocks whose scale is huge (computed on the bits, not in float32 operations)."""
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(shape) * np.exp2(rng.integers(-8, 8, shape))).astype(np.float32)
     flat = x.reshape(-1, shape[-1])
-    flat[0, :5] = [1e4, -3e-3, 448.0, -0.0, 2.0**-140]    # outliers, -0, a subnormal
-    flat[1 % len(flat)] = 0.0                               # an all-zero row
+    flat[0, :4] = [1e4, -3e-3, 448.0, -0.0]
+    flat[1 % len(flat)] = 0.0
     if len(flat) > 2:
-        flat[2] *= np.float32(2.0**-135)                    # a row of subnormals
         flat[-1, -3:] = [np.nan, np.inf, -np.inf]
-        flat[-2, :2] = [1e-38, 3e38]
+        flat[-2, :2] = [1e-30, 3e38]
+    if tiny:
+        flat[0, 4] = 2.0**-140
+        if len(flat) > 2:
+            flat[2] *= np.float32(2.0**-135)                # a row of subnormals
+            flat[-2, 0] = 1e-38
     return x
 
 
@@ -66,14 +72,15 @@ def _assert_same_bits(actual, expected):
                               f"{actual[differ][:4]} vs {expected[differ][:4]}")
 
 
+@pytest.mark.parametrize("tiny", [False, True], ids=["float32_ops", "on_the_bits"])
 @pytest.mark.parametrize("backend", ["tf", "cpp"])
 @pytest.mark.parametrize("element", sorted(ELEMENTS))
 @pytest.mark.parametrize("power_of_two", [False, True])
 @pytest.mark.parametrize("tile, shape", [((1, 128), (3, 300)), ((128, 128), (130, 250)),
                                          ((2, 16), (2, 5, 40)), ((1, 32), (2, 3, 4, 5, 70))])
 def test_matches_transformer_engines_reference_arithmetic(backend, element, power_of_two,
-                                                          tile, shape):
-    x = _adversarial(shape, seed=sum(shape))
+                                                          tile, shape, tiny):
+    x = _adversarial(shape, seed=sum(shape), tiny=tiny)
     fmt = tfhfp8.BlockScaled(element, block_shape=tile, scale="float32",
                              scale_rounding="power_of_two" if power_of_two else None)
     with tfhfp8.ops.forced_backend(backend):
@@ -86,11 +93,16 @@ def test_other_axes_float64_and_xla_agree_with_the_reference():
     fmt = tfhfp8.BlockScaled("float8_e4m3fn", 16, scale="float32", axis=0)
     expected = te_reference(x.T, "float8_e4m3fn", 1, 16, False).T
     _assert_same_bits(tfhfp8.quantize(tf.constant(x), fmt), expected)
+    fast = _adversarial((40, 6), seed=3, tiny=False)
+    _assert_same_bits(tfhfp8.quantize(tf.constant(fast), fmt),
+                      te_reference(fast.T, "float8_e4m3fn", 1, 16, False).T)
     as_float64 = tfhfp8.quantize(tf.constant(x.astype(np.float64)), fmt)
     assert as_float64.dtype == tf.float64
     _assert_same_bits(as_float64.numpy().astype(np.float32), expected)
     compiled = tf.function(lambda t: tfhfp8.quantize(t, fmt), jit_compile=True)
     _assert_same_bits(compiled(tf.constant(x)), expected)
+    _assert_same_bits(compiled(tf.constant(fast)),
+                      te_reference(fast.T, "float8_e4m3fn", 1, 16, False).T)
 
 
 def test_stochastic_rounding_picks_a_neighbour_of_the_scaled_value():

@@ -72,13 +72,15 @@ def policies():
         tfhfp8.Policy("mxfp8_blackwell", **mxfp8, accumulation="nvidia_blackwell_mxfp8"))}
 
 
-def main(argv):
+def main(argv, compared=policies):
+    """Trains (or, with --table, tabulates) the policies `compared()` returns, by name
+    (models.recipes passes its own)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _TABLE.value:
         print(table(_OUTPUT_ROOT.value))
         return
-    chosen = policies()
+    chosen = compared()
     if _POLICIES.value:
         unknown = sorted(set(_POLICIES.value) - set(chosen))
         if unknown:

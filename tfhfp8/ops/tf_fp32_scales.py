@@ -6,10 +6,12 @@ Per block, the arithmetic is the float32 operation sequence of TE's reference qu
 (`tests/pytorch/references/quantize_scale_calc.py`, `blockwise_quantizer_reference.py`):
 `scale = max_element / amax` (FLT_MAX where it overflows; optionally rounded down to a
 power of two; 1 where `amax` is 0), `q = round(clamp(x * scale))`, value
-`q * (1 / scale)`. Each float32 operation is computed in float64 from exact operands
-and rounded once to float32 on the bits: a product or quotient of two float32 values
-rounded to float64 and then to float32 equals the exact one rounded to float32 (53 >=
-2 * 24 + 2), subnormals included, which TF's CPU float32 kernels would flush to zero.
+`q * (1 / scale)`, each float32 operation rounded once as IEEE arithmetic rounds it,
+subnormals included: in float32 operations where TF's CPU flushing of subnormals cannot
+change a result (every block's amax above about `max_element * 2^-116`), else in
+float64 from exact operands, rounded once to float32 on the bits (a product or quotient
+of two float32 values rounded to float64 and then to float32 equals the exact one
+rounded to float32: 53 >= 2 * 24 + 2).
 """
 
 import tensorflow as tf
@@ -19,11 +21,7 @@ from tfhfp8.ops import tf_backend as tb
 from tfhfp8.ops.tf_block import Blocks, float32_to_float64_exact, float64_to_float32_exact
 
 _FLOAT32 = formats.FloatFormat(8, 23, name="float32")
-_FLT_MAX = float(tf.float32.max)
-
-
-def _f64(value):
-    return tf.constant(value, tf.float64)
+_FLT_MAX = float(tf.float32.max)  # TE: an infinite scale becomes FLT_MAX
 
 
 def _widened(x32):
@@ -75,43 +73,58 @@ def _narrowed(y64):
 
 
 def _power_of_two_below(scale):
-    """2^floor(log2(scale)) of positive normal float32 values held in float64, from the
-    exponent bits; 0.5 elsewhere (TE: frexp gives exponent 0 for 0 and NaN)."""
+    """2^floor(log2(scale)) of positive normal float32 `scale`, from its exponent bits;
+    0.5 elsewhere (TE: frexp gives exponent 0 for 0 and NaN)."""
     usable = tf.math.is_finite(scale) & (scale > 0)
-    bits = tf.bitcast(tf.where(usable, scale, tf.ones_like(scale)), tf.int64)
-    exponent_bits = tf.bitwise.bitwise_and(bits, 0x7FF << 52)
-    return tf.where(usable, tf.bitcast(exponent_bits, tf.float64), _f64(0.5))
+    bits = tf.bitcast(tf.where(usable, scale, tf.ones_like(scale)), tf.int32)
+    return tf.where(usable, tf.bitcast(tf.bitwise.bitwise_and(bits, 0x7F800000), tf.float32),
+                    0.5)
 
 
-def _scales(amax, fmt):
-    """(scale, 1 / scale) per block, float32 values in float64, as TE's
-    `scale_from_amax_tensor` (eps 0) computes them."""
-    scale = _fl32(fmt.element.max / amax)
-    scale = tf.where(tf.math.is_inf(scale), _f64(_FLT_MAX), scale)
+def _scales(amax_bits, fmt):
+    """The float32 scale of each block (`amax_bits`: its amax's magnitude bits) as TE's
+    `scale_from_amax_tensor` (eps 0) computes it. A float32 division rounds as the exact
+    quotient does: `max_element / amax` is normal for every finite amax, and a
+    subnormal amax, read as 0 here, gives inf, FLT_MAX, as it would exactly."""
+    amax = tf.bitcast(amax_bits, tf.float32)
+    scale = fmt.element.max / amax
+    scale = tf.where(tf.math.is_inf(scale), _FLT_MAX, scale)
     if fmt.scale_rounding == "power_of_two":
-        scale = tf.where(tf.math.is_inf(amax), _f64(0.0), _power_of_two_below(scale))
-    scale = tf.where(amax == 0, _f64(1.0), scale)
-    return scale, _fl32(1.0 / scale)
+        scale = tf.where(tf.math.is_inf(amax), 0.0, _power_of_two_below(scale))
+    return tf.where(amax_bits == 0, 1.0, scale)  # zero on the bits: not a subnormal
 
 
 def quantize_float32_blocks(x, fmt, rounding, seed, quantize_float):
     """`x` (float32, or float64 first rounded to float32) rounded to the FP32-block-scaled
     `fmt`; `quantize_float(y, element, rounding, saturate, seed)`: the backend's element
-    rounding of float32 `y`. Returns float32 values in `x`'s dtype."""
+    rounding of float32 `y`. Returns float32 values in `x`'s dtype.
+
+    While every scale is below `min_subnormal(element) * 2^125`, float32 operations give
+    TE's results (a subnormal input, read as 0, would scale to below half the element's
+    smallest subnormal; `1 / scale` and every nonzero `q / scale` are normal); a tensor
+    with a smaller amax in some block is computed exactly in float64 instead."""
     x32 = x if x.dtype == tf.float32 else _narrowed(_fl32(x))
     c = tb.CONTAINERS[tf.float32]
     _, magnitude = tb.split_sign(x32, c)
     blocks = (_Tiles(x32, *fmt.block_shape) if fmt.tiles
               else Blocks(x32, fmt.axis, fmt.block_size))
-    amax_bits = blocks.reduce_max(tf.bitcast(magnitude, tf.int32))  # NaN sorts above inf
-    scale, scale_inv = (blocks.expand(s) for s in _scales(
-        _widened(tf.bitcast(amax_bits, tf.float32)), fmt))
-    product = _fl32(_widened(x32) * scale)
+    scale = _scales(blocks.reduce_max(tf.bitcast(magnitude, tf.int32)), fmt)  # NaN on top
     top = fmt.element.max
-    clamped = tf.where(tf.math.is_nan(product), product,
-                       tf.clip_by_value(product, -top, top))
-    q = quantize_float(_narrowed(clamped), fmt.element, rounding, True, seed)
-    return tf.cast(_narrowed(_fl32(_widened(q) * scale_inv)), x.dtype)
+
+    def rounded(scaled):
+        clamped = tf.where(tf.math.is_nan(scaled), scaled, tf.clip_by_value(scaled, -top, top))
+        return quantize_float(clamped, fmt.element, rounding, True, seed)
+
+    def in_float32():
+        return rounded(x32 * blocks.expand(scale)) * blocks.expand(1.0 / scale)
+
+    def on_the_bits():
+        scale64 = _widened(scale)
+        q = rounded(_narrowed(_fl32(_widened(x32) * blocks.expand(scale64))))
+        return _narrowed(_fl32(_widened(q) * blocks.expand(_fl32(1.0 / scale64))))
+
+    fast = tf.reduce_all(~(scale >= fmt.element.min_subnormal * 2.0**125))  # NaN: fast
+    return tf.cast(tf.cond(fast, in_float32, on_the_bits), x.dtype)
 
 
 # -- per-tensor FP32 scales (Transformer Engine / Keras float8) ------------------------
