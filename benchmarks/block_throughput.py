@@ -1,4 +1,5 @@
-"""Throughput of block-scaled quantization (OCP MX, NVFP4) against the copy floor.
+"""Throughput of block-scaled quantization (OCP MX, NVFP4, FP32 block scales) against
+the copy floor.
 
 Measures best-of-N elements/s, in one process, for the fused C++ kernel
 (`Hfp8QuantizeBlock`, each CPU variant this machine supports), called directly and
@@ -62,6 +63,16 @@ def _cases(x):
         cases.append((f"tfhfp8.quantize {backend} mxfp8_e4m3 RNE, axis 0", machine.with_env(
             lambda: tfhfp8.quantize(x, axis0, "nearest_even", True, 1234),
             TFHFP8_BACKEND=backend)))
+
+    # FP32 block scales (TE's Float8BlockScaling, DeepSeek-V3): TF ops in float32 around
+    # the backend's element rounding, eager; and the whole XLA-compiled.
+    for name in ("e4m3_1x128", "e4m3_128x128"):
+        for backend in ("cpp", "tf"):
+            cases.append((f"tfhfp8.quantize {backend} {name} RNE", machine.with_env(
+                lambda n=name: tfhfp8.quantize(x, n, "nearest_even", True, 1234),
+                TFHFP8_BACKEND=backend)))
+        compiled = tf.function(lambda t, n=name: tfhfp8.quantize(t, n), jit_compile=True)
+        cases.append((f"XLA-compiled tfhfp8.quantize {name} RNE", lambda c=compiled: c(x)))
     return cases
 
 
