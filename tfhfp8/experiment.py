@@ -230,6 +230,9 @@ def _train_one(base, policy, data, rate, config, gradient_communication, strateg
     """Trains a copy of `base` under `policy`; its entry of the results."""
     (x_train, y_train), (x_test, y_test) = data
     loss_scaling, seed = config["loss_scaling"], config["seed"]
+    # Before the copy too: its Dropout layers draw their seeds when built, so that every
+    # policy gets the same dropout masks, wherever it stands in the list.
+    keras.utils.set_random_seed(seed)
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         emulated = quantize_model(base, with_loss_scaling(policy, loss_scaling))
         emulated.compile(compile_args(make_optimizer(rate, loss_scaling, policy),
