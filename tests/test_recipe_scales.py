@@ -132,7 +132,6 @@ def test_named_formats_and_their_configs():
     (dict(block_shape=(0, 4)), "block_shape\\[0\\]"),
     (dict(block_shape=(16, 16), block_size=64), "sets block_size to 16"),
     (dict(block_shape=(16, 16), axis=0), "axis must be -1"),
-    (dict(block_shape=(16, 16), scale="float8_e8m0fnu"), "block_shape .2D tiles. is implemented"),
     (dict(block_size=None, scale="float8_e8m0fnu"), "block_size=None .per-tensor scaling."),
     (dict(scale_rounding="floor"), "'nearest_even', 'power_of_two'"),
 ])
@@ -256,3 +255,50 @@ def test_rceil_float64_blocks_round_their_amax_to_float32_first():
         with tfhfp8.ops.forced_backend(backend):
             got = tfhfp8.quantize(tf.constant(x.astype(np.float32).astype(np.float64)), fmt)
         _assert_same_bits(got.numpy().astype(np.float32), expected)
+
+
+def _tiles_as_rows(x, rows, cols):
+    """Each rows x cols tile of 2-D `x` (zero padded) as one row, and the inverse."""
+    r, c = x.shape
+    padded = np.pad(x, [(0, -r % rows), (0, -c % cols)])
+    grid = padded.reshape(padded.shape[0] // rows, rows, padded.shape[1] // cols, cols)
+    flat = grid.transpose(0, 2, 1, 3).reshape(-1, rows * cols)
+
+    def back(y):
+        return (np.asarray(y).reshape(grid.shape[0], grid.shape[2], rows, cols)
+                .transpose(0, 2, 1, 3).reshape(padded.shape)[:r, :c])
+    return flat, back
+
+
+@pytest.mark.parametrize("backend", ["tf", "cpp"])
+@pytest.mark.parametrize("name, shape", [("mxfp8_e4m3", (70, 90)), ("nvfp4", (40, 50)),
+                                         ("mxfp4_e2m1", (33, 64))])
+def test_tiles_of_mx_and_nvfp4_scale_each_tile_as_one_block(backend, name, shape):
+    # A rows x cols tile is one block of rows * cols elements (the 1D path, checked
+    # against gfloat and fractions in test_block_formats.py); NVFP4's tensor scale stays
+    # the whole tensor's. Padding zeros change no amax.
+    x = _adversarial(shape, seed=11, tiny=False)
+    x[~np.isfinite(x)] = 3.0
+    one_d = tfhfp8.formats.get(name)
+    rows, cols = 8, 16
+    tiled = dataclasses.replace(one_d, name=None, block_shape=(rows, cols))
+    flat, back = _tiles_as_rows(x, rows, cols)
+    as_blocks = dataclasses.replace(one_d, name=None, block_size=rows * cols)
+    with tfhfp8.ops.forced_backend(backend):
+        got = tfhfp8.quantize(tf.constant(x), tiled)
+        expected = back(tfhfp8.quantize(tf.constant(flat), as_blocks))
+    _assert_same_bits(got, expected)
+
+
+def test_nvfp4_weights_in_16x16_tiles_are_quantized_once_per_layer():
+    policy = tfhfp8.Policy(weights="nvfp4_16x16", activations="nvfp4", errors="nvfp4")
+    layer = tfhfp8.layers.Dense(48, use_bias=False, policy=policy)
+    x = tf.constant(np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+    dy = tf.ones_like(y)
+    dx = tape.gradient(y, x, output_gradients=dy)
+    wq = tfhfp8.quantize(layer.kernel, "nvfp4_16x16")  # [K, N]: its GEMM layout already
+    _assert_same_bits(y, tfhfp8.quantize(x, "nvfp4") @ wq)
+    _assert_same_bits(dx, tfhfp8.quantize(dy, "nvfp4") @ tf.transpose(wq))

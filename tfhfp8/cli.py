@@ -219,7 +219,7 @@ def formats_table():
                 blocks = f"one float32 scale per tensor ({how}, margin {fmt.margin})"
             elif fmt.tiles:
                 rows, cols = fmt.block_shape
-                blocks = f"tiles of {rows} x {cols} x {fmt.scale_name} scale"
+                blocks = f"tiles of {rows} x {cols} x {fmt.scale_name} scale{tensor}"
             else:
                 blocks = f"blocks of {fmt.block_size} x {fmt.scale_name} scale{tensor}"
             lines.append(

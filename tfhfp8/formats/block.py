@@ -151,8 +151,9 @@ class BlockScaled:
       amax_history: per-tensor scaling only: 0 for current scaling, else the length
         of the amax history of delayed scaling (Keras and Transformer Engine: 1024).
       name: optional display name.
-      block_shape: `(rows, cols)`: 2D tiles over the last two axes (FP32 scales only),
-        `block_size` set to `cols`. In a layer's GEMM a tiled operand is tiled in its
+      block_shape: `(rows, cols)`: 2D tiles over the last two axes, `block_size` set to
+        `cols` (any scale: 128 x 128 FP32 scales for DeepSeek-V3, 16 x 16 for NVFP4
+        weights; with E8M0 and float scales the tiles run as TF ops on either backend). In a layer's GEMM a tiled operand is tiled in its
         GEMM layout `[K, rest]` (reduction axes first) and quantized once for the
         forward and the gradient GEMMs, as TE quantizes a 128 x 128 weight.
 
@@ -193,10 +194,6 @@ class BlockScaled:
             raise ValueError(
                 f"block_size=None (per-tensor scaling) goes with scale={FLOAT32!r}; got "
                 f"scale={self.scale!r}")
-        if self.block_shape is not None and self.scale != FLOAT32:
-            raise ValueError(f"block_shape (2D tiles) is implemented for scale={FLOAT32!r} "
-                             f"(Transformer Engine's Float8BlockScaling); got scale="
-                             f"{self.scale!r}")
         if not per_tensor and (self.margin or self.amax_history):
             raise ValueError("margin and amax_history are for per-tensor scaling "
                              "(block_size=None) only")
@@ -338,6 +335,9 @@ NAMED = [
     _named("mxfp8_e4m3_rceil", "float8_e4m3fn", scale_rounding="rceil"),
     _named("mxfp8_e5m2_rceil", "float8_e5m2", scale_rounding="rceil"),
     _named("nvfp4", "float4_e2m1fn", 16, scale="float8_e4m3fn", tensor_scale=True),
+    # NVFP4 weights in 16 x 16 tiles (arXiv 2509.25149; TE's NVFP4BlockScaling).
+    _named("nvfp4_16x16", "float4_e2m1fn", block_shape=(16, 16), scale="float8_e4m3fn",
+           tensor_scale=True),
     # Per-tensor FP32 scales (Transformer Engine / Keras float8): current scaling, and
     # delayed scaling with the default history of both (1024 steps) and margin 0.
     _named("e4m3_current", "float8_e4m3fn", None, scale=FLOAT32),

@@ -53,7 +53,10 @@ def quantize_dfp(x, fmt, rounding, saturate, seed):
 
 def quantize_block(x, fmt, rounding, saturate, seed):
     """Block-scaled rounding (`fmt` a BlockScaled): per block the amax, the scale and the
-    element rounding in one kernel; the same bits as `tf_block.quantize_block`."""
+    element rounding in one kernel; the same bits as `tf_block.quantize_block`. 2D tiles
+    (`block_shape`) have no kernel: they run as `tf_block.quantize_block`."""
+    if fmt.tiles:
+        return tf_block.quantize_block(x, fmt, rounding, saturate, seed)
     # The same errors as the TF-ops path, before the kernel.
     tf_block.block_axis_layout(x, fmt.axis)
     element = fmt.element

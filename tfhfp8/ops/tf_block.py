@@ -118,6 +118,34 @@ class Blocks:
         return v
 
 
+class Tiles:
+    """2D tiles of `rows` x `cols` over the last two axes of `x` (padded with zeros), with
+    the interface of `Blocks` (`block_shape`). Shared with `tf_fp32_scales`."""
+
+    def __init__(self, x, rows, cols):
+        if x.shape.rank is None or x.shape.rank < 2:
+            raise ValueError(f"block_shape ({rows}, {cols}) tiles the last two axes: it "
+                             f"needs a tensor of rank >= 2, got shape {x.shape}")
+        self.rows, self.cols = rows, cols
+        shape = tf.shape(x)
+        self.lead, self.r, self.c = shape[:-2], shape[-2], shape[-1]
+
+    def reduce_max(self, t):
+        """Per-tile maximum of an integer tensor shaped like x: [..., row tiles, col tiles]."""
+        tiles_r = (self.r + self.rows - 1) // self.rows
+        tiles_c = (self.c + self.cols - 1) // self.cols
+        padding = [[0, 0]] * (t.shape.rank - 2) + [[0, tiles_r * self.rows - self.r],
+                                                  [0, tiles_c * self.cols - self.c]]
+        tiled = tf.reshape(tf.pad(t, padding),
+                           tf.concat([self.lead, [tiles_r, self.rows, tiles_c, self.cols]], 0))
+        return tf.reduce_max(tiled, axis=[-3, -1])
+
+    def expand(self, v):
+        """A per-tile tensor back to one value per element of x."""
+        v = tf.repeat(tf.repeat(v, self.rows, axis=-2), self.cols, axis=-1)
+        return v[..., :self.r, :self.c]
+
+
 def quantize_block(x, fmt, rounding, saturate, seed, rand=None):
     """Rounds a float32/float64 tensor to the BlockScaled format `fmt`; `rand`: the
     elements' random bits (`tf_backend.quantize_float`), one per element of `x`."""
@@ -128,7 +156,8 @@ def quantize_block(x, fmt, rounding, saturate, seed, rand=None):
         rand = None if rand is None else tf.reshape(rand, [1])
     c = tb.CONTAINERS[x.dtype]
     signed = tf.int32 if c.width == 32 else tf.int64
-    blocks = Blocks(x, fmt.axis, fmt.block_size)
+    blocks = (Tiles(x, *fmt.block_shape) if fmt.tiles
+              else Blocks(x, fmt.axis, fmt.block_size))
 
     sign, a = tb.split_sign(x, c)
     inf_bits = tb.uint_constant(c.inf_bits, c)

@@ -18,7 +18,8 @@ import tensorflow as tf
 
 from tfhfp8 import formats
 from tfhfp8.ops import tf_backend as tb
-from tfhfp8.ops.tf_block import Blocks, float32_to_float64_exact, float64_to_float32_exact
+from tfhfp8.ops.tf_block import (Blocks, Tiles, float32_to_float64_exact,
+                                  float64_to_float32_exact)
 
 _FLOAT32 = formats.FloatFormat(8, 23, name="float32")
 _FLT_MAX = float(tf.float32.max)  # TE: an infinite scale becomes FLT_MAX
@@ -36,33 +37,6 @@ def _fl32(y64):
     kept in float64."""
     rounded = tb.quantize_float(y64, _FLOAT32, "nearest_even", False, tf.zeros([], tf.int64))
     return tf.where(tf.math.is_nan(y64), y64, rounded)
-
-
-class _Tiles:
-    """2D tiles of `rows` x `cols` over the last two axes of `x` (padded with zeros)."""
-
-    def __init__(self, x, rows, cols):
-        if x.shape.rank is None or x.shape.rank < 2:
-            raise ValueError(f"block_shape ({rows}, {cols}) tiles the last two axes: it "
-                             f"needs a tensor of rank >= 2, got shape {x.shape}")
-        self.rows, self.cols = rows, cols
-        shape = tf.shape(x)
-        self.lead, self.r, self.c = shape[:-2], shape[-2], shape[-1]
-
-    def reduce_max(self, t):
-        """Per-tile maximum of an integer tensor shaped like x: [..., row tiles, col tiles]."""
-        tiles_r = (self.r + self.rows - 1) // self.rows
-        tiles_c = (self.c + self.cols - 1) // self.cols
-        padding = [[0, 0]] * (t.shape.rank - 2) + [[0, tiles_r * self.rows - self.r],
-                                                  [0, tiles_c * self.cols - self.c]]
-        tiled = tf.reshape(tf.pad(t, padding),
-                           tf.concat([self.lead, [tiles_r, self.rows, tiles_c, self.cols]], 0))
-        return tf.reduce_max(tiled, axis=[-3, -1])
-
-    def expand(self, v):
-        """A per-tile tensor back to one value per element of x."""
-        v = tf.repeat(tf.repeat(v, self.rows, axis=-2), self.cols, axis=-1)
-        return v[..., :self.r, :self.c]
 
 
 def _narrowed(y64):
@@ -106,7 +80,7 @@ def quantize_float32_blocks(x, fmt, rounding, seed, quantize_float):
     x32 = x if x.dtype == tf.float32 else _narrowed(_fl32(x))
     c = tb.CONTAINERS[tf.float32]
     _, magnitude = tb.split_sign(x32, c)
-    blocks = (_Tiles(x32, *fmt.block_shape) if fmt.tiles
+    blocks = (Tiles(x32, *fmt.block_shape) if fmt.tiles
               else Blocks(x32, fmt.axis, fmt.block_size))
     scale = _scales(blocks.reduce_max(tf.bitcast(magnitude, tf.int32)), fmt)  # NaN on top
     top = fmt.element.max
