@@ -147,6 +147,16 @@ class GemmAxes:
         return f"{a},{c}->{b}"
 
 
+def _in_layout(x, perm, merged_shape, quantize):
+    """`quantize` applied to `x` transposed by `perm` and reshaped to `merged_shape(s)`
+    (`s`: the transposed shape); the result in `x`'s layout."""
+    moved_at_all = perm != list(range(len(perm)))
+    moved = tf.transpose(x, perm) if moved_at_all else x
+    shape = tf.shape(moved)
+    y = tf.reshape(quantize(tf.reshape(moved, merged_shape(shape))), shape)
+    return tf.transpose(y, [perm.index(i) for i in range(len(perm))]) if moved_at_all else y
+
+
 def quantize_along(x, axes, quantize_last):
     """`quantize_last(t)` (blocks along t's last axis) applied with `axes` of `x`
     merged, in order, into that last axis; the result in `x`'s layout.
@@ -158,15 +168,9 @@ def quantize_along(x, axes, quantize_last):
     axes = tuple(a % rank for a in axes)
     if not axes:
         return tf.squeeze(quantize_last(x[..., None]), -1)
-    perm = [i for i in range(rank) if i not in axes] + list(axes)
-    moved = tf.transpose(x, perm) if perm != list(range(rank)) else x
-    shape = tf.shape(moved)
     lead = rank - len(axes)
-    merged = tf.reshape(moved, tf.concat([shape[:lead], [-1]], 0))
-    y = tf.reshape(quantize_last(merged), shape)
-    if perm != list(range(rank)):
-        y = tf.transpose(y, [perm.index(i) for i in range(rank)])
-    return y
+    return _in_layout(x, [i for i in range(rank) if i not in axes] + list(axes),
+                      lambda shape: tf.concat([shape[:lead], [-1]], 0), quantize_last)
 
 
 def quantize_tiled(x, axes, quantize_2d):
@@ -175,11 +179,6 @@ def quantize_tiled(x, axes, quantize_2d):
     into the second; the result in `x`'s layout."""
     rank = x.shape.rank
     axes = tuple(a % rank for a in axes)
-    perm = list(axes) + [i for i in range(rank) if i not in axes]
-    moved = tf.transpose(x, perm) if perm != list(range(rank)) else x
-    shape = tf.shape(moved)
-    k = tf.reduce_prod(shape[:len(axes)])
-    y = tf.reshape(quantize_2d(tf.reshape(moved, tf.stack([k, -1]))), shape)
-    if perm != list(range(rank)):
-        y = tf.transpose(y, [perm.index(i) for i in range(rank)])
-    return y
+    return _in_layout(x, list(axes) + [i for i in range(rank) if i not in axes],
+                      lambda shape: tf.stack([tf.reduce_prod(shape[:len(axes)]), -1]),
+                      quantize_2d)
