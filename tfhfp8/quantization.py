@@ -305,7 +305,7 @@ def _round(x, fmt, rounding, saturate, seed, scale=None, noise=None):
     elif isinstance(fmt, block_formats.BlockScaled) and fmt.per_tensor:
         # One FP32 scale (TE / Keras float8): plain float32 ops and the element rounding.
         y = tf_fp32_scales.quantize_tensor_scaled(xc, fmt, rounding, seed, scale,
-                                            backend.quantize_float)
+                                                  backend.quantize_float)
     elif isinstance(fmt, block_formats.BlockScaled) and fmt.float32_blocks:
         # FP32 scales per block (TE's Float8BlockScaling): TE's float32 operations.
         y = tf_fp32_scales.quantize_float32_blocks(xc, fmt, rounding, seed,

@@ -127,7 +127,8 @@ class EmulationState:
         scale = tf.convert_to_tensor(state["scale"].value)
         if update and (role == "errors" or _compat.gradients_may_be_recorded()):
             history = tf.convert_to_tensor(state["amax_history"].value)
-            state["scale"].assign(tf_fp32_scales.tensor_scale(tf.reduce_max(history), fmt, scale))
+            state["scale"].assign(
+                tf_fp32_scales.tensor_scale(tf.reduce_max(history), fmt, scale))
             state["amax_history"].assign(
                 tf_fp32_scales.next_amax_history(history, tf_fp32_scales.tensor_amax(x)))
         return scale

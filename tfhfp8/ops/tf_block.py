@@ -181,10 +181,11 @@ def quantize_block(x, fmt, rounding, saturate, seed, rand=None):
 
 def _power_of_two(x, amax, bad, fmt, blocks, rounding, saturate, seed, rand, c):
     """OCP MX: scale 2^k, k from the block's amax (see tfhfp8.block_formats)."""
-    e, fraction = _floor_log2(tf.maximum(amax, tb.uint_constant(1, c)), c)
-    k = e - fmt.emax_element
     if fmt.scale_rounding == "rceil":
         k = _rceil_exponent(tf.bitcast(amax, c.dtype), fmt)
+    else:
+        e, fraction = _floor_log2(tf.maximum(amax, tb.uint_constant(1, c)), c)
+        k = e - fmt.emax_element
     if fmt.scale_rounding == "ceil":  # up when amax's significand exceeds max's
         uint = np.uint32 if c.width == 32 else np.uint64
         max_bits = int(np.array(fmt.element.max, c.dtype.as_numpy_dtype).view(uint))

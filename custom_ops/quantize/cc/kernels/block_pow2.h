@@ -58,7 +58,6 @@ TFHFP8_ELEMENT_INLINE typename Container<T>::UInt LdexpBits(typename Container<T
 // Scales. A scaler holds the scale of up to kBlockTile blocks (one per column) and
 // rounds elements with it.
 
-// OCP MX: the scale 2^k of each block, from its amax (tf_block._power_of_two).
 // Transformer Engine's MXFP8 scale exponent (cuBLAS' "RCEIL"): float_to_e8m0 of the
 // float32 product fl32(amax * max_rcp), i.e. the least k in [-127, 127] with 2^k >=
 // that product. `amax` is first rounded to float32 (a float64 block). The product is
@@ -75,6 +74,7 @@ inline int RceilExponent(double amax, double max_rcp) {
   return std::clamp(k, -kE8m0MaxExponent, kE8m0MaxExponent);
 }
 
+// OCP MX: the scale 2^k of each block, from its amax (tf_block._power_of_two).
 template <typename T>
 struct Pow2Scaler {
   using UInt = typename Container<T>::UInt;
