@@ -61,7 +61,7 @@ import tensorflow as tf
 
 from tfhfp8 import formats, registry
 from tfhfp8.formats.roundings import BASIC_ROUNDINGS
-from tfhfp8.ops import tf_backend, tf_block
+from tfhfp8.ops import tf_block
 from tfhfp8.quantization import quantize
 from tfhfp8.replicas import gather_replicas
 from tfhfp8.rounding import stochastic_seed
@@ -86,15 +86,9 @@ def _format(value):
 
 
 # TensorFlow's CPU kernels flush float32 subnormals to zero (denormals-are-zero), a cast
-# included: float32 <-> float64 goes through the bits here, so that gradients below
-# 2^-126 (and bfloat16 or float32 results down there) are kept exactly.
-def _to_float64(x):
-    c = tf_backend.CONTAINERS[tf.float32]
-    magnitude = tf.bitcast(x, tf.uint32) & tf.constant(0x7FFFFFFF, tf.uint32)
-    return tf.where(tf.math.is_finite(x), tf_block.float32_to_float64_exact(x, magnitude, c),
-                    tf.cast(x, tf.float64))
-
-
+# included: float32 <-> float64 goes through the bits here (`tf_block.to_float64`), so
+# that gradients below 2^-126 (and bfloat16 or float32 results down there) are kept
+# exactly.
 def _to_float32(y):
     """float64 -> float32 rounded to nearest even, subnormals included."""
     rounded = quantize(y, _FLOAT32)  # overflow to inf, as a cast
@@ -190,7 +184,7 @@ class GradientCommunication:
                 or any(t.shape[0] != replicas for t in stacked)):
             raise ValueError("reduce needs static shapes with the same number of replicas "
                              f"first, got {[t.shape for t in stacked]}")
-        g = tf.concat([tf.reshape(_to_float64(tf.cast(t, tf.float32)), [replicas, size])
+        g = tf.concat([tf.reshape(tf_block.to_float64(tf.cast(t, tf.float32)), [replicas, size])
                        for t, size in zip(stacked, sizes)], axis=1)
         segments = np.repeat(np.arange(len(sizes)), sizes)
         k = None

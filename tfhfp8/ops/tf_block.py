@@ -257,6 +257,22 @@ def float64_to_float32_exact(y):
     return tf.bitcast(tf.cast(bits, tf.uint32), tf.float32)
 
 
+def to_float64(x32):
+    """float32 `x32` as float64, exactly: subnormals (which TF's CPU casts flush),
+    infinities and NaN kept. Shared with `tf_fused` and `tf_fp32_scales`."""
+    c = tb.CONTAINERS[tf.float32]
+    exact = float32_to_float64_exact(x32, tb.split_sign(x32, c)[1], c)
+    return tf.where(tf.math.is_finite(x32), exact, tf.cast(x32, tf.float64))
+
+
+def to_float32(y64):
+    """float64 `y64` holding float32 values (subnormals, infinities, NaN) as float32, on
+    the bits. Shared with `tf_fused` and `tf_fp32_scales`."""
+    finite = tf.math.is_finite(y64)
+    exact = float64_to_float32_exact(tf.where(finite, y64, tf.zeros_like(y64)))
+    return tf.where(finite, exact, tf.cast(y64, tf.float32))
+
+
 def _float_scale(x, a, amax, fmt, blocks, rounding, seed, rand, c):
     """NVFP4-style: a float scale per block, optionally inside a float32 tensor scale."""
     zero_seed = tf.zeros([], tf.int64)

@@ -18,18 +18,10 @@ import tensorflow as tf
 
 from tfhfp8 import formats
 from tfhfp8.ops import tf_backend as tb
-from tfhfp8.ops.tf_block import (Blocks, Tiles, float32_to_float64_exact,
-                                  float64_to_float32_exact)
+from tfhfp8.ops.tf_block import Blocks, Tiles, to_float32, to_float64
 
 _FLOAT32 = formats.FloatFormat(8, 23, name="float32")
 _FLT_MAX = float(tf.float32.max)  # TE: an infinite scale becomes FLT_MAX
-
-
-def _widened(x32):
-    """float32 `x32` as float64, exactly (subnormals, infinities and NaN kept)."""
-    c = tb.CONTAINERS[tf.float32]
-    exact = float32_to_float64_exact(x32, tb.split_sign(x32, c)[1], c)
-    return tf.where(tf.math.is_finite(x32), exact, tf.cast(x32, tf.float64))
 
 
 def _fl32(y64):
@@ -37,13 +29,6 @@ def _fl32(y64):
     kept in float64."""
     rounded = tb.quantize_float(y64, _FLOAT32, "nearest_even", False, tf.zeros([], tf.int64))
     return tf.where(tf.math.is_nan(y64), y64, rounded)
-
-
-def _narrowed(y64):
-    """float64 `y64` holding float32 values (or inf, NaN) as float32, on the bits."""
-    finite = tf.math.is_finite(y64)
-    exact = float64_to_float32_exact(tf.where(finite, y64, tf.zeros_like(y64)))
-    return tf.where(finite, exact, tf.cast(y64, tf.float32))
 
 
 def _power_of_two_below(scale):
@@ -77,7 +62,7 @@ def quantize_float32_blocks(x, fmt, rounding, seed, quantize_float):
     TE's results (a subnormal input, read as 0, would scale to below half the element's
     smallest subnormal; `1 / scale` and every nonzero `q / scale` are normal); a tensor
     with a smaller amax in some block is computed exactly in float64 instead."""
-    x32 = x if x.dtype == tf.float32 else _narrowed(_fl32(x))
+    x32 = x if x.dtype == tf.float32 else to_float32(_fl32(x))
     c = tb.CONTAINERS[tf.float32]
     _, magnitude = tb.split_sign(x32, c)
     blocks = (Tiles(x32, *fmt.block_shape) if fmt.tiles
@@ -93,9 +78,9 @@ def quantize_float32_blocks(x, fmt, rounding, seed, quantize_float):
         return rounded(x32 * blocks.expand(scale)) * blocks.expand(1.0 / scale)
 
     def on_the_bits():
-        scale64 = _widened(scale)
-        q = rounded(_narrowed(_fl32(_widened(x32) * blocks.expand(scale64))))
-        return _narrowed(_fl32(_widened(q) * blocks.expand(_fl32(1.0 / scale64))))
+        scale64 = to_float64(scale)
+        q = rounded(to_float32(_fl32(to_float64(x32) * blocks.expand(scale64))))
+        return to_float32(_fl32(to_float64(q) * blocks.expand(_fl32(1.0 / scale64))))
 
     fast = tf.reduce_all(~(scale >= fmt.element.min_subnormal * 2.0**125))  # NaN: fast
     return tf.cast(tf.cond(fast, in_float32, on_the_bits), x.dtype)
@@ -193,8 +178,7 @@ def _scaled_on_the_bits(x, s, fmt, rounding, seed, quantize_float):
     q_finite = qa < tb.uint_constant(c.inf_bits, c)
     safe_q = tf.where(q_finite, q, tf.zeros_like(q))
     s64 = tf.cast(s, tf.float64)  # s >= 2^-126: normal
-    product = _narrowed(_fl32(
-        float32_to_float64_exact(safe_q, tb.split_sign(safe_q, c)[1], c) * s64))
+    product = to_float32(_fl32(to_float64(safe_q) * s64))
     return tf.where(q_finite, product, q)
 
 
@@ -206,8 +190,8 @@ def _quotient_on_the_bits(x, s):
     _, a = tb.split_sign(x, c)
     finite = a < tb.uint_constant(c.inf_bits, c)
     safe_x = tf.where(finite, x, tf.zeros_like(x))
-    exact_x = float32_to_float64_exact(safe_x, tb.split_sign(safe_x, c)[1], c)
-    return tf.where(finite, _narrowed(_fl32(exact_x / tf.cast(s, tf.float64))), x / s)
+    quotient = to_float32(_fl32(to_float64(safe_x) / tf.cast(s, tf.float64)))
+    return tf.where(finite, quotient, x / s)
 
 
 def tensor_scaled_elements(x, fmt, scale):

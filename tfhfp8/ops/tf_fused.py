@@ -12,7 +12,7 @@ kernels flush them to zero in a cast.
 
 import tensorflow as tf
 
-from tfhfp8.ops import tf_backend, tf_block
+from tfhfp8.ops import tf_block
 
 _ZERO_EXPONENT = -126  # MMA-Sim's exponent of a zero operand or accumulator
 
@@ -83,21 +83,6 @@ def round_to_bits(x, mantissa_bits, min_exponent, rounding):
     return tf.where(tf.abs(y) >= limit, tf.math.sign(y) * float("inf"), y)
 
 
-def _to_float64(x):
-    """float32 `x` as float64, subnormals kept."""
-    c32 = tf_backend.CONTAINERS[tf.float32]
-    _, magnitude = tf_backend.split_sign(x, c32)
-    exact = tf_block.float32_to_float64_exact(x, magnitude, c32)
-    return tf.where(tf.math.is_finite(x), exact, tf.cast(x, tf.float64))
-
-
-def _to_float32(y):
-    """float64 `y` holding float32 values (or inf, NaN) as float32, subnormals kept."""
-    finite = tf.math.is_finite(y)
-    exact = tf_block.float64_to_float32_exact(tf.where(finite, y, tf.zeros_like(y)))
-    return tf.where(finite, exact, tf.cast(y, tf.float32))
-
-
 def _fuse(c, values, exponents, fraction_bits, output):
     """The fused addition of `c` [B, M, N] and terms `values` [B, M, t, N] of MMA-Sim's
     exponents `exponents`: each truncated at the largest exponent, summed exactly,
@@ -160,7 +145,7 @@ def fused_matmul(a, b, a_min_exponent, b_min_exponent, group_size, fraction_bits
     `partial_sum_size` at a time first (`_fused_partial_group`). Returns (float32 [B,
     M, N], int64 number of nonzero products truncated to zero)."""
     output = (output_bits, output_min_exponent, output_rounding)
-    a, b = _to_float64(a), _to_float64(b)
+    a, b = tf_block.to_float64(a), tf_block.to_float64(b)
     k = tf.shape(a)[2]
     groups = (k + group_size - 1) // group_size
     pad = groups * group_size - k
@@ -200,4 +185,4 @@ def fused_matmul(a, b, a_min_exponent, b_min_exponent, group_size, fraction_bits
         lambda j, *_: j < groups, step,
         [tf.constant(0), zeros, zeros, tf.constant(0, tf.int64)])
     result = total if chunk_size else c
-    return _to_float32(result), swamped
+    return tf_block.to_float32(result), swamped
